@@ -1,0 +1,88 @@
+"""The agents package's exception tree.
+
+Model-call failures have their own tree in `jetmesh.agents.models.errors`; a step never
+raises either of them out of `run_step` (they become a failed `StepOutcome`). These are
+for programming and configuration mistakes around specs and tools::
+
+    AgentError                      message
+    ├── UnknownAgent                name, known      (also a KeyError)
+    ├── UnknownSkill                agent, skill, known   (also a KeyError)
+    ├── SpecError                   agent: an inconsistent AgentSpec (e.g. a direct skill
+    │                               naming a tool the agent does not have)
+    └── ToolError                   tool
+        └── ToolDefinitionError     the @tool decorator cannot infer input/output models
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "AgentError",
+    "SpecError",
+    "ToolDefinitionError",
+    "ToolError",
+    "UnknownAgent",
+    "UnknownSkill",
+]
+
+
+class AgentError(Exception):
+    """Base of every error raised by `jetmesh.agents` (outside the model layer)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        """Human-readable explanation."""
+
+    def __str__(self) -> str:
+        # KeyError subclasses would otherwise print the repr of the message.
+        return self.message
+
+
+class UnknownAgent(AgentError, KeyError):
+    """No agent spec with this name."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        """The name asked for."""
+        self.known = sorted(known)
+        """Every name that exists."""
+        super().__init__(f"unknown agent {name!r}; known agents: {', '.join(self.known)}")
+
+
+class UnknownSkill(AgentError, KeyError):
+    """The agent has no skill with this id."""
+
+    def __init__(self, agent: str, skill: str, known: Iterable[str] = ()) -> None:
+        self.agent = agent
+        """The agent asked."""
+        self.skill = skill
+        """The skill id asked for."""
+        self.known = sorted(known)
+        """The agent's skill ids."""
+        super().__init__(
+            f"agent {agent!r} has no skill {skill!r}; its skills: {', '.join(self.known)}"
+        )
+
+
+class SpecError(AgentError):
+    """An AgentSpec that is inconsistent with itself."""
+
+    def __init__(self, agent: str, message: str) -> None:
+        self.agent = agent
+        """The agent whose spec is wrong."""
+        super().__init__(f"agent {agent!r}: {message}")
+
+
+class ToolError(AgentError):
+    """A problem with a tool's definition (never raised by `Tool.invoke`)."""
+
+    def __init__(self, tool: str, message: str) -> None:
+        self.tool = tool
+        """The tool's name."""
+        super().__init__(f"tool {tool!r}: {message}")
+
+
+class ToolDefinitionError(ToolError):
+    """`@tool` could not build the tool's input or output model from its signature."""

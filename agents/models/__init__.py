@@ -1,0 +1,65 @@
+"""jetmesh.agents.models: neutral model types, providers, the sim model and pricing.
+
+Provider SDKs (anthropic, openai) load only when a provider model is created.
+"""
+
+from jetmesh.agents.models.errors import (
+    ModelAuthError,
+    ModelCallsDisabled,
+    ModelConfigError,
+    ModelError,
+    ModelRateLimited,
+    ModelRequestError,
+    ModelResponseError,
+    ModelRetriesExhausted,
+    ModelTransientError,
+)
+from jetmesh.agents.models.factory import (
+    ModelSettings,
+    create_model,
+    describe_default_model,
+)
+from jetmesh.agents.models.pricing import cost_usd
+from jetmesh.agents.models.retry import RetryPolicy
+from jetmesh.agents.models.schema_examples import example_for_schema
+from jetmesh.agents.models.sim import FunctionModel, ScriptedModel, SimModel, tool_call
+from jetmesh.agents.models.switch import allow_model_requests
+from jetmesh.agents.models.types import (
+    Message,
+    Model,
+    ModelRequest,
+    ModelResponse,
+    ToolCall,
+    ToolDefinition,
+    Usage,
+)
+
+__all__ = [
+    "FunctionModel",
+    "Message",
+    "Model",
+    "ModelAuthError",
+    "ModelCallsDisabled",
+    "ModelConfigError",
+    "ModelError",
+    "ModelRateLimited",
+    "ModelRequest",
+    "ModelRequestError",
+    "ModelResponse",
+    "ModelResponseError",
+    "ModelRetriesExhausted",
+    "ModelSettings",
+    "ModelTransientError",
+    "RetryPolicy",
+    "ScriptedModel",
+    "SimModel",
+    "ToolCall",
+    "ToolDefinition",
+    "Usage",
+    "allow_model_requests",
+    "cost_usd",
+    "create_model",
+    "describe_default_model",
+    "example_for_schema",
+    "tool_call",
+]

@@ -1,0 +1,93 @@
+"""Neutral model-layer types shared by every provider, the worker loop and the ledger."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ToolDefinition(BaseModel):
+    """A tool as offered to a model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    """Tool name, unique within one request."""
+    description: str = ""
+    """What the tool does, shown to the model."""
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    """JSON Schema of the tool's arguments (an object schema)."""
+
+
+class ToolCall(BaseModel):
+    """A model's request to call one tool."""
+
+    id: str
+    """Provider-assigned call id; the tool result must echo it."""
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class Message(BaseModel):
+    """One conversation turn in provider-neutral form."""
+
+    role: Literal["user", "assistant", "tool"]
+    content: str = ""
+    """Text content (for role=tool: the tool result or error, as text)."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """Tool calls made by the assistant in this turn."""
+    tool_call_id: str | None = None
+    """For role=tool: the id of the call this answers."""
+    is_error: bool = False
+    """For role=tool: the result is an error the model should correct."""
+
+
+class Usage(BaseModel):
+    """Token usage of one model call."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ModelRequest(BaseModel):
+    """Everything a provider needs for one call."""
+
+    system: str = ""
+    messages: list[Message]
+    tools: list[ToolDefinition] = Field(default_factory=list)
+    output_schema: dict[str, Any] | None = None
+    """When set, the final answer must be JSON matching this schema."""
+    max_tokens: int = 1024
+    temperature: float | None = None
+
+
+class ModelResponse(BaseModel):
+    """One model call's result."""
+
+    provider: str
+    model: str
+    text: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    stop_reason: str = ""
+    raw: dict[str, Any] = Field(default_factory=dict)
+    """The full vendor response body, kept so a run can be replayed without the model."""
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A chat model with tool use.
+
+    Lifecycle: a Model is created once per agent process and may serve concurrent
+    `complete` calls; it owns any HTTP client and releases it in `aclose`.
+    """
+
+    provider: str
+    name: str
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        """Run one call. Raises `jetmesh.agents.models.errors.ModelError` subclasses."""
+        ...
+
+    async def aclose(self) -> None: ...

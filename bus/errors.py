@@ -1,0 +1,59 @@
+"""Bus errors.
+
+    BusError
+    ├── NotConnectedError       no server reachable at the configured URL
+    ├── ServerStartError        the embedded nats-server did not come up
+    ├── StreamConfigConflict    a declared stream/consumer differs and could not be updated
+    ├── InvalidEventError       an event failed validation and was not appended
+    ├── AppendConflict          expected-sequence append lost the race (stale writer)
+    └── LedgerReadError         reading a task's events failed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BusError(Exception):
+    """Base of every bus error."""
+
+
+class NotConnectedError(BusError):
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        self.url = url
+        super().__init__(f"cannot reach NATS at {url}: {cause}")
+
+
+class ServerStartError(BusError):
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        self.log_tail = log_tail
+        super().__init__(message + (f"\n--- nats-server log ---\n{log_tail}" if log_tail else ""))
+
+
+class StreamConfigConflict(BusError):
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        self.detail = detail
+        super().__init__(f"{name}: {detail}")
+
+
+class InvalidEventError(BusError):
+    """Raised before anything is written; `errors` are pydantic's structured errors."""
+
+    def __init__(self, reason: str, errors: list[dict[str, Any]] | None = None) -> None:
+        self.reason = reason
+        self.errors = errors or []
+        super().__init__(reason)
+
+
+class AppendConflict(BusError):
+    """Another writer appended to the subject since `expected_seq` (we are fenced out)."""
+
+    def __init__(self, subject: str, expected_seq: int, detail: str = "") -> None:
+        self.subject = subject
+        self.expected_seq = expected_seq
+        super().__init__(f"append to {subject} expected last seq {expected_seq}: {detail}")
+
+
+class LedgerReadError(BusError):
+    pass

@@ -1,0 +1,341 @@
+"""The ledger's event vocabulary: CloudEvents 1.0 (structured JSON), one discriminated union.
+
+Every event type is a versioned literal (`jetmesh.<noun>.<verb>.v1`); the Python class
+name never travels. Commands that are not events (a task submission, a step command)
+are plain pydantic models here too, so each message class is defined exactly once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from jetmesh.bus.subjects import check_id
+
+MAX_MESSAGE_BYTES = 1_000_000
+"""Largest message jetmesh accepts on any subject (the server's default max_payload)."""
+
+
+def new_id() -> str:
+    """A new unique id usable as a subject token."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Budget(_Strict):
+    """Hard limits for one task (issue: production controls)."""
+
+    max_usd: float | None = Field(default=None, ge=0)
+    """Dollars the task may spend on model calls."""
+    max_tokens: int | None = Field(default=None, ge=0)
+    """Input plus output tokens across all model calls."""
+    max_tool_calls: int | None = Field(default=None, ge=0)
+    """Tool calls across all steps."""
+    deadline_s: float | None = Field(default=None, gt=0)
+    """Seconds from submission after which the task fails."""
+
+
+class TaskSubmission(_Strict):
+    """The command published on the submit subject by any client (plain JSON)."""
+
+    task_id: str = Field(default_factory=new_id)
+    """Client-chosen id (idempotency key); a new one is made when absent."""
+    goal: str = Field(default="", max_length=20_000)
+    """What the task should achieve, in words (used by the LLM planner)."""
+    input: dict[str, Any] = Field(default_factory=dict)
+    """Structured input, available to workflow steps as `task.input`."""
+    workflow: str | None = None
+    """Name of a declared workflow; when absent the LLM planner plans the goal."""
+    user_id: str | None = None
+    """Whom the task is for (scopes memory)."""
+    budget: Budget | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("task_id")
+    @classmethod
+    def _task_id_token(cls, v: str) -> str:
+        return check_id(v, "task id")
+
+
+class PlanStep(_Strict):
+    """One step of a plan: a skill, its input (possibly templated), its dependencies."""
+
+    id: str
+    skill: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    """Literal values, or `{"$ref": "task.input.x"}` / `{"$ref": "steps.a.output.y"}`."""
+    depends_on: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(default=120.0, gt=0)
+    retries: int = Field(default=2, ge=0)
+
+    @field_validator("id", "skill")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        return check_id(v)
+
+
+class TaskSubmittedData(_Strict):
+    goal: str = ""
+    input: dict[str, Any] = Field(default_factory=dict)
+    workflow: str | None = None
+    user_id: str | None = None
+    budget: Budget | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class TaskRejectedData(_Strict):
+    reason: str
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TaskPlannedData(_Strict):
+    planner: str
+    """`workflow:<name>` or `llm:<provider>/<model>`."""
+    steps: list[PlanStep]
+    merge: bool = False
+    """Whether a final model call merges the step outputs into the result."""
+
+
+class StepDispatchedData(_Strict):
+    step_id: str
+    skill: str
+    input: dict[str, Any]
+    attempt: int = 1
+    deadline: datetime | None = None
+
+
+class StepStartedData(_Strict):
+    step_id: str
+    agent: str
+    worker: str
+    """The replica (process) running it."""
+    attempt: int = 1
+    delivery: int = 1
+    """JetStream delivery count of the step command."""
+
+
+class ModelCalledData(_Strict):
+    step_id: str | None = None
+    """None for the orchestrator's own calls (planning, merging)."""
+    agent: str
+    purpose: str = "step"
+    """`step`, `plan` or `merge`."""
+    provider: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    response: dict[str, Any]
+    """The full neutral ModelResponse, so the run can be replayed with no model call."""
+
+
+class ToolCalledData(_Strict):
+    step_id: str
+    agent: str
+    tool: str
+    call_id: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    output: Any = None
+    error: str | None = None
+    latency_ms: float = 0.0
+    side_effects: bool = False
+    idempotency_key: str
+
+
+class StepCompletedData(_Strict):
+    step_id: str
+    agent: str
+    output: dict[str, Any]
+    attempt: int = 1
+
+
+class StepFailedData(_Strict):
+    step_id: str
+    agent: str | None = None
+    code: str
+    """Machine-readable: tool_limit, model_error, invalid_input, invalid_output, timeout,
+    budget_exceeded, no_agent, canceled, error."""
+    reason: str
+    retryable: bool = False
+    attempt: int = 1
+
+
+class TaskCompletedData(_Strict):
+    result: dict[str, Any]
+
+
+class TaskFailedData(_Strict):
+    code: str
+    reason: str
+
+
+class TaskCanceledData(_Strict):
+    reason: str = "canceled"
+
+
+class CancelRequestedData(_Strict):
+    reason: str = "canceled by request"
+    by: str | None = None
+
+
+# --------------------------------------------------------------------------- events
+
+
+class _Event(_Strict):
+    """CloudEvents 1.0 structured-mode envelope shared by every event."""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(default_factory=new_id)
+    """Unique event id; also sent as `Nats-Msg-Id` so a retried append is stored once."""
+    source: str = "jetmesh"
+    """Who wrote it: `jetmesh/orchestrator`, `jetmesh/agent/<name>`, ..."""
+    subject: str
+    """The task id."""
+    time: datetime = Field(default_factory=utcnow)
+    datacontenttype: Literal["application/json"] = "application/json"
+    traceparent: str | None = None
+    """W3C trace context (CloudEvents distributed-tracing extension)."""
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_is_task_id(cls, v: str) -> str:
+        return check_id(v, "task id")
+
+
+class TaskSubmitted(_Event):
+    type: Literal["jetmesh.task.submitted.v1"] = "jetmesh.task.submitted.v1"
+    data: TaskSubmittedData
+
+
+class TaskRejected(_Event):
+    type: Literal["jetmesh.task.rejected.v1"] = "jetmesh.task.rejected.v1"
+    data: TaskRejectedData
+
+
+class TaskPlanned(_Event):
+    type: Literal["jetmesh.task.planned.v1"] = "jetmesh.task.planned.v1"
+    data: TaskPlannedData
+
+
+class StepDispatched(_Event):
+    type: Literal["jetmesh.step.dispatched.v1"] = "jetmesh.step.dispatched.v1"
+    data: StepDispatchedData
+
+
+class StepStarted(_Event):
+    type: Literal["jetmesh.step.started.v1"] = "jetmesh.step.started.v1"
+    data: StepStartedData
+
+
+class ModelCalled(_Event):
+    type: Literal["jetmesh.model.called.v1"] = "jetmesh.model.called.v1"
+    data: ModelCalledData
+
+
+class ToolCalled(_Event):
+    type: Literal["jetmesh.tool.called.v1"] = "jetmesh.tool.called.v1"
+    data: ToolCalledData
+
+
+class StepCompleted(_Event):
+    type: Literal["jetmesh.step.completed.v1"] = "jetmesh.step.completed.v1"
+    data: StepCompletedData
+
+
+class StepFailed(_Event):
+    type: Literal["jetmesh.step.failed.v1"] = "jetmesh.step.failed.v1"
+    data: StepFailedData
+
+
+class TaskCompleted(_Event):
+    type: Literal["jetmesh.task.completed.v1"] = "jetmesh.task.completed.v1"
+    data: TaskCompletedData
+
+
+class TaskFailed(_Event):
+    type: Literal["jetmesh.task.failed.v1"] = "jetmesh.task.failed.v1"
+    data: TaskFailedData
+
+
+class TaskCanceled(_Event):
+    type: Literal["jetmesh.task.canceled.v1"] = "jetmesh.task.canceled.v1"
+    data: TaskCanceledData
+
+
+class CancelRequested(_Event):
+    type: Literal["jetmesh.task.cancel_requested.v1"] = "jetmesh.task.cancel_requested.v1"
+    data: CancelRequestedData
+
+
+Event = Annotated[
+    TaskSubmitted
+    | TaskRejected
+    | TaskPlanned
+    | StepDispatched
+    | StepStarted
+    | ModelCalled
+    | ToolCalled
+    | StepCompleted
+    | StepFailed
+    | TaskCompleted
+    | TaskFailed
+    | TaskCanceled
+    | CancelRequested,
+    Field(discriminator="type"),
+]
+"""Any ledger event, discriminated on its versioned `type`."""
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+EVENT_TYPES: frozenset[str] = frozenset(
+    cls.model_fields["type"].default
+    for cls in (
+        TaskSubmitted, TaskRejected, TaskPlanned, StepDispatched, StepStarted, ModelCalled,
+        ToolCalled, StepCompleted, StepFailed, TaskCompleted, TaskFailed, TaskCanceled,
+        CancelRequested,
+    )
+)
+
+TERMINAL_TASK_EVENTS = (TaskCompleted, TaskFailed, TaskCanceled, TaskRejected)
+
+
+class StepCommand(_Strict):
+    """What the orchestrator publishes on a skill's work subject."""
+
+    task_id: str
+    step_id: str
+    skill: str
+    input: dict[str, Any]
+    attempt: int = 1
+    deadline: datetime | None = None
+    user_id: str | None = None
+    budget: Budget | None = None
+    traceparent: str | None = None
+
+    @field_validator("task_id", "step_id", "skill")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        return check_id(v)
+
+
+def decode_event(raw: bytes | str) -> Event:
+    """Parse and validate one event; raises pydantic.ValidationError with the reasons."""
+    return EVENT_ADAPTER.validate_json(raw)
+
+
+def encode_event(event: Event) -> bytes:
+    return event.model_dump_json(exclude_none=True).encode()

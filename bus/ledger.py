@@ -1,0 +1,257 @@
+"""The task ledger on JetStream: append (deduplicated, optionally fenced), read, follow.
+
+A task's state is never held in a process: it is the fold of the task's events read
+from here. Every event's id travels in `Nats-Msg-Id`, so a retried append is stored
+once; `expected_last_subject_seq` makes an append conditional on nobody else having
+written to that subject since, which fences out stale writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError
+from pydantic import ValidationError
+
+from jetmesh.bus import subjects
+from jetmesh.bus.errors import AppendConflict, InvalidEventError, LedgerReadError
+from jetmesh.bus.events import (
+    EVENT_ADAPTER,
+    CancelRequested,
+    Event,
+    ModelCalled,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    ToolCalled,
+    decode_event,
+    encode_event,
+)
+
+WRONG_LAST_SEQUENCE = 10071
+"""JetStream API error code: Nats-Expected-Last-Subject-Sequence did not match."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One stored event with its stream sequence number and subject."""
+
+    seq: int
+    subject: str
+    event: Event
+
+
+def subject_for(event: Event) -> str:
+    """Where an event is stored: its step's subject, the control subject, or the task's."""
+    task = event.subject
+    if isinstance(event, StepStarted | ToolCalled | StepCompleted | StepFailed):
+        return subjects.step_events(task, event.data.step_id)
+    if isinstance(event, ModelCalled) and event.data.step_id:
+        return subjects.step_events(task, event.data.step_id)
+    if isinstance(event, CancelRequested):
+        return subjects.task_control(task)
+    return subjects.task_events(task)
+
+
+def validate_event(event: Event | dict[str, Any] | bytes) -> Event:
+    """Validate before anything is written; InvalidEventError carries pydantic's reasons."""
+    try:
+        if isinstance(event, bytes):
+            return decode_event(event)
+        if isinstance(event, dict):
+            return EVENT_ADAPTER.validate_python(event)
+        # Round-trip so a model built with model_construct or mutated is re-checked.
+        return EVENT_ADAPTER.validate_python(event.model_dump())
+    except ValidationError as e:
+        raise InvalidEventError(
+            f"invalid event: {e.error_count()} validation error(s)",
+            [{"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+             for err in e.errors()],
+        ) from e
+
+
+def _headers(event: Event, expected: int | None) -> dict[str, str]:
+    h = {"Nats-Msg-Id": event.id, "Ce-Type": event.type}
+    if event.traceparent:
+        h["traceparent"] = event.traceparent
+    if expected is not None:
+        h["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+    return h
+
+
+class Ledger:
+    """Append to and read from the LEDGER stream. One per connection; safe to share."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, *, timeout_s: float = 5.0) -> None:
+        self.nc = nc
+        self.js = js
+        self.timeout_s = timeout_s
+
+    # ------------------------------------------------------------------ append
+
+    async def append(
+        self,
+        event: Event,
+        *,
+        expected_last_subject_seq: int | None = None,
+        validate: bool = True,
+    ) -> int:
+        """Store `event`; return its stream sequence (the original one for a duplicate).
+
+        Raises InvalidEventError (nothing written) or AppendConflict (fenced out).
+        """
+        if validate:
+            event = validate_event(event)
+        subject = subject_for(event)
+        try:
+            ack = await self.js.publish(
+                subject, encode_event(event), timeout=self.timeout_s,
+                headers=_headers(event, expected_last_subject_seq),
+            )
+        except APIError as e:
+            if e.err_code == WRONG_LAST_SEQUENCE:
+                raise AppendConflict(
+                    subject, expected_last_subject_seq or 0, str(e.description)
+                ) from e
+            raise
+        return int(ack.seq)
+
+    async def append_many(self, events: Sequence[Event], *, validate: bool = True) -> list[int]:
+        """Pipelined appends (no fencing): send all, then wait for every ack."""
+        checked = [validate_event(e) if validate else e for e in events]
+        futures = [
+            await self.js.publish_async(
+                subject_for(e), encode_event(e), headers=_headers(e, None)
+            )
+            for e in checked
+        ]
+        acks = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+        return [int(a.seq) for a in acks]
+
+    # ------------------------------------------------------------------ read
+
+    async def read(
+        self, task_id: str, *, from_seq: int = 1, subject: str | None = None,
+        limit: int = 100_000,
+    ) -> list[LedgerEntry]:
+        """The task's events (or one subject's) with seq >= from_seq, in order.
+
+        Uses JetStream batched direct get: one request, the server streams the matching
+        messages back and ends with an end-of-batch status.
+        """
+        filt = subject or subjects.task_all(task_id)
+        out: list[LedgerEntry] = []
+        start = max(1, from_seq)
+        while True:
+            batch = await self._direct_batch(filt, start, min(limit - len(out), 1000))
+            for seq, subj, data in batch:
+                out.append(LedgerEntry(seq, subj, decode_event(data)))
+            if len(batch) < 1000 or len(out) >= limit:
+                return out
+            start = batch[-1][0] + 1
+
+    async def read_raw(
+        self, filter_subject: str, *, from_seq: int = 1, batch: int = 1000
+    ) -> list[tuple[int, str, bytes]]:
+        """Raw (seq, subject, bytes) of any LEDGER subject filter, for projections."""
+        out: list[tuple[int, str, bytes]] = []
+        start = max(1, from_seq)
+        while True:
+            got = await self._direct_batch(filter_subject, start, batch)
+            out.extend(got)
+            if len(got) < batch:
+                return out
+            start = got[-1][0] + 1
+
+    async def _direct_batch(
+        self, filter_subject: str, start: int, batch: int, stream: str = subjects.STREAM_LEDGER
+    ) -> list[tuple[int, str, bytes]]:
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        out: list[tuple[int, str, bytes]] = []
+        try:
+            req = {"seq": start, "next_by_subj": filter_subject, "batch": batch}
+            await self.nc.publish(
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox
+            )
+            while True:
+                try:
+                    msg: Msg = await sub.next_msg(timeout=self.timeout_s)
+                except TimeoutError as e:
+                    raise LedgerReadError(f"direct get on {filter_subject} timed out") from e
+                hdrs = msg.headers or {}
+                status = hdrs.get("Status")
+                if status == "204" or status == "404":  # end of batch / nothing found
+                    return out
+                if status:
+                    raise LedgerReadError(
+                        f"direct get on {filter_subject}: {status} {hdrs.get('Description', '')}"
+                    )
+                out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
+                if hdrs.get("Nats-Num-Pending") == "0" and len(out) >= 1:
+                    # The server still sends EOB; keep reading to consume it.
+                    continue
+        finally:
+            await sub.unsubscribe()
+
+    async def last_subject_seq(self, subject: str) -> int:
+        """Stream sequence of the last message on `subject`, 0 if none."""
+        inbox = self.nc.new_inbox()
+        try:
+            msg = await self.nc.request(
+                f"$JS.API.DIRECT.GET.{subjects.STREAM_LEDGER}.{subject}", b"",
+                timeout=self.timeout_s,
+            )
+        except TimeoutError as e:
+            raise LedgerReadError(f"last message of {subject} timed out") from e
+        del inbox
+        hdrs = msg.headers or {}
+        if hdrs.get("Status") == "404":
+            return 0
+        if hdrs.get("Status"):
+            raise LedgerReadError(f"last message of {subject}: {hdrs}")
+        return int(hdrs["Nats-Sequence"])
+
+    # ------------------------------------------------------------------ follow
+
+    async def follow(
+        self, task_id: str | None = None, *, from_seq: int = 1, filter_subject: str | None = None,
+        idle_heartbeat_s: float = 2.0,
+    ) -> AsyncIterator[LedgerEntry]:
+        """Replay from `from_seq`, then tail forever (the caller breaks out).
+
+        An ordered consumer: the client library recreates it from the next expected
+        sequence after a gap or reconnect, so no event is skipped or repeated. To resume
+        in a new process, pass the last seen sequence + 1 as `from_seq`.
+        """
+        filt = filter_subject or (subjects.task_all(task_id) if task_id else subjects.ALL_LEDGER)
+        sub = await self.js.subscribe(
+            filt,
+            stream=subjects.STREAM_LEDGER,
+            ordered_consumer=True,
+            idle_heartbeat=idle_heartbeat_s,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)
+            ),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=None)
+                except TimeoutError:
+                    continue
+                meta = msg.metadata
+                yield LedgerEntry(int(meta.sequence.stream), msg.subject, decode_event(msg.data))
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection may already be closed
+                pass

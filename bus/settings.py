@@ -1,0 +1,39 @@
+"""Bus settings, read from the environment (JETMESH_* and NATS_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BusSettings(BaseSettings):
+    """Where the bus is and how long to wait for it."""
+
+    model_config = SettingsConfigDict(env_prefix="JETMESH_", extra="ignore")
+
+    nats_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("NATS_URL", "JETMESH_NATS_URL")
+    )
+    """NATS server URL(s), comma separated. When unset the CLI starts an embedded server."""
+    nats_creds: Path | None = Field(
+        default=None, validation_alias=AliasChoices("NATS_CREDS", "JETMESH_NATS_CREDS")
+    )
+    """A NATS credentials file (JWT + nkey)."""
+    nats_user: str | None = Field(default=None, validation_alias=AliasChoices("NATS_USER"))
+    nats_password: str | None = Field(
+        default=None, validation_alias=AliasChoices("NATS_PASSWORD")
+    )
+    data_dir: Path = Path(".jetmesh")
+    """Where the embedded server keeps its JetStream data (`<data_dir>/nats`)."""
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 5.0
+    replicas: int = Field(default=1, ge=1, le=5)
+    """Replica count of streams and buckets (3 on a NATS cluster)."""
+    ack_wait_s: float = 30.0
+    """How long a consumer waits for an ack before redelivering."""
+    max_deliver: int = 5
+    """Deliveries before a message is dead-lettered."""
+    duplicate_window_s: float = 120.0
+    """How long JetStream remembers `Nats-Msg-Id`s to drop retried appends."""

@@ -1,0 +1,133 @@
+"""Stream, consumer and bucket declarations: idempotent, drift is updated or reported."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NotFoundError
+
+from jetmesh.bus import subjects
+from jetmesh.bus.errors import StreamConfigConflict
+from jetmesh.bus.events import MAX_MESSAGE_BYTES
+from jetmesh.bus.settings import BusSettings
+
+log = logging.getLogger("jetmesh.bus")
+
+# Fields we own on each stream; anything else the operator set is left alone.
+_MANAGED = ("subjects", "retention", "storage", "num_replicas", "duplicate_window",
+            "allow_direct", "max_msg_size", "discard")
+
+
+def stream_configs(settings: BusSettings | None = None) -> list[StreamConfig]:
+    s = settings or BusSettings()
+    common = {
+        "storage": StorageType.FILE,
+        "num_replicas": s.replicas,
+        "duplicate_window": s.duplicate_window_s,
+        "max_msg_size": MAX_MESSAGE_BYTES,
+        "discard": DiscardPolicy.OLD,
+    }
+    return [
+        StreamConfig(name=subjects.STREAM_TASKS, subjects=subjects.TASKS_SUBJECTS,
+                     retention=RetentionPolicy.LIMITS, allow_direct=True, **common),
+        StreamConfig(name=subjects.STREAM_LEDGER, subjects=subjects.LEDGER_SUBJECTS,
+                     retention=RetentionPolicy.LIMITS, allow_direct=True, **common),
+        StreamConfig(name=subjects.STREAM_WORK, subjects=subjects.WORK_SUBJECTS,
+                     retention=RetentionPolicy.WORK_QUEUE, allow_direct=False, **common),
+        StreamConfig(name=subjects.STREAM_DLQ, subjects=subjects.DLQ_SUBJECTS,
+                     retention=RetentionPolicy.LIMITS, allow_direct=True, **common),
+    ]
+
+
+@dataclass(frozen=True)
+class DeclareReport:
+    created: list[str]
+    updated: list[str]
+    unchanged: list[str]
+
+
+def _differs(want: StreamConfig, have: StreamConfig) -> list[str]:
+    out = []
+    for f in _MANAGED:
+        w, h = getattr(want, f), getattr(have, f)
+        if f == "subjects":
+            w, h = sorted(w or []), sorted(h or [])
+        if f == "duplicate_window" and w is not None and h is not None:
+            w, h = round(float(w), 3), round(float(h), 3)
+        if w is not None and w != h:
+            out.append(f"{f}: {h!r} -> {w!r}")
+    return out
+
+
+async def declare_streams(
+    js: JetStreamContext, settings: BusSettings | None = None
+) -> DeclareReport:
+    """Create missing streams, update drifted ones, raise StreamConfigConflict otherwise."""
+    created, updated, unchanged = [], [], []
+    for want in stream_configs(settings):
+        assert want.name
+        try:
+            info = await js.stream_info(want.name)
+        except NotFoundError:
+            await js.add_stream(want)
+            created.append(want.name)
+            continue
+        diff = _differs(want, info.config)
+        if not diff:
+            unchanged.append(want.name)
+            continue
+        try:
+            await js.update_stream(want)
+        except APIError as e:
+            raise StreamConfigConflict(
+                want.name, f"cannot update ({'; '.join(diff)}): {e.description}"
+            ) from e
+        log.warning("stream %s updated: %s", want.name, "; ".join(diff))
+        updated.append(want.name)
+    return DeclareReport(created, updated, unchanged)
+
+
+def work_consumer_config(skill: str, settings: BusSettings | None = None) -> ConsumerConfig:
+    """The durable pull consumer shared by every replica serving `skill`."""
+    s = settings or BusSettings()
+    return pull_consumer_config(subjects.work_consumer(skill), subjects.work(skill), s)
+
+
+def pull_consumer_config(
+    durable: str, filter_subject: str, settings: BusSettings | None = None,
+    *, deliver_new: bool = False,
+) -> ConsumerConfig:
+    s = settings or BusSettings()
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=s.ack_wait_s,
+        # Redelivery is bounded by our own runner (it dead-letters on the delivery after
+        # max_deliver), so a poison message that crashes its worker still ends in the DLQ.
+        max_deliver=-1,
+        max_ack_pending=10_000,
+        deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
+        num_replicas=s.replicas,
+    )
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    """Create or update a durable consumer; an impossible change raises StreamConfigConflict."""
+    try:
+        await js.add_consumer(stream, config=config)
+    except APIError as e:
+        raise StreamConfigConflict(
+            f"{stream}/{config.durable_name}", str(e.description)
+        ) from e

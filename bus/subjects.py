@@ -1,0 +1,108 @@
+"""Every NATS subject, stream, consumer and bucket name jetmesh uses: constants and builders.
+
+No other module spells a subject. Task and step ids are validated here so that a
+caller-supplied id can never inject wildcards or extra tokens into a subject.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "jm"
+
+# Streams
+STREAM_TASKS = "JM_TASKS"
+"""Inbound task submissions (limits retention, kept for audit)."""
+STREAM_LEDGER = "JM_LEDGER"
+"""Every task's events: the single source of truth."""
+STREAM_WORK = "JM_WORK"
+"""Step commands per skill (work-queue retention: each message is consumed once)."""
+STREAM_DLQ = "JM_DLQ"
+"""Dead letters: messages a consumer could not process, with the reason."""
+
+# Subjects
+SUBMIT = f"{PREFIX}.task.submit"
+TASKS_SUBJECTS = [SUBMIT]
+LEDGER_SUBJECTS = [f"{PREFIX}.task.*.events", f"{PREFIX}.task.*.step.*", f"{PREFIX}.task.*.control"]
+WORK_SUBJECTS = [f"{PREFIX}.work.>"]
+DLQ_SUBJECTS = [f"{PREFIX}.dlq.>"]
+ALL_LEDGER = f"{PREFIX}.task.*.>"
+ALL_TASK_EVENTS = f"{PREFIX}.task.*.events"
+ALL_STEP_EVENTS = f"{PREFIX}.task.*.step.*"
+ALL_CONTROL = f"{PREFIX}.task.*.control"
+ALL_DLQ = f"{PREFIX}.dlq.>"
+
+# Durable consumer names
+CONSUMER_ORCH_SUBMIT = "orchestrator-submit"
+CONSUMER_ORCH_STEPS = "orchestrator-steps"
+CONSUMER_ORCH_CONTROL = "orchestrator-control"
+
+# KV buckets
+BUCKET_AGENTS = "jm-agents"
+BUCKET_BUDGETS = "jm-budgets"
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class InvalidIdError(ValueError):
+    """An id that cannot be used as one subject token."""
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a safe single subject token, else raise InvalidIdError."""
+    if not _ID.match(value):
+        raise InvalidIdError(
+            f"{what} {value!r} must be 1-128 characters of letters, digits, '_' or '-'"
+        )
+    return value
+
+
+def task_events(task_id: str) -> str:
+    """The subject of a task's own events (the orchestrator writes)."""
+    return f"{PREFIX}.task.{check_id(task_id, 'task id')}.events"
+
+
+def step_events(task_id: str, step_id: str) -> str:
+    """The subject of one step's events (the worker running it writes)."""
+    return f"{PREFIX}.task.{check_id(task_id, 'task id')}.step.{check_id(step_id, 'step id')}"
+
+
+def task_control(task_id: str) -> str:
+    """Cancel / approve / deny / answer for one task."""
+    return f"{PREFIX}.task.{check_id(task_id, 'task id')}.control"
+
+
+def task_all(task_id: str) -> str:
+    """Wildcard over everything a task wrote to the ledger."""
+    return f"{PREFIX}.task.{check_id(task_id, 'task id')}.>"
+
+
+def work(skill: str) -> str:
+    """The work subject of one skill."""
+    return f"{PREFIX}.work.{check_id(skill, 'skill')}"
+
+
+def work_consumer(skill: str) -> str:
+    """The durable pull consumer every replica serving `skill` shares."""
+    return f"work-{check_id(skill, 'skill')}"
+
+
+def dlq(stream: str, consumer: str) -> str:
+    """Dead-letter subject for messages of `consumer` on `stream`."""
+    return f"{PREFIX}.dlq.{stream}.{consumer}"
+
+
+def task_id_of(subject: str) -> str | None:
+    """The task id in a ledger subject, or None."""
+    parts = subject.split(".")
+    if len(parts) >= 4 and parts[0] == PREFIX and parts[1] == "task":
+        return parts[2]
+    return None
+
+
+def step_id_of(subject: str) -> str | None:
+    """The step id in a step-events subject, or None."""
+    parts = subject.split(".")
+    if len(parts) == 5 and parts[3] == "step":
+        return parts[4]
+    return None

@@ -1,0 +1,38 @@
+"""jetmesh.memory: episodic and semantic memory of agents, over mem0 and Qdrant.
+
+mem0 and qdrant-client (over a second to import) load only when a store opens.
+"""
+
+from jetmesh.memory.embedders import EmbedderChoice, HashingEmbedder, choose_embedder
+from jetmesh.memory.errors import (
+    EmbeddingDimensionMismatch,
+    MemoryInferenceDisabled,
+    MemoryNotFound,
+    MemoryStoreError,
+)
+from jetmesh.memory.models import (
+    EpisodeRecord,
+    ForgetReport,
+    MemoryItem,
+    MemoryKind,
+    episode_id_for,
+)
+from jetmesh.memory.settings import MemorySettings
+from jetmesh.memory.store import MemoryStore
+
+__all__ = [
+    "EmbedderChoice",
+    "EmbeddingDimensionMismatch",
+    "EpisodeRecord",
+    "ForgetReport",
+    "HashingEmbedder",
+    "MemoryInferenceDisabled",
+    "MemoryItem",
+    "MemoryKind",
+    "MemoryNotFound",
+    "MemorySettings",
+    "MemoryStore",
+    "MemoryStoreError",
+    "choose_embedder",
+    "episode_id_for",
+]

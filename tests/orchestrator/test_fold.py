@@ -1,0 +1,99 @@
+"""Property tests of the pure fold: never raises, terminal stays terminal, deterministic."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jetmesh.bus import events as ev
+from jetmesh.bus.ledger import LedgerEntry, subject_for
+from jetmesh.orchestrator.state import TERMINAL, StepStatus, TaskStatus, fold
+
+TASK = "t1"
+steps = st.sampled_from(["a", "b", "c"])
+skills = st.sampled_from(["triage", "research"])
+text = st.text(max_size=20)
+
+
+def _events() -> st.SearchStrategy[ev.Event]:
+    return st.one_of(
+        st.builds(lambda g: ev.TaskSubmitted(subject=TASK, data=ev.TaskSubmittedData(goal=g)),
+                  text),
+        st.builds(lambda r: ev.TaskRejected(subject=TASK, data=ev.TaskRejectedData(reason=r)),
+                  text),
+        st.builds(lambda ids, sk: ev.TaskPlanned(subject=TASK, data=ev.TaskPlannedData(
+            planner="workflow:x", steps=[ev.PlanStep(id=i, skill=sk) for i in ids])),
+            st.lists(steps, unique=True, max_size=3), skills),
+        st.builds(lambda s, sk, a: ev.StepDispatched(subject=TASK, data=ev.StepDispatchedData(
+            step_id=s, skill=sk, input={}, attempt=a)), steps, skills, st.integers(1, 3)),
+        st.builds(lambda s: ev.StepStarted(subject=TASK, data=ev.StepStartedData(
+            step_id=s, agent="x", worker="w")), steps),
+        st.builds(lambda s, c: ev.ModelCalled(subject=TASK, data=ev.ModelCalledData(
+            step_id=s, agent="x", provider="sim", model="m", cost_usd=c, input_tokens=3,
+            response={})), st.one_of(st.none(), steps),
+            st.floats(0, 1, allow_nan=False)),
+        st.builds(lambda s: ev.ToolCalled(subject=TASK, data=ev.ToolCalledData(
+            step_id=s, agent="x", tool="t", call_id="c", idempotency_key="k")), steps),
+        st.builds(lambda s: ev.StepCompleted(subject=TASK, data=ev.StepCompletedData(
+            step_id=s, agent="x", output={"text": "ok"})), steps),
+        st.builds(lambda s, r: ev.StepFailed(subject=TASK, data=ev.StepFailedData(
+            step_id=s, code="error", reason="boom", retryable=r)), steps, st.booleans()),
+        st.just(ev.TaskCompleted(subject=TASK, data=ev.TaskCompletedData(result={"a": 1}))),
+        st.just(ev.TaskFailed(subject=TASK, data=ev.TaskFailedData(code="x", reason="y"))),
+        st.just(ev.TaskCanceled(subject=TASK, data=ev.TaskCanceledData())),
+        st.just(ev.CancelRequested(subject=TASK, data=ev.CancelRequestedData())),
+    )
+
+
+def entries(evs: list[ev.Event]) -> list[LedgerEntry]:
+    return [LedgerEntry(i + 1, subject_for(e), e) for i, e in enumerate(evs)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_events(), max_size=40))
+def test_fold_never_raises_and_terminal_states_stay_terminal(evs: list[ev.Event]) -> None:
+    log = entries(evs)
+    state = fold(TASK, [])
+    first_terminal: TaskStatus | None = None
+    for entry in log:
+        state = fold(TASK, [entry], state)
+        if first_terminal is None and state.status in TERMINAL:
+            first_terminal = state.status
+        if first_terminal is not None:
+            assert state.status == first_terminal
+    assert state.last_seq == len(log)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_events(), max_size=40))
+def test_fold_is_deterministic_and_idempotent(evs: list[ev.Event]) -> None:
+    log = entries(evs)
+    once = fold(TASK, log)
+    assert fold(TASK, log) == once
+    # Folding the same entries again into the folded state changes nothing.
+    assert fold(TASK, log, once.model_copy(deep=True)) == once
+
+
+def test_fold_happy_path_counts_usage_and_results() -> None:
+    evs: list[ev.Event] = [
+        ev.TaskSubmitted(subject=TASK, data=ev.TaskSubmittedData(goal="g")),
+        ev.TaskPlanned(subject=TASK, data=ev.TaskPlannedData(
+            planner="workflow:w", steps=[ev.PlanStep(id="a", skill="triage")])),
+        ev.StepDispatched(subject=TASK, data=ev.StepDispatchedData(
+            step_id="a", skill="triage", input={"q": 1})),
+        ev.StepStarted(subject=TASK, data=ev.StepStartedData(step_id="a", agent="x",
+                                                               worker="w")),
+        ev.ModelCalled(subject=TASK, data=ev.ModelCalledData(
+            step_id="a", agent="x", provider="sim", model="m", cost_usd=0.5, input_tokens=10,
+            output_tokens=5, response={})),
+        ev.StepCompleted(subject=TASK, data=ev.StepCompletedData(
+            step_id="a", agent="x", output={"text": "done"})),
+        ev.TaskCompleted(subject=TASK, data=ev.TaskCompletedData(result={"text": "done"})),
+    ]
+    s = fold(TASK, entries(evs))
+    assert s.status is TaskStatus.COMPLETED
+    assert s.steps["a"].status is StepStatus.COMPLETED
+    assert s.steps["a"].output == {"text": "done"}
+    assert s.cost_usd == 0.5 and s.input_tokens == 10 and s.output_tokens == 5
+    assert s.steps["a"].last_seq == 6
+    assert s.task_subject_seq == 7
