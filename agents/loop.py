@@ -246,7 +246,12 @@ class _Run:
         return response
 
     async def call_tool(
-        self, tool: Tool | None, name: str, call_id: str, arguments: dict[str, Any]
+        self,
+        tool: Tool | None,
+        name: str,
+        call_id: str,
+        arguments: dict[str, Any],
+        offered: list[Tool] | None = None,
     ) -> ToolResult:
         key = idempotency_key(self.ctx.task_id, self.ctx.step_id, name, arguments)
         recorded = self.replay.tool_results.get(key)
@@ -262,7 +267,7 @@ class _Run:
                 latency_ms=recorded.latency_ms,
             )
         if tool is None:
-            known = ", ".join(t.name for t in self.spec.tools) or "none"
+            known = ", ".join(t.name for t in offered or ()) or "none"
             result = ToolResult(
                 ok=False,
                 error=f"unknown tool {name!r}; the tools you can call are: {known}",
@@ -328,10 +333,11 @@ async def _run_model(
     before: BeforeModelCall | None,
 ) -> StepOutcome:
     spec, skill, limits = run.spec, run.skill, run.spec.limits
-    tools = {t.name: t for t in spec.tools}
+    offered = spec.tools_for(skill.id)
+    tools = {t.name: t for t in offered}
     request_base = {
         "system": build_system_prompt(spec, skill),
-        "tools": [t.definition() for t in spec.tools],
+        "tools": [t.definition() for t in offered],
         "output_schema": skill.output_schema if skill.structured else None,
         "max_tokens": spec.model.max_tokens,
         "temperature": spec.model.temperature,
@@ -355,7 +361,7 @@ async def _run_model(
                 if run.tool_calls + run.replayed_tool_calls >= limits.max_tool_calls:
                     return run.failed("tool_limit", _tool_limit_reason(run, call))
                 tool = tools.get(call.name)
-                result = await run.call_tool(tool, call.name, call.id, call.arguments)
+                result = await run.call_tool(tool, call.name, call.id, call.arguments, offered)
                 content = (
                     tool.content_for_model(result)
                     if tool is not None

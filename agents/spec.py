@@ -70,6 +70,8 @@ class SkillSpec(BaseModel):
     """JSON Schema (Draft 2020-12) of the step input."""
     output_schema: dict[str, Any] = Field(default_factory=_text_schema)
     """JSON Schema of the step output; the default is free text ``{"text": ...}``."""
+    tools: list[str] | None = None
+    """Names of the agent's tools this skill may use; None means all of them."""
 
     @classmethod
     def from_models(
@@ -82,6 +84,7 @@ class SkillSpec(BaseModel):
         output_model: type[BaseModel] | None = None,
         tags: list[str] | None = None,
         examples: list[str] | None = None,
+        tools: list[str] | None = None,
     ) -> SkillSpec:
         """A skill whose schemas come from pydantic models (no output model: free text)."""
         return cls(
@@ -94,6 +97,7 @@ class SkillSpec(BaseModel):
             output_schema=(
                 output_model.model_json_schema() if output_model is not None else _text_schema()
             ),
+            tools=tools,
         )
 
     @property
@@ -163,6 +167,10 @@ class AgentSpec:
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
             raise SpecError(self.name, f"duplicate tool names in {names}")
+        for s in self.skills:
+            missing = sorted(set(s.tools or ()) - set(names))
+            if missing:
+                raise SpecError(self.name, f"skill {s.id!r} names unknown tools {missing}")
         for skill_id, tool_name in self.direct.items():
             if skill_id not in ids:
                 raise SpecError(self.name, f"direct skill {skill_id!r} is not among its skills")
@@ -186,6 +194,11 @@ class AgentSpec:
     def tool(self, name: str) -> Tool | None:
         """The tool with this name, if the agent has it."""
         return next((t for t in self.tools if t.name == name), None)
+
+    def tools_for(self, skill_id: str) -> list[Tool]:
+        """The tools offered to the model for this skill."""
+        allowed = self.skill(skill_id).tools
+        return [t for t in self.tools if allowed is None or t.name in allowed]
 
     def validate_input(self, skill_id: str, data: Any) -> list[str]:
         """Errors of ``data`` against the skill's input schema (empty when valid)."""

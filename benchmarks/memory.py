@@ -1,12 +1,12 @@
 """Memory store latency: add and search p50/p99 at growing sizes, embedded Qdrant.
 
-    .venv/bin/python -m jetmesh.benchmarks.memory --sizes 1000 10000
     .venv/bin/python benchmarks/memory.py --sizes 1000 10000
 
-Fills one store through the public API (`add_episode`, one mem0 add per episode, each
-with its idempotency check) with the offline hashing embedder; add latency is measured
-over the last 10% of each fill (so it reflects the store at about that size), then
-search latency over `--queries` queries, unscoped and scoped to one user.
+Fills one store through the public API (`add_episode`: one mem0 ``add(infer=False)``
+per episode, each with its idempotency check; no bulk path) with the offline hashing
+embedder. Add latency is measured over the last 10% of each fill (so it reflects the
+store at about that size), then search latency over `--queries` queries, unscoped and
+scoped to one user.
 """
 
 from __future__ import annotations

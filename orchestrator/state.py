@@ -87,6 +87,7 @@ class TaskState(BaseModel):
     reason: str | None = None
     cancel_requested: str | None = None
     created_at: datetime | None = None
+    planned_at: datetime | None = None
     updated_at: datetime | None = None
     model_calls: int = 0
     tool_calls: int = 0
@@ -141,6 +142,7 @@ def apply(state: TaskState, entry: LedgerEntry) -> TaskState:
             if not state.plan:
                 state.planner, state.plan, state.merge = e.data.planner, e.data.steps, \
                     e.data.merge
+                state.planned_at = e.time
                 for p in e.data.steps:
                     _step(state, p.id, p.skill)
             if not terminal:
@@ -189,7 +191,7 @@ def apply(state: TaskState, entry: LedgerEntry) -> TaskState:
         case ev.StepFailed():
             st = _step(state, e.data.step_id)
             st.last_seq = entry.seq
-            if not st.status.terminal:
+            if not st.status.terminal and e.data.attempt >= st.attempt:
                 st.status, st.finished_at = StepStatus.FAILED, e.time
                 st.code, st.reason, st.retryable = e.data.code, e.data.reason, e.data.retryable
         case ev.CancelRequested():

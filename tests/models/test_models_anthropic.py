@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import FakeServer
-
 from jetmesh.agents.models import (
     Message,
     ModelAuthError,
@@ -18,6 +16,7 @@ from jetmesh.agents.models import (
 )
 from jetmesh.agents.models.anthropic import AnthropicModel
 from jetmesh.agents.models.retry import RetryPolicy
+from model_fakes import FakeServer
 
 MODEL = "claude-sonnet-4-5"
 LOOKUP = ToolDefinition(
@@ -27,7 +26,9 @@ LOOKUP = ToolDefinition(
 )
 
 
-def message_body(content: list[dict[str, object]], stop: str, inp: int, out: int) -> dict[str, object]:
+def message_body(
+    content: list[dict[str, object]], stop: str, inp: int, out: int
+) -> dict[str, object]:
     return {
         "id": "msg_01",
         "type": "message",
@@ -120,8 +121,7 @@ async def test_tool_use_round_trip(model: AnthropicModel, fake_server: FakeServe
     headers = fake_server.requests[0].headers
     # SDK 2.x sends the key as a bearer token; older versions used x-api-key.
     assert (
-        headers.get("x-api-key") == "test-key"
-        or headers.get("authorization") == "Bearer test-key"
+        headers.get("x-api-key") == "test-key" or headers.get("authorization") == "Bearer test-key"
     )
     sent = fake_server.requests[1].body
     assert sent["model"] == MODEL

@@ -7,8 +7,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import FakeServer
-
 from jetmesh.agents.models import (
     Message,
     ModelAuthError,
@@ -21,6 +19,7 @@ from jetmesh.agents.models import (
 )
 from jetmesh.agents.models.openai import OpenAIModel
 from jetmesh.agents.models.retry import RetryPolicy
+from model_fakes import FakeServer
 
 MODEL = "gpt-4.1-mini"
 LOOKUP = ToolDefinition(
@@ -41,7 +40,11 @@ def completion(
         "choices": [
             {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}
         ],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done},
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": done,
+            "total_tokens": prompt + done,
+        },
     }
 
 

@@ -1,0 +1,190 @@
+"""Planning and merging with a model: the LLM planner over live skills, and the final merge.
+
+Every model call is returned as `ModelCalledData` for the ledger, and earlier recorded
+calls are replayed instead of calling the model again (so a restarted orchestrator, or a
+replay of the ledger, makes no new model call for work already done).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jetmesh.agents.models.pricing import cost_usd
+from jetmesh.agents.models.types import Message, Model, ModelRequest, ModelResponse
+from jetmesh.agents.spec import SkillSpec, schema_errors
+from jetmesh.bus.events import ModelCalledData, PlanStep
+from jetmesh.orchestrator.errors import PlanError, WorkflowError
+from jetmesh.orchestrator.workflows import check_dag
+
+PLANNER_SYSTEM = (
+    "You are the planner of a team of specialised agents. Break the user's goal into the "
+    "fewest steps that achieve it, each step calling exactly one of the available skills "
+    "with an input that matches that skill's input schema. Steps run concurrently unless "
+    "one lists another in depends_on. Use only facts from the goal and input; do not "
+    "invent order numbers or data. Set merge to true when several step results must be "
+    "combined into one answer. Answer with JSON only."
+)
+
+MERGE_SYSTEM = (
+    "You combine the results of several agents into one final answer for the user. Keep "
+    "every concrete fact each agent reported (ids, statuses, amounts); do not add facts "
+    "that are not in the results. Answer in plain text."
+)
+
+
+@dataclass
+class Recorder:
+    """Replays recorded orchestrator calls of one purpose, records new ones."""
+
+    purpose: str
+    recorded: list[ModelCalledData]
+    new: list[ModelCalledData] = field(default_factory=list)
+    _i: int = 0
+
+    async def call(self, model: Model, request: ModelRequest) -> ModelResponse:
+        if self._i < len(self.recorded):
+            rec = self.recorded[self._i]
+            self._i += 1
+            return ModelResponse.model_validate(rec.response)
+        t0 = time.perf_counter()
+        resp = await model.complete(request)
+        latency = (time.perf_counter() - t0) * 1000
+        self._i += 1
+        self.new.append(ModelCalledData(
+            agent="orchestrator", purpose=self.purpose, provider=resp.provider,
+            model=resp.model, input_tokens=resp.usage.input_tokens,
+            output_tokens=resp.usage.output_tokens,
+            cost_usd=cost_usd(resp.provider, resp.model, resp.usage), latency_ms=latency,
+            response=resp.model_dump(mode="json"),
+        ))
+        return resp
+
+
+def _prefix_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """Move a skill schema's $defs into a shared table, rewriting its $refs."""
+    s = copy.deepcopy(schema)
+    local = s.pop("$defs", {}) or {}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if k == "$ref" and isinstance(v, str) and v.startswith("#/$defs/"):
+                    out[k] = f"#/$defs/{prefix}__{v.removeprefix('#/$defs/')}"
+                else:
+                    out[k] = rewrite(v)
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, d in local.items():
+        defs[f"{prefix}__{name}"] = rewrite(d)
+    result: dict[str, Any] = rewrite(s)
+    return result
+
+
+def plan_schema(skills: Sequence[SkillSpec]) -> dict[str, Any]:
+    """A strict JSON Schema for plans over `skills`: each step's input matches its skill."""
+    defs: dict[str, Any] = {}
+    variants = []
+    for sk in skills:
+        variants.append({
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{0,64}$", "default": "",
+                       "description": "unique step id; empty: assigned in order"},
+                "skill": {"const": sk.id},
+                "input": _prefix_defs(sk.input_schema, sk.id, defs),
+                "depends_on": {"type": "array", "items": {"type": "string"}, "default": []},
+            },
+            "required": ["skill", "input"],
+            "additionalProperties": False,
+        })
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            "steps": {"type": "array", "minItems": 1, "maxItems": 12,
+                      "items": {"oneOf": variants}},
+            "merge": {"type": "boolean", "default": False},
+        },
+        "required": ["steps"],
+        "additionalProperties": False,
+    }
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _parse_json(text: str) -> Any:
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.split("\n", 1)[1] if "\n" in t else ""
+        t = t.rsplit("```", 1)[0]
+    return json.loads(t)
+
+
+def check_plan(data: Any, skills: Sequence[SkillSpec]) -> tuple[list[PlanStep], bool, list[str]]:
+    """Validate a planner answer; returns (steps, merge, errors)."""
+    by_id = {s.id: s for s in skills}
+    errors = schema_errors(plan_schema(skills), data)
+    if errors:
+        return [], False, errors
+    steps: list[PlanStep] = []
+    for i, raw in enumerate(data["steps"]):
+        raw = {**raw, "id": raw.get("id") or f"s{i + 1}"}
+        sk = by_id[raw["skill"]]
+        errs = schema_errors(sk.input_schema, raw["input"])
+        errors += [f"step {raw['id']} ({sk.id}): {e}" for e in errs]
+        steps.append(PlanStep(id=raw["id"], skill=raw["skill"], input=raw["input"],
+                              depends_on=raw.get("depends_on", [])))
+    try:
+        check_dag(steps)
+    except WorkflowError as e:
+        errors.append(str(e))
+    return steps, bool(data.get("merge", len(steps) > 1)), errors
+
+
+async def plan_with_model(
+    model: Model, goal: str, task_input: dict[str, Any], skills: Sequence[SkillSpec],
+    recorder: Recorder, *, attempts: int = 2,
+) -> tuple[list[PlanStep], bool]:
+    """Ask for a plan; an invalid one is asked for again once, then PlanError."""
+    if not skills:
+        raise PlanError("no live agent offers any skill to plan with")
+    catalogue = [{"skill": s.id, "description": s.description, "tags": s.tags}
+                 for s in skills]
+    messages = [Message(role="user", content=json.dumps(
+        {"goal": goal, "input": task_input, "skills": catalogue}, ensure_ascii=False))]
+    last: list[str] = []
+    for _ in range(attempts):
+        request = ModelRequest(system=PLANNER_SYSTEM, messages=list(messages),
+                               output_schema=plan_schema(skills), max_tokens=2048)
+        resp = await recorder.call(model, request)
+        try:
+            data = _parse_json(resp.text)
+        except ValueError as e:
+            last = [f"answer is not JSON: {e}"]
+        else:
+            steps, merge, last = check_plan(data, skills)
+            if not last:
+                return steps, merge
+        messages += [Message(role="assistant", content=resp.text),
+                     Message(role="user", content="That plan is invalid:\n- "
+                             + "\n- ".join(last) + "\nAnswer again with a corrected plan.")]
+    raise PlanError(f"the planner gave no valid plan in {attempts} attempts", last)
+
+
+async def merge_with_model(
+    model: Model, goal: str, outputs: dict[str, dict[str, Any]], recorder: Recorder,
+) -> dict[str, Any]:
+    """One model call that merges the step outputs; the raw outputs stay in the result."""
+    request = ModelRequest(system=MERGE_SYSTEM, messages=[Message(role="user", content=json.dumps(
+        {"goal": goal, "results": outputs}, ensure_ascii=False))], max_tokens=2048)
+    resp = await recorder.call(model, request)
+    return {"answer": resp.text, "steps": outputs}
