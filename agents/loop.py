@@ -21,20 +21,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from jetmesh.agents.errors import UnknownSkill
-from jetmesh.agents.models.errors import ModelError, ModelRetriesExhausted, ModelTransientError
-from jetmesh.agents.models.pricing import cost_usd
-from jetmesh.agents.models.types import Message, Model, ModelRequest, ModelResponse, ToolCall
-from jetmesh.agents.spec import AgentSpec, SkillSpec, schema_errors
-from jetmesh.agents.tools import (
+from jetmesh.bus.events import ModelCalledData, ToolCalledData
+from pydantic import BaseModel, ValidationError
+
+from .errors import UnknownSkill
+from .models.errors import ModelError, ModelRetriesExhausted, ModelTransientError
+from .models.pricing import cost_usd
+from .models.types import Message, Model, ModelRequest, ModelResponse, ToolCall
+from .spec import AgentSpec, SkillSpec, schema_errors
+from .tools import (
     Tool,
     ToolContext,
     ToolResult,
     describe_validation_error,
     idempotency_key,
 )
-from jetmesh.bus.events import ModelCalledData, ToolCalledData
-from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "BeforeModelCall",
@@ -396,8 +397,7 @@ async def _run_model(
         )
     return run.failed(
         "max_turns",
-        f"step reached its turn limit (limits.max_turns={limits.max_turns}) without a final "
-        "answer",
+        f"step reached its turn limit (limits.max_turns={limits.max_turns}) without a final answer",
     )
 
 

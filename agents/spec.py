@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
-from jetmesh.agents.errors import SpecError, UnknownSkill
-from jetmesh.agents.tools import Tool
 from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import SpecError, UnknownSkill
+from .tools import Tool
 
 __all__ = [
     "DEFAULT_OUTPUT_SCHEMA",

@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
-from jetmesh.agents.errors import ToolDefinitionError
-from jetmesh.agents.models.types import ToolDefinition
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from .errors import ToolDefinitionError
+from .models.types import ToolDefinition
 
 __all__ = [
     "Risk",

@@ -99,8 +99,11 @@ class PresenceView:
                 self.changed.set()
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self._entries.pop(entry.key, None)
+                if self._entries.pop(entry.key, None) is not None:
+                    self.changed.set()
             else:
+                if entry.key not in self._entries:
+                    self.changed.set()
                 try:
                     value = json.loads(entry.value)
                 except ValueError:
@@ -109,7 +112,6 @@ class PresenceView:
                 created = entry.created if isinstance(entry.created, datetime) else None
                 self._entries[entry.key] = PresenceEntry(
                     entry.key, value, created or datetime.now(UTC))
-            self.changed.set()
 
     def live(self, now: datetime | None = None) -> list[PresenceEntry]:
         now = now or datetime.now(UTC)

@@ -5,15 +5,15 @@
 
 from __future__ import annotations
 
-from jetmesh.agents.builtin.extractor import make_extractor
-from jetmesh.agents.builtin.orders import make_orders
-from jetmesh.agents.builtin.researcher import make_researcher
-from jetmesh.agents.builtin.reviewer import make_reviewer
-from jetmesh.agents.builtin.support import make_support
-from jetmesh.agents.builtin.triage import make_triage
-from jetmesh.agents.builtin.writer import make_writer
-from jetmesh.agents.errors import UnknownAgent
-from jetmesh.agents.spec import AgentSpec
+from ..errors import UnknownAgent
+from ..spec import AgentSpec
+from .extractor import make_extractor
+from .orders import make_orders
+from .researcher import make_researcher
+from .reviewer import make_reviewer
+from .support import make_support
+from .triage import make_triage
+from .writer import make_writer
 
 __all__ = ["BUILTIN_AGENTS", "builtin_names", "get_agent"]
 

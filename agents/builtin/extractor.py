@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import jsonschema
-from jetmesh.agents.spec import AgentSpec, SkillSpec, schema_errors
-from jetmesh.agents.tools import tool
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..spec import AgentSpec, SkillSpec, schema_errors
+from ..tools import tool
 
 __all__ = ["ExtractInput", "ExtractOutput", "make_extractor", "validate_against_schema"]
 

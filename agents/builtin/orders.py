@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from jetmesh.agents.builtin._data import orders_by_id
-from jetmesh.agents.spec import AgentSpec, SkillSpec
-from jetmesh.agents.tools import tool
 from pydantic import BaseModel, Field
+
+from ..spec import AgentSpec, SkillSpec
+from ..tools import tool
+from ._data import orders_by_id
 
 __all__ = ["LookupOrderInput", "Order", "OrderLookup", "lookup_order", "make_orders"]
 
-OrderStatus = Literal[
-    "placed", "paid", "shipped", "delivered", "delayed", "cancelled", "returned"
-]
+OrderStatus = Literal["placed", "paid", "shipped", "delivered", "delayed", "cancelled", "returned"]
 
 
 class OrderItem(BaseModel):

@@ -5,16 +5,53 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from jetmesh.agents.builtin._data import kb_articles
-from jetmesh.agents.spec import AgentSpec, SkillSpec
-from jetmesh.agents.tools import Tool, tool
 from pydantic import BaseModel, Field
+
+from ..spec import AgentSpec, SkillSpec
+from ..tools import Tool, tool
+from ._data import kb_articles
 
 __all__ = ["KbHit", "ResearchInput", "ResearchOutput", "make_researcher", "search_kb"]
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
-    ["a", "an", "and", "are", "as", "at", "be", "by", "can", "do", "does", "for", "from", "how", "i", "in", "is", "it", "my", "of", "on", "or", "our", "the", "to", "what", "when", "where", "which", "who", "why", "will", "with", "you", "your"]
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "can",
+        "do",
+        "does",
+        "for",
+        "from",
+        "how",
+        "i",
+        "in",
+        "is",
+        "it",
+        "my",
+        "of",
+        "on",
+        "or",
+        "our",
+        "the",
+        "to",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "you",
+        "your",
+    }
 )
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import re
 
-from jetmesh.agents.spec import AgentSpec, SkillSpec
-from jetmesh.agents.tools import tool
 from pydantic import BaseModel, Field
+
+from ..spec import AgentSpec, SkillSpec
+from ..tools import tool
 
 __all__ = ["CriterionCheck", "ReviewInput", "ReviewOutput", "check_criteria", "make_reviewer"]
 
 _MAX_WORDS = re.compile(r"\b(?:at most|max(?:imum)?|no more than|under)\s+(\d+)\s+words?\b")
 _MIN_WORDS = re.compile(r"\b(?:at least|min(?:imum)?|no fewer than)\s+(\d+)\s+words?\b")
 _MAX_CHARS = re.compile(r"\b(?:at most|max(?:imum)?|no more than|under)\s+(\d+)\s+char")
-_MUST_NOT = re.compile(r"\b(?:must not|does not|doesn't|never|no)\s+(?:mention|include|contain)s?\s+(.+)")
+_MUST_NOT = re.compile(
+    r"\b(?:must not|does not|doesn't|never|no)\s+(?:mention|include|contain)s?\s+(.+)"
+)
 _MUST = re.compile(r"\b(?:mentions?|includes?|contains?)\s+(.+)")
 
 

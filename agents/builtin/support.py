@@ -8,11 +8,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from jetmesh.agents.builtin._data import data_dir, orders_by_id
-from jetmesh.agents.builtin.orders import lookup_order
-from jetmesh.agents.spec import AgentSpec, Limits, SkillSpec
-from jetmesh.agents.tools import ToolContext, idempotency_key, tool
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..spec import AgentSpec, Limits, SkillSpec
+from ..tools import ToolContext, idempotency_key, tool
+from ._data import data_dir, orders_by_id
+from .orders import lookup_order
 
 __all__ = [
     "OrderStatusInput",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Literal, cast
 
-from jetmesh.agents.spec import AgentSpec, SkillSpec
-from jetmesh.agents.tools import tool
 from pydantic import BaseModel, Field
+
+from ..spec import AgentSpec, SkillSpec
+from ..tools import tool
 
 __all__ = ["TriageInput", "TriageOutput", "keyword_signals", "make_triage"]
 
@@ -15,20 +16,84 @@ Category = Literal["billing", "shipping", "technical", "account", "other"]
 Priority = Literal["low", "normal", "high", "urgent"]
 
 _CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
-    "billing": ("invoice", "charge", "charged", "refund", "payment", "paid", "price", "vat",
-                "voucher", "card", "billing"),
-    "shipping": ("shipping", "delivery", "deliver", "delivered", "tracking", "parcel",
-                 "package", "carrier", "arrived", "late", "shipped", "lost"),
-    "technical": ("broken", "error", "kettle", "scale", "heat", "not working", "defect",
-                  "faulty", "e1", "e2", "warranty"),
-    "account": ("password", "login", "log in", "sign in", "account", "email address", "gdpr",
-                "delete my"),
+    "billing": (
+        "invoice",
+        "charge",
+        "charged",
+        "refund",
+        "payment",
+        "paid",
+        "price",
+        "vat",
+        "voucher",
+        "card",
+        "billing",
+    ),
+    "shipping": (
+        "shipping",
+        "delivery",
+        "deliver",
+        "delivered",
+        "tracking",
+        "parcel",
+        "package",
+        "carrier",
+        "arrived",
+        "late",
+        "shipped",
+        "lost",
+    ),
+    "technical": (
+        "broken",
+        "error",
+        "kettle",
+        "scale",
+        "heat",
+        "not working",
+        "defect",
+        "faulty",
+        "e1",
+        "e2",
+        "warranty",
+    ),
+    "account": (
+        "password",
+        "login",
+        "log in",
+        "sign in",
+        "account",
+        "email address",
+        "gdpr",
+        "delete my",
+    ),
 }
 _URGENCY_WORDS: dict[str, tuple[str, ...]] = {
-    "urgent": ("urgent", "asap", "immediately", "fraud", "unauthorized", "unauthorised",
-               "legal action", "lawyer", "chargeback", "burn", "fire", "injured"),
-    "high": ("angry", "unacceptable", "still waiting", "third time", "twice", "double charged",
-             "charged twice", "lost", "damaged", "missing"),
+    "urgent": (
+        "urgent",
+        "asap",
+        "immediately",
+        "fraud",
+        "unauthorized",
+        "unauthorised",
+        "legal action",
+        "lawyer",
+        "chargeback",
+        "burn",
+        "fire",
+        "injured",
+    ),
+    "high": (
+        "angry",
+        "unacceptable",
+        "still waiting",
+        "third time",
+        "twice",
+        "double charged",
+        "charged twice",
+        "lost",
+        "damaged",
+        "missing",
+    ),
     "low": ("question", "wondering", "curious", "no rush", "whenever", "just asking"),
 }
 
@@ -52,8 +117,8 @@ def _found(text: str, words: tuple[str, ...]) -> list[str]:
 def keyword_signals(text: str) -> KeywordSignals:
     """Score a request's words against fixed category and urgency keyword lists."""
     lowered = text.lower()
-    categories = {c: hits for c, words in _CATEGORY_WORDS.items() if (hits := _found(lowered, words))}
-    urgency = {p: hits for p, words in _URGENCY_WORDS.items() if (hits := _found(lowered, words))}
+    categories = {c: h for c, words in _CATEGORY_WORDS.items() if (h := _found(lowered, words))}
+    urgency = {p: h for p, words in _URGENCY_WORDS.items() if (h := _found(lowered, words))}
     category = "other"
     if categories:
         category = max(categories, key=lambda c: len(categories[c]))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from jetmesh.agents.spec import AgentSpec, SkillSpec
 from pydantic import BaseModel, Field
+
+from ..spec import AgentSpec, SkillSpec
 
 __all__ = ["WriteInput", "make_writer"]
 

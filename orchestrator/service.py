@@ -1,0 +1,389 @@
+"""The orchestrator: a thin bus shell around the pure planner and `decide`.
+
+It keeps no state of its own. On every trigger (a submission, a step's terminal event,
+a control message, a timer) it reads the task's new events from the ledger, folds
+them, decides, and appends its decisions. Appends are idempotent (deterministic event
+ids) or fenced (expected last subject sequence), so several replicas, restarts and
+redeliveries never drive a task twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jetmesh.agents.models.types import Model
+from jetmesh.agents.spec import SkillSpec
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.consumer import PullRunner, Reject
+from jetmesh.bus.errors import AppendConflict
+from jetmesh.bus.ledger import Ledger
+from jetmesh.bus.presence import PresenceView
+from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.streams import declare_streams, pull_consumer_config
+from jetmesh.orchestrator import decide as d
+from jetmesh.orchestrator.errors import PlanError
+from jetmesh.orchestrator.planner import Recorder, merge_with_model, plan_with_model
+from jetmesh.orchestrator.state import TaskState, fold
+from jetmesh.orchestrator.workflows import WorkflowRegistry, builtin_registry
+
+log = logging.getLogger("jetmesh.orchestrator")
+
+SOURCE = "jetmesh/orchestrator"
+TERMINAL_STEP_TYPES = frozenset({"jetmesh.step.completed.v1", "jetmesh.step.failed.v1"})
+
+
+class OrchestratorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JETMESH_", extra="ignore")
+
+    no_agent_wait_s: float = 30.0
+    """How long a ready step waits for a live agent offering its skill before the task fails."""
+    tick_s: float = 0.5
+    """How often timers (step timeouts, deadlines, waiting for agents) are checked."""
+    planner_provider: str | None = None
+    """Model provider for planning and merging (default: the model layer's default)."""
+    planner_model: str | None = None
+    workflows_dir: Path | None = None
+    """Extra YAML workflows to load."""
+    agent_ttl_s: float = 5.0
+    """A replica silent this long is no longer live."""
+    concurrency: int = 256
+    """Messages handled at once per consumer."""
+    cache_size: int = 10_000
+
+
+def skills_of(view: PresenceView) -> dict[str, SkillSpec]:
+    """Live skills (by id) from the registry's presence entries."""
+    out: dict[str, SkillSpec] = {}
+    for entry in view.live():
+        for raw in entry.value.get("skills", []):
+            with contextlib.suppress(ValidationError):
+                sk = SkillSpec.model_validate(raw)
+                out.setdefault(sk.id, sk)
+    return out
+
+
+class Orchestrator:
+    """Drives every task to a terminal state. Run one or several replicas."""
+
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, *, model: Model,
+        settings: OrchestratorSettings | None = None, bus_settings: BusSettings | None = None,
+        workflows: WorkflowRegistry | None = None, use_registry: bool = True,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.nc, self.js = nc, js
+        self.settings = settings or OrchestratorSettings()
+        self.bus_settings = bus_settings or BusSettings()
+        self.ledger = Ledger(nc, js, timeout_s=self.bus_settings.request_timeout_s)
+        self.model = model
+        self.workflows = workflows or builtin_registry(self.settings.workflows_dir)
+        self.presence = (PresenceView(js, subjects.BUCKET_AGENTS, self.settings.agent_ttl_s,
+                                      self.bus_settings.replicas) if use_registry else None)
+        self.now = now
+        self._cache: OrderedDict[str, TaskState] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, datetime | None] = {}
+        self._runners: list[PullRunner] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await declare_streams(self.js, self.bus_settings)
+        if self.presence:
+            await self.presence.start()
+        s = self.bus_settings
+        specs: list[tuple[str, str, str, Callable[[Msg], Awaitable[None]], bool]] = [
+            (subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT, subjects.SUBMIT,
+             self._on_submit, False),
+            (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS, subjects.ALL_STEP_EVENTS,
+             self._on_step_event, True),
+            (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL, subjects.ALL_CONTROL,
+             self._on_control, True),
+        ]
+        for stream, durable, filt, handler, new_only in specs:
+            runner = PullRunner(self.js, stream,
+                                pull_consumer_config(durable, filt, s, deliver_new=new_only),
+                                handler, concurrency=self.settings.concurrency,
+                                max_deliver=s.max_deliver)
+            await runner.start()
+            self._runners.append(runner)
+        self._tasks.append(asyncio.create_task(self._recover(), name="orchestrator-recover"))
+        self._tasks.append(asyncio.create_task(self._ticker(), name="orchestrator-tick"))
+        log.info("orchestrator ready (model %s/%s, workflows: %s)", self.model.provider,
+                 self.model.name, ", ".join(self.workflows.names()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for r in self._runners:
+            await r.stop()
+        if self.presence:
+            await self.presence.stop()
+
+    # ------------------------------------------------------------------ handlers
+
+    async def _on_submit(self, msg: Msg) -> None:
+        try:
+            raw = json.loads(msg.data)
+        except ValueError as e:
+            raise Reject(f"submission is not JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise Reject("submission must be a JSON object")
+        try:
+            sub = ev.TaskSubmission.model_validate(raw)
+        except ValidationError as e:
+            errors = [{"loc": list(x["loc"]), "msg": x["msg"]} for x in e.errors()]
+            task_id = raw.get("task_id")
+            try:
+                ev.TaskSubmission.model_validate({"task_id": task_id})
+            except ValidationError:
+                raise Reject("invalid submission (and no usable task_id)", errors) from e
+            assert isinstance(task_id, str)
+            await self.ledger.append(ev.TaskRejected(
+                id=f"{task_id}-rejected", subject=task_id, source=SOURCE,
+                data=ev.TaskRejectedData(reason="invalid submission", errors=errors)))
+            return
+        submitted = ev.TaskSubmitted(
+            id=f"{sub.task_id}-submitted", subject=sub.task_id, source=SOURCE,
+            traceparent=(msg.headers or {}).get("traceparent"),
+            data=ev.TaskSubmittedData(**sub.model_dump(exclude={"task_id"})))
+        with contextlib.suppress(AppendConflict):  # already submitted: drive it anyway
+            await self.ledger.append(submitted, expected_last_subject_seq=0)
+        if sub.workflow and self.workflows.get(sub.workflow) is None:
+            await self._append_fenced(sub.task_id, ev.TaskRejected(
+                id=f"{sub.task_id}-rejected", subject=sub.task_id, source=SOURCE,
+                data=ev.TaskRejectedData(
+                    reason=f"unknown workflow '{sub.workflow}'; known: "
+                           + ", ".join(self.workflows.names()))))
+            return
+        await self.drive(sub.task_id)
+
+    async def _on_step_event(self, msg: Msg) -> None:
+        if (msg.headers or {}).get("Ce-Type") not in TERMINAL_STEP_TYPES:
+            return
+        task_id = subjects.task_id_of(msg.subject)
+        if task_id:
+            await self.drive(task_id)
+
+    async def _on_control(self, msg: Msg) -> None:
+        task_id = subjects.task_id_of(msg.subject)
+        if task_id:
+            await self.drive(task_id)
+
+    # ------------------------------------------------------------------ driving
+
+    async def load(self, task_id: str) -> TaskState:
+        """The task's state: cached fold plus whatever the ledger has that is newer."""
+        state = self._cache.get(task_id)
+        if state is None:
+            state = TaskState(task_id=task_id)
+        new = await self.ledger.read(task_id, from_seq=state.last_seq + 1)
+        state = fold(task_id, new, state)
+        self._cache[task_id] = state
+        self._cache.move_to_end(task_id)
+        while len(self._cache) > self.settings.cache_size:
+            self._cache.popitem(last=False)
+        return state
+
+    def live_skills(self) -> dict[str, SkillSpec] | None:
+        return skills_of(self.presence) if self.presence else None
+
+    async def drive(self, task_id: str) -> TaskState:
+        """Move one task forward as far as it can go now."""
+        lock = self._locks.setdefault(task_id, asyncio.Lock())
+        async with lock:
+            for _ in range(50):
+                state = await self.load(task_id)
+                live = self.live_skills()
+                actions = d.decide(state, self.now(),
+                                   live_skills=set(live) if live is not None else None,
+                                   no_agent_wait_s=self.settings.no_agent_wait_s)
+                if not actions:  # terminal: forget it
+                    self._waiting.pop(task_id, None)
+                    self._cache.pop(task_id, None)
+                    self._locks.pop(task_id, None)
+                    return state
+                if isinstance(actions[0], d.Wait):
+                    self._waiting[task_id] = actions[0].until
+                    return state
+                try:
+                    await self._execute(state, actions)
+                except AppendConflict as e:
+                    log.debug("task %s: %s; re-reading", task_id, e)
+            return state
+
+    async def _append_fenced(self, task_id: str, event: ev.Event, expected: int | None = None
+                             ) -> int:
+        if expected is None:
+            expected = (await self.load(task_id)).task_subject_seq
+        return await self.ledger.append(event, expected_last_subject_seq=expected)
+
+    async def _execute(self, state: TaskState, actions: list[d.Action]) -> None:
+        tid = state.task_id
+        dispatches = [a for a in actions if isinstance(a, d.Dispatch)]
+        for a in actions:
+            if isinstance(a, d.Plan):
+                await self._plan(state)
+            elif isinstance(a, d.FailStep):
+                await self.ledger.append(ev.StepFailed(
+                    subject=tid, source=SOURCE, data=ev.StepFailedData(
+                        step_id=a.step_id, agent="orchestrator", code=a.code, reason=a.reason,
+                        retryable=a.retryable, attempt=a.attempt)),
+                    expected_last_subject_seq=a.expected_seq)
+            elif isinstance(a, d.Merge):
+                await self._merge(state)
+            elif isinstance(a, d.Complete):
+                await self._append_fenced(tid, ev.TaskCompleted(
+                    id=f"{tid}-completed", subject=tid, source=SOURCE,
+                    data=ev.TaskCompletedData(result=a.result)), state.task_subject_seq)
+            elif isinstance(a, d.Fail):
+                await self._append_fenced(tid, ev.TaskFailed(
+                    id=f"{tid}-failed", subject=tid, source=SOURCE,
+                    data=ev.TaskFailedData(code=a.code, reason=a.reason)),
+                    state.task_subject_seq)
+            elif isinstance(a, d.Cancel):
+                await self._append_fenced(tid, ev.TaskCanceled(
+                    id=f"{tid}-canceled", subject=tid, source=SOURCE,
+                    data=ev.TaskCanceledData(reason=a.reason)), state.task_subject_seq)
+        if dispatches:
+            await self._dispatch(state, dispatches)
+
+    async def _dispatch(self, state: TaskState, dispatches: list[d.Dispatch]) -> None:
+        tid = state.task_id
+        sub = state.submitted
+        assert sub is not None
+        # Deterministic ids: a replica or a redelivery dispatching the same attempt again
+        # is dropped by JetStream's duplicate window, on the ledger and on the work queue.
+        await self.ledger.append_many([
+            ev.StepDispatched(id=f"{tid}-{a.step_id}-dispatch-{a.attempt}", subject=tid,
+                              source=SOURCE, data=ev.StepDispatchedData(
+                                  step_id=a.step_id, skill=a.skill, input=a.input,
+                                  attempt=a.attempt))
+            for a in dispatches])
+        futures = []
+        for a in dispatches:
+            cmd = ev.StepCommand(task_id=tid, step_id=a.step_id, skill=a.skill, input=a.input,
+                                 attempt=a.attempt, user_id=sub.user_id, budget=sub.budget)
+            futures.append(await self.js.publish_async(
+                subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
+                headers={"Nats-Msg-Id": f"{tid}-{a.step_id}-{a.attempt}"}))
+        await asyncio.gather(*futures)
+
+    async def _record_calls(self, state: TaskState, recorder: Recorder) -> None:
+        if recorder.new:
+            await self.ledger.append_many([
+                ev.ModelCalled(subject=state.task_id, source=SOURCE, data=c)
+                for c in recorder.new])
+
+    async def _plan(self, state: TaskState) -> None:
+        tid = state.task_id
+        sub = state.submitted
+        assert sub is not None
+        if sub.workflow:
+            wf = self.workflows.get(sub.workflow)
+            if wf is None:  # registry changed since submission
+                await self._append_fenced(tid, ev.TaskFailed(
+                    id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                        code="unknown_workflow", reason=f"unknown workflow '{sub.workflow}'")),
+                    state.task_subject_seq)
+                return
+            await self._append_fenced(tid, ev.TaskPlanned(
+                id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
+                    planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge)),
+                state.task_subject_seq)
+            return
+        live = self.live_skills()
+        skills = sorted((live or {}).values(), key=lambda s: (s.id != "triage", s.id))
+        recorder = Recorder("plan", [c for c in state.orchestrator_calls if c.purpose == "plan"])
+        try:
+            steps, merge = await plan_with_model(self.model, sub.goal, sub.input, skills,
+                                                 recorder)
+        except PlanError as e:
+            await self._record_calls(state, recorder)
+            detail = ("; ".join(str(x) for x in e.errors[:5])) if e.errors else ""
+            await self._append_fenced(tid, ev.TaskFailed(
+                id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                    code="plan_failed", reason=f"{e.reason}{': ' + detail if detail else ''}")))
+            return
+        await self._record_calls(state, recorder)
+        await self._append_fenced(tid, ev.TaskPlanned(
+            id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
+                planner=f"llm:{self.model.provider}/{self.model.name}", steps=steps,
+                merge=merge)))
+
+    async def _merge(self, state: TaskState) -> None:
+        tid = state.task_id
+        sub = state.submitted
+        assert sub is not None
+        outputs = {p.id: state.steps[p.id].output or {} for p in state.plan}
+        recorder = Recorder("merge",
+                            [c for c in state.orchestrator_calls if c.purpose == "merge"])
+        result = await merge_with_model(self.model, sub.goal, outputs, recorder)
+        await self._record_calls(state, recorder)
+        await self._append_fenced(tid, ev.TaskCompleted(
+            id=f"{tid}-completed", subject=tid, source=SOURCE,
+            data=ev.TaskCompletedData(result=result)))
+
+    # ------------------------------------------------------------------ timers, recovery
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            now = self.now()
+            if self.presence and self.presence.changed.is_set():
+                # An agent came or went: tasks waiting for one may move now.
+                self.presence.changed.clear()
+                due = [t for t, until in self._waiting.items() if until is not None]
+            else:
+                due = [t for t, until in list(self._waiting.items())
+                       if until is not None and until <= now]
+            for task_id in due:
+                try:
+                    await self.drive(task_id)
+                except Exception as e:
+                    log.warning("task %s: timer drive failed: %s", task_id, e)
+
+    async def _recover(self) -> None:
+        """Find unfinished tasks in the ledger and drive them (after a restart)."""
+        pending: set[str] = set()
+        for _seq, subject, data in await self.ledger.read_raw(subjects.ALL_TASK_EVENTS):
+            tid = subjects.task_id_of(subject)
+            if tid is None:
+                continue
+            etype = json.loads(data).get("type", "")
+            if etype in {"jetmesh.task.completed.v1", "jetmesh.task.failed.v1",
+                         "jetmesh.task.canceled.v1", "jetmesh.task.rejected.v1"}:
+                pending.discard(tid)
+            else:
+                pending.add(tid)
+        if pending:
+            log.info("recovering %d unfinished task(s)", len(pending))
+        sem = asyncio.Semaphore(32)
+
+        async def one(tid: str) -> None:
+            async with sem:
+                try:
+                    await self.drive(tid)
+                except Exception as e:
+                    log.warning("task %s: recovery failed: %s", tid, e)
+
+        await asyncio.gather(*(one(t) for t in pending))
