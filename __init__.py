@@ -9,13 +9,13 @@ __version__ = "0.1.0"
 __all__ = ["Client", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from jetmesh.bus.client import Client
+    from jetmesh.orchestrator.client import Client
 
 
 def __getattr__(name: str) -> Any:
     # Imported lazily so `import jetmesh.bus.subjects` stays cheap and cycle-free.
     if name == "Client":
-        from jetmesh.bus.client import Client
+        from jetmesh.orchestrator.client import Client
 
         return Client
     raise AttributeError(name)

@@ -243,6 +243,302 @@ def tail_cmd(
     run(main)
 
 
+# ----------------------------------------------------------------------------- roles
+
+
+async def _serve_until_signal(start: Callable[[], Awaitable[Any]],
+                              stop: Callable[[Any], Awaitable[None]]) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    handle = await start()
+    try:
+        await done.wait()
+    finally:
+        await stop(handle)
+
+
+@app.command("orchestrator")
+def orchestrator_cmd(
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the orchestrator role against NATS_URL (as a container would)."""
+    _setup_logging(verbose)
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.agents.models.factory import create_model
+        from jetmesh.bus.connection import connect, jetstream
+        from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
+
+        settings = OrchestratorSettings()
+        model = create_model(settings.planner_provider, settings.planner_model)
+
+        async def start() -> Any:
+            nc = await connect(target, name="jetmesh-orchestrator")
+            orch = Orchestrator(nc, jetstream(nc), model=model, settings=settings)
+            await orch.start()
+            return orch
+
+        async def stop(orch: Any) -> None:
+            await orch.stop()
+            await orch.nc.close()
+            await model.aclose()
+
+        await _serve_until_signal(start, stop)
+
+    run(main)
+
+
+@app.command("worker")
+def worker_cmd(
+    agent: Annotated[str, typer.Argument(help="A built-in agent name (see `jetmesh agents "
+                                              "--builtin`) or module:attr of an AgentSpec.")],
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
+) -> None:
+    """Run one agent replica: pull its skills' steps from NATS and run them."""
+    _setup_logging(verbose)
+    target = resolve_url(url, data_dir)
+    spec = load_agent(agent)
+
+    async def main() -> None:
+        from jetmesh.agents.models.factory import create_model
+        from jetmesh.agents.worker import Worker
+        from jetmesh.bus.connection import connect, jetstream
+
+        model = create_model(spec.model.provider, spec.model.model) if spec.needs_model \
+            else None
+
+        async def start() -> Any:
+            nc = await connect(target, name=f"jetmesh-agent-{spec.name}")
+            w = Worker(spec, model, nc, jetstream(nc))
+            await w.start()
+            return w
+
+        async def stop(w: Any) -> None:
+            await w.stop()
+            await w.nc.close()
+            if model is not None:
+                await model.aclose()
+
+        await _serve_until_signal(start, stop)
+
+    run(main)
+
+
+def load_agent(name: str) -> Any:
+    """A built-in spec by name, or `package.module:attr` for your own."""
+    from jetmesh.agents.builtin import builtin_names, get_agent
+
+    if ":" in name:
+        import importlib
+
+        mod, _, attr = name.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+    if name not in builtin_names():
+        err.print(f"[red]unknown agent '{name}'.[/] Built-in: {', '.join(builtin_names())}")
+        raise typer.Exit(2)
+    return get_agent(name)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _parse_json_opt(value: str | None, what: str) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        data = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
+    except (ValueError, OSError) as e:
+        err.print(f"[red]{what} is not valid JSON:[/] {e}")
+        raise typer.Exit(2) from None
+    if not isinstance(data, dict):
+        err.print(f"[red]{what} must be a JSON object[/]")
+        raise typer.Exit(2)
+    return data
+
+
+@app.command("submit")
+def submit_cmd(
+    goal: Annotated[str, typer.Argument(help="What the task should achieve.")] = "",
+    workflow: Annotated[str | None, typer.Option(help="A declared workflow (fanout, "
+                                                      "support, research, ...).")] = None,
+    input_json: Annotated[str | None, typer.Option("--input", help="Task input as JSON "
+                                                   "(or @file.json).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow progress and print the "
+                                                      "result.")] = False,
+    user: Annotated[str | None, typer.Option(help="Whom the task is for.")] = None,
+    max_usd: Annotated[float | None, typer.Option(help="Dollar budget.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Token budget.")] = None,
+    max_tool_calls: Annotated[int | None, typer.Option(help="Tool-call budget.")] = None,
+    deadline: Annotated[float | None, typer.Option(help="Deadline in seconds.")] = None,
+    task_id: Annotated[str | None, typer.Option(help="Your own task id (idempotent).")] = None,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after seconds.")] = 600,
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Submit a task; with --wait, show each step as it happens and print the result."""
+    target = resolve_url(url, data_dir)
+    task_input = _parse_json_opt(input_json, "--input")
+    if not goal and not workflow:
+        err.print("[red]give a goal, a --workflow, or both[/]")
+        raise typer.Exit(2)
+    budget = None
+    if any(v is not None for v in (max_usd, max_tokens, max_tool_calls, deadline)):
+        budget = ev.Budget(max_usd=max_usd, max_tokens=max_tokens,
+                           max_tool_calls=max_tool_calls, deadline_s=deadline)
+
+    async def main() -> int:
+        from jetmesh.orchestrator.client import Client
+        from jetmesh.orchestrator.state import TaskState, TaskStatus, fold
+
+        async with Client(target) as c:
+            tid = await c.submit(goal, input=task_input, workflow=workflow, user_id=user,
+                                 budget=budget, task_id=task_id)
+            console.print(f"task [bold]{tid}[/] submitted")
+            if not wait:
+                console.print(f"  follow it: jetmesh tail {tid}")
+                return 0
+            state = TaskState(task_id=tid)
+
+            async def follow() -> None:
+                async for entry in c.follow(tid):
+                    fold(tid, [entry], state)
+                    console.print(f"  [dim]{entry.event.time:%H:%M:%S}[/] "
+                                  f"{describe(entry.event)}", highlight=False)
+
+            try:
+                await asyncio.wait_for(follow(), timeout)
+            except TimeoutError:
+                err.print(f"[yellow]still {state.status.value} after {timeout:g}s[/]; "
+                          f"jetmesh tail {tid}")
+                return 3
+            console.print(f"[bold]{state.status.value}[/] in "
+                          f"{_elapsed(state)} · {state.model_calls} model calls · "
+                          f"{state.tool_calls} tool calls · ${state.cost_usd:.5f}")
+            if state.result is not None:
+                console.print_json(json.dumps(state.result))
+            elif state.reason:
+                console.print(f"[red]{state.reason}[/]")
+            return 0 if state.status is TaskStatus.COMPLETED else 1
+
+    code = run(main)
+    raise typer.Exit(code)
+
+
+def _elapsed(state: Any) -> str:
+    if state.created_at and state.updated_at:
+        return f"{(state.updated_at - state.created_at).total_seconds():.2f}s"
+    return "?"
+
+
+@app.command("show")
+def show_cmd(
+    task_id: Annotated[str, typer.Argument(help="The task.")],
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Print a task's timeline: steps, agents, models, tokens, cost, latency."""
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.orchestrator.client import Client
+
+        async with Client(target) as c:
+            entries = await c.events(task_id)
+            state = await c.state(task_id)
+        if not entries:
+            err.print(f"[red]no task {task_id}[/]")
+            raise typer.Exit(1)
+        goal = state.submitted.goal if state.submitted else ""
+        console.print(f"[bold]{task_id}[/] {state.status.value} · {goal}")
+        console.print(f"planner: {state.planner or '-'} · elapsed {_elapsed(state)} · "
+                      f"{state.input_tokens}+{state.output_tokens} tokens · "
+                      f"${state.cost_usd:.5f}")
+        table = Table("step", "skill", "status", "agent", "tries", "model calls", "tools",
+                      "tokens", "cost $", "latency")
+        for sid, st in state.steps.items():
+            lat = (f"{(st.finished_at - st.started_at).total_seconds() * 1000:.0f}ms"
+                   if st.finished_at and st.started_at else "")
+            table.add_row(sid, st.skill, st.status.value + (f" [{st.code}]" if st.code else ""),
+                          st.agent or "", str(st.attempt), str(st.model_calls),
+                          str(st.tool_calls), f"{st.input_tokens}+{st.output_tokens}",
+                          f"{st.cost_usd:.5f}", lat)
+        console.print(table)
+        console.print("[bold]timeline[/]")
+        t0 = entries[0].event.time
+        for entry in entries:
+            dt = (entry.event.time - t0).total_seconds() * 1000
+            console.print(f"[dim]{entry.seq:>7} +{dt:>8.1f}ms[/] {describe(entry.event)}",
+                          highlight=False)
+        if state.result is not None:
+            console.print("[bold]result[/]")
+            console.print_json(json.dumps(state.result))
+        elif state.reason:
+            console.print(f"[red]{state.reason}[/]")
+
+    run(main)
+
+
+@app.command("cancel")
+def cancel_cmd(
+    task_id: Annotated[str, typer.Argument(help="The task.")],
+    reason: Annotated[str, typer.Option(help="Why.")] = "canceled by request",
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Ask the orchestrator to cancel a task."""
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.orchestrator.client import Client
+
+        async with Client(target) as c:
+            await c.cancel(task_id, reason)
+        console.print(f"cancel requested for {task_id}")
+
+    run(main)
+
+
+@app.command("agents")
+def agents_cmd(
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    skill: Annotated[str | None, typer.Option(help="Only agents offering this skill.")] = None,
+    builtin: Annotated[bool, typer.Option("--builtin", help="List the built-in agent "
+                                                            "specs instead.")] = False,
+) -> None:
+    """List live agents and their replicas (from the registry on NATS)."""
+    if builtin:
+        from jetmesh.agents.builtin import BUILTIN_AGENTS
+
+        table = Table("agent", "skills", "tools", "model")
+        for name, spec in BUILTIN_AGENTS.items():
+            table.add_row(name, ", ".join(s.id for s in spec.skills),
+                          ", ".join(t.name for t in spec.tools),
+                          "needs a model" if spec.needs_model else "none (deterministic)")
+        console.print(table)
+        return
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.orchestrator.registry import live_agents
+
+        nc, js, _ = await _open(target)
+        try:
+            agents = await live_agents(js)
+        finally:
+            await nc.close()
+        table = Table("agent", "replicas", "skills", "model", "version")
+        for a in agents:
+            if skill and skill not in a.skills:
+                continue
+            table.add_row(a.name, str(len(a.replicas)), ", ".join(a.skills), a.model or "-",
+                          a.version)
+        console.print(table if agents else "no live agents")
+
+    run(main)
+
+
 def main() -> None:
     os.environ.setdefault("MEM0_TELEMETRY", "False")
     app()

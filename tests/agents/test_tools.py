@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pydantic import BaseModel, Field
-
 from jetmesh.agents import Tool, ToolContext, idempotency_key, tool
 from jetmesh.agents.errors import ToolDefinitionError
+from pydantic import BaseModel, Field
 
 
 class AddIn(BaseModel):
@@ -40,7 +39,7 @@ def test_decorator_infers_models_from_a_model_parameter() -> None:
     assert add.description == "Add two numbers."
     d = add.definition()
     assert d.name == "add"
-    assert d.input_schema["required"] == ["a"]
+    assert d.input_schema["required"] == ["a", "b"]
 
 
 def test_decorator_builds_models_from_plain_parameters() -> None:

@@ -1,0 +1,237 @@
+"""The worker runtime: binds an agent spec to the bus.
+
+For each skill it pulls step commands from the skill's durable consumer (shared by
+every replica, so replicas split the load), runs the step loop, and appends what it did
+to the step's ledger subject. Every append is fenced on the step subject's last
+sequence: if the step was redelivered to another replica (or timed out by the
+orchestrator) the stale worker's next append fails and it stops without acking.
+On redelivery the step resumes from its recorded calls, so side effects already
+recorded are not run again and recorded model calls are not paid for again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from jetmesh.agents.loop import StepOutcome, StepReplay, run_step
+from jetmesh.agents.models.types import Model
+from jetmesh.agents.spec import AgentSpec
+from jetmesh.agents.tools import ToolContext
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.consumer import Fenced, PullRunner, Reject
+from jetmesh.bus.errors import AppendConflict
+from jetmesh.bus.ledger import Ledger, LedgerEntry
+from jetmesh.bus.presence import Presence
+from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.streams import declare_streams, work_consumer_config
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+log = logging.getLogger("jetmesh.worker")
+
+
+def replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class FencedRecorder:
+    """Appends the loop's records to the step subject, each fenced on the previous one."""
+
+    ledger: Ledger
+    task_id: str
+    source: str
+    last_seq: int
+
+    async def _append(self, event: ev.Event) -> None:
+        try:
+            self.last_seq = await self.ledger.append(
+                event, expected_last_subject_seq=self.last_seq)
+        except AppendConflict as e:
+            raise Fenced(str(e)) from e
+
+    async def record_model_call(self, data: ev.ModelCalledData) -> None:
+        await self._append(ev.ModelCalled(subject=self.task_id, source=self.source, data=data))
+
+    async def record_tool_call(self, data: ev.ToolCalledData) -> None:
+        await self._append(ev.ToolCalled(subject=self.task_id, source=self.source, data=data))
+
+
+def replay_from(entries: list[LedgerEntry]) -> StepReplay:
+    models = [e.event.data for e in entries if isinstance(e.event, ev.ModelCalled)]
+    tools = [e.event.data for e in entries if isinstance(e.event, ev.ToolCalled)]
+    return StepReplay.from_records(models, tools)
+
+
+def finished(entries: list[LedgerEntry], attempt: int) -> bool:
+    """True when the step already has a result this delivery must not redo."""
+    for e in entries:
+        if isinstance(e.event, ev.StepCompleted):
+            return True
+        if isinstance(e.event, ev.StepFailed) and e.event.data.attempt >= attempt:
+            return True
+    return False
+
+
+@dataclass
+class Worker:
+    """One replica of one agent. `start()` binds it; `stop()` drains it."""
+
+    spec: AgentSpec
+    model: Model | None
+    nc: NATS
+    js: JetStreamContext
+    bus_settings: BusSettings = field(default_factory=BusSettings)
+    concurrency: int = 64
+    heartbeat_s: float = 1.0
+    replica: str = field(default_factory=replica_id)
+    _runners: list[PullRunner] = field(default_factory=list, init=False)
+    _presence: Presence | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = Ledger(self.nc, self.js, timeout_s=self.bus_settings.request_timeout_s)
+        self.source = f"jetmesh/agent/{self.spec.name}"
+        self.started_at = datetime.now(UTC)
+        self.steps_done = 0
+
+    def presence_value(self) -> dict[str, Any]:
+        return {
+            "agent": self.spec.name, "replica": self.replica, "version": self.spec.version,
+            "description": self.spec.description,
+            "model": f"{self.model.provider}/{self.model.name}" if self.model else None,
+            "skills": [s.model_dump(mode="json") for s in self.spec.skills],
+            "started_at": self.started_at.isoformat(), "steps_done": self.steps_done,
+        }
+
+    async def start(self) -> None:
+        await declare_streams(self.js, self.bus_settings)
+        for skill in self.spec.skills:
+            runner = PullRunner(
+                self.js, subjects.STREAM_WORK,
+                work_consumer_config(skill.id, self.bus_settings),
+                self.handle, concurrency=self.concurrency,
+                max_deliver=self.bus_settings.max_deliver,
+                max_bytes=self.spec.limits.max_input_bytes + 4096,
+            )
+            await runner.start()
+            self._runners.append(runner)
+        self._presence = Presence(
+            self.js, subjects.BUCKET_AGENTS, f"{self.spec.name}.{self.replica}",
+            self.presence_value, interval_s=self.heartbeat_s,
+            replicas=self.bus_settings.replicas)
+        await self._presence.start()
+        log.info("agent %s (%s) serving %s", self.spec.name, self.replica,
+                 ", ".join(s.id for s in self.spec.skills))
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking work, finish in-flight steps for `grace_s`, hand back the rest."""
+        if self._presence:
+            await self._presence.stop()
+        await asyncio.gather(*(r.stop(grace_s) for r in self._runners))
+
+    # ------------------------------------------------------------------ one step
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            cmd = ev.StepCommand.model_validate_json(msg.data)
+        except ValidationError as e:
+            raise Reject("invalid step command", [
+                {"loc": list(x["loc"]), "msg": x["msg"]} for x in e.errors()]) from e
+        skill_ids = {s.id for s in self.spec.skills}
+        if cmd.skill not in skill_ids:
+            raise Reject(f"agent {self.spec.name} has no skill '{cmd.skill}'")
+        subject = subjects.step_events(cmd.task_id, cmd.step_id)
+        entries = await self.ledger.read(cmd.task_id, subject=subject)
+        if finished(entries, cmd.attempt):
+            return  # a duplicate delivery of a step that already has its result
+        last = entries[-1].seq if entries else 0
+        delivery = int(msg.metadata.num_delivered)
+        started = ev.StepStarted(subject=cmd.task_id, source=self.source, data=ev.StepStartedData(
+            step_id=cmd.step_id, agent=self.spec.name, worker=self.replica,
+            attempt=cmd.attempt, delivery=delivery))
+        try:
+            last = await self.ledger.append(started, expected_last_subject_seq=last)
+        except AppendConflict as e:
+            raise Fenced(str(e)) from e
+        recorder = FencedRecorder(self.ledger, cmd.task_id, self.source, last)
+
+        errors = self.spec.validate_input(cmd.skill, cmd.input)
+        if errors:
+            outcome = StepOutcome(status="failed", code="invalid_input",
+                                  reason="; ".join(errors[:10]))
+        else:
+            outcome = await self._run(cmd, msg, recorder, replay_from(entries))
+        if outcome.ok:
+            final: ev.Event = ev.StepCompleted(
+                subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
+                    step_id=cmd.step_id, agent=self.spec.name, output=outcome.output or {},
+                    attempt=cmd.attempt))
+        else:
+            final = ev.StepFailed(subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
+                step_id=cmd.step_id, agent=self.spec.name, code=outcome.code or "error",
+                reason=outcome.reason or "failed", retryable=outcome.retryable,
+                attempt=cmd.attempt))
+        await recorder._append(final)
+        self.steps_done += 1
+
+    async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,
+                   replay: StepReplay) -> StepOutcome:
+        ctx = ToolContext(task_id=cmd.task_id, step_id=cmd.step_id, agent=self.spec.name,
+                          user_id=cmd.user_id)
+        keepalive = asyncio.create_task(self._keep_alive(msg))
+        try:
+            model = self.model
+            if model is None:
+                from jetmesh.agents.models.sim import SimModel
+                model = SimModel()  # never called: every skill here is direct
+            return await asyncio.wait_for(
+                run_step(self.spec, cmd.skill, cmd.input, model, ctx=ctx,
+                         recorder=recorder, replay=replay),
+                self.spec.limits.step_timeout_s)
+        except TimeoutError:
+            return StepOutcome(status="failed", code="timeout", retryable=True,
+                               reason=f"step exceeded {self.spec.limits.step_timeout_s:g}s")
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """In-progress acks during long steps, so the message is not redelivered."""
+        interval = max(0.5, self.bus_settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+
+async def run_worker(spec: AgentSpec, url: str, *, model: Model | None = None,
+                     stop: asyncio.Event | None = None,
+                     bus_settings: BusSettings | None = None) -> None:
+    """Connect, serve `spec` until `stop` is set, drain. `jetmesh worker` calls this."""
+    from jetmesh.agents.models.factory import create_model
+    from jetmesh.bus.connection import connect, jetstream
+
+    settings = bus_settings or BusSettings()
+    if model is None and spec.needs_model:
+        model = create_model(spec.model.provider, spec.model.model)
+    nc = await connect(url, settings=settings, name=f"jetmesh-agent-{spec.name}")
+    worker = Worker(spec, model, nc, jetstream(nc, settings), settings)
+    await worker.start()
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await worker.stop()
+        if model is not None:
+            await model.aclose()
+        await nc.close()

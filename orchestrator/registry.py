@@ -1,0 +1,40 @@
+"""Reading the live-agent registry (presence entries in the `jm-agents` bucket)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+
+from jetmesh.bus import subjects
+from jetmesh.bus.presence import PresenceView
+
+
+@dataclass
+class LiveAgent:
+    name: str
+    version: str
+    model: str | None
+    skills: list[str]
+    replicas: list[str] = field(default_factory=list)
+
+
+async def live_agents(js: JetStreamContext, ttl_s: float = 5.0) -> list[LiveAgent]:
+    """A snapshot of live agents grouped by name, with their replicas."""
+    view = PresenceView(js, subjects.BUCKET_AGENTS, ttl_s)
+    await view.start()
+    try:
+        await asyncio.wait_for(view.changed.wait(), 5.0)
+    except TimeoutError:
+        pass
+    finally:
+        await view.stop()
+    by_name: dict[str, LiveAgent] = {}
+    for entry in view.live():
+        v = entry.value
+        a = by_name.setdefault(v.get("agent", "?"), LiveAgent(
+            name=v.get("agent", "?"), version=v.get("version", ""), model=v.get("model"),
+            skills=[s.get("id", "?") for s in v.get("skills", [])]))
+        a.replicas.append(v.get("replica", entry.key))
+    return sorted(by_name.values(), key=lambda a: a.name)
