@@ -37,6 +37,11 @@ CONSUMER_ORCH_SUBMIT = "orchestrator-submit"
 CONSUMER_ORCH_STEPS = "orchestrator-steps"
 CONSUMER_ORCH_CONTROL = "orchestrator-control"
 
+# Memory service (core request/reply)
+MEMORY_PREFIX = f"{PREFIX}.memory"
+CONSUMER_MEMORY_EPISODES = "memory-episodes"
+"""The memory service's durable consumer over the ledger (episodes)."""
+
 # KV buckets
 BUCKET_AGENTS = "jm-agents"
 BUCKET_BUDGETS = "jm-budgets"
@@ -85,6 +90,11 @@ def work(skill: str) -> str:
 def work_consumer(skill: str) -> str:
     """The durable pull consumer every replica serving `skill` shares."""
     return f"work-{check_id(skill, 'skill')}"
+
+
+def memory(op: str) -> str:
+    """Request subject of one memory operation (add, search, get, forget)."""
+    return f"{MEMORY_PREFIX}.{check_id(op, 'memory op')}"
 
 
 def dlq(stream: str, consumer: str) -> str:

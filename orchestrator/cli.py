@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jetmesh.bus import events as ev
@@ -234,7 +235,7 @@ def tail_cmd(
                         ev.encode_event(entry.event))}), flush=True)
                 else:
                     console.print(f"[dim]{entry.seq:>7}[/] {entry.event.time:%H:%M:%S.%f}"[:-3]
-                                  + f"  {describe(entry.event)}", highlight=False)
+                                  + f"  {escape(describe(entry.event))}", highlight=False)
                 if not forever and isinstance(entry.event, ev.TERMINAL_TASK_EVENTS):
                     return
         finally:
@@ -407,7 +408,7 @@ def submit_cmd(
                 async for entry in c.follow(tid):
                     fold(tid, [entry], state)
                     console.print(f"  [dim]{entry.event.time:%H:%M:%S}[/] "
-                                  f"{describe(entry.event)}", highlight=False)
+                                  f"{escape(describe(entry.event))}", highlight=False)
 
             try:
                 await asyncio.wait_for(follow(), timeout)
@@ -470,7 +471,7 @@ def show_cmd(
         t0 = entries[0].event.time
         for entry in entries:
             dt = (entry.event.time - t0).total_seconds() * 1000
-            console.print(f"[dim]{entry.seq:>7} +{dt:>8.1f}ms[/] {describe(entry.event)}",
+            console.print(f"[dim]{entry.seq:>7} +{dt:>8.1f}ms[/] {escape(describe(entry.event))}",
                           highlight=False)
         if state.result is not None:
             console.print("[bold]result[/]")
@@ -542,3 +543,37 @@ def agents_cmd(
 def main() -> None:
     os.environ.setdefault("MEM0_TELEMETRY", "False")
     app()
+
+
+@app.command("up")
+def up_cmd(
+    data_dir: DataDirOpt = DEFAULT_DATA,
+    port: Annotated[int, typer.Option(help="NATS client port (0: a free one).")] = 4222,
+    agents: Annotated[str | None, typer.Option(help="Comma-separated built-in agents "
+                                                    "(default: all).")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas per agent.")] = 1,
+    live: Annotated[bool | None, typer.Option("--live/--plain", help="Live view (default "
+                                                  "when on a terminal).")] = None,
+) -> None:
+    """Run the whole mesh here: NATS, the orchestrator and the built-in agents."""
+    from jetmesh.agents.builtin import builtin_names
+    from jetmesh.agents.models.factory import describe_default_model
+    from jetmesh.orchestrator.up import run_up
+
+    _setup_logging()
+    names = [a.strip() for a in agents.split(",")] if agents else builtin_names()
+    unknown = sorted(set(names) - set(builtin_names()))
+    if unknown:
+        err.print(f"[red]unknown agents {unknown}[/]; built-in: {', '.join(builtin_names())}")
+        raise typer.Exit(2)
+    if port and not _port_free(port):
+        from jetmesh.bus.server import free_port
+
+        port = free_port()
+    console.print(f"model: {describe_default_model()}")
+    live_view = console.is_terminal if live is None else live
+    asyncio.run(run_up(data_dir, port, names, replicas, console, live_view))
+
+
+if __name__ == "__main__":
+    main()

@@ -192,6 +192,34 @@ def _tool_results(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return results
 
 
+def _first_user_object(messages: Sequence[Message]) -> dict[str, Any]:
+    """The first user message, when it is a JSON object (a step input)."""
+    first = next((m.content for m in messages if m.role == "user"), "")
+    try:
+        data = json.loads(first)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _prefer_given(args: Any, given: dict[str, Any], schema: dict[str, Any]) -> Any:
+    """Use values from the step input for same-named arguments, when still schema-valid.
+
+    So a dry run of `lookup_order` on a step whose input has `order_id: "A1001"` looks up
+    that order rather than a placeholder.
+    """
+    if not isinstance(args, dict) or not given:
+        return args
+    import jsonschema
+
+    merged = {**args, **{k: v for k, v in given.items() if k in args}}
+    if merged == args:
+        return args
+    if jsonschema.Draft202012Validator(schema).is_valid(merged):
+        return merged
+    return args
+
+
 def sim_digest(request: ModelRequest) -> str:
     """The dry-run answer text: ``[sim] `` + the JSON of every tool result in the
     conversation or, when there are none, the whole last user message."""
@@ -224,8 +252,10 @@ class SimModel:
         has_results = any(m.role == "tool" for m in request.messages)
         if request.tools and not has_results:
             calls = []
+            given = _first_user_object(request.messages)
             for i, tool in enumerate(request.tools, start=1):
-                args = example_for_schema(tool.input_schema)
+                args = _prefer_given(example_for_schema(tool.input_schema), given,
+                                     tool.input_schema)
                 calls.append(
                     ToolCall(
                         id=f"sim_{i}",
