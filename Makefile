@@ -22,8 +22,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The repository root is the `jetmesh` package; mypy sees it through a link named jetmesh.
 types: $(STAMP)
-	$(BIN)/mypy .
+	mkdir -p $(VENV)/mypy-src && ln -sfn "$(CURDIR)" $(VENV)/mypy-src/jetmesh
+	MYPYPATH=$(VENV)/mypy-src $(BIN)/mypy -p jetmesh
 
 check: lint types test
 

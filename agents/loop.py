@@ -21,8 +21,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from jetmesh.bus.events import ModelCalledData, ToolCalledData
 from pydantic import BaseModel, ValidationError
+
+from jetmesh.bus.events import ModelCalledData, ToolCalledData
 
 from .errors import UnknownSkill
 from .models.errors import ModelError, ModelRetriesExhausted, ModelTransientError

@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
 from jetmesh.agents.loop import StepOutcome, StepReplay, run_step
 from jetmesh.agents.models.types import Model
 from jetmesh.agents.spec import AgentSpec
@@ -32,10 +37,6 @@ from jetmesh.bus.ledger import Ledger, LedgerEntry
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, work_consumer_config
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from pydantic import ValidationError
 
 log = logging.getLogger("jetmesh.worker")
 

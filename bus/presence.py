@@ -124,4 +124,4 @@ class PresenceView:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         with contextlib.suppress(Exception):
-            await self._watcher.stop()
+            await self._watcher.stop()  # type: ignore[no-untyped-call]

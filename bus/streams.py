@@ -31,22 +31,20 @@ _MANAGED = ("subjects", "retention", "storage", "num_replicas", "duplicate_windo
 
 def stream_configs(settings: BusSettings | None = None) -> list[StreamConfig]:
     s = settings or BusSettings()
-    common = {
-        "storage": StorageType.FILE,
-        "num_replicas": s.replicas,
-        "duplicate_window": s.duplicate_window_s,
-        "max_msg_size": MAX_MESSAGE_BYTES,
-        "discard": DiscardPolicy.OLD,
-    }
+
+    def stream(name: str, subjects_: list[str], retention: RetentionPolicy, direct: bool
+               ) -> StreamConfig:
+        return StreamConfig(
+            name=name, subjects=subjects_, retention=retention, allow_direct=direct,
+            storage=StorageType.FILE, num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window_s, max_msg_size=MAX_MESSAGE_BYTES,
+            discard=DiscardPolicy.OLD)
+
     return [
-        StreamConfig(name=subjects.STREAM_TASKS, subjects=subjects.TASKS_SUBJECTS,
-                     retention=RetentionPolicy.LIMITS, allow_direct=True, **common),
-        StreamConfig(name=subjects.STREAM_LEDGER, subjects=subjects.LEDGER_SUBJECTS,
-                     retention=RetentionPolicy.LIMITS, allow_direct=True, **common),
-        StreamConfig(name=subjects.STREAM_WORK, subjects=subjects.WORK_SUBJECTS,
-                     retention=RetentionPolicy.WORK_QUEUE, allow_direct=False, **common),
-        StreamConfig(name=subjects.STREAM_DLQ, subjects=subjects.DLQ_SUBJECTS,
-                     retention=RetentionPolicy.LIMITS, allow_direct=True, **common),
+        stream(subjects.STREAM_TASKS, subjects.TASKS_SUBJECTS, RetentionPolicy.LIMITS, True),
+        stream(subjects.STREAM_LEDGER, subjects.LEDGER_SUBJECTS, RetentionPolicy.LIMITS, True),
+        stream(subjects.STREAM_WORK, subjects.WORK_SUBJECTS, RetentionPolicy.WORK_QUEUE, False),
+        stream(subjects.STREAM_DLQ, subjects.DLQ_SUBJECTS, RetentionPolicy.LIMITS, True),
     ]
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from jetmesh.memory.embedders import HASH_PROVIDER, EmbedderChoice, HashingEmbedder
-from jetmesh.memory.errors import MemoryInferenceDisabled
 from mem0.configs.base import MemoryConfig
 from mem0.configs.embeddings.base import BaseEmbedderConfig
 from mem0.configs.llms.base import BaseLlmConfig
@@ -31,6 +29,9 @@ from mem0.llms.configs import LlmConfig
 from mem0.memory.main import Memory
 from mem0.utils.factory import EmbedderFactory, LlmFactory
 from mem0.vector_stores.configs import VectorStoreConfig
+
+from jetmesh.memory.embedders import HASH_PROVIDER, EmbedderChoice, HashingEmbedder
+from jetmesh.memory.errors import MemoryInferenceDisabled
 
 DISABLED_LLM_PROVIDER = "jetmesh_disabled"
 """LLM provider mem0 gets when no LLM is configured: it refuses every call."""

@@ -18,7 +18,6 @@ from rich.table import Table
 
 from jetmesh.bus import events as ev
 from jetmesh.bus.errors import BusError
-from jetmesh.bus.settings import BusSettings
 
 app = typer.Typer(
     name="jetmesh",
@@ -191,7 +190,8 @@ def describe(entry_event: ev.Event) -> str:
             return f"step {e.data.step_id} started by {e.data.agent} on {e.data.worker}"
         case ev.ModelCalled():
             d = e.data
-            return (f"model {d.provider}/{d.model} [{d.purpose}{' ' + d.step_id if d.step_id else ''}]"
+            where = d.purpose + (f" {d.step_id}" if d.step_id else "")
+            return (f"model {d.provider}/{d.model} [{where}]"
                     f" {d.input_tokens}+{d.output_tokens} tok ${d.cost_usd:.5f} "
                     f"{d.latency_ms:.0f}ms")
         case ev.ToolCalled():

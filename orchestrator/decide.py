@@ -113,10 +113,9 @@ def decide(
             if not all(d in outputs for d in p.depends_on):
                 continue
             if live_skills is not None and p.skill not in live_skills:
-                ready_since = max(
-                    [state.steps[d].finished_at for d in p.depends_on
-                     if state.steps[d].finished_at] or [state.planned_at or now]
-                )
+                finished = [f for f in (state.steps[dep].finished_at for dep in p.depends_on)
+                            if f is not None]
+                ready_since = max(finished) if finished else (state.planned_at or now)
                 give_up = ready_since + timedelta(seconds=no_agent_wait_s)
                 if now >= give_up:
                     return [Fail("no_agent", f"no live agent offers skill '{p.skill}' "

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError, model_validator
 from jetmesh.bus.events import PlanStep
 from jetmesh.orchestrator.errors import InputResolutionError, WorkflowError
 
+
 class Workflow(BaseModel):
     """A named, reusable plan."""
 

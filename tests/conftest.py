@@ -14,10 +14,10 @@ from nats.js import JetStreamContext
 os.environ.setdefault("JETMESH_ALLOW_MODEL_REQUESTS", "0")
 os.environ.setdefault("MEM0_TELEMETRY", "False")
 
-from jetmesh.bus.connection import connect, jetstream  # noqa: E402
-from jetmesh.bus.ledger import Ledger  # noqa: E402
-from jetmesh.bus.server import EmbeddedNats  # noqa: E402
-from jetmesh.bus.streams import declare_streams  # noqa: E402
+from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.ledger import Ledger
+from jetmesh.bus.server import EmbeddedNats
+from jetmesh.bus.streams import declare_streams
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import json
 from types import ModuleType
 
 import pydantic
+
 from jetmesh.agents.models.errors import (
     ModelAuthError,
     ModelError,

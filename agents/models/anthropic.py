@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import anthropic
 from anthropic.types import Message as AnthropicMessage
+
 from jetmesh.agents.models._http import map_sdk_error
 from jetmesh.agents.models.errors import ModelError, ModelResponseError
 from jetmesh.agents.models.retry import RetryPolicy, call_with_retries

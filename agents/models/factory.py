@@ -7,11 +7,12 @@ import inspect
 import logging
 import threading
 
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from jetmesh.agents.models.errors import ModelConfigError
 from jetmesh.agents.models.sim import SimModel
 from jetmesh.agents.models.types import Model
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_MODELS",

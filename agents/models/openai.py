@@ -8,13 +8,14 @@ import os
 from typing import Any, Literal, cast
 
 import openai
+from openai.types.chat import ChatCompletion
+
 from jetmesh.agents.models._http import map_sdk_error
 from jetmesh.agents.models.anthropic import output_schema_instruction
 from jetmesh.agents.models.errors import ModelError, ModelResponseError
 from jetmesh.agents.models.retry import RetryPolicy, call_with_retries
 from jetmesh.agents.models.switch import check_model_request_allowed
 from jetmesh.agents.models.types import ModelRequest, ModelResponse, ToolCall, Usage
-from openai.types.chat import ChatCompletion
 
 __all__ = ["DEFAULT_OPENAI_MODEL", "OpenAIModel", "to_openai_request"]
 

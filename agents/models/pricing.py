@@ -10,8 +10,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jetmesh.agents.models.types import Usage
 from pydantic import BaseModel, ConfigDict, TypeAdapter
+
+from jetmesh.agents.models.types import Usage
 
 __all__ = ["DEFAULT_PRICES_FILE", "Price", "cost_usd", "load_prices", "price_for"]
 

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jetmesh.agents as agents_pkg
 import jsonschema
 import pytest
+
+import jetmesh.agents as agents_pkg
 from jetmesh.agents import (
     BUILTIN_AGENTS,
     ListRecorder,

@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
+
 from jetmesh.agents import (
     AgentSpec,
     Limits,
@@ -20,7 +22,6 @@ from jetmesh.agents import (
 from jetmesh.agents.models.errors import ModelAuthError, ModelRateLimited
 from jetmesh.agents.models.sim import ScriptedModel, tool_call
 from jetmesh.agents.models.types import ModelRequest, ModelResponse, Usage
-from pydantic import BaseModel
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import BaseModel, Field
+
 from jetmesh.agents import Tool, ToolContext, idempotency_key, tool
 from jetmesh.agents.errors import ToolDefinitionError
-from pydantic import BaseModel, Field
 
 
 class AddIn(BaseModel):

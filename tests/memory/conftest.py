@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from jetmesh.memory import MemorySettings, MemoryStore
 
 

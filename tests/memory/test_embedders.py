@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import jetmesh.memory as memory
 import numpy as np
 import pytest
+
+import jetmesh.memory as memory
 from jetmesh.memory import HashingEmbedder, MemorySettings, choose_embedder
 from jetmesh.memory.embedders import fastembed_choice
 

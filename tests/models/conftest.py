@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from jetmesh.agents.models import switch
 from model_fakes import FakeServer, serve_fake
+
+from jetmesh.agents.models import switch
 
 MODEL_ENV = (
     "ANTHROPIC_API_KEY",

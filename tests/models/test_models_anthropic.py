@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from model_fakes import FakeServer
+
 from jetmesh.agents.models import (
     Message,
     ModelAuthError,
@@ -16,7 +18,6 @@ from jetmesh.agents.models import (
 )
 from jetmesh.agents.models.anthropic import AnthropicModel
 from jetmesh.agents.models.retry import RetryPolicy
-from model_fakes import FakeServer
 
 MODEL = "claude-sonnet-4-5"
 LOOKUP = ToolDefinition(

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from model_fakes import FakeServer
+
 from jetmesh.agents.models import (
     Message,
     ModelAuthError,
@@ -19,7 +21,6 @@ from jetmesh.agents.models import (
 )
 from jetmesh.agents.models.openai import OpenAIModel
 from jetmesh.agents.models.retry import RetryPolicy
-from model_fakes import FakeServer
 
 MODEL = "gpt-4.1-mini"
 LOOKUP = ToolDefinition(

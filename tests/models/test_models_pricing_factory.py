@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jetmesh.agents.models as models_pkg
 import pytest
+
+import jetmesh.agents.models as models_pkg
 from jetmesh.agents.models import (
     ModelConfigError,
     ModelSettings,

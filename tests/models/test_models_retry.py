@@ -9,6 +9,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+
 from jetmesh.agents.models import (
     ModelAuthError,
     ModelError,

@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 
 import jsonschema
 import pytest
-from jetmesh.agents.models import example_for_schema
 from pydantic import BaseModel, Field
+
+from jetmesh.agents.models import example_for_schema
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ from typing import Literal
 
 import jsonschema
 import pytest
+from pydantic import BaseModel, Field
+
 from jetmesh.agents.models import (
     FunctionModel,
     Message,
@@ -20,7 +22,6 @@ from jetmesh.agents.models import (
     ToolDefinition,
     tool_call,
 )
-from pydantic import BaseModel, Field
 
 
 def req(text: str = "hello", **kw: object) -> ModelRequest:
