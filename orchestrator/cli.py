@@ -572,7 +572,7 @@ def up_cmd(
         port = free_port()
     console.print(f"model: {describe_default_model()}")
     live_view = console.is_terminal if live is None else live
-    asyncio.run(run_up(data_dir, port, names, replicas, console, live_view))
+    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
     nc = await connect(server.url, name="jetmesh-up")
     js = jetstream(nc)
     await declare_streams(js)
-    children = default_children(server.url, data_dir.absolute(), agents, replicas)
+    children = default_children(server.url, data_dir, agents, replicas)
     for c in children:
         c.start()
     console.print(f"started {len(children)} processes; logs in {data_dir / 'logs'}")
