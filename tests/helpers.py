@@ -1,0 +1,52 @@
+"""Test helpers: wait for ledger events (no sleeps), run jetmesh roles as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from jetmesh.bus.ledger import Ledger, LedgerEntry
+
+
+async def wait_for_entry(
+    ledger: Ledger, task_id: str, pred: Callable[[LedgerEntry], bool], timeout: float = 20.0,
+    from_seq: int = 1,
+) -> LedgerEntry:
+    """Follow the task's events until one matches `pred`."""
+    async def scan() -> LedgerEntry:
+        async for entry in ledger.follow(task_id, from_seq=from_seq):
+            if pred(entry):
+                return entry
+        raise AssertionError("follow ended")
+    return await asyncio.wait_for(scan(), timeout)
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `jetmesh <args>` as a child process in its own process group."""
+    with log.open("ab") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jetmesh.orchestrator.cli", *args],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=f,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode

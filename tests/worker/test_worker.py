@@ -1,0 +1,178 @@
+"""The worker runtime on a real nats-server: events, shared load, crash, bad commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+from helpers import kill9, spawn, stop, wait_for_entry
+
+from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.models.sim import SimModel
+from jetmesh.agents.worker import Worker
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.dlq import DeadLetter
+from jetmesh.bus.ledger import Ledger
+from jetmesh.bus.server import EmbeddedNats
+from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.streams import declare_streams
+
+
+async def publish_step(js, skill: str, step_input: dict, task_id: str | None = None,
+                       step_id: str = "s1") -> ev.StepCommand:
+    cmd = ev.StepCommand(task_id=task_id or ev.new_id(), step_id=step_id, skill=skill,
+                         input=step_input)
+    await js.publish(subjects.work(skill), cmd.model_dump_json().encode())
+    return cmd
+
+
+def is_terminal_step(entry) -> bool:
+    return isinstance(entry.event, ev.StepCompleted | ev.StepFailed)
+
+
+async def test_worker_runs_a_step_and_appends_its_events(bus) -> None:
+    worker = Worker(get_agent("support"), SimModel(), bus.nc, bus.js, replica="r1")
+    await worker.start()
+    try:
+        cmd = await publish_step(bus.js, "order_status", {"order_id": "A1002"})
+        done = await wait_for_entry(bus.ledger, cmd.task_id, is_terminal_step)
+    finally:
+        await worker.stop()
+    assert isinstance(done.event, ev.StepCompleted), done.event
+    events = [e.event for e in await bus.ledger.read(cmd.task_id)]
+    types = [e.type for e in events]
+    assert types == ["jetmesh.step.started.v1", "jetmesh.model.called.v1",
+                     "jetmesh.tool.called.v1", "jetmesh.model.called.v1",
+                     "jetmesh.step.completed.v1"]
+    started, m1, tool, m2, completed = events
+    assert isinstance(started, ev.StepStarted) and started.data.worker == "r1"
+    assert isinstance(m1, ev.ModelCalled) and m1.data.provider == "sim"
+    assert m1.data.input_tokens > 0 and m1.data.cost_usd > 0
+    assert m1.data.response["tool_calls"][0]["name"] == "lookup_order"
+    assert isinstance(tool, ev.ToolCalled)
+    assert tool.data.arguments == {"order_id": "A1002"}
+    assert tool.data.output["found"] is True and tool.data.output["order"]["order_id"] == "A1002"
+    assert isinstance(completed, ev.StepCompleted)
+    assert "A1002" in json.dumps(completed.data.output)
+    # Every event is on the step's own subject, fenced one after another.
+    entries = await bus.ledger.read(cmd.task_id)
+    assert {e.subject for e in entries} == {subjects.step_events(cmd.task_id, "s1")}
+
+
+async def test_two_replicas_share_200_steps_none_twice(bus) -> None:
+    spec = get_agent("orders")
+    conns = [await connect(bus.url) for _ in range(2)]
+    workers = [Worker(spec, None, nc, jetstream(nc), replica=f"rep{i}", concurrency=8)
+               for i, nc in enumerate(conns)]
+    for w in workers:
+        await w.start()
+    task_id = ev.new_id()
+    try:
+        for i in range(200):
+            await publish_step(bus.js, "lookup_order", {"order_id": f"A{1001 + i % 30}"},
+                               task_id=task_id, step_id=f"s{i}")
+
+        async def all_done() -> None:
+            seen: set[str] = set()
+            async for entry in bus.ledger.follow(task_id):
+                if is_terminal_step(entry):
+                    seen.add(entry.event.data.step_id)
+                    if len(seen) == 200:
+                        return
+        await asyncio.wait_for(all_done(), 60)
+    finally:
+        for w in workers:
+            await w.stop()
+        for nc in conns:
+            await nc.close()
+    entries = await bus.ledger.read(task_id)
+    starts = Counter(e.event.data.step_id for e in entries
+                     if isinstance(e.event, ev.StepStarted))
+    completions = Counter(e.event.data.step_id for e in entries
+                          if isinstance(e.event, ev.StepCompleted))
+    assert len(completions) == 200 and set(completions.values()) == {1}
+    assert set(starts.values()) == {1}, "a step was processed twice"
+    by_worker = Counter(e.event.data.worker for e in entries
+                        if isinstance(e.event, ev.StepStarted))
+    assert set(by_worker) == {"rep0", "rep1"}, by_worker
+
+
+async def test_worker_killed_mid_step_is_finished_by_the_other_replica(
+    fresh_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    env = {"NATS_URL": fresh_server.url, "JETMESH_ACK_WAIT_S": "2",
+           "JETMESH_SIM_LATENCY_MS": "1500", "JETMESH_MODEL_PROVIDER": "sim",
+           "JETMESH_DATA_DIR": str(tmp_path)}
+    nc = await connect(fresh_server.url)
+    js = jetstream(nc)
+    await declare_streams(js, BusSettings(ack_wait_s=2))
+    ledger = Ledger(nc, js)
+    first = spawn(["worker", "support"], env, tmp_path / "a.log")
+    second = None
+    try:
+        cmd = await publish_step(js, "order_status", {"order_id": "A1003"})
+        started = await wait_for_entry(ledger, cmd.task_id,
+                                       lambda e: isinstance(e.event, ev.StepStarted), 30)
+        kill9(first)  # mid-step: its model call takes 1.5 s
+        second = spawn(["worker", "support"], env, tmp_path / "b.log")
+        done = await wait_for_entry(ledger, cmd.task_id, is_terminal_step, 60)
+    finally:
+        kill9(first)
+        if second is not None:
+            stop(second)
+        await nc.close()
+    assert isinstance(done.event, ev.StepCompleted)
+    assert "A1003" in json.dumps(done.event.data.output)
+    entries = await Ledger(*(await _reopen(fresh_server.url))).read(cmd.task_id)
+    starts = [e.event for e in entries if isinstance(e.event, ev.StepStarted)]
+    assert len(starts) == 2
+    assert starts[0].data.worker == started.event.data.worker
+    assert starts[1].data.worker != starts[0].data.worker
+    assert starts[1].data.delivery == 2
+    assert sum(isinstance(e.event, ev.StepCompleted) for e in entries) == 1
+
+
+async def _reopen(url: str):
+    nc = await connect(url)
+    return nc, jetstream(nc)
+
+
+async def test_bad_step_commands_go_to_dead_letters_and_worker_keeps_serving(bus) -> None:
+    spec = get_agent("orders")
+    worker = Worker(spec, None, bus.nc, bus.js, replica="dlq")
+    dlq = await bus.js.subscribe(
+        subjects.dlq(subjects.STREAM_WORK, subjects.work_consumer("lookup_order")),
+        ordered_consumer=True, deliver_policy=None)
+    await worker.start()
+    try:
+        work = subjects.work("lookup_order")
+        bad = {
+            b"not json at all": "invalid step command",
+            json.dumps({"task_id": "t1", "skill": "lookup_order"}).encode(): "invalid step command",
+            ev.StepCommand(task_id="t1", step_id="x", skill="refund", input={}
+                           ).model_dump_json().encode(): "has no skill 'refund'",
+            ev.StepCommand(task_id="t1", step_id="big", skill="lookup_order",
+                           input={"pad": "x" * 300_000}).model_dump_json().encode(): "exceeds",
+        }
+        marker = ev.new_id()
+        for payload in bad:
+            await bus.js.publish(work, payload.replace(b'"t1"', f'"{marker}"'.encode()))
+        good = await publish_step(bus.js, "lookup_order", {"order_id": "A1004"})
+        done = await wait_for_entry(bus.ledger, good.task_id, is_terminal_step)
+        assert isinstance(done.event, ev.StepCompleted)
+        letters: list[DeadLetter] = []
+        while len(letters) < len(bad):
+            msg = await dlq.next_msg(timeout=10)
+            dl = DeadLetter.model_validate_json(msg.data)
+            if dl.data.replace(marker.encode(), b"t1") in bad:
+                letters.append(dl)
+    finally:
+        await dlq.unsubscribe()
+        await worker.stop()
+    reasons = {dl.data.replace(marker.encode(), b"t1"): dl.reason for dl in letters}
+    for payload, expected in bad.items():
+        assert expected in reasons[payload], (expected, reasons[payload])
