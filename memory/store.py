@@ -32,7 +32,13 @@ from jetmesh.memory.errors import (
     MemoryNotFound,
     MemoryStoreError,
 )
-from jetmesh.memory.models import EpisodeRecord, ForgetReport, MemoryItem, MemoryKind
+from jetmesh.memory.models import (
+    EpisodeRecord,
+    ForgetReport,
+    MemoryItem,
+    MemoryKind,
+    episode_id_for,
+)
 from jetmesh.memory.settings import MemorySettings
 
 logger = logging.getLogger(__name__)
@@ -400,6 +406,85 @@ class MemoryStore:
             infer=infer,
         )
         return [self._get_sync(str(r["id"])) for r in result["results"] if r.get("id")]
+
+    # -- notes ------------------------------------------------------------------------
+
+    async def add_note(
+        self,
+        text: str,
+        *,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        task_id: str | None = None,
+        step_id: str | None = None,
+        key: str | None = None,
+    ) -> MemoryItem:
+        """Store a fact an agent stated itself (the ``remember`` tool), verbatim, no LLM.
+
+        Its provenance is the episode of the step (or task) that wrote it: that episode
+        is recorded when the step finishes, and `forget_task` removes the note with the
+        task. `key` (the tool call's idempotency key) makes a repeated call store nothing.
+        """
+        if not (user_id or agent_id or task_id):
+            raise ValueError("add_note needs a scope: user_id, agent_id or task_id")
+        return await self._write(
+            lambda: self._add_note_sync(text, user_id, agent_id, task_id, step_id, key)
+        )
+
+    def _add_note_sync(
+        self,
+        text: str,
+        user_id: str | None,
+        agent_id: str | None,
+        task_id: str | None,
+        step_id: str | None,
+        key: str | None,
+    ) -> MemoryItem:
+        if key:
+            found = self._scan({"kind": "fact", "note_key": key}, 1)
+            if found:
+                return self._get_sync(str(found[0].id))
+        sources = [episode_id_for(task_id, step_id)] if task_id else []
+        metadata: dict[str, Any] = {
+            "kind": "fact",
+            "origin": "remember",
+            "derived_from": sources,
+            "derived_from_tasks": [task_id] if task_id else [],
+        }
+        if key:
+            metadata["note_key"] = key
+        if step_id:
+            metadata["step_id"] = step_id
+        result = self._memory.add(
+            [{"role": "user", "content": text}],
+            user_id=user_id,
+            agent_id=agent_id,
+            run_id=task_id,
+            metadata=metadata,
+            infer=False,
+        )
+        added = result["results"]
+        if len(added) != 1:
+            raise MemoryStoreError(f"mem0 stored {len(added)} memories for one note")
+        return self._get_sync(str(added[0]["id"]))
+
+    async def facts_derived_from(self, episode_id: str, limit: int = 100) -> list[MemoryItem]:
+        """Facts whose provenance names this episode (to keep extraction idempotent)."""
+        return await self._read(
+            lambda: [
+                _item_from_point(p)
+                for p in self._scan({"kind": "fact", "derived_from": episode_id}, limit)
+            ]
+        )
+
+    async def has_episode(self, episode_id: str) -> bool:
+        """True when an episode with this id is stored."""
+        return await self._read(lambda: self._find_episode(episode_id) is not None)
+
+    @property
+    def episode_count(self) -> int | None:
+        """Episodes stored (embedded mode, where the index is in memory), else None."""
+        return None if self._episodes is None else len(self._episodes)
 
     # -- reading ----------------------------------------------------------------------
 

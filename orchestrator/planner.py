@@ -132,7 +132,18 @@ def _parse_json(text: str) -> Any:
 def check_plan(data: Any, skills: Sequence[SkillSpec]) -> tuple[list[PlanStep], bool, list[str]]:
     """Validate a planner answer; returns (steps, merge, errors)."""
     by_id = {s.id: s for s in skills}
-    errors = schema_errors(plan_schema(skills), data)
+    # The shape first (with plain messages), then each input against its own skill, so
+    # the errors name the field that is wrong rather than "not valid under any schema".
+    shape = {
+        "type": "object", "required": ["steps"],
+        "properties": {"steps": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["skill", "input"],
+            "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{0,64}$"},
+                           "skill": {"enum": sorted(by_id)}, "input": {"type": "object"},
+                           "depends_on": {"type": "array", "items": {"type": "string"}}}}},
+            "merge": {"type": "boolean"}},
+    }
+    errors = schema_errors(shape, data)
     if errors:
         return [], False, errors
     steps: list[PlanStep] = []

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jetmesh.agents.models.types import Model
-from jetmesh.agents.spec import SkillSpec
+from jetmesh.agents.spec import SkillSpec, schema_errors
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.consumer import PullRunner, Reject
@@ -271,6 +271,26 @@ class Orchestrator:
         tid = state.task_id
         sub = state.submitted
         assert sub is not None
+        # Schema gate: an input that does not match the skill's input schema fails the
+        # step here and never reaches a worker.
+        live = self.live_skills() or {}
+        gated: list[d.Dispatch] = []
+        for a in dispatches:
+            skill = live.get(a.skill)
+            errors = schema_errors(skill.input_schema, a.input) if skill else []
+            if errors:
+                await self.ledger.append(ev.StepFailed(
+                    id=f"{tid}-{a.step_id}-invalid-{a.attempt}", subject=tid, source=SOURCE,
+                    data=ev.StepFailedData(
+                        step_id=a.step_id, agent="orchestrator", code="invalid_input",
+                        reason=f"input does not match skill '{a.skill}': "
+                               + "; ".join(errors[:10]),
+                        retryable=False, attempt=a.attempt)))
+            else:
+                gated.append(a)
+        dispatches = gated
+        if not dispatches:
+            return
         # Deterministic ids: a replica or a redelivery dispatching the same attempt again
         # is dropped by JetStream's duplicate window, on the ledger and on the work queue.
         await self.ledger.append_many([
