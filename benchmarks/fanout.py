@@ -1,0 +1,599 @@
+"""The standard fan-out benchmark (shared BENCHMARK.md), workloads A, B and C, real stack.
+
+    .venv/bin/python benchmarks/fanout.py --quick                 # smoke: 30 tasks, 1 run
+    .venv/bin/python benchmarks/fanout.py                         # A, B, C; median of 3
+    .venv/bin/python benchmarks/fanout.py --workloads B --runs 1 --profile cprofile
+
+Every run starts a fresh stack on this machine, in a fresh temporary data directory:
+
+- one embedded nats-server (`jetmesh.bus.server.EmbeddedNats`, `sync_interval: always`);
+- the orchestrator, a separate process (`python -m jetmesh.orchestrator.cli orchestrator`)
+  whose planning/merge model is the scripted `fanout_models:planner` (JETMESH_PLANNER_*);
+- 1, 2 or 4 replicas of the built-in `support` worker, separate processes
+  (`python -m jetmesh.orchestrator.cli worker support`) on the dry-run SimModel
+  (JETMESH_MODEL_PROVIDER=sim, JETMESH_SIM_LATENCY_MS);
+- the load generator, here, through `jetmesh.Client`: `submit(goal, input={"order_ids":
+  [3 ids]})` with no workflow, so the orchestrator's LLM planner plans it (1 model call:
+  3 `order_status` steps, merge), each worker runs model -> lookup_order -> model, and
+  the orchestrator merges with 1 model call: 8 model calls and 3 tool calls per task.
+
+Completion is observed through one ordered consumer over every task's events subject
+(`jm.task.*.events`) that resolves each task's future on its terminal event (one
+consumer for the run rather than one per task, so the load generator adds no per-task
+consumer churn to the server). Latency per task = submit call -> TaskCompleted seen.
+After each run every task is verified from the ledger (outside the timing): completed,
+exactly 8 ModelCalled and 3 ToolCalled events, each tool call looked up its step's id,
+and the result (merged answer and step outputs) holds the order record of each of the
+task's 3 ids. A run with any failed check aborts the benchmark.
+
+Peak RSS: VmHWM of every child (nats-server, orchestrator, workers), read just before
+they stop; getrusage for this process. CPU per process (utime+stime from /proc over the
+measured window) shows where the time goes. `--profile cprofile|pyspy` profiles the
+orchestrator and the first worker during the runs (see benchmarks/profiled.py).
+Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.server import EmbeddedNats, find_nats_server
+from jetmesh.orchestrator.client import Client
+from jetmesh.orchestrator.registry import live_agents
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ORDERS = json.loads((REPO / "agents" / "builtin" / "orders.json").read_text())["orders"]
+ORDER_IDS = [o["order_id"] for o in ORDERS]
+ORDERS_BY_ID = {o["order_id"]: o for o in ORDERS}
+TERMINAL_TYPES = {"jetmesh.task.completed.v1", "jetmesh.task.failed.v1",
+                  "jetmesh.task.canceled.v1", "jetmesh.task.rejected.v1"}
+IDEAL_B = 625.0
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def progress(msg: str) -> None:
+    print(f"[fanout-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A child in its own process group (so a signal reaches its whole tree)."""
+    with log.open("ab") as f:
+        p = subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd=str(log.parent))
+    _children.append(p)
+    return p
+
+
+def stop_child(p: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    with contextlib.suppress(ValueError):
+        _children.remove(p)
+
+
+def kill_all_children() -> None:
+    for p in list(_children):
+        with contextlib.suppress(Exception):
+            stop_child(p, timeout_s=5.0)
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def vm_hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of one process, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Config:
+    workload: str
+    tasks: int
+    inflight: int
+    latency_ms: float
+    replicas: int = 1
+
+    @property
+    def label(self) -> str:
+        return (f"{self.workload}: {self.tasks} tasks, {self.inflight} in flight, "
+                f"{self.latency_ms:g} ms, {self.replicas} worker replica(s)")
+
+    @property
+    def ideal(self) -> float | None:
+        """Tasks/s if every task took exactly its 4 sequential model latencies."""
+        if self.latency_ms <= 0:
+            return None
+        waves = math.ceil(self.tasks / self.inflight)
+        return self.tasks / (waves * 4 * self.latency_ms / 1000)
+
+
+@dataclass
+class RunResult:
+    tasks_per_s: float
+    latencies_ms: list[float]
+    rss_kb: dict[str, int]
+    cpu_per_task_ms: dict[str, float]
+    wall_s: float
+    warnings: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.latencies_ms)
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies_ms)
+        k = max(0, min(len(xs) - 1, math.ceil(q / 100 * len(xs)) - 1))
+        return xs[k]
+
+
+def child_env(url: str, cfg: Config, data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for k in list(env):  # nothing inherited may pick another model or server
+        if k.startswith(("JETMESH_", "NATS_", "ANTHROPIC_", "OPENAI_")):
+            del env[k]
+    env.update({
+        "NATS_URL": url,
+        "JETMESH_DATA_DIR": str(data_dir),
+        "JETMESH_PLANNER_PROVIDER": "sim",
+        "JETMESH_PLANNER_MODEL": "fanout_models:planner",
+        "JETMESH_MODEL_PROVIDER": "sim",
+        "JETMESH_MODEL": "dry-run",
+        "JETMESH_SIM_LATENCY_MS": f"{cfg.latency_ms:g}",
+        "MEM0_TELEMETRY": "False",
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+    })
+    return env
+
+
+def role_cmd(role: list[str], profile: str | None, out: Path | None) -> list[str]:
+    py = sys.executable
+    if profile == "cprofile" and out is not None:
+        return [py, str(HERE / "profiled.py"), str(out), *role]
+    return [py, "-m", "jetmesh.orchestrator.cli", *role]
+
+
+def pyspy_attach(pid: int, out: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).parent / "py-spy"
+    return spawn([str(exe), "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+                  "--nonblocking", "--output", str(out)], env, log)
+
+
+def order_ids_for(i: int) -> list[str]:
+    """Three distinct real order ids, rotating through the order book."""
+    n = len(ORDER_IDS)
+    return [ORDER_IDS[(3 * i + k) % n] for k in range(3)]
+
+
+async def wait_ready(client: Client, replicas: int, timeout_s: float = 60.0) -> None:
+    """Until `replicas` support workers are live and the orchestrator's consumers exist."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        agents = await live_agents(client.js)
+        live = sum(len(a.replicas) for a in agents
+                   if a.name == "support" and "order_status" in a.skills)
+        consumers_ok = True
+        for stream, durable in ((subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT),
+                                (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS)):
+            try:
+                await client.js.consumer_info(stream, durable)
+            except Exception:
+                consumers_ok = False
+        if live >= replicas and consumers_ok:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"stack not ready after {timeout_s:g}s: {live}/{replicas} "
+                               f"support replicas live, orchestrator consumers: {consumers_ok}")
+        await asyncio.sleep(0.2)
+
+
+class Completions:
+    """One ordered consumer over jm.task.*.events resolving each task's future."""
+
+    def __init__(self) -> None:
+        self.futures: dict[str, asyncio.Future[tuple[str, float]]] = {}
+
+    def expect(self, task_id: str) -> asyncio.Future[tuple[str, float]]:
+        fut = asyncio.get_running_loop().create_future()
+        self.futures[task_id] = fut
+        return fut
+
+    async def start(self, client: Client) -> None:
+        async def on_msg(msg: Any) -> None:
+            etype = (msg.headers or {}).get("Ce-Type")
+            if etype not in TERMINAL_TYPES:
+                return
+            now = time.perf_counter()
+            tid = subjects.task_id_of(msg.subject)
+            fut = self.futures.get(tid or "")
+            if fut is not None and not fut.done():
+                fut.set_result((etype, now))
+
+        self.sub = await client.js.subscribe(
+            subjects.ALL_TASK_EVENTS, stream=subjects.STREAM_LEDGER, ordered_consumer=True,
+            cb=on_msg, config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
+
+
+async def drive(client: Client, comp: Completions, n: int, inflight: int, offset: int,
+                label: str, timeout_s: float) -> tuple[list[str], list[float], float, float]:
+    """Submit `n` tasks with at most `inflight` at once; returns ids, latencies, t0, t1."""
+    sem = asyncio.Semaphore(inflight)
+    ids: list[str] = [""] * n
+    lat: list[float] = [0.0] * n
+    done = 0
+    last_report = time.monotonic()
+
+    async def one(i: int) -> None:
+        nonlocal done, last_report
+        async with sem:
+            tid = f"bench-{uuid.uuid4().hex[:16]}"
+            ids[i] = tid
+            fut = comp.expect(tid)
+            t0 = time.perf_counter()
+            await client.submit(f"Where are my orders? ({i + offset})",
+                                input={"order_ids": order_ids_for(i + offset)}, task_id=tid)
+            etype, t1 = await asyncio.wait_for(fut, timeout_s)
+            if etype != "jetmesh.task.completed.v1":
+                raise RuntimeError(f"task {tid} ended {etype}")
+            lat[i] = (t1 - t0) * 1000
+            done += 1
+            if time.monotonic() - last_report > 2.0:
+                last_report = time.monotonic()
+                progress(f"  {label}: {done}/{n} tasks done")
+
+    t_start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    t_end = time.perf_counter()
+    return ids, lat, t_start, t_end
+
+
+async def verify(client: Client, task_ids: list[str], offset: int) -> None:
+    """From the ledger: 8 ModelCalled, 3 ToolCalled, and each id's order data in the result."""
+    sem = asyncio.Semaphore(16)
+    problems: list[str] = []
+
+    async def check(i: int, tid: str) -> None:
+        async with sem:
+            entries = await client.events(tid)
+        evs = [e.event for e in entries]
+        ids = order_ids_for(i + offset)
+        n_model = sum(isinstance(e, ev.ModelCalled) for e in evs)
+        n_tool = sum(isinstance(e, ev.ToolCalled) for e in evs)
+        if n_model != 8 or n_tool != 3:
+            problems.append(f"{tid}: {n_model} ModelCalled, {n_tool} ToolCalled (want 8, 3)")
+        purposes = sorted(e.data.purpose for e in evs if isinstance(e, ev.ModelCalled))
+        if purposes != ["merge", "plan"] + ["step"] * 6:
+            problems.append(f"{tid}: model call purposes {purposes}")
+        looked_up = sorted(e.data.arguments.get("order_id", "") for e in evs
+                           if isinstance(e, ev.ToolCalled) and e.data.tool == "lookup_order"
+                           and (e.data.output or {}).get("found"))
+        if looked_up != sorted(ids):
+            problems.append(f"{tid}: lookup_order found {looked_up}, want {sorted(ids)}")
+        done = [e for e in evs if isinstance(e, ev.TaskCompleted)]
+        planned = [e for e in evs if isinstance(e, ev.TaskPlanned)]
+        if len(done) != 1 or len(planned) != 1:
+            problems.append(f"{tid}: {len(done)} TaskCompleted, {len(planned)} TaskPlanned")
+            return
+        result = done[0].data.result
+        steps_out = result.get("steps", {})
+        answer = result.get("answer", "")
+        step_for = {s.input.get("order_id"): s.id for s in planned[0].data.steps}
+        for oid in ids:
+            order = ORDERS_BY_ID[oid]
+            sid = step_for.get(oid)
+            out = json.dumps(steps_out.get(sid or "", {}))
+            # The worker's output carries the looked-up record; the merged answer too.
+            for needle in (oid, order["customer"], f'\\"status\\": \\"{order["status"]}\\"'):
+                if needle not in out:
+                    problems.append(f"{tid}: step {sid} output lacks {needle!r} for {oid}")
+                if needle.replace('\\"', '"') not in answer and needle not in answer:
+                    problems.append(f"{tid}: merged answer lacks {needle!r} for {oid}")
+
+    await asyncio.gather(*(check(i, t) for i, t in enumerate(task_ids)))
+    if problems:
+        raise AssertionError(f"{len(problems)} problem(s), e.g.:\n  " + "\n  ".join(problems[:10]))
+
+
+async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
+                   profile_dir: Path | None) -> RunResult:
+    tmp = Path(tempfile.mkdtemp(prefix="jetmesh-fanout-"))
+    server = EmbeddedNats(data_dir=tmp / "nats", server_name="fanout-bench")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    spies: list[subprocess.Popen[bytes]] = []
+    keep_logs = Path(args.logs) if args.logs else None
+    try:
+        server.start()
+        assert server.process is not None
+        env = child_env(server.url, cfg, tmp)
+        tag = f"{cfg.workload}-r{cfg.replicas}-l{cfg.latency_ms:g}-run{run_no}"
+        prof = profile_dir if (profile_dir and run_no == 1) else None
+        for k in range(cfg.replicas):
+            out = prof / f"worker{k + 1}-{tag}.pstats" if prof and k == 0 else None
+            procs[f"worker{k + 1}"] = spawn(
+                role_cmd(["worker", "support"], args.profile if out else None, out),
+                env, tmp / f"worker{k + 1}.log")
+        out = prof / f"orchestrator-{tag}.pstats" if prof else None
+        procs["orchestrator"] = spawn(role_cmd(["orchestrator"], args.profile, out), env,
+                                      tmp / "orchestrator.log")
+        async with Client(server.url) as client:
+            await wait_ready(client, cfg.replicas)
+            for name, p in procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited {p.returncode}: "
+                                       f"{(tmp / (name + '.log')).read_text()[-2000:]}")
+            comp = Completions()
+            await comp.start(client)
+            if args.warmup:
+                progress(f"  warm-up: {args.warmup} task(s)")
+                wids, _, _, _ = await drive(client, comp, args.warmup,
+                                            min(args.warmup, cfg.inflight), 10_000, "warm-up",
+                                            args.task_timeout)
+                await verify(client, wids, 10_000)
+            if prof and args.profile == "pyspy":
+                for name in ("orchestrator", "worker1"):
+                    spies.append(pyspy_attach(procs[name].pid, prof / f"{name}-{tag}.txt",
+                                              env, tmp / f"pyspy-{name}.log"))
+                spies.append(pyspy_attach(os.getpid(), prof / f"loadgen-{tag}.txt", env,
+                                          tmp / "pyspy-loadgen.log"))
+                await asyncio.sleep(1.0)
+            pids = {"nats-server": server.process.pid,
+                    **{n: p.pid for n, p in procs.items()}}
+            cpu0 = {n: cpu_s(pid) for n, pid in pids.items()}
+            cpu0["load generator"] = self_cpu_s()
+            ids, lat, t0, t1 = await drive(client, comp, cfg.tasks, cfg.inflight, 0,
+                                           cfg.label, args.task_timeout)
+            cpu1 = {n: cpu_s(pid) for n, pid in pids.items()}
+            cpu1["load generator"] = self_cpu_s()
+            await comp.stop()
+            progress(f"  verifying {len(ids)} tasks in the ledger")
+            await verify(client, ids, 0)
+        for s in spies:
+            with contextlib.suppress(ProcessLookupError):
+                s.send_signal(signal.SIGINT)
+        for s in spies:
+            try:
+                s.wait(30)
+            except subprocess.TimeoutExpired:
+                stop_child(s)
+        rss = {n: vm_hwm_kb(pid) for n, pid in pids.items()}
+        rss["load generator"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cpu = {n: (cpu1[n] - cpu0[n]) * 1000 / cfg.tasks for n in cpu0}
+        wall = t1 - t0
+        for p in procs.values():
+            stop_child(p)
+        warnings = 0
+        for name in procs:
+            text = (tmp / f"{name}.log").read_text(errors="replace")
+            warnings += sum(1 for ln in text.splitlines()
+                            if "WARNING" in ln or "ERROR" in ln or "Traceback" in ln)
+        return RunResult(cfg.tasks / wall, lat, rss, cpu, wall, warnings)
+    finally:
+        for s in spies:
+            stop_child(s)
+        for p in procs.values():
+            stop_child(p)
+        server.stop()
+        if keep_logs:
+            dest = keep_logs / tmp.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in tmp.glob("*.log"):
+                shutil.copy(f, dest / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Figure:
+    cfg: Config
+    runs: list[RunResult]
+
+    def med(self, f: Any) -> float:
+        return statistics.median(f(r) for r in self.runs)
+
+
+def configs(args: argparse.Namespace) -> list[Config]:
+    n = args.tasks
+    out: list[Config] = []
+    wl = {w.strip().upper() for w in args.workloads.split(",")}
+    if "A" in wl:
+        out.append(Config("A", n, 1, 0.0))
+    if "B" in wl or "C" in wl:
+        out.append(Config("B", n, 50, 20.0))
+    if "C" in wl:
+        reps = [int(r) for r in args.replicas.split(",")]
+        out += [Config("C", n, 50, 20.0, r) for r in reps if r != 1]
+        out += [Config("C", n, 500, 200.0, r) for r in reps]
+    return out
+
+
+def versions() -> dict[str, str]:
+    try:
+        nats_v = subprocess.run([find_nats_server(), "--version"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except Exception as e:
+        nats_v = f"? ({e})"
+
+    def v(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    return {"cores (os.cpu_count)": str(os.cpu_count()), "python": sys.version.split()[0],
+            "nats-server": nats_v, "nats-py": v("nats-py"), "pydantic": v("pydantic"),
+            "jetmesh": v("jetmesh")}
+
+
+def mb(kb: float) -> str:
+    return f"{kb / 1024:.0f}"
+
+
+def report(figs: list[Figure], args: argparse.Namespace) -> None:
+    print()
+    print("jetmesh fan-out benchmark (BENCHMARK.md): 8 model calls + 3 tool calls per task")
+    for k, val in versions().items():
+        print(f"  {k:<22} {val}")
+    print(f"  runs per figure        {args.runs} (median); warm-up tasks per run "
+          f"{args.warmup} (not counted)")
+    print()
+    hdr = (f"{'workload':<9} {'repl':>4} {'lat ms':>6} {'in flt':>6} {'tasks':>5} "
+           f"{'tasks/s':>8} {'ideal':>6} {'ratio':>6} {'mean ms':>8} {'p50 ms':>7} "
+           f"{'p99 ms':>7} {'runs (tasks/s)':>22}")
+    print(hdr)
+    print("-" * len(hdr))
+    for f in figs:
+        c = f.cfg
+        ideal = c.ideal
+        tps = f.med(lambda r: r.tasks_per_s)
+        ratio = f"{tps / ideal:.2f}" if ideal else "-"
+        runs = ", ".join(f"{r.tasks_per_s:.1f}" for r in f.runs)
+        print(f"{c.workload:<9} {c.replicas:>4} {c.latency_ms:>6g} {c.inflight:>6} "
+              f"{c.tasks:>5} {tps:>8.1f} {(f'{ideal:.0f}' if ideal else '-'):>6} "
+              f"{ratio:>6} {f.med(lambda r: r.mean_ms):>8.1f} "
+              f"{f.med(lambda r: r.pct(50)):>7.1f} {f.med(lambda r: r.pct(99)):>7.1f} "
+              f"{runs:>22}")
+    b = next((f for f in figs if f.cfg.workload == "B"), None)
+    if b:
+        tps = b.med(lambda r: r.tasks_per_s)
+        print(f"\nB: {tps:.1f} tasks/s = {tps / IDEAL_B:.3f} of the ideal 625 tasks/s")
+    print("\nPeak RSS (VmHWM, MB, median of runs) and CPU per task (ms, median) per process")
+    names: list[str] = []
+    for f in figs:
+        for n in f.runs[0].rss_kb:
+            if n not in names:
+                names.append(n)
+    hdr2 = f"{'workload':<9} {'repl':>4} {'lat ms':>6} " + " ".join(
+        f"{n[:14]:>15}" for n in names)
+    print(hdr2 + "\n" + "-" * len(hdr2))
+    for f in figs:
+        c = f.cfg
+        cells = []
+        for n in names:
+            if n in f.runs[0].rss_kb:
+                rss = f.med(lambda r, n=n: r.rss_kb.get(n, 0))
+                cpu = f.med(lambda r, n=n: r.cpu_per_task_ms.get(n, 0.0))
+                cells.append(f"{mb(rss):>6}MB {cpu:>5.1f}ms")
+            else:
+                cells.append(f"{'':>15}")
+        print(f"{c.workload:<9} {c.replicas:>4} {c.latency_ms:>6g} " + " ".join(cells))
+    total_warn = sum(r.warnings for f in figs for r in f.runs)
+    print(f"\nwarning/error lines in the children's logs over all runs: {total_warn}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="jetmesh fan-out benchmark (BENCHMARK.md)")
+    p.add_argument("--workloads", default="A,B,C", help="comma-separated subset of A,B,C")
+    p.add_argument("--tasks", type=int, default=300, help="tasks per run")
+    p.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    p.add_argument("--replicas", default="1,2,4", help="worker replicas for C")
+    p.add_argument("--quick", action="store_true", help="smoke test: 30 tasks, 1 run")
+    p.add_argument("--warmup", type=int, default=3, help="uncounted warm-up tasks per run")
+    p.add_argument("--task-timeout", type=float, default=120.0, help="seconds per task")
+    p.add_argument("--profile", choices=["cprofile", "pyspy"], default=None,
+                   help="profile the orchestrator and first worker (first run of each figure)")
+    p.add_argument("--profile-dir", default="benchmarks/profiles",
+                   help="where profiles are written")
+    p.add_argument("--logs", default=None, help="keep the children's logs in this folder")
+    args = p.parse_args()
+    if args.quick:
+        args.tasks, args.runs = 30, 1
+    profile_dir = None
+    if args.profile:
+        profile_dir = Path(args.profile_dir).resolve()
+        profile_dir.mkdir(parents=True, exist_ok=True)
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+    figs: list[Figure] = []
+    try:
+        progress(f"{os.cpu_count()} cores; {', '.join(f'{k} {v}' for k, v in versions().items())}")
+        for cfg in configs(args):
+            runs = []
+            for r in range(args.runs):
+                progress(f"{cfg.label}: run {r + 1}/{args.runs}")
+                res = asyncio.run(run_once(cfg, args, r + 1, profile_dir))
+                progress(f"  -> {res.tasks_per_s:.1f} tasks/s, mean {res.mean_ms:.1f} ms, "
+                         f"p50 {res.pct(50):.1f} ms, p99 {res.pct(99):.1f} ms; CPU ms/task "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in res.cpu_per_task_ms.items()))
+                runs.append(res)
+            figs.append(Figure(cfg, runs))
+    except KeyboardInterrupt:
+        progress("interrupted")
+        kill_all_children()
+        if figs:
+            report(figs, args)
+        sys.exit(130)
+    finally:
+        kill_all_children()
+    report(figs, args)
+
+
+if __name__ == "__main__":
+    main()
