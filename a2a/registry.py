@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -246,7 +245,3 @@ async def snapshot(js: JetStreamContext, *, ttl_s: float = 5.0,
         return reg.agents(skill=skill, tag=tag), dict(reg.refused)
     finally:
         await reg.close()
-
-
-def names(agents: Iterable[LiveAgent]) -> list[str]:
-    return [a.name for a in agents]

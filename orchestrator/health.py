@@ -171,8 +171,10 @@ async def _check_nats_role(role: str, agent: str | None, skills: list[str], url:
 
     settings = BusSettings(connect_timeout_s=timeout_s, request_timeout_s=timeout_s)
     try:
+        # nats-py treats max_reconnect_attempts=0 as "forever"; 1 = one retry per server.
         nc = await connect(url, settings=settings, name=f"jetmesh-health-{role}",
-                           allow_reconnect=False, max_reconnect_attempts=0)
+                           allow_reconnect=False, max_reconnect_attempts=1,
+                           reconnect_time_wait=0.1)
     except NotConnectedError as e:
         return Health(False, f"{role}: {e}")
     try:
