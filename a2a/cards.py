@@ -164,7 +164,8 @@ def mesh_card(skills: Iterable[SkillSpec], *, base_url: str | None = None,
 
 def card_to_dict(card: AgentCard) -> dict[str, Any]:
     """The card's A2A 1.0 JSON form (camelCase, as on the wire)."""
-    return MessageToDict(card)
+    out: dict[str, Any] = MessageToDict(card)
+    return out
 
 
 def card_to_json(card: AgentCard) -> str:
@@ -176,7 +177,7 @@ def card_from_dict(data: Mapping[str, Any]) -> AgentCard:
     if not isinstance(data, Mapping):
         raise InvalidCardError("card must be a JSON object")
     try:
-        card = ParseDict(dict(data), AgentCard(), ignore_unknown_fields=True)
+        card: AgentCard = ParseDict(dict(data), AgentCard(), ignore_unknown_fields=True)
     except ParseError as e:
         raise InvalidCardError(f"not an A2A card: {e}") from e
     validate_card(card)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -216,10 +217,20 @@ class Worker:
                 await msg.in_progress()
 
 
+SpecHook = Callable[[AgentSpec, NATS], Awaitable[AgentSpec]]
+"""Adjusts a spec once the worker is connected, e.g. `jetmesh.memory.tools.attach_memory`
+adding the memory tools."""
+
+
 async def run_worker(spec: AgentSpec, url: str, *, model: Model | None = None,
                      stop: asyncio.Event | None = None,
-                     bus_settings: BusSettings | None = None) -> None:
-    """Connect, serve `spec` until `stop` is set, drain. `jetmesh worker` calls this."""
+                     bus_settings: BusSettings | None = None,
+                     prepare: SpecHook | None = None) -> None:
+    """Connect, serve `spec` until `stop` is set, drain. `jetmesh worker` calls this.
+
+    `prepare` (optional) gets the spec and the connection before the worker starts and
+    returns the spec to serve (e.g. with extra tools).
+    """
     from jetmesh.agents.models.factory import create_model
     from jetmesh.bus.connection import connect, jetstream
 
@@ -227,6 +238,10 @@ async def run_worker(spec: AgentSpec, url: str, *, model: Model | None = None,
     if model is None and spec.needs_model:
         model = create_model(spec.model.provider, spec.model.model)
     nc = await connect(url, settings=settings, name=f"jetmesh-agent-{spec.name}")
+    # --- extra-tools hook (memory tools etc.) -----------------------------------------
+    if prepare is not None:
+        spec = await prepare(spec, nc)
+    # ----------------------------------------------------------------------------------
     worker = Worker(spec, model, nc, jetstream(nc, settings), settings)
     await worker.start()
     try:

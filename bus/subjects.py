@@ -41,6 +41,12 @@ CONSUMER_ORCH_CONTROL = "orchestrator-control"
 MEMORY_PREFIX = f"{PREFIX}.memory"
 CONSUMER_MEMORY_EPISODES = "memory-episodes"
 """The memory service's durable consumer over the ledger (episodes)."""
+MEMORY_ALL = f"{MEMORY_PREFIX}.*"
+"""Every memory operation's request subject (the service subscribes to all of them)."""
+MEMORY_QUEUE = "memory-service"
+"""Queue group of the memory service's request subscriptions (one instance answers)."""
+MEMORY_EPISODE_SUBJECTS = [ALL_TASK_EVENTS, ALL_STEP_EVENTS]
+"""Ledger subjects the memory service follows to record episodes."""
 
 # KV buckets
 BUCKET_AGENTS = "jm-agents"

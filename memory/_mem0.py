@@ -101,6 +101,11 @@ def register_providers() -> None:
     LlmFactory.register_provider(
         SCRIPTED_LLM_PROVIDER, f"{__name__}.ScriptedFactsLLM", ScriptedFactsConfig
     )
+    from jetmesh.memory.llm import JETMESH_LLM_PROVIDER, JetmeshLLMConfig
+
+    LlmFactory.register_provider(
+        JETMESH_LLM_PROVIDER, "jetmesh.memory.llm.JetmeshLLM", JetmeshLLMConfig
+    )
 
 
 def _embedder_config(choice: EmbedderChoice) -> EmbedderConfig:

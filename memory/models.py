@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -14,9 +15,25 @@ MemoryKind = Literal["episode", "fact"]
 """An episode is a record of one task or step; a fact is distilled from episodes."""
 
 
-def episode_id_for(task_id: str, step_id: str | None) -> str:
-    """The idempotency key of an episode: one per task step, or one for the whole task."""
-    return f"{task_id}:{step_id or 'task'}"
+def episode_id_for(task_id: str, step_id: str | None, attempt: int = 1) -> str:
+    """The idempotency key of an episode: one per step attempt, or one for the whole task.
+
+    The first attempt of a step is ``<task>:<step>``; a retry is ``<task>:<step>#<n>``.
+    """
+    key = f"{task_id}:{step_id or 'task'}"
+    return key if attempt <= 1 else f"{key}#{attempt}"
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def as_identifier(value: str | None) -> str | None:
+    """`value` made acceptable as an `Identifier` (whitespace -> ``_``, at most 256
+    characters), or None when nothing is left."""
+    if value is None:
+        return None
+    cleaned = _WHITESPACE.sub("_", value.strip())[:256]
+    return cleaned or None
 
 
 class EpisodeRecord(BaseModel):
@@ -40,11 +57,13 @@ class EpisodeRecord(BaseModel):
     """Model spend of the task or step."""
     ledger_seqs: list[int] = Field(default_factory=list)
     """Ledger stream sequence numbers the episode was built from."""
+    attempt: int = Field(default=1, ge=1)
+    """Attempt of the step (a retried step has one episode per attempt)."""
 
     @property
     def episode_id(self) -> str:
         """Idempotency key: adding an episode with the same key again stores nothing."""
-        return episode_id_for(self.task_id, self.step_id)
+        return episode_id_for(self.task_id, self.step_id, self.attempt)
 
     def render(self) -> str:
         """The text that is embedded and searched."""
@@ -72,6 +91,8 @@ class MemoryItem(BaseModel):
     """Step of the task (episodes only)."""
     episode_id: str | None = None
     """Idempotency key (episodes only)."""
+    attempt: int | None = None
+    """Attempt of the step (step episodes only)."""
     cost_usd: float | None = None
     """Spend of the task or step (episodes only)."""
     ledger_seqs: list[int] = Field(default_factory=list)

@@ -102,6 +102,7 @@ def _item_from_mem0(row: Mapping[str, Any]) -> MemoryItem:
         task_id=row.get("run_id") or meta.get("task_id"),
         step_id=meta.get("step_id"),
         episode_id=meta.get("episode_id"),
+        attempt=meta.get("attempt"),
         cost_usd=meta.get("cost_usd"),
         ledger_seqs=list(meta.get("ledger_seqs") or []),
         derived_from=list(meta.get("derived_from") or []),
@@ -321,6 +322,7 @@ class MemoryStore:
             "outcome": episode.outcome,
             "cost_usd": episode.cost_usd,
             "ledger_seqs": list(episode.ledger_seqs),
+            "attempt": episode.attempt,
         }
         result = self._memory.add(
             [{"role": "user", "content": episode.render()}],

@@ -38,7 +38,7 @@ from jetmesh.bus.streams import declare_streams, pull_consumer_config
 from jetmesh.orchestrator import decide as d
 from jetmesh.orchestrator.errors import PlanError
 from jetmesh.orchestrator.planner import Recorder, merge_with_model, plan_with_model
-from jetmesh.orchestrator.state import TaskState, fold
+from jetmesh.orchestrator.state import StepStatus, TaskState, fold
 from jetmesh.orchestrator.workflows import WorkflowRegistry, builtin_registry
 
 log = logging.getLogger("jetmesh.orchestrator")
@@ -211,8 +211,12 @@ class Orchestrator:
         """Move one task forward as far as it can go now."""
         lock = self._locks.setdefault(task_id, asyncio.Lock())
         async with lock:
+            fresh = task_id not in self._cache
             for _ in range(50):
                 state = await self.load(task_id)
+                if fresh:
+                    fresh = False
+                    await self._republish_dispatched(state)
                 live = self.live_skills()
                 actions = d.decide(state, self.now(),
                                    live_skills=set(live) if live is not None else None,
@@ -299,6 +303,12 @@ class Orchestrator:
                                   step_id=a.step_id, skill=a.skill, input=a.input,
                                   attempt=a.attempt))
             for a in dispatches])
+        await self._publish_commands(state, dispatches)
+
+    async def _publish_commands(self, state: TaskState, dispatches: list[d.Dispatch]) -> None:
+        tid = state.task_id
+        sub = state.submitted
+        assert sub is not None
         futures = []
         for a in dispatches:
             cmd = ev.StepCommand(task_id=tid, step_id=a.step_id, skill=a.skill, input=a.input,
@@ -307,6 +317,20 @@ class Orchestrator:
                 subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
                 headers={"Nats-Msg-Id": f"{tid}-{a.step_id}-{a.attempt}"}))
         await asyncio.gather(*futures)
+
+    async def _republish_dispatched(self, state: TaskState) -> None:
+        """First sight of a task in this process (a restart, a replica taking over): a
+        step recorded as dispatched but never started may have lost its work command in
+        a crash between the ledger append and the publish. Publishing it again is safe:
+        the same Nats-Msg-Id is dropped as a duplicate, and a worker skips a step that
+        already has its result."""
+        if state.terminal or state.submitted is None:
+            return
+        redo = [d.Dispatch(st.id, st.skill, st.input or {}, st.attempt)
+                for st in state.steps.values()
+                if st.status is StepStatus.DISPATCHED and st.input is not None]
+        if redo:
+            await self._publish_commands(state, redo)
 
     async def _record_calls(self, state: TaskState, recorder: Recorder) -> None:
         if recorder.new:
