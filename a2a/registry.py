@@ -121,8 +121,7 @@ class Registry:
                  cache_size: int = 4096) -> None:
         self.view = view
         self.verifier = verifier
-        self.refused: dict[str, str] = {}
-        """Presence key -> why its card was refused (last time it was seen)."""
+        self._logged: dict[str, str] = {}
         self._checked: OrderedDict[str, tuple[AgentCard, list[SkillSpec]] | str] = \
             OrderedDict()
         self._cache_size = cache_size
@@ -182,8 +181,7 @@ class Registry:
 
     # ------------------------------------------------------------------ queries
 
-    def agents(self, *, skill: str | None = None, tag: str | None = None) -> list[LiveAgent]:
-        """Live agents (sorted by name), optionally only those offering `skill` / `tag`."""
+    def _scan(self) -> tuple[list[LiveAgent], dict[str, str]]:
         by_name: dict[str, LiveAgent] = {}
         newest: dict[str, datetime] = {}
         refused: dict[str, str] = {}
@@ -206,15 +204,23 @@ class Registry:
                 newest[card.name] = entry.updated
             agent.replicas.append(rep)
         for key, reason in refused.items():
-            if self.refused.get(key) != reason:
+            if self._logged.get(key) != reason:
                 log.warning("registry: refused %s: %s", key, reason)
-        self.refused = refused
-        out = sorted(by_name.values(), key=lambda a: a.name)
+        self._logged = refused
+        return sorted(by_name.values(), key=lambda a: a.name), refused
+
+    def agents(self, *, skill: str | None = None, tag: str | None = None) -> list[LiveAgent]:
+        """Live agents (sorted by name), optionally only those offering `skill` / `tag`."""
+        out, _ = self._scan()
         if skill is not None:
             out = [a for a in out if skill in a.skill_ids]
         if tag is not None:
             out = [a for a in out if tag in a.tags]
         return out
+
+    def refused(self) -> dict[str, str]:
+        """Live presence keys whose card was refused, with the reason."""
+        return self._scan()[1]
 
     def agent(self, name: str) -> LiveAgent | None:
         return next((a for a in self.agents() if a.name == name), None)
@@ -242,6 +248,6 @@ async def snapshot(js: JetStreamContext, *, ttl_s: float = 5.0,
     """One look at the registry (for ``jetmesh agents``): live agents and refused keys."""
     reg = await Registry.open(js, ttl_s=ttl_s, verifier=verifier)
     try:
-        return reg.agents(skill=skill, tag=tag), dict(reg.refused)
+        return reg.agents(skill=skill, tag=tag), reg.refused()
     finally:
         await reg.close()
