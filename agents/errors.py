@@ -86,3 +86,14 @@ class ToolError(AgentError):
 
 class ToolDefinitionError(ToolError):
     """`@tool` could not build the tool's input or output model from its signature."""
+
+
+class StepStopped(AgentError):
+    """A runtime control stopped the step (budget exceeded, canceled); the loop ends it
+    failed with this code and reason."""
+
+    def __init__(self, code: str, reason: str, *, retryable: bool = False) -> None:
+        self.code = code
+        self.reason = reason
+        self.retryable = retryable
+        super().__init__(f"{code}: {reason}")

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from jetmesh.bus.events import ModelCalledData, ToolCalledData
 
-from .errors import UnknownSkill
+from .errors import StepStopped, UnknownSkill
 from .models.errors import ModelError, ModelRetriesExhausted, ModelTransientError
 from .models.pricing import cost_usd
 from .models.types import Message, Model, ModelRequest, ModelResponse, ToolCall
@@ -42,6 +42,7 @@ __all__ = [
     "BeforeModelCall",
     "ListRecorder",
     "StepOutcome",
+    "StepGuard",
     "StepRecorder",
     "StepReplay",
     "build_system_prompt",
@@ -55,6 +56,26 @@ raises propagates out of `run_step`."""
 
 MAX_OUTPUT_CORRECTIONS = 1
 """Corrective turns after an invalid structured answer before the step fails."""
+
+
+class StepGuard(Protocol):
+    """Runtime controls around every real (not replayed) call: budgets and policy.
+
+    `before_model_call` returns a reservation token and may raise `StepStopped`;
+    exactly one of `after_model_call` / `release` follows for each token.
+    `before_tool_call` returns None to allow the call or a denial the model is told
+    (recorded as the tool's error), and may raise `StepStopped`.
+    """
+
+    async def before_model_call(self, request: ModelRequest, model: Model) -> object: ...
+
+    async def after_model_call(self, token: object, response: ModelResponse,
+                               cost_usd: float) -> None: ...
+
+    async def release(self, token: object) -> None: ...
+
+    async def before_tool_call(self, tool: Tool, arguments: dict[str, Any],
+                               key: str) -> str | None: ...
 
 
 class StepRecorder(Protocol):
@@ -179,6 +200,7 @@ class _Run:
     ctx: ToolContext
     recorder: StepRecorder
     replay: StepReplay
+    guard: StepGuard | None = None
     model_calls: int = 0
     tool_calls: int = 0
     replayed_model_calls: int = 0
@@ -223,10 +245,18 @@ class _Run:
             return ModelResponse.model_validate(self.replay.model_responses[index].response)
         if before is not None:
             await before(request)
+        token = await self.guard.before_model_call(request, model) if self.guard else None
         start = time.perf_counter()
-        response = await model.complete(request)
+        try:
+            response = await model.complete(request)
+        except BaseException:
+            if self.guard:
+                await self.guard.release(token)
+            raise
         latency_ms = (time.perf_counter() - start) * 1000
         cost = cost_usd(response.provider, response.model, response.usage)
+        if self.guard:
+            await self.guard.after_model_call(token, response, cost)
         self.model_calls += 1
         self.input_tokens += response.usage.input_tokens
         self.output_tokens += response.usage.output_tokens
@@ -276,7 +306,12 @@ class _Run:
                 kind="invalid_arguments",
             )
         else:
-            result = await tool.invoke(arguments, replace(self.ctx, idempotency_key=key))
+            denial = (await self.guard.before_tool_call(tool, arguments, key)
+                      if self.guard else None)
+            if denial is not None:
+                result = ToolResult(ok=False, error=denial, kind="denied")
+            else:
+                result = await tool.invoke(arguments, replace(self.ctx, idempotency_key=key))
         self.tool_calls += 1
         await self.recorder.record_tool_call(
             ToolCalledData(
@@ -412,6 +447,7 @@ async def run_step(
     recorder: StepRecorder,
     replay: StepReplay | None = None,
     before_model_call: BeforeModelCall | None = None,
+    guard: StepGuard | None = None,
 ) -> StepOutcome:
     """Run one step of ``spec``'s skill ``skill_id`` on ``step_input``.
 
@@ -427,6 +463,7 @@ async def run_step(
         ctx=ctx,
         recorder=recorder,
         replay=replay or StepReplay(),
+        guard=guard,
     )
     try:
         run.skill = spec.skill(skill_id)
@@ -448,6 +485,8 @@ async def run_step(
             if direct_tool is not None:
                 return await _run_direct(run, direct_tool, step_input)
             return await _run_model(run, step_input, model, before_model_call)
+    except StepStopped as stop:
+        return run.failed(stop.code, stop.reason, retryable=stop.retryable)
     except TimeoutError:
         if not deadline.expired():
             raise

@@ -37,7 +37,7 @@ __all__ = [
 Risk = Literal["read", "write", "irreversible"]
 """How much harm a wrong call can do: read-only, reversible write, irreversible."""
 
-FailureKind = Literal["invalid_arguments", "timeout", "exception", "invalid_output"]
+FailureKind = Literal["invalid_arguments", "timeout", "exception", "invalid_output", "denied"]
 
 _UNTRUSTED_OPEN = "<untrusted-data"
 _UNTRUSTED_CLOSE = "</untrusted-data>"

@@ -192,6 +192,52 @@ class CancelRequestedData(_Strict):
     by: str | None = None
 
 
+class PolicyDecidedData(_Strict):
+    """The runtime's policy decision on one tool call (for tools that are not read-only)."""
+
+    step_id: str
+    agent: str
+    tool: str
+    args_hash: str
+    decision: Literal["allow", "approve", "deny"]
+    rule: str
+    """Which rule decided (or `default:<risk>`)."""
+    reason: str = ""
+
+
+class ApprovalRequestedData(_Strict):
+    """A gated tool call waits for a human: the task is input-required."""
+
+    step_id: str
+    agent: str
+    tool: str
+    arguments: dict[str, Any]
+    """The exact arguments an approval is for."""
+    args_hash: str
+    reason: str
+    risk: str
+    expires_at: datetime
+
+
+class ApprovalDecisionData(_Strict):
+    """An approval or a denial, bound to task, step, tool and the arguments' hash."""
+
+    step_id: str
+    tool: str
+    args_hash: str
+    by: str = "operator"
+    reason: str = ""
+
+
+class BudgetExceededData(_Strict):
+    step_id: str | None = None
+    agent: str
+    kind: str
+    """usd, tokens or tool_calls."""
+    limit: float
+    would_be: float
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -281,6 +327,31 @@ class CancelRequested(_Event):
     data: CancelRequestedData
 
 
+class PolicyDecided(_Event):
+    type: Literal["jetmesh.policy.decided.v1"] = "jetmesh.policy.decided.v1"
+    data: PolicyDecidedData
+
+
+class ApprovalRequested(_Event):
+    type: Literal["jetmesh.approval.requested.v1"] = "jetmesh.approval.requested.v1"
+    data: ApprovalRequestedData
+
+
+class ApprovalGranted(_Event):
+    type: Literal["jetmesh.approval.granted.v1"] = "jetmesh.approval.granted.v1"
+    data: ApprovalDecisionData
+
+
+class ApprovalDenied(_Event):
+    type: Literal["jetmesh.approval.denied.v1"] = "jetmesh.approval.denied.v1"
+    data: ApprovalDecisionData
+
+
+class BudgetExceeded(_Event):
+    type: Literal["jetmesh.budget.exceeded.v1"] = "jetmesh.budget.exceeded.v1"
+    data: BudgetExceededData
+
+
 Event = Annotated[
     TaskSubmitted
     | TaskRejected
@@ -294,7 +365,12 @@ Event = Annotated[
     | TaskCompleted
     | TaskFailed
     | TaskCanceled
-    | CancelRequested,
+    | CancelRequested
+    | PolicyDecided
+    | ApprovalRequested
+    | ApprovalGranted
+    | ApprovalDenied
+    | BudgetExceeded,
     Field(discriminator="type"),
 ]
 """Any ledger event, discriminated on its versioned `type`."""
@@ -306,7 +382,8 @@ EVENT_TYPES: frozenset[str] = frozenset(
     for cls in (
         TaskSubmitted, TaskRejected, TaskPlanned, StepDispatched, StepStarted, ModelCalled,
         ToolCalled, StepCompleted, StepFailed, TaskCompleted, TaskFailed, TaskCanceled,
-        CancelRequested,
+        CancelRequested, PolicyDecided, ApprovalRequested, ApprovalGranted, ApprovalDenied,
+        BudgetExceeded,
     )
 )
 
@@ -324,6 +401,9 @@ class StepCommand(_Strict):
     deadline: datetime | None = None
     user_id: str | None = None
     budget: Budget | None = None
+    """The task's budget (enforced across all its steps through the shared counter)."""
+    slice_usd: float | None = None
+    """This step's share of the dollars left when it was dispatched."""
     traceparent: str | None = None
 
     @field_validator("task_id", "step_id", "skill")

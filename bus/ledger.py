@@ -25,9 +25,14 @@ from jetmesh.bus import subjects
 from jetmesh.bus.errors import AppendConflict, InvalidEventError, LedgerReadError
 from jetmesh.bus.events import (
     EVENT_ADAPTER,
+    ApprovalDenied,
+    ApprovalGranted,
+    ApprovalRequested,
+    BudgetExceeded,
     CancelRequested,
     Event,
     ModelCalled,
+    PolicyDecided,
     StepCompleted,
     StepFailed,
     StepStarted,
@@ -52,11 +57,12 @@ class LedgerEntry:
 def subject_for(event: Event) -> str:
     """Where an event is stored: its step's subject, the control subject, or the task's."""
     task = event.subject
-    if isinstance(event, StepStarted | ToolCalled | StepCompleted | StepFailed):
+    if isinstance(event, StepStarted | ToolCalled | StepCompleted | StepFailed
+                  | PolicyDecided | ApprovalRequested):
         return subjects.step_events(task, event.data.step_id)
-    if isinstance(event, ModelCalled) and event.data.step_id:
+    if isinstance(event, ModelCalled | BudgetExceeded) and event.data.step_id:
         return subjects.step_events(task, event.data.step_id)
-    if isinstance(event, CancelRequested):
+    if isinstance(event, CancelRequested | ApprovalGranted | ApprovalDenied):
         return subjects.task_control(task)
     return subjects.task_events(task)
 

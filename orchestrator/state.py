@@ -98,12 +98,22 @@ class TaskState(BaseModel):
     """Highest stream sequence folded."""
     task_subject_seq: int = 0
     """Last stream sequence on the task's own events subject (for fenced appends)."""
+    pending_approvals: dict[str, ev.ApprovalRequestedData] = Field(default_factory=dict)
+    """Gated tool calls waiting for a human, by `approval_key`."""
+    decisions: dict[str, str] = Field(default_factory=dict)
+    """First decision per `approval_key`: granted or denied (later ones do not count)."""
+    budget_exceeded: list[ev.BudgetExceededData] = Field(default_factory=list)
     orchestrator_calls: list[ev.ModelCalledData] = Field(default_factory=list)
     """The orchestrator's own model calls (plan, merge), for replay."""
 
     @property
     def terminal(self) -> bool:
         return self.status.terminal
+
+
+def approval_key(step_id: str, tool: str, args_hash: str) -> str:
+    """What an approval binds to (within one task): the step, the tool, the arguments."""
+    return f"{step_id}/{tool}/{args_hash}"
 
 
 def _step(state: TaskState, step_id: str, skill: str = "?") -> StepState:
@@ -197,6 +207,30 @@ def apply(state: TaskState, entry: LedgerEntry) -> TaskState:
         case ev.CancelRequested():
             if state.cancel_requested is None:
                 state.cancel_requested = e.data.reason
+        case ev.PolicyDecided():
+            st = _step(state, e.data.step_id)
+            st.last_seq = entry.seq
+        case ev.ApprovalRequested():
+            st = _step(state, e.data.step_id)
+            st.last_seq = entry.seq
+            key = approval_key(e.data.step_id, e.data.tool, e.data.args_hash)
+            if key not in state.decisions:
+                state.pending_approvals[key] = e.data
+                if not terminal:
+                    state.status = TaskStatus.INPUT_REQUIRED
+        case ev.ApprovalGranted() | ev.ApprovalDenied():
+            key = approval_key(e.data.step_id, e.data.tool, e.data.args_hash)
+            if key not in state.decisions:
+                state.decisions[key] = (
+                    "granted" if isinstance(e, ev.ApprovalGranted) else "denied")
+                state.pending_approvals.pop(key, None)
+                if not terminal and not state.pending_approvals and \
+                        state.status is TaskStatus.INPUT_REQUIRED:
+                    state.status = TaskStatus.WORKING
+        case ev.BudgetExceeded():
+            state.budget_exceeded.append(e.data)
+            if e.data.step_id:
+                _step(state, e.data.step_id).last_seq = entry.seq
         case ev.TaskCompleted():
             if not terminal:
                 state.status, state.result = TaskStatus.COMPLETED, e.data.result
