@@ -41,8 +41,8 @@ from .tools import (
 __all__ = [
     "BeforeModelCall",
     "ListRecorder",
-    "StepOutcome",
     "StepGuard",
+    "StepOutcome",
     "StepRecorder",
     "StepReplay",
     "build_system_prompt",

@@ -79,10 +79,12 @@ class Decision(BaseModel):
     reason: str
 
 
+_BY_RISK: dict[str, Action] = {"read": "allow", "write": "allow", "irreversible": "approve"}
+
+
 class Policy(BaseModel):
     rules: list[PolicyRule] = Field(default_factory=list)
-    by_risk: dict[str, Action] = Field(default_factory=lambda: {
-        "read": "allow", "write": "allow", "irreversible": "approve"})
+    by_risk: dict[str, Action] = Field(default_factory=lambda: dict(_BY_RISK))
 
     def decide(self, tool: str, risk: str, arguments: dict[str, Any]) -> Decision:
         for i, rule in enumerate(self.rules):

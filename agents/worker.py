@@ -19,19 +19,24 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jetmesh.agents.guard import RuntimeGuard
 from jetmesh.agents.loop import StepOutcome, StepReplay, run_step
 from jetmesh.agents.models.types import Model
+from jetmesh.agents.policy import DEFAULT_POLICY, Policy
 from jetmesh.agents.spec import AgentSpec
 from jetmesh.agents.tools import ToolContext
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
+from jetmesh.bus.budgets import BudgetBook
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict
 from jetmesh.bus.ledger import Ledger, LedgerEntry
@@ -85,6 +90,21 @@ def finished(entries: list[LedgerEntry], attempt: int) -> bool:
     return False
 
 
+class WorkerSettings(BaseSettings):
+    """Runtime controls of a worker, from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="JETMESH_", extra="ignore")
+
+    policy_file: Path | None = None
+    """YAML/JSON tool policy (see jetmesh.agents.policy); the default policy otherwise."""
+    approval_timeout_s: float = 60.0
+    """A gated tool call not approved within this time is denied. The wait counts toward
+    the step's time limit (limits.step_timeout_s), so keep it shorter."""
+
+    def policy(self) -> Policy:
+        return Policy.load(self.policy_file) if self.policy_file else DEFAULT_POLICY
+
+
 @dataclass
 class Worker:
     """One replica of one agent. `start()` binds it; `stop()` drains it."""
@@ -97,11 +117,16 @@ class Worker:
     concurrency: int = 64
     heartbeat_s: float = 1.0
     replica: str = field(default_factory=replica_id)
+    settings: WorkerSettings = field(default_factory=WorkerSettings)
     _runners: list[PullRunner] = field(default_factory=list, init=False)
     _presence: Presence | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.nc, self.js, timeout_s=self.bus_settings.request_timeout_s)
+        self.book = BudgetBook(self.js, replicas=self.bus_settings.replicas)
+        self.policy = self.settings.policy()
+        self._running: dict[str, set[asyncio.Task[StepOutcome]]] = {}
+        self._canceled: dict[str, str] = {}
         self.source = f"jetmesh/agent/{self.spec.name}"
         self.started_at = datetime.now(UTC)
         self.steps_done = 0
@@ -127,6 +152,9 @@ class Worker:
             )
             await runner.start()
             self._runners.append(runner)
+        # Cancellation cascades: every replica hears a task's control subject and
+        # cancels the steps of that task it is running (in-flight model calls included).
+        self._control = await self.nc.subscribe(subjects.ALL_CONTROL, cb=self._on_control)
         self._presence = Presence(
             self.js, subjects.BUCKET_AGENTS, f"{self.spec.name}.{self.replica}",
             self.presence_value, interval_s=self.heartbeat_s,
@@ -139,7 +167,21 @@ class Worker:
         """Stop taking work, finish in-flight steps for `grace_s`, hand back the rest."""
         if self._presence:
             await self._presence.stop()
+        with contextlib.suppress(Exception):
+            await self._control.unsubscribe()
         await asyncio.gather(*(r.stop(grace_s) for r in self._runners))
+
+    async def _on_control(self, msg: Msg) -> None:
+        if (msg.headers or {}).get("Ce-Type") != "jetmesh.task.cancel_requested.v1":
+            return
+        try:
+            event = ev.decode_event(msg.data)
+        except ValidationError:
+            return
+        if isinstance(event, ev.CancelRequested):
+            self._canceled[event.subject] = event.data.reason
+            for t in self._running.get(event.subject, set()):
+                t.cancel()
 
     # ------------------------------------------------------------------ one step
 
@@ -190,20 +232,43 @@ class Worker:
                    replay: StepReplay) -> StepOutcome:
         ctx = ToolContext(task_id=cmd.task_id, step_id=cmd.step_id, agent=self.spec.name,
                           user_id=cmd.user_id)
+        if cmd.task_id in self._canceled:
+            return StepOutcome(status="failed", code="canceled",
+                               reason=self._canceled[cmd.task_id])
+        guard = RuntimeGuard(self.nc, self.ledger, self.book, cmd, self.spec.name,
+                             self.source, recorder._append, self.policy,
+                             self.settings.approval_timeout_s)
+        model = self.model
+        if model is None:
+            from jetmesh.agents.models.sim import SimModel
+            model = SimModel()  # never called: every skill here is direct
+        timeout = self.spec.limits.step_timeout_s
+        if cmd.deadline is not None:
+            timeout = min(timeout, (cmd.deadline - datetime.now(UTC)).total_seconds())
+        if timeout <= 0:
+            return StepOutcome(status="failed", code="deadline",
+                               reason="the task's deadline passed before the step started")
+        step = asyncio.create_task(asyncio.wait_for(
+            run_step(self.spec, cmd.skill, cmd.input, model, ctx=ctx, recorder=recorder,
+                     replay=replay, guard=guard), timeout))
+        running = self._running.setdefault(cmd.task_id, set())
+        running.add(step)
         keepalive = asyncio.create_task(self._keep_alive(msg))
         try:
-            model = self.model
-            if model is None:
-                from jetmesh.agents.models.sim import SimModel
-                model = SimModel()  # never called: every skill here is direct
-            return await asyncio.wait_for(
-                run_step(self.spec, cmd.skill, cmd.input, model, ctx=ctx,
-                         recorder=recorder, replay=replay),
-                self.spec.limits.step_timeout_s)
+            return await asyncio.shield(step)
         except TimeoutError:
             return StepOutcome(status="failed", code="timeout", retryable=True,
-                               reason=f"step exceeded {self.spec.limits.step_timeout_s:g}s")
+                               reason=f"step exceeded {timeout:g}s")
+        except asyncio.CancelledError:
+            if step.cancelled() and cmd.task_id in self._canceled:
+                return StepOutcome(status="failed", code="canceled",
+                                   reason=self._canceled[cmd.task_id])
+            step.cancel()
+            raise
         finally:
+            running.discard(step)
+            if not running:
+                self._running.pop(cmd.task_id, None)
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive

@@ -9,10 +9,12 @@ whose upper-bound estimate does not fit in what is left is refused before it is 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from jetmesh.bus import subjects
@@ -71,9 +73,9 @@ class BudgetBook:
 
     def __init__(self, js: JetStreamContext, *, replicas: int = 1, attempts: int = 50) -> None:
         self.js, self.replicas, self.attempts = js, replicas, attempts
-        self._kv = None
+        self._kv: KeyValue | None = None
 
-    async def _bucket(self):  # type: ignore[no-untyped-def]
+    async def _bucket(self) -> KeyValue:
         if self._kv is None:
             self._kv = await ensure_bucket(self.js, subjects.BUCKET_BUDGETS,
                                            replicas=self.replicas, max_age_s=7 * 86400)
@@ -87,7 +89,7 @@ class BudgetBook:
             return BudgetUsage()
         return BudgetUsage.model_validate_json(entry.value or b"{}")
 
-    async def _update(self, task_id: str, change) -> BudgetUsage:  # type: ignore[no-untyped-def]
+    async def _update(self, task_id: str, change: Callable[[BudgetUsage], None]) -> BudgetUsage:
         kv = await self._bucket()
         for _ in range(self.attempts):
             try:

@@ -51,6 +51,8 @@ MEMORY_EPISODE_SUBJECTS = [ALL_TASK_EVENTS, ALL_STEP_EVENTS]
 # KV buckets
 BUCKET_AGENTS = "jm-agents"
 BUCKET_BUDGETS = "jm-budgets"
+BUCKET_EXTERNAL = "jm-external-agents"
+"""External A2A agents added by URL (their fetched cards), served by the bridge worker."""
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 

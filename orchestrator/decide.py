@@ -129,7 +129,9 @@ def decide(
             except InputResolutionError as e:
                 return [Fail("invalid_input", f"step {p.id}: {e}")]
             actions.append(Dispatch(p.id, p.skill, step_input, 1))
-        elif st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING) and st.dispatched_at:
+        elif st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING) and st.dispatched_at \
+                and not any(a.step_id == p.id for a in state.pending_approvals.values()):
+            # (A step waiting for a human has the approval's own expiry instead.)
             timeout_at = st.dispatched_at + timedelta(seconds=p.timeout_s)
             if now >= timeout_at:
                 actions.append(FailStep(p.id, "timeout",

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from jetmesh.agents.models.pricing import cost_usd
 from jetmesh.agents.models.types import Message, Model, ModelRequest, ModelResponse
@@ -37,12 +37,23 @@ MERGE_SYSTEM = (
 )
 
 
+class CallGuard(Protocol):
+    """Budget control around the orchestrator's own calls (see agents.guard)."""
+
+    async def before(self, request: ModelRequest, model: Model) -> object: ...
+
+    async def after(self, token: object, response: ModelResponse, cost: float) -> None: ...
+
+    async def release(self, token: object) -> None: ...
+
+
 @dataclass
 class Recorder:
     """Replays recorded orchestrator calls of one purpose, records new ones."""
 
     purpose: str
     recorded: list[ModelCalledData]
+    guard: CallGuard | None = None
     new: list[ModelCalledData] = field(default_factory=list)
     _i: int = 0
 
@@ -51,9 +62,17 @@ class Recorder:
             rec = self.recorded[self._i]
             self._i += 1
             return ModelResponse.model_validate(rec.response)
+        token = await self.guard.before(request, model) if self.guard else None
         t0 = time.perf_counter()
-        resp = await model.complete(request)
+        try:
+            resp = await model.complete(request)
+        except BaseException:
+            if self.guard:
+                await self.guard.release(token)
+            raise
         latency = (time.perf_counter() - t0) * 1000
+        if self.guard:
+            await self.guard.after(token, resp, cost_usd(resp.provider, resp.model, resp.usage))
         self._i += 1
         self.new.append(ModelCalledData(
             agent="orchestrator", purpose=self.purpose, provider=resp.provider,

@@ -15,7 +15,8 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,12 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jetmesh.agents.models.types import Model
+from jetmesh.agents.guard import estimate
+from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
 from jetmesh.agents.spec import SkillSpec, schema_errors
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
+from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict
 from jetmesh.bus.ledger import Ledger
@@ -64,6 +67,53 @@ class OrchestratorSettings(BaseSettings):
     concurrency: int = 256
     """Messages handled at once per consumer."""
     cache_size: int = 10_000
+    default_max_usd: float | None = None
+    """Budget of tasks submitted without one (dollars); None: unlimited."""
+    default_max_tokens: int | None = None
+    default_max_tool_calls: int | None = None
+    default_deadline_s: float | None = None
+
+    def default_budget(self) -> ev.Budget | None:
+        values = (self.default_max_usd, self.default_max_tokens, self.default_max_tool_calls,
+                  self.default_deadline_s)
+        if all(v is None for v in values):
+            return None
+        return ev.Budget(max_usd=self.default_max_usd, max_tokens=self.default_max_tokens,
+                         max_tool_calls=self.default_max_tool_calls,
+                         deadline_s=self.default_deadline_s)
+
+
+def with_defaults(budget: ev.Budget | None, defaults: ev.Budget | None) -> ev.Budget | None:
+    """The submitted budget, each unset limit filled from the configured defaults."""
+    if defaults is None:
+        return budget
+    if budget is None:
+        return defaults
+    merged = {k: v if v is not None else getattr(defaults, k)
+              for k, v in budget.model_dump().items()}
+    return ev.Budget(**merged)
+
+
+@dataclass
+class BudgetGuard:
+    """Reserves the orchestrator's own calls (plan, merge) on the task's budget."""
+
+    book: BudgetBook
+    task_id: str
+    budget: ev.Budget
+
+    async def before(self, request: ModelRequest, model: Model) -> object:
+        usd, tokens = estimate(request, model)
+        return await self.book.reserve(self.task_id, self.budget, usd=usd, tokens=tokens)
+
+    async def after(self, token: object, response: ModelResponse, cost: float) -> None:
+        assert isinstance(token, Reservation)
+        u = response.usage
+        await self.book.settle(token, usd=cost, tokens=u.input_tokens + u.output_tokens)
+
+    async def release(self, token: object) -> None:
+        assert isinstance(token, Reservation)
+        await self.book.release(token)
 
 
 def skills_of(view: PresenceView) -> dict[str, SkillSpec]:
@@ -95,6 +145,7 @@ class Orchestrator:
         self.presence = (PresenceView(js, subjects.BUCKET_AGENTS, self.settings.agent_ttl_s,
                                       self.bus_settings.replicas) if use_registry else None)
         self.now = now
+        self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
         self._cache: OrderedDict[str, TaskState] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, datetime | None] = {}
@@ -165,7 +216,9 @@ class Orchestrator:
         submitted = ev.TaskSubmitted(
             id=f"{sub.task_id}-submitted", subject=sub.task_id, source=SOURCE,
             traceparent=(msg.headers or {}).get("traceparent"),
-            data=ev.TaskSubmittedData(**sub.model_dump(exclude={"task_id"})))
+            data=ev.TaskSubmittedData(**{
+                **sub.model_dump(exclude={"task_id", "budget"}),
+                "budget": with_defaults(sub.budget, self.settings.default_budget())}))
         with contextlib.suppress(AppendConflict):  # already submitted: drive it anyway
             await self.ledger.append(submitted, expected_last_subject_seq=0)
         if sub.workflow and self.workflows.get(sub.workflow) is None:
@@ -260,6 +313,7 @@ class Orchestrator:
                     id=f"{tid}-completed", subject=tid, source=SOURCE,
                     data=ev.TaskCompletedData(result=a.result)), state.task_subject_seq)
             elif isinstance(a, d.Fail):
+                await self._cascade_cancel(state, a.reason)
                 await self._append_fenced(tid, ev.TaskFailed(
                     id=f"{tid}-failed", subject=tid, source=SOURCE,
                     data=ev.TaskFailedData(code=a.code, reason=a.reason)),
@@ -270,6 +324,21 @@ class Orchestrator:
                     data=ev.TaskCanceledData(reason=a.reason)), state.task_subject_seq)
         if dispatches:
             await self._dispatch(state, dispatches)
+
+    async def _cascade_cancel(self, state: TaskState, reason: str) -> None:
+        """Tell every worker running a step of this task to stop (deadline, failure)."""
+        running = [st for st in state.steps.values()
+                   if st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING)]
+        if running and state.cancel_requested is None:
+            await self.ledger.append(ev.CancelRequested(
+                id=f"{state.task_id}-cancel-cascade", subject=state.task_id, source=SOURCE,
+                data=ev.CancelRequestedData(reason=reason, by="orchestrator")))
+
+    def _guard(self, state: TaskState) -> BudgetGuard | None:
+        budget = state.submitted.budget if state.submitted else None
+        if budget is None or (budget.max_usd is None and budget.max_tokens is None):
+            return None
+        return BudgetGuard(self.book, state.task_id, budget)
 
     async def _dispatch(self, state: TaskState, dispatches: list[d.Dispatch]) -> None:
         tid = state.task_id
@@ -309,10 +378,20 @@ class Orchestrator:
         tid = state.task_id
         sub = state.submitted
         assert sub is not None
+        budget = sub.budget
+        slice_usd = None
+        if budget and budget.max_usd is not None:
+            # Each step gets a fair share of what is left, split across unfinished steps.
+            open_steps = sum(1 for st in state.steps.values() if not st.status.terminal)
+            slice_usd = max(0.0, budget.max_usd - state.cost_usd) / max(1, open_steps)
+        deadline = None
+        if budget and budget.deadline_s and state.created_at:
+            deadline = state.created_at + timedelta(seconds=budget.deadline_s)
         futures = []
         for a in dispatches:
             cmd = ev.StepCommand(task_id=tid, step_id=a.step_id, skill=a.skill, input=a.input,
-                                 attempt=a.attempt, user_id=sub.user_id, budget=sub.budget)
+                                 attempt=a.attempt, user_id=sub.user_id, budget=budget,
+                                 slice_usd=slice_usd, deadline=deadline)
             futures.append(await self.js.publish_async(
                 subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
                 headers={"Nats-Msg-Id": f"{tid}-{a.step_id}-{a.attempt}"}))
@@ -357,10 +436,17 @@ class Orchestrator:
             return
         live = self.live_skills()
         skills = sorted((live or {}).values(), key=lambda s: (s.id != "triage", s.id))
-        recorder = Recorder("plan", [c for c in state.orchestrator_calls if c.purpose == "plan"])
+        recorder = Recorder("plan", [c for c in state.orchestrator_calls if c.purpose == "plan"],
+                            self._guard(state))
         try:
             steps, merge = await plan_with_model(self.model, sub.goal, sub.input, skills,
                                                  recorder)
+        except BudgetRefused as e:
+            await self._record_calls(state, recorder)
+            await self._append_fenced(tid, ev.TaskFailed(
+                id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                    code="budget_exceeded", reason=f"planning: {e}")))
+            return
         except PlanError as e:
             await self._record_calls(state, recorder)
             detail = ("; ".join(str(x) for x in e.errors[:5])) if e.errors else ""
@@ -380,8 +466,15 @@ class Orchestrator:
         assert sub is not None
         outputs = {p.id: state.steps[p.id].output or {} for p in state.plan}
         recorder = Recorder("merge",
-                            [c for c in state.orchestrator_calls if c.purpose == "merge"])
-        result = await merge_with_model(self.model, sub.goal, outputs, recorder)
+                            [c for c in state.orchestrator_calls if c.purpose == "merge"],
+                            self._guard(state))
+        try:
+            result = await merge_with_model(self.model, sub.goal, outputs, recorder)
+        except BudgetRefused as e:
+            await self._append_fenced(tid, ev.TaskFailed(
+                id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                    code="budget_exceeded", reason=f"merging: {e}")))
+            return
         await self._record_calls(state, recorder)
         await self._append_fenced(tid, ev.TaskCompleted(
             id=f"{tid}-completed", subject=tid, source=SOURCE,

@@ -48,7 +48,7 @@ async def test_worker_runs_a_step_and_appends_its_events(bus) -> None:
     assert types == ["jetmesh.step.started.v1", "jetmesh.model.called.v1",
                      "jetmesh.tool.called.v1", "jetmesh.model.called.v1",
                      "jetmesh.step.completed.v1"]
-    started, m1, tool, m2, completed = events
+    started, m1, tool, _m2, completed = events
     assert isinstance(started, ev.StepStarted) and started.data.worker == "r1"
     assert isinstance(m1, ev.ModelCalled) and m1.data.provider == "sim"
     assert m1.data.input_tokens > 0 and m1.data.cost_usd > 0

@@ -1,0 +1,163 @@
+"""The runtime's controls around a step: budgets, tool policy and approvals.
+
+These live in code, outside the prompt: whatever the model says, a call that would
+overrun the task's budget is not made, a denied tool does not run, and a gated tool
+runs only after an approval bound to its exact arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from jetmesh.agents.errors import StepStopped
+from jetmesh.agents.models.pricing import cost_usd
+from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse, Usage
+from jetmesh.agents.policy import DEFAULT_POLICY, Policy, args_hash
+from jetmesh.agents.tools import Tool
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
+from jetmesh.bus.ledger import Ledger
+
+
+def estimate(request: ModelRequest, model: Model) -> tuple[float, int]:
+    """An upper bound of a call's cost: the prompt's size plus the full output allowance."""
+    chars = len(request.system) + sum(len(m.content) + 40 * len(m.tool_calls)
+                                      for m in request.messages)
+    chars += sum(len(json.dumps(t.input_schema)) + len(t.description) for t in request.tools)
+    tokens_in = math.ceil(chars / 3)
+    usage = Usage(input_tokens=tokens_in, output_tokens=request.max_tokens)
+    return cost_usd(model.provider, model.name, usage), tokens_in + request.max_tokens
+
+
+def first_decision(entries: list[Any], step_id: str, tool: str, h: str) -> str | None:
+    """The first granted/denied decision for this exact call, in ledger order."""
+    for e in entries:
+        event = e.event
+        if isinstance(event, ev.ApprovalGranted | ev.ApprovalDenied) and (
+                event.data.step_id, event.data.tool, event.data.args_hash) == (step_id, tool, h):
+            return "granted" if isinstance(event, ev.ApprovalGranted) else \
+                f"denied: {event.data.reason or 'no reason given'} (by {event.data.by})"
+    return None
+
+
+@dataclass
+class RuntimeGuard:
+    """`StepGuard` for one step run by a worker."""
+
+    nc: NATS
+    ledger: Ledger
+    book: BudgetBook
+    cmd: ev.StepCommand
+    agent: str
+    source: str
+    append: Any
+    """The step's fenced append (FencedRecorder._append)."""
+    policy: Policy = field(default_factory=lambda: DEFAULT_POLICY)
+    approval_timeout_s: float = 300.0
+    step_spent_usd: float = 0.0
+
+    async def _exceeded(self, kind: str, limit: float, would_be: float) -> StepStopped:
+        await self.append(ev.BudgetExceeded(
+            subject=self.cmd.task_id, source=self.source, data=ev.BudgetExceededData(
+                step_id=self.cmd.step_id, agent=self.agent, kind=kind, limit=limit,
+                would_be=would_be)))
+        return StepStopped("budget_exceeded",
+                           f"{kind} budget {limit:g} would be exceeded ({would_be:.6g}); "
+                           "the call was not made")
+
+    async def before_model_call(self, request: ModelRequest, model: Model) -> object:
+        budget = self.cmd.budget
+        if budget is None or (budget.max_usd is None and budget.max_tokens is None):
+            return None
+        usd, tokens = estimate(request, model)
+        if self.cmd.slice_usd is not None and self.step_spent_usd + usd > self.cmd.slice_usd:
+            raise await self._exceeded("usd (step slice)", self.cmd.slice_usd,
+                                       self.step_spent_usd + usd)
+        try:
+            return await self.book.reserve(self.cmd.task_id, budget, usd=usd, tokens=tokens)
+        except BudgetRefused as e:
+            raise await self._exceeded(e.kind, e.limit, e.would_be) from e
+
+    async def after_model_call(self, token: object, response: ModelResponse,
+                               cost: float) -> None:
+        self.step_spent_usd += cost
+        if isinstance(token, Reservation):
+            u = response.usage
+            await self.book.settle(token, usd=cost, tokens=u.input_tokens + u.output_tokens)
+
+    async def release(self, token: object) -> None:
+        if isinstance(token, Reservation):
+            await self.book.release(token)
+
+    async def before_tool_call(self, tool: Tool, arguments: dict[str, Any], key: str
+                               ) -> str | None:
+        budget = self.cmd.budget
+        if budget is not None and budget.max_tool_calls is not None:
+            try:
+                await self.book.count_tool_call(self.cmd.task_id, budget)
+            except BudgetRefused as e:
+                raise await self._exceeded(e.kind, e.limit, e.would_be) from e
+        if tool.risk == "read":
+            return None
+        h = args_hash(tool.name, arguments)
+        decision = self.policy.decide(tool.name, tool.risk, arguments)
+        await self.append(ev.PolicyDecided(
+            subject=self.cmd.task_id, source=self.source, data=ev.PolicyDecidedData(
+                step_id=self.cmd.step_id, agent=self.agent, tool=tool.name, args_hash=h,
+                decision=decision.action, rule=decision.rule, reason=decision.reason)))
+        if decision.action == "allow":
+            return None
+        if decision.action == "deny":
+            return f"denied by policy: {decision.reason}. Do not retry this call."
+        return await self._approval(tool, arguments, h, decision.reason)
+
+    async def _approval(self, tool: Tool, arguments: dict[str, Any], h: str, reason: str
+                        ) -> str | None:
+        """Wait for a human decision bound to this step, tool and argument hash."""
+        control = subjects.task_control(self.cmd.task_id)
+        got = asyncio.Event()
+
+        async def on_msg(_msg: Any) -> None:
+            got.set()
+
+        sub = await self.nc.subscribe(control, cb=on_msg)  # before reading: no gap
+        try:
+            entries = await self.ledger.read(self.cmd.task_id, subject=control)
+            found = first_decision(entries, self.cmd.step_id, tool.name, h)
+            if found is None:
+                expires = datetime.now(UTC) + timedelta(seconds=self.approval_timeout_s)
+                await self.append(ev.ApprovalRequested(
+                    subject=self.cmd.task_id, source=self.source,
+                    data=ev.ApprovalRequestedData(
+                        step_id=self.cmd.step_id, agent=self.agent, tool=tool.name,
+                        arguments=arguments, args_hash=h, reason=reason, risk=tool.risk,
+                        expires_at=expires)))
+                while found is None:
+                    left = (expires - datetime.now(UTC)).total_seconds()
+                    if left <= 0:
+                        await self.ledger.append(ev.ApprovalDenied(
+                            subject=self.cmd.task_id, source=self.source,
+                            data=ev.ApprovalDecisionData(
+                                step_id=self.cmd.step_id, tool=tool.name, args_hash=h,
+                                by="timeout", reason="no approval given in time")))
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(got.wait(), left)
+                    got.clear()
+                    entries = await self.ledger.read(self.cmd.task_id, subject=control)
+                    found = first_decision(entries, self.cmd.step_id, tool.name, h)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if found == "granted":
+            return None
+        return f"{tool.name} was not approved ({found}). Do not retry this call."
