@@ -83,3 +83,34 @@ async def dead_letter(
     log.warning("dead letter %s/%s seq=%s: %s", stream, consumer, dl.stream_seq, reason)
     await msg.term()
     return dl
+
+
+async def list_dead_letters(reader: object, *, stream: str | None = None,
+                            task_id: str | None = None) -> list[tuple[int, DeadLetter]]:
+    """Dead letters with their DLQ sequence numbers (oldest first)."""
+    from jetmesh.bus.ledger import Ledger
+
+    assert isinstance(reader, Ledger)
+    filt = subjects.dlq(stream, "*") if stream else subjects.ALL_DLQ
+    raw = await reader._direct_batch_all(filt, stream=subjects.STREAM_DLQ)
+    out = []
+    for seq, _subject, data in raw:
+        dl = DeadLetter.model_validate_json(data)
+        if task_id is None or dl.task_id == task_id:
+            out.append((seq, dl))
+    return out
+
+
+async def redrive(js: JetStreamContext, reader: object, seq: int) -> DeadLetter:
+    """Publish a dead letter's original bytes and headers to its original subject again,
+    then remove it from the DLQ. A new message id makes JetStream accept it again."""
+    from jetmesh.bus.ledger import Ledger
+
+    assert isinstance(reader, Ledger)
+    msg = await js.get_msg(subjects.STREAM_DLQ, seq, direct=True)
+    dl = DeadLetter.model_validate_json(msg.data or b"{}")
+    headers = {k: v for k, v in dl.headers.items() if not k.startswith("Nats-")}
+    headers["Nats-Msg-Id"] = f"redrive-{subjects.STREAM_DLQ}-{seq}"
+    await js.publish(dl.subject, dl.data, headers=headers)
+    await js.delete_msg(subjects.STREAM_DLQ, seq)
+    return dl

@@ -177,6 +177,17 @@ class Ledger:
                 return out
             start = got[-1][0] + 1
 
+    async def _direct_batch_all(self, filter_subject: str, *, stream: str,
+                                batch: int = 1000) -> list[tuple[int, str, bytes]]:
+        out: list[tuple[int, str, bytes]] = []
+        start = 1
+        while True:
+            got = await self._direct_batch(filter_subject, start, batch, stream)
+            out.extend(got)
+            if len(got) < batch:
+                return out
+            start = got[-1][0] + 1
+
     async def _direct_batch(
         self, filter_subject: str, start: int, batch: int, stream: str = subjects.STREAM_LEDGER
     ) -> list[tuple[int, str, bytes]]:

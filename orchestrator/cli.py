@@ -473,6 +473,10 @@ def show_cmd(
             dt = (entry.event.time - t0).total_seconds() * 1000
             console.print(f"[dim]{entry.seq:>7} +{dt:>8.1f}ms[/] {escape(describe(entry.event))}",
                           highlight=False)
+        for p in state.pending_approvals.values():
+            console.print(f"[yellow]waiting for approval[/]: step {p.step_id} "
+                          f"{p.tool}({escape(json.dumps(p.arguments))}) - {escape(p.reason)}; "
+                          f"`jetmesh approve {task_id}` or `jetmesh deny {task_id}`")
         if state.result is not None:
             console.print("[bold]result[/]")
             console.print_json(json.dumps(state.result))
@@ -543,6 +547,156 @@ def agents_cmd(
 def main() -> None:
     os.environ.setdefault("MEM0_TELEMETRY", "False")
     app()
+
+
+def _pending_one(state: Any, step: str | None, tool: str | None) -> Any:
+    pending = [p for p in state.pending_approvals.values()
+               if (step is None or p.step_id == step) and (tool is None or p.tool == tool)]
+    if not pending:
+        err.print(f"[red]no pending approval on task {state.task_id}"
+                  f"{' for step ' + step if step else ''}[/]")
+        raise typer.Exit(1)
+    if len(pending) > 1:
+        err.print("[red]several approvals are pending; choose one with --step/--tool:[/]")
+        for p in pending:
+            err.print(f"  step {p.step_id} tool {p.tool} args {json.dumps(p.arguments)}")
+        raise typer.Exit(2)
+    return pending[0]
+
+
+def _decide_approval(task_id: str, granted: bool, step: str | None, tool: str | None,
+                     reason: str, by: str, url: str | None, data_dir: Path) -> None:
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.orchestrator.client import Client
+
+        async with Client(target) as c:
+            state = await c.state(task_id)
+            p = _pending_one(state, step, tool)
+            data = ev.ApprovalDecisionData(step_id=p.step_id, tool=p.tool,
+                                           args_hash=p.args_hash, by=by, reason=reason)
+            event: ev.Event = (ev.ApprovalGranted(subject=task_id, source="jetmesh/cli",
+                                                  data=data) if granted else
+                               ev.ApprovalDenied(subject=task_id, source="jetmesh/cli",
+                                                 data=data))
+            await c.ledger.append(event)
+        verb = "approved" if granted else "denied"
+        console.print(f"{verb}: step {p.step_id} {p.tool}({json.dumps(p.arguments)})")
+
+    run(main)
+
+
+@app.command("approve")
+def approve_cmd(
+    task_id: Annotated[str, typer.Argument(help="The task waiting for input.")],
+    step: Annotated[str | None, typer.Option(help="The step, when several wait.")] = None,
+    tool: Annotated[str | None, typer.Option(help="The tool, when several wait.")] = None,
+    by: Annotated[str, typer.Option(help="Who approves (recorded).")] = os.environ.get(
+        "USER", "operator"),
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Approve a gated tool call: exactly the arguments shown by `jetmesh show`."""
+    _decide_approval(task_id, True, step, tool, "", by, url, data_dir)
+
+
+@app.command("deny")
+def deny_cmd(
+    task_id: Annotated[str, typer.Argument(help="The task waiting for input.")],
+    reason: Annotated[str, typer.Option(help="Why (the model is told).")] = "denied",
+    step: Annotated[str | None, typer.Option(help="The step, when several wait.")] = None,
+    tool: Annotated[str | None, typer.Option(help="The tool, when several wait.")] = None,
+    by: Annotated[str, typer.Option(help="Who denies (recorded).")] = os.environ.get(
+        "USER", "operator"),
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Deny a gated tool call; the agent is told and the call never runs."""
+    _decide_approval(task_id, False, step, tool, reason, by, url, data_dir)
+
+
+dlq_app = typer.Typer(help="Dead letters: see why, fix, redrive.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list_cmd(
+    stream: Annotated[str | None, typer.Option(help="Only this stream's (JM_WORK, ...).")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task's.")] = None,
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """List dead letters: where from, the task, the reason."""
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.bus.dlq import list_dead_letters
+
+        nc, _, ledger = await _open(target)
+        try:
+            letters = await list_dead_letters(ledger, stream=stream, task_id=task)
+        finally:
+            await nc.close()
+        table = Table("seq", "from", "subject", "task", "deliveries", "reason")
+        for seq, dl in letters:
+            table.add_row(str(seq), f"{dl.stream}/{dl.consumer}", dl.subject,
+                          (dl.task_id or "")[:16], str(dl.deliveries), escape(dl.reason[:80]))
+        console.print(table if letters else "no dead letters")
+
+    run(main)
+
+
+@dlq_app.command("show")
+def dlq_show_cmd(
+    seq: Annotated[int, typer.Argument(help="The dead letter's sequence (from `dlq list`).")],
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Show one dead letter: reason, validation errors, headers and the original bytes."""
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.bus import subjects
+        from jetmesh.bus.dlq import DeadLetter
+
+        nc, js, _ = await _open(target)
+        try:
+            msg = await js.get_msg(subjects.STREAM_DLQ, seq, direct=True)
+        finally:
+            await nc.close()
+        dl = DeadLetter.model_validate_json(msg.data or b"{}")
+        console.print_json(dl.model_dump_json(exclude={"data_b64"}))
+        console.print("[bold]original bytes:[/]")
+        console.print(escape(dl.data.decode("utf-8", errors="replace")), highlight=False)
+
+    run(main)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive_cmd(
+    seqs: Annotated[list[int] | None, typer.Argument(help="Sequences to redrive.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Redrive every (matching) one.")] = False,
+    task: Annotated[str | None, typer.Option(help="With --all: only this task's.")] = None,
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Publish dead letters to their original subjects again (after fixing the cause)."""
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        from jetmesh.bus.dlq import list_dead_letters, redrive
+
+        nc, js, ledger = await _open(target)
+        try:
+            todo = list(seqs or [])
+            if all_:
+                todo += [s for s, _ in await list_dead_letters(ledger, task_id=task)]
+            if not todo:
+                err.print("nothing to redrive: give sequence numbers or --all")
+                raise typer.Exit(2)
+            for s in todo:
+                dl = await redrive(js, ledger, s)
+                console.print(f"redriven {s} -> {dl.subject}")
+        finally:
+            await nc.close()
+
+    run(main)
 
 
 @app.command("up")
