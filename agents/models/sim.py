@@ -31,7 +31,7 @@ __all__ = [
     "tool_call",
 ]
 
-FunctionResult: TypeAlias = ModelResponse | str
+FunctionResult: TypeAlias = ModelResponse | str | ToolCall | Sequence[ToolCall]
 ModelFunction: TypeAlias = Callable[[ModelRequest], FunctionResult | Awaitable[FunctionResult]]
 """A turn function: gets the request, returns a response or a final text (sync or async)."""
 ScriptItem: TypeAlias = ModelResponse | str | ToolCall | Sequence[ToolCall] | ModelFunction
