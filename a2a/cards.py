@@ -41,6 +41,7 @@ __all__ = [
     "card_from_json",
     "card_to_dict",
     "card_to_json",
+    "http_interfaces",
     "mesh_card",
     "nats_interface_url",
     "skill_schemas",
@@ -81,7 +82,7 @@ def agent_http_base(http_base_url: str, agent: str) -> str:
     return f"{http_base_url.rstrip('/')}/agents/{agent}"
 
 
-def _http_interfaces(base: str) -> list[AgentInterface]:
+def http_interfaces(base: str) -> list[AgentInterface]:
     base = base.rstrip("/")
     return [
         AgentInterface(url=f"{base}/", protocol_binding=TransportProtocol.JSONRPC.value,
@@ -92,7 +93,8 @@ def _http_interfaces(base: str) -> list[AgentInterface]:
 
 
 def _skill(s: SkillSpec) -> AgentSkill:
-    return AgentSkill(id=s.id, name=s.name, description=s.description, tags=list(s.tags),
+    # A2A 1.0 requires at least one tag per skill; a skill without tags gets its id.
+    return AgentSkill(id=s.id, name=s.name, description=s.description, tags=list(s.tags) or [s.id],
                       examples=list(s.examples), input_modes=[JSON_MEDIA, TEXT_MEDIA],
                       output_modes=[JSON_MEDIA] if s.structured else [TEXT_MEDIA, JSON_MEDIA])
 
@@ -119,7 +121,7 @@ def card_for_spec(spec: AgentSpec, *, nats_url: str | None = None,
                                  protocol_binding=NATS_BINDING,
                                  protocol_version=PROTOCOL_VERSION_CURRENT)]
     if http_base_url:
-        interfaces += _http_interfaces(agent_http_base(http_base_url, spec.name))
+        interfaces += http_interfaces(agent_http_base(http_base_url, spec.name))
     card = AgentCard(
         name=spec.name, description=spec.description, version=spec.version,
         supported_interfaces=interfaces,
@@ -143,7 +145,7 @@ def mesh_card(skills: Iterable[SkillSpec], *, base_url: str | None = None,
                                  protocol_binding=NATS_BINDING,
                                  protocol_version=PROTOCOL_VERSION_CURRENT)]
     if base_url:
-        interfaces += _http_interfaces(base_url)
+        interfaces += http_interfaces(base_url)
     return AgentCard(
         name=name, version=version,
         description=description or (

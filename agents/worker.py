@@ -125,6 +125,11 @@ class Worker:
         self.ledger = Ledger(self.nc, self.js, timeout_s=self.bus_settings.request_timeout_s)
         self.book = BudgetBook(self.js, replicas=self.bus_settings.replicas)
         self.policy = self.settings.policy()
+        from jetmesh.a2a.registry import Advertiser
+        from jetmesh.a2a.signing import signer_from_env
+
+        url = self.nc.connected_url.geturl() if self.nc.connected_url else None
+        self._advertiser = Advertiser(self.spec, nats_url=url, signer=signer_from_env())
         self._running: dict[str, set[asyncio.Task[StepOutcome]]] = {}
         self._canceled: dict[str, str] = {}
         self.source = f"jetmesh/agent/{self.spec.name}"
@@ -132,13 +137,10 @@ class Worker:
         self.steps_done = 0
 
     def presence_value(self) -> dict[str, Any]:
-        return {
-            "agent": self.spec.name, "replica": self.replica, "version": self.spec.version,
-            "description": self.spec.description,
-            "model": f"{self.model.provider}/{self.model.name}" if self.model else None,
-            "skills": [s.model_dump(mode="json") for s in self.spec.skills],
-            "started_at": self.started_at.isoformat(), "steps_done": self.steps_done,
-        }
+        """What this replica advertises: its A2A card (signed when a key is set) and load."""
+        model = f"{self.model.provider}/{self.model.name}" if self.model else None
+        return self._advertiser.value(self.replica, model=model, started_at=self.started_at,
+                                      steps_done=self.steps_done)
 
     async def start(self) -> None:
         await declare_streams(self.js, self.bus_settings)

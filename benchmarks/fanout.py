@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,29 @@ def cpu_s(pid: int) -> float:
         return 0.0
 
 
+def machine_busy_s() -> float:
+    """Non-idle CPU seconds of the whole machine (all cores), from /proc/stat."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def wait_idle(max_wait_s: float, threshold_pct: float = 20.0) -> float:
+    """Before a run (no stack running): wait until the machine's CPU use over one second
+    is under `threshold_pct` of all cores, at most `max_wait_s`; returns the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        b0, c0 = machine_busy_s(), self_cpu_s()
+        time.sleep(1.0)
+        pct = max(0.0, (machine_busy_s() - b0) - (self_cpu_s() - c0)) / (os.cpu_count() or 1) * 100
+        if pct < threshold_pct or time.monotonic() >= deadline:
+            return pct
+        progress(f"  machine busy {pct:.0f}% (other processes); waiting for it to calm down")
+
+
 def self_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -175,7 +198,17 @@ class RunResult:
     cpu_per_task_ms: dict[str, float]
     wall_s: float
     warnings: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    foreign_pct: float = 0.0
+    """CPU used by processes outside this benchmark during the window, % of all cores."""
+
+    @property
+    def cpu_total_ms(self) -> float:
+        return sum(self.cpu_per_task_ms.values())
+
+    @property
+    def cpu_ceiling(self) -> float:
+        """Tasks/s the machine's cores could sustain at this CPU cost per task."""
+        return (os.cpu_count() or 1) * 1000 / self.cpu_total_ms if self.cpu_total_ms else 0.0
 
     @property
     def mean_ms(self) -> float:
@@ -185,6 +218,11 @@ class RunResult:
         xs = sorted(self.latencies_ms)
         k = max(0, min(len(xs) - 1, math.ceil(q / 100 * len(xs)) - 1))
         return xs[k]
+
+
+CHILD_PATH: list[str] = []
+"""--child-pythonpath: put first on the children's PYTHONPATH (e.g. a patched scratch copy
+holding a `jetmesh` package), to measure a proposed change without touching the repo."""
 
 
 def child_env(url: str, cfg: Config, data_dir: Path) -> dict[str, str]:
@@ -202,15 +240,21 @@ def child_env(url: str, cfg: Config, data_dir: Path) -> dict[str, str]:
         "JETMESH_SIM_LATENCY_MS": f"{cfg.latency_ms:g}",
         "MEM0_TELEMETRY": "False",
         "PYTHONPATH": os.pathsep.join(
-            [str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+            CHILD_PATH + [str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
     })
     return env
+
+
+WRAPPER: str | None = None
+"""--wrapper: a script run as `python SCRIPT OUT ROLE...` instead of the CLI (experiments)."""
 
 
 def role_cmd(role: list[str], profile: str | None, out: Path | None) -> list[str]:
     py = sys.executable
     if profile == "cprofile" and out is not None:
         return [py, str(HERE / "profiled.py"), str(out), *role]
+    if WRAPPER:
+        return [py, WRAPPER, str(out or "/dev/null"), *role]
     return [py, "-m", "jetmesh.orchestrator.cli", *role]
 
 
@@ -405,10 +449,12 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
                     **{n: p.pid for n, p in procs.items()}}
             cpu0 = {n: cpu_s(pid) for n, pid in pids.items()}
             cpu0["load generator"] = self_cpu_s()
+            busy0 = machine_busy_s()
             ids, lat, t0, t1 = await drive(client, comp, cfg.tasks, cfg.inflight, 0,
                                            cfg.label, args.task_timeout)
             cpu1 = {n: cpu_s(pid) for n, pid in pids.items()}
             cpu1["load generator"] = self_cpu_s()
+            busy1 = machine_busy_s()
             await comp.stop()
             progress(f"  verifying {len(ids)} tasks in the ledger")
             await verify(client, ids, 0)
@@ -424,6 +470,8 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
         rss["load generator"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         cpu = {n: (cpu1[n] - cpu0[n]) * 1000 / cfg.tasks for n in cpu0}
         wall = t1 - t0
+        ours = sum(cpu1[n] - cpu0[n] for n in cpu0)
+        foreign = max(0.0, (busy1 - busy0) - ours) / (wall * (os.cpu_count() or 1)) * 100
         for p in procs.values():
             stop_child(p)
         warnings = 0
@@ -431,7 +479,7 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             text = (tmp / f"{name}.log").read_text(errors="replace")
             warnings += sum(1 for ln in text.splitlines()
                             if "WARNING" in ln or "ERROR" in ln or "Traceback" in ln)
-        return RunResult(cfg.tasks / wall, lat, rss, cpu, wall, warnings)
+        return RunResult(cfg.tasks / wall, lat, rss, cpu, wall, warnings, foreign)
     finally:
         for s in spies:
             stop_child(s)
@@ -441,7 +489,7 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
         if keep_logs:
             dest = keep_logs / tmp.name
             dest.mkdir(parents=True, exist_ok=True)
-            for f in tmp.glob("*.log"):
+            for f in tmp.glob("*.log"):  # noqa: ASYNC240 (teardown, stack stopped)
                 shutil.copy(f, dest / f.name)
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -505,7 +553,8 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
     print()
     hdr = (f"{'workload':<9} {'repl':>4} {'lat ms':>6} {'in flt':>6} {'tasks':>5} "
            f"{'tasks/s':>8} {'ideal':>6} {'ratio':>6} {'mean ms':>8} {'p50 ms':>7} "
-           f"{'p99 ms':>7} {'runs (tasks/s)':>22}")
+           f"{'p99 ms':>7} {'CPU ms/task':>11} {'CPU ceil':>8} {'other %':>7} "
+           f"{'runs (tasks/s)':>22}")
     print(hdr)
     print("-" * len(hdr))
     for f in figs:
@@ -518,7 +567,8 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
               f"{c.tasks:>5} {tps:>8.1f} {(f'{ideal:.0f}' if ideal else '-'):>6} "
               f"{ratio:>6} {f.med(lambda r: r.mean_ms):>8.1f} "
               f"{f.med(lambda r: r.pct(50)):>7.1f} {f.med(lambda r: r.pct(99)):>7.1f} "
-              f"{runs:>22}")
+              f"{f.med(lambda r: r.cpu_total_ms):>11.1f} {f.med(lambda r: r.cpu_ceiling):>8.0f} "
+              f"{f.med(lambda r: r.foreign_pct):>7.0f} {runs:>22}")
     b = next((f for f in figs if f.cfg.workload == "B"), None)
     if b:
         tps = b.med(lambda r: r.tasks_per_s)
@@ -543,6 +593,10 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
             else:
                 cells.append(f"{'':>15}")
         print(f"{c.workload:<9} {c.replicas:>4} {c.latency_ms:>6g} " + " ".join(cells))
+    print("\nCPU ms/task: all processes of the stack (nats-server, orchestrator, workers, load "
+          "generator) over the measured window, per task.\nCPU ceil: cores x 1000 / CPU "
+          "ms/task, the tasks/s this machine could sustain at that cost.\nother %: CPU used "
+          "by processes outside the benchmark during the window (a shared machine's noise).")
     total_warn = sum(r.warnings for f in figs for r in f.runs)
     print(f"\nwarning/error lines in the children's logs over all runs: {total_warn}")
 
@@ -561,7 +615,18 @@ def main() -> None:
     p.add_argument("--profile-dir", default="benchmarks/profiles",
                    help="where profiles are written")
     p.add_argument("--logs", default=None, help="keep the children's logs in this folder")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="before each run wait up to this many seconds for other processes' "
+                        "CPU use to fall under 20%% (shared machines)")
+    p.add_argument("--wrapper", default=None,
+                   help="run the roles as `python WRAPPER OUT ROLE...` (experiments)")
+    p.add_argument("--child-pythonpath", default=None,
+                   help="prepend to the children's PYTHONPATH (a patched scratch copy)")
     args = p.parse_args()
+    global WRAPPER
+    WRAPPER = args.wrapper
+    if args.child_pythonpath:
+        CHILD_PATH[:] = args.child_pythonpath.split(os.pathsep)
     if args.quick:
         args.tasks, args.runs = 30, 1
     profile_dir = None
@@ -577,10 +642,14 @@ def main() -> None:
         for cfg in configs(args):
             runs = []
             for r in range(args.runs):
+                if args.wait_idle > 0:
+                    busy = wait_idle(args.wait_idle)
+                    progress(f"  machine busy before the run: {busy:.0f}%")
                 progress(f"{cfg.label}: run {r + 1}/{args.runs}")
                 res = asyncio.run(run_once(cfg, args, r + 1, profile_dir))
                 progress(f"  -> {res.tasks_per_s:.1f} tasks/s, mean {res.mean_ms:.1f} ms, "
-                         f"p50 {res.pct(50):.1f} ms, p99 {res.pct(99):.1f} ms; CPU ms/task "
+                         f"p50 {res.pct(50):.1f} ms, p99 {res.pct(99):.1f} ms; other load "
+                         f"{res.foreign_pct:.0f}%; CPU ms/task {res.cpu_total_ms:.1f}: "
                          + ", ".join(f"{k} {v:.1f}" for k, v in res.cpu_per_task_ms.items()))
                 runs.append(res)
             figs.append(Figure(cfg, runs))

@@ -36,7 +36,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from jetmesh.bus import events as ev
-from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.ledger import Ledger, subject_for
 from jetmesh.bus.server import EmbeddedNats, find_nats_server

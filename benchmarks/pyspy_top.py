@@ -36,7 +36,7 @@ def bucket(frame: str) -> str:
     f = k[k.rfind("(") + 1:-1]
     if f.startswith("pydantic"):
         return "pydantic"
-    if f.startswith("jsonschema") or f.startswith("referencing") or f.startswith("rpds"):
+    if f.startswith(("jsonschema", "referencing", "rpds")):
         return "jsonschema"
     if f.startswith("nats/"):
         return "nats-py"

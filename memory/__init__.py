@@ -3,11 +3,15 @@
 mem0 and qdrant-client (over a second to import) load only when a store opens.
 """
 
+from jetmesh.memory.client import MemoryClient
 from jetmesh.memory.embedders import EmbedderChoice, HashingEmbedder, choose_embedder
 from jetmesh.memory.errors import (
     EmbeddingDimensionMismatch,
     MemoryInferenceDisabled,
     MemoryNotFound,
+    MemoryRequestFailed,
+    MemoryServiceError,
+    MemoryServiceUnavailable,
     MemoryStoreError,
 )
 from jetmesh.memory.models import (
@@ -26,10 +30,14 @@ __all__ = [
     "EpisodeRecord",
     "ForgetReport",
     "HashingEmbedder",
+    "MemoryClient",
     "MemoryInferenceDisabled",
     "MemoryItem",
     "MemoryKind",
     "MemoryNotFound",
+    "MemoryRequestFailed",
+    "MemoryServiceError",
+    "MemoryServiceUnavailable",
     "MemorySettings",
     "MemoryStore",
     "MemoryStoreError",

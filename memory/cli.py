@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -21,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 memory_app = typer.Typer(
     name="memory",
@@ -103,6 +104,7 @@ def serve(
     """Run the memory service until Ctrl-C / SIGTERM (when no subcommand is given)."""
     if ctx.invoked_subcommand is not None:
         return
+    os.environ.setdefault("MEM0_TELEMETRY", "False")
     _setup_logging(verbose)
     target = _resolve(url, data_dir)
     from jetmesh.memory.errors import EmbeddingDimensionMismatch
@@ -120,7 +122,8 @@ def serve(
 
     try:
         asyncio.run(main())
-    except EmbeddingDimensionMismatch as e:
+    except (EmbeddingDimensionMismatch, RuntimeError) as e:
+        # RuntimeError: embedded Qdrant's folder is locked by another memory service.
         err.print(f"[red]memory store refused to open:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
 

@@ -60,27 +60,32 @@ class MemoryClient:
         self.timeout_s = timeout_s
         """Longest wait for one reply."""
 
-    async def _call(self, op: str, request: BaseModel, result_type: type[R],
-                    timeout_s: float | None = None) -> R:
-        assert OPERATIONS[op].result is result_type
+    async def _send(self, op: str, data: bytes, timeout_s: float | None) -> Reply:
         subject = subjects.memory(op)
         wait = self.timeout_s if timeout_s is None else timeout_s
         try:
-            msg = await self.nc.request(subject, request.model_dump_json().encode(),
-                                        timeout=wait)
+            msg = await self.nc.request(subject, data, timeout=wait)
         except NoRespondersError:
             raise MemoryServiceUnavailable(subject, "no responders") from None
         except (NatsTimeoutError, TimeoutError):
             raise MemoryServiceUnavailable(subject, f"timed out after {wait:g}s") from None
         try:
-            reply = Reply.model_validate_json(msg.data)
-            if reply.error is not None or not reply.ok:
-                _raise_for(reply.error or ErrorInfo(code="internal", message="no error given"),
-                           request)
-            result: R = result_type.model_validate(reply.result or {})
-            return result
+            return Reply.model_validate_json(msg.data)
         except ValidationError as e:
             raise MemoryRequestFailed("internal", f"undecodable reply on {subject}: {e}") from e
+
+    async def _call(self, op: str, request: BaseModel, result_type: type[R],
+                    timeout_s: float | None = None) -> R:
+        assert OPERATIONS[op].result is result_type
+        reply = await self._send(op, request.model_dump_json().encode(), timeout_s)
+        if reply.error is not None or not reply.ok:
+            _raise_for(reply.error or ErrorInfo(code="internal", message="no error given"),
+                       request)
+        try:
+            result: R = result_type.model_validate(reply.result or {})
+        except ValidationError as e:
+            raise MemoryRequestFailed("internal", f"unexpected {op} result: {e}") from e
+        return result
 
     # -- writing ----------------------------------------------------------------------
 
@@ -145,15 +150,7 @@ class MemoryClient:
         """Send any payload to an operation and return the reply envelope as data (to
         see error replies, e.g. for a malformed request)."""
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        subject = subjects.memory(op)
-        try:
-            msg = await self.nc.request(subject, data, timeout=self.timeout_s)
-        except NoRespondersError:
-            raise MemoryServiceUnavailable(subject, "no responders") from None
-        except (NatsTimeoutError, TimeoutError):
-            raise MemoryServiceUnavailable(
-                subject, f"timed out after {self.timeout_s:g}s") from None
-        return Reply.model_validate_json(msg.data)
+        return await self._send(op, data, None)
 
     # `list` last: inside the class body its name shadows the builtin for later code.
     async def list(

@@ -324,6 +324,9 @@ async def open_store(settings: MemorySettings, *, fact_model: Any = None,
     dry-run sim extraction is off, and this says so in the log. Returns the store and
     the model it owns (to close), or None.
     """
+    from jetmesh.memory.store import disable_mem0_telemetry
+
+    disable_mem0_telemetry(settings)  # before anything imports mem0
     owned = None
     reason: str | None = None
     if settings.llm is None and settings.infer:

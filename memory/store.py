@@ -49,7 +49,7 @@ _SCAN_PAGE = 1000
 """Page size of the internal scans (idempotency checks, forget)."""
 
 
-def _disable_mem0_telemetry(settings: MemorySettings) -> None:
+def disable_mem0_telemetry(settings: MemorySettings) -> None:
     """mem0 reads these once, at import; set them before the first import of mem0."""
     os.environ["MEM0_TELEMETRY"] = "False"
     if "MEM0_DIR" not in os.environ:
@@ -196,7 +196,7 @@ class MemoryStore:
     @classmethod
     def open_sync(cls, settings: MemorySettings) -> MemoryStore:
         """Blocking `open`, for scripts and benchmarks outside an event loop."""
-        _disable_mem0_telemetry(settings)
+        disable_mem0_telemetry(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         choice = choose_embedder(settings)
         client = _open_qdrant(settings, choice)

@@ -76,10 +76,10 @@ class RememberOutput(BaseModel):
     stored: bool = True
 
 
-def make_memory_tools(client: MemoryClient) -> list[Tool]:
-    """``recall`` and ``remember`` bound to `client`, in that order."""
+def make_memory_tools(client: MemoryClient, *, remember: bool = True) -> list[Tool]:
+    """``recall`` and (unless `remember` is False) ``remember`` bound to `client`."""
 
-    async def recall(args: RecallInput, ctx: ToolContext) -> RecallOutput:
+    async def recall_fn(args: RecallInput, ctx: ToolContext) -> RecallOutput:
         scope: RecallScope = args.scope
         user = as_identifier(ctx.user_id)
         if scope == "user" and user is None:
@@ -97,20 +97,20 @@ def make_memory_tools(client: MemoryClient) -> list[Tool]:
             for i in items
         ])
 
-    async def remember(args: RememberInput, ctx: ToolContext) -> RememberOutput:
+    async def remember_fn(args: RememberInput, ctx: ToolContext) -> RememberOutput:
         item = await client.add_note(
             args.text, user_id=as_identifier(ctx.user_id), agent_id=ctx.agent,
             task_id=ctx.task_id, step_id=ctx.step_id, key=ctx.idempotency_key or None)
         return RememberOutput(id=item.id)
 
-    return [
+    tools = [
         Tool(
             name=RECALL,
             description="Search shared memory (earlier tasks' questions, answers and facts) "
                         "for what is relevant to a query.",
             input_model=RecallInput,
             output_model=RecallOutput,
-            fn=recall,
+            fn=recall_fn,
             timeout_s=client.timeout_s + 5,
             untrusted_output=True,
         ),
@@ -119,12 +119,13 @@ def make_memory_tools(client: MemoryClient) -> list[Tool]:
             description="Store one durable fact in shared memory for later tasks.",
             input_model=RememberInput,
             output_model=RememberOutput,
-            fn=remember,
+            fn=remember_fn,
             side_effects=True,
             risk="write",
             timeout_s=client.timeout_s + 5,
         ),
     ]
+    return tools if remember else tools[:1]
 
 
 def with_memory_tools(spec: AgentSpec, tools: list[Tool]) -> AgentSpec:
@@ -158,12 +159,25 @@ class MemoryToolSettings(BaseSettings):
     fail as tool errors while the service is down); ``off``: never."""
     agents: str = "researcher"
     """Comma-separated agent names that get memory tools; ``*`` for every agent."""
+    remember: Literal["auto", "on", "off"] = "auto"
+    """Offer ``remember`` too: ``auto`` only when a model provider is configured (the
+    dry-run sim calls every tool it is offered, and would store placeholder notes)."""
     timeout_s: float = 5.0
     """Longest wait for one memory request from a tool."""
 
     def wants(self, agent: str) -> bool:
+        """Whether `agent` should get memory tools."""
         names = {a.strip() for a in self.agents.split(",") if a.strip()}
         return "*" in names or agent in names
+
+    def wants_remember(self) -> bool:
+        """Whether to offer ``remember`` as well as ``recall``."""
+        if self.remember != "auto":
+            return self.remember == "on"
+        from jetmesh.agents.models.factory import ModelSettings, default_provider
+
+        provider: str = default_provider(ModelSettings())
+        return provider != "sim"
 
 
 async def attach_memory(spec: AgentSpec, nc: NATS, *,
@@ -172,8 +186,8 @@ async def attach_memory(spec: AgentSpec, nc: NATS, *,
 
     Agents named in JETMESH_MEMORY_AGENTS (default: researcher) get the tools when
     JETMESH_MEMORY_TOOLS is ``on``, or ``auto`` (the default) and a memory service
-    answers now. Any other spec is returned unchanged. Never raises for a missing
-    service.
+    answers now; ``remember`` only as JETMESH_MEMORY_REMEMBER says. Any other spec is
+    returned unchanged. Never raises for a missing service.
     """
     s = settings or MemoryToolSettings()
     if s.tools == "off" or not s.wants(spec.name) or not spec.needs_model:
@@ -183,5 +197,6 @@ async def attach_memory(spec: AgentSpec, nc: NATS, *,
         log.info("memory: no memory service answers; %s runs without memory tools",
                  spec.name)
         return spec
-    log.info("memory: %s gets the recall and remember tools", spec.name)
-    return with_memory_tools(spec, make_memory_tools(client))
+    tools = make_memory_tools(client, remember=s.wants_remember())
+    log.info("memory: %s gets the %s tool(s)", spec.name, " and ".join(t.name for t in tools))
+    return with_memory_tools(spec, tools)

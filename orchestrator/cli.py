@@ -315,7 +315,9 @@ def worker_cmd(
 
         async def start() -> Any:
             nc = await connect(target, name=f"jetmesh-agent-{spec.name}")
-            w = Worker(spec, model, nc, jetstream(nc))
+            from jetmesh.memory.tools import attach_memory
+
+            w = Worker(await attach_memory(spec, nc), model, nc, jetstream(nc))
             await w.start()
             return w
 
@@ -708,6 +710,7 @@ def up_cmd(
     replicas: Annotated[int, typer.Option(min=1, help="Replicas per agent.")] = 1,
     live: Annotated[bool | None, typer.Option("--live/--plain", help="Live view (default "
                                                   "when on a terminal).")] = None,
+    gateway_port: Annotated[int, typer.Option(help="A2A HTTP gateway port (0: none).")] = 8080,
 ) -> None:
     """Run the whole mesh here: NATS, the orchestrator and the built-in agents."""
     from jetmesh.agents.builtin import builtin_names
@@ -726,7 +729,27 @@ def up_cmd(
         port = free_port()
     console.print(f"model: {describe_default_model()}")
     live_view = console.is_terminal if live is None else live
-    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view))
+    gw: int | None = None
+    if gateway_port:
+        gw = gateway_port if _port_free(gateway_port) else _free_port()
+    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw))
+
+
+def _free_port() -> int:
+    from jetmesh.bus.server import free_port
+
+    return free_port()
+
+
+def _register_extensions() -> None:
+    from jetmesh.a2a.cli import register as register_a2a
+    from jetmesh.memory.cli import register as register_memory
+
+    register_a2a(app)
+    register_memory(app)
+
+
+_register_extensions()
 
 
 if __name__ == "__main__":

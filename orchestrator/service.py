@@ -116,17 +116,6 @@ class BudgetGuard:
         await self.book.release(token)
 
 
-def skills_of(view: PresenceView) -> dict[str, SkillSpec]:
-    """Live skills (by id) from the registry's presence entries."""
-    out: dict[str, SkillSpec] = {}
-    for entry in view.live():
-        for raw in entry.value.get("skills", []):
-            with contextlib.suppress(ValidationError):
-                sk = SkillSpec.model_validate(raw)
-                out.setdefault(sk.id, sk)
-    return out
-
-
 class Orchestrator:
     """Drives every task to a terminal state. Run one or several replicas."""
 
@@ -144,6 +133,12 @@ class Orchestrator:
         self.workflows = workflows or builtin_registry(self.settings.workflows_dir)
         self.presence = (PresenceView(js, subjects.BUCKET_AGENTS, self.settings.agent_ttl_s,
                                       self.bus_settings.replicas) if use_registry else None)
+        self.registry = None
+        if self.presence is not None:
+            from jetmesh.a2a.registry import Registry
+            from jetmesh.a2a.signing import verifier_from_env
+
+            self.registry = Registry(self.presence, verifier=verifier_from_env())
         self.now = now
         self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
         self._cache: OrderedDict[str, TaskState] = OrderedDict()
@@ -258,7 +253,8 @@ class Orchestrator:
         return state
 
     def live_skills(self) -> dict[str, SkillSpec] | None:
-        return skills_of(self.presence) if self.presence else None
+        """Skills of live agents whose cards verify (None: no registry, no check)."""
+        return self.registry.skills() if self.registry is not None else None
 
     async def drive(self, task_id: str) -> TaskState:
         """Move one task forward as far as it can go now."""

@@ -43,9 +43,13 @@ class Child:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
+            # cwd is the log folder, never the current directory: run from a checkout of
+            # jetmesh, `python -m` would put the checkout's `a2a/` and `agents/` folders on
+            # sys.path ahead of the A2A SDK and the OpenAI Agents SDK.
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jetmesh.orchestrator.cli", *self.args],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                cwd=self.log_path.parent)
         self.started_at = time.monotonic()
 
     @property
@@ -73,12 +77,17 @@ class Child:
             self.proc.wait()
 
 
-def default_children(url: str, data_dir: Path, agents: list[str], replicas: int
-                     ) -> list[Child]:
+def default_children(url: str, data_dir: Path, agents: list[str], replicas: int,
+                     gateway_port: int | None = None) -> list[Child]:
     env = {**os.environ, "NATS_URL": url, "JETMESH_DATA_DIR": str(data_dir),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "JETMESH_MEMORY_TOOLS": "on"}
     logs = data_dir / "logs"
-    children = [Child("orchestrator", ["orchestrator"], logs / "orchestrator.log", env)]
+    children = [Child("orchestrator", ["orchestrator"], logs / "orchestrator.log", env),
+                Child("memory", ["memory"], logs / "memory.log", env)]
+    if gateway_port is not None:
+        children.append(Child("gateway", ["gateway", "--port", str(gateway_port)],
+                              logs / "gateway.log", env))
+        children.append(Child("bridge", ["bridge"], logs / "bridge.log", env))
     for name in agents:
         for r in range(replicas):
             label = name if replicas == 1 else f"{name}-{r + 1}"
@@ -113,12 +122,11 @@ class TaskBoard:
 
 
 async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
-                 console: Console, live_view: bool) -> None:
+                 console: Console, live_view: bool, gateway_port: int | None = None) -> None:
     from jetmesh.bus.connection import connect, jetstream
     from jetmesh.bus.ledger import Ledger
     from jetmesh.bus.streams import declare_streams
     from jetmesh.orchestrator.registry import LiveAgent
-    from jetmesh.orchestrator.service import skills_of  # noqa: F401  (warms the import)
 
     server = EmbeddedNats(data_dir=data_dir / "nats", port=port)
     await asyncio.to_thread(server.start)
@@ -126,10 +134,12 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
     nc = await connect(server.url, name="jetmesh-up")
     js = jetstream(nc)
     await declare_streams(js)
-    children = default_children(server.url, data_dir, agents, replicas)
+    children = default_children(server.url, data_dir, agents, replicas, gateway_port)
     for c in children:
         c.start()
     console.print(f"started {len(children)} processes; logs in {data_dir / 'logs'}")
+    if gateway_port is not None:
+        console.print(f"A2A gateway: http://127.0.0.1:{gateway_port}/.well-known/agent-card.json")
     console.print("submit a task from another terminal:\n"
                   "  jetmesh submit \"where is my order?\" --workflow support "
                   "--input '{\"order_id\": \"A1001\"}' --wait\n"

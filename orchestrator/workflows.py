@@ -97,6 +97,15 @@ class WorkflowRegistry:
         self._by_name[workflow.name] = workflow
 
     def get(self, name: str) -> Workflow | None:
+        """A named workflow; `skill:<id>` is the one-step workflow running that skill on
+        the task's input (how the A2A gateway routes a message to one skill)."""
+        if name.startswith("skill:") and name not in self._by_name:
+            skill = name.removeprefix("skill:")
+            try:
+                step = PlanStep(id="main", skill=skill, input={"$ref": "task.input"})
+            except ValueError:
+                return None
+            return Workflow(name=name, steps=[step])
         return self._by_name.get(name)
 
     def names(self) -> list[str]:

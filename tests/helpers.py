@@ -32,7 +32,7 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         return subprocess.Popen(
             [sys.executable, "-m", "jetmesh.orchestrator.cli", *args],
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=f,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent)
 
 
 def kill9(proc: subprocess.Popen[bytes]) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Bus, until
+from a2a_support import Bus, until
 
 from jetmesh.a2a.cards import card_for_spec, card_to_dict
 from jetmesh.a2a.registry import Advertiser, Registry, advertise
@@ -98,7 +98,8 @@ def _spawn_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
             [sys.executable, "-m", "jetmesh.orchestrator.cli", "worker", "orders"],
             env={**os.environ, "NATS_URL": url, "PYTHONUNBUFFERED": "1",
                  "JETMESH_DATA_DIR": str(log.parent)},
-            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=log.parent)  # not the repo root: its a2a/ folder would shadow the SDK
 
 
 def _kill9(proc: subprocess.Popen[bytes]) -> None:

@@ -10,7 +10,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from conftest import eventually
+from memory_helpers import eventually
+from pydantic import BaseModel
+
 from jetmesh.agents.models.sim import SimModel
 from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.agents.tools import tool
@@ -25,7 +27,6 @@ from jetmesh.orchestrator.client import Client
 from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
 from jetmesh.orchestrator.state import TaskStatus
 from jetmesh.orchestrator.workflows import Workflow, WorkflowRegistry
-from pydantic import BaseModel
 
 
 class EchoIn(BaseModel):
@@ -50,14 +51,22 @@ SAY = Workflow(name="say", steps=[ev.PlanStep(id="echo", skill="echo",
                                               input={"text": {"$ref": "task.goal"}})])
 
 
+def memory_command() -> list[str]:
+    """`jetmesh memory` once the main CLI has the group, else the group's own module."""
+    from jetmesh.orchestrator.cli import app
+
+    if any(g.name == "memory" for g in app.registered_groups):
+        return [sys.executable, "-m", "jetmesh.orchestrator.cli", "memory"]
+    return [sys.executable, "-m", "jetmesh.memory.cli"]
+
+
 def spawn_memory(url: str, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JETMESH_MEMORY_EMBEDDER": "hash",
-           "JETMESH_MODEL_PROVIDER": "sim", "JETMESH_ACK_WAIT_S": "5"}
+           "JETMESH_MODEL_PROVIDER": "sim", "JETMESH_ACK_WAIT_S": "2"}
     with log.open("ab") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "jetmesh.memory.cli", "--url", url, "--data-dir",
-             str(data_dir)], env=env, stdout=f, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [*memory_command(), "--url", url, "--data-dir", str(data_dir)], env=env,
+            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill9(proc: subprocess.Popen[bytes]) -> None:

@@ -7,10 +7,11 @@ import json
 import logging
 from pathlib import Path
 
-from conftest import Served
+from memory_helpers import Served
+from typer.testing import CliRunner
+
 from jetmesh.memory import EpisodeRecord, MemorySettings, MemoryStore
 from jetmesh.memory.cli import memory_app
-from typer.testing import CliRunner
 
 
 def invoke(args: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -49,9 +50,10 @@ async def test_search_forget_and_status_from_the_command_line(served: Served) ->
     assert bad.exit_code != 0
 
 
-def test_no_service_is_one_clear_line(tmp_path: Path) -> None:
-    result = invoke(["search", "x", "--url", "nats://127.0.0.1:1", "--timeout", "1"])
+def test_no_memory_service_is_one_clear_line(nats_server) -> None:  # type: ignore[no-untyped-def]
+    result = invoke(["search", "x", "--url", nats_server.url, "--timeout", "1"])
     assert result.exit_code == 1
+    assert "memory service unavailable on jm.memory.search (no responders)" in result.output
 
 
 def test_a_dimension_mismatch_refuses_to_serve_with_the_reason(tmp_path: Path) -> None:

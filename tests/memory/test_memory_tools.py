@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import Served
+from memory_helpers import Served
+
 from jetmesh.agents.builtin.researcher import make_researcher
 from jetmesh.agents.models.sim import FunctionModel
 from jetmesh.agents.models.types import ModelRequest

@@ -7,8 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from memory_helpers import Served
 from pydantic import ValidationError
-from conftest import Served
+
 from jetmesh.bus.connection import connect
 from jetmesh.memory import (
     EmbeddingDimensionMismatch,

@@ -1,0 +1,292 @@
+"""Pure mapping between jetmesh tasks (ledger folds) and A2A 1.0 tasks, messages and events.
+
+No I/O here. An A2A task *is* a jetmesh task: same id, state from the ledger fold. Each
+ledger entry becomes exactly one A2A stream event whose ``metadata.jetmesh.seq`` is the
+entry's ledger sequence: that number is the resume token (send it back as the
+``Last-Event-ID`` header of SubscribeToTask and the stream continues right after it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from typing import Any
+
+from a2a.types import (
+    Artifact,
+    Message,
+    Part,
+    Role,
+    Task,
+    TaskArtifactUpdateEvent,
+    TaskStatus,
+    TaskStatusUpdateEvent,
+)
+from a2a.types import TaskState as A2AState
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict
+
+from jetmesh.bus import events as ev
+from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.orchestrator.state import StepStatus, TaskState
+from jetmesh.orchestrator.state import TaskStatus as JmStatus
+
+__all__ = [
+    "META_CONTEXT",
+    "META_MESSAGE",
+    "SKILL_WORKFLOW_PREFIX",
+    "StreamEvent",
+    "Submission",
+    "a2a_state",
+    "entry_event",
+    "message_to_submission",
+    "seq_of",
+    "skill_workflow",
+    "task_from_state",
+    "task_id_for_message",
+]
+
+META_CONTEXT = "a2a.context_id"
+"""Submission metadata key holding the A2A context id."""
+META_MESSAGE = "a2a.message_id"
+SKILL_WORKFLOW_PREFIX = "skill:"
+"""A submission whose workflow is ``skill:<id>`` runs that one skill on the task input."""
+
+StreamEvent = Task | Message | TaskStatusUpdateEvent | TaskArtifactUpdateEvent
+
+_STATES: dict[JmStatus, A2AState] = {
+    JmStatus.SUBMITTED: A2AState.TASK_STATE_SUBMITTED,
+    JmStatus.WORKING: A2AState.TASK_STATE_WORKING,
+    JmStatus.INPUT_REQUIRED: A2AState.TASK_STATE_INPUT_REQUIRED,
+    JmStatus.COMPLETED: A2AState.TASK_STATE_COMPLETED,
+    JmStatus.FAILED: A2AState.TASK_STATE_FAILED,
+    JmStatus.CANCELED: A2AState.TASK_STATE_CANCELED,
+    JmStatus.REJECTED: A2AState.TASK_STATE_REJECTED,
+}
+_FROM_A2A = {v: k for k, v in _STATES.items()}
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+
+
+def a2a_state(status: JmStatus) -> A2AState:
+    return _STATES[status]
+
+
+def jetmesh_status(state: A2AState) -> JmStatus | None:
+    return _FROM_A2A.get(state)
+
+
+def skill_workflow(skill: str) -> str:
+    return f"{SKILL_WORKFLOW_PREFIX}{skill}"
+
+
+# ----------------------------------------------------------------------------- inbound
+
+
+class Submission(BaseModel):
+    """What an A2A message asks of the mesh (validated at the edge)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    context_id: str
+    goal: str
+    input: dict[str, Any]
+    workflow: str | None = None
+    skill: str | None = None
+    metadata: dict[str, str]
+
+
+def task_id_for_message(message_id: str) -> str:
+    """A task id derived from the message id: resending the same message is idempotent."""
+    if message_id and _TOKEN.match(message_id):
+        return f"a2a-{message_id}"
+    if message_id:
+        return "a2a-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
+    return f"a2a-{uuid.uuid4().hex}"
+
+
+def _struct(value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = MessageToDict(value) if value is not None else {}
+    return out
+
+
+def message_to_submission(message: Message, request_metadata: dict[str, Any] | None = None
+                          ) -> Submission:
+    """Goal = the text parts; input = the data parts (objects, merged); workflow and skill
+    from the message's (or the request's) metadata."""
+    texts = [p.text for p in message.parts if p.WhichOneof("content") == "text"]
+    data: dict[str, Any] = {}
+    for p in message.parts:
+        if p.WhichOneof("content") == "data":
+            value = MessageToDict(p.data)
+            if isinstance(value, dict):
+                data.update(value)
+            else:
+                data.setdefault("data", value)
+    meta = {**(request_metadata or {}), **_struct(message.metadata)}
+    workflow = meta.get("workflow")
+    skill = meta.get("skill")
+    if skill is not None and not isinstance(skill, str):
+        skill = None
+    if workflow is not None and not isinstance(workflow, str):
+        workflow = None
+    if workflow is None and skill:
+        workflow = skill_workflow(skill)
+    context_id = message.context_id or uuid.uuid4().hex
+    return Submission(
+        task_id=task_id_for_message(message.message_id), context_id=context_id,
+        goal="\n".join(texts), input=data, workflow=workflow, skill=skill,
+        metadata={META_CONTEXT: context_id, META_MESSAGE: message.message_id})
+
+
+# ----------------------------------------------------------------------------- outbound
+
+
+def context_of(state: TaskState) -> str:
+    sub = state.submitted
+    return (sub.metadata.get(META_CONTEXT) if sub else None) or state.task_id
+
+
+def _agent_message(state: TaskState, text: str, data: dict[str, Any] | None = None,
+                   message_id: str | None = None) -> Message:
+    parts = [Part(text=text)]
+    if data is not None:
+        part = Part(media_type="application/json")
+        part.data.struct_value.update(data)
+        parts.append(part)
+    return Message(message_id=message_id or f"{state.task_id}-{state.last_seq}",
+                   context_id=context_of(state), task_id=state.task_id,
+                   role=Role.ROLE_AGENT, parts=parts)
+
+
+def _user_message(state: TaskState) -> Message | None:
+    sub = state.submitted
+    if sub is None:
+        return None
+    parts = []
+    if sub.goal:
+        parts.append(Part(text=sub.goal))
+    if sub.input:
+        part = Part(media_type="application/json")
+        part.data.struct_value.update(sub.input)
+        parts.append(part)
+    return Message(message_id=sub.metadata.get(META_MESSAGE) or f"{state.task_id}-request",
+                   context_id=context_of(state), task_id=state.task_id,
+                   role=Role.ROLE_USER, parts=parts or [Part(text="")])
+
+
+def _data_artifact(artifact_id: str, name: str, data: dict[str, Any]) -> Artifact:
+    part = Part(media_type="application/json")
+    part.data.struct_value.update(data)
+    parts = [part]
+    text = data.get("answer") if isinstance(data.get("answer"), str) else data.get("text")
+    if isinstance(text, str) and text:
+        parts.insert(0, Part(text=text))
+    return Artifact(artifact_id=artifact_id, name=name, parts=parts)
+
+
+def _status_text(state: TaskState) -> str:
+    if state.status == JmStatus.COMPLETED:
+        return "completed"
+    if state.reason:
+        return f"{state.status.value}: {state.reason}"
+    done = sum(1 for s in state.steps.values() if s.status == StepStatus.COMPLETED)
+    return f"{state.status.value} ({done}/{len(state.steps)} steps done)"
+
+
+def _meta(seq: int, **extra: Any) -> dict[str, Any]:
+    return {"jetmesh": {"seq": seq, **extra}}
+
+
+def task_from_state(state: TaskState, *, history: bool = True, artifacts: bool = True
+                    ) -> Task:
+    """The A2A view of a task's fold (``metadata.jetmesh.seq``: the last sequence folded)."""
+    task = Task(id=state.task_id, context_id=context_of(state), status=TaskStatus(
+        state=a2a_state(state.status),
+        message=_agent_message(state, _status_text(state), state.result)))
+    if state.updated_at:
+        task.status.timestamp.FromDatetime(state.updated_at)
+    if artifacts:
+        for step in state.steps.values():
+            if step.status == StepStatus.COMPLETED and step.output is not None:
+                task.artifacts.append(_data_artifact(f"step-{step.id}", step.skill, step.output))
+        if state.result is not None:
+            task.artifacts.append(_data_artifact("result", "result", state.result))
+    if history:
+        user = _user_message(state)
+        if user is not None:
+            task.history.append(user)
+    task.metadata.update(_meta(state.last_seq, cost_usd=state.cost_usd,
+                               model_calls=state.model_calls, tool_calls=state.tool_calls))
+    return task
+
+
+def describe(event: ev.Event) -> str:
+    """One short line for a status message."""
+    match event:
+        case ev.TaskSubmitted():
+            return "submitted"
+        case ev.TaskPlanned():
+            return "planned: " + ", ".join(f"{s.id}({s.skill})" for s in event.data.steps)
+        case ev.StepDispatched():
+            return f"step {event.data.step_id} dispatched to {event.data.skill}"
+        case ev.StepStarted():
+            return f"step {event.data.step_id} started by {event.data.agent}"
+        case ev.ModelCalled():
+            return f"model call {event.data.provider}/{event.data.model}"
+        case ev.ToolCalled():
+            return f"tool {event.data.tool}" + (f" failed: {event.data.error}"
+                                                if event.data.error else "")
+        case ev.StepCompleted():
+            return f"step {event.data.step_id} completed"
+        case ev.StepFailed():
+            return f"step {event.data.step_id} failed [{event.data.code}]: {event.data.reason}"
+        case ev.CancelRequested():
+            return f"cancel requested: {event.data.reason}"
+        case ev.TaskCompleted():
+            return "completed"
+        case ev.TaskFailed():
+            return f"failed [{event.data.code}]: {event.data.reason}"
+        case ev.TaskCanceled():
+            return f"canceled: {event.data.reason}"
+        case ev.TaskRejected():
+            return f"rejected: {event.data.reason}"
+    return event.type
+
+
+def entry_event(state: TaskState, entry: LedgerEntry) -> StreamEvent:
+    """The one A2A event for a ledger entry; `state` is the fold *including* the entry."""
+    e = entry.event
+    meta = _meta(entry.seq, type=e.type)
+    if isinstance(e, ev.StepCompleted):
+        step = state.steps.get(e.data.step_id)
+        out = TaskArtifactUpdateEvent(
+            task_id=state.task_id, context_id=context_of(state),
+            artifact=_data_artifact(f"step-{e.data.step_id}", step.skill if step else "step",
+                                    e.data.output), last_chunk=True)
+        out.metadata.update(meta)
+        return out
+    result = e.data.result if isinstance(e, ev.TaskCompleted) else None
+    status = TaskStatus(state=a2a_state(state.status), message=_agent_message(
+        state, describe(e), result, message_id=f"{state.task_id}-{entry.seq}"))
+    if e.time:
+        status.timestamp.FromDatetime(e.time)
+    update = TaskStatusUpdateEvent(task_id=state.task_id, context_id=context_of(state),
+                                   status=status)
+    update.metadata.update(meta)
+    return update
+
+
+def seq_of(event: StreamEvent) -> int:
+    """The ledger sequence an event carries (0 when none)."""
+    meta = MessageToDict(event.metadata) if event.HasField("metadata") else {}
+    try:
+        return int(meta.get("jetmesh", {}).get("seq", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def dumps(event: StreamEvent) -> str:
+    return json.dumps(MessageToDict(event), sort_keys=True)
