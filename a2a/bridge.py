@@ -82,7 +82,10 @@ def bridged_name(card: AgentCard) -> str:
 
 
 async def _bucket(js: JetStreamContext) -> Any:
-    return await ensure_bucket(js, subjects.BUCKET_EXTERNAL, max_age_s=0.0)
+    from jetmesh.bus.settings import BusSettings
+
+    return await ensure_bucket(js, subjects.BUCKET_EXTERNAL, max_age_s=0.0,
+                               replicas=BusSettings().replicas)
 
 
 async def add_external(js: JetStreamContext, url: str, *,

@@ -250,9 +250,14 @@ class Worker:
         if timeout <= 0:
             return StepOutcome(status="failed", code="deadline",
                                reason="the task's deadline passed before the step started")
-        step = asyncio.create_task(asyncio.wait_for(
-            run_step(self.spec, cmd.skill, cmd.input, model, ctx=ctx, recorder=recorder,
-                     replay=replay, guard=guard), timeout))
+        async def bounded() -> StepOutcome:
+            # The coroutine is created inside the task, so a step canceled before it
+            # starts leaves no never-awaited coroutine behind.
+            async with asyncio.timeout(timeout):
+                return await run_step(self.spec, cmd.skill, cmd.input, model, ctx=ctx,
+                                      recorder=recorder, replay=replay, guard=guard)
+
+        step = asyncio.create_task(bounded())
         running = self._running.setdefault(cmd.task_id, set())
         running.add(step)
         keepalive = asyncio.create_task(self._keep_alive(msg))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +102,23 @@ class Ledger:
         self.nc = nc
         self.js = js
         self.timeout_s = timeout_s
+        # task id -> highest LEDGER sequence of that task this process wrote or was told
+        # of. On a replicated stream any replica answers a direct get, and a follower a
+        # few entries behind (or a node catching up after a restart) would serve a read
+        # that misses them; `read` retries until the answer includes this sequence.
+        self._known: OrderedDict[str, int] = OrderedDict()
+
+    def observe(self, task_id: str, seq: int) -> None:
+        """Make later reads of `task_id` include everything up to ledger sequence `seq`.
+
+        Appends call it; a consumer of ledger messages calls it with the delivered
+        message's stream sequence (`msg.metadata.sequence.stream`) before reading.
+        """
+        if seq > self._known.get(task_id, 0):
+            self._known[task_id] = seq
+        self._known.move_to_end(task_id)
+        while len(self._known) > 100_000:
+            self._known.popitem(last=False)
 
     # ------------------------------------------------------------------ append
 
@@ -128,6 +147,7 @@ class Ledger:
                     subject, expected_last_subject_seq or 0, str(e.description)
                 ) from e
             raise
+        self.observe(event.subject, int(ack.seq))
         return int(ack.seq)
 
     async def append_many(self, events: Sequence[Event], *, validate: bool = True) -> list[int]:
@@ -140,6 +160,8 @@ class Ledger:
             for e in checked
         ]
         acks = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+        for e, a in zip(checked, acks, strict=True):
+            self.observe(e.subject, int(a.seq))
         return [int(a.seq) for a in acks]
 
     # ------------------------------------------------------------------ read
@@ -154,6 +176,22 @@ class Ledger:
         messages back and ends with an end-of-batch status.
         """
         filt = subject or subjects.task_all(task_id)
+        want = self._known.get(task_id, 0) if subject is None else 0
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.005
+        while True:
+            out = await self._read_once(filt, from_seq, limit)
+            if want < from_seq or (out and out[-1].seq >= want) or len(out) >= limit:
+                return out
+            # A replica behind what this process knows is in the ledger answered: ask
+            # again (another replica, or the same one caught up).
+            if time.monotonic() > deadline:
+                raise LedgerReadError(
+                    f"read of {task_id}: no replica has reached ledger sequence {want}")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    async def _read_once(self, filt: str, from_seq: int, limit: int) -> list[LedgerEntry]:
         out: list[LedgerEntry] = []
         start = max(1, from_seq)
         while True:

@@ -744,9 +744,11 @@ def _free_port() -> int:
 def _register_extensions() -> None:
     from jetmesh.a2a.cli import register as register_a2a
     from jetmesh.memory.cli import register as register_memory
+    from jetmesh.orchestrator.health import register as register_health
 
     register_a2a(app)
     register_memory(app)
+    register_health(app)
 
 
 _register_extensions()

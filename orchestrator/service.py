@@ -226,6 +226,7 @@ class Orchestrator:
         await self.drive(sub.task_id)
 
     async def _on_step_event(self, msg: Msg) -> None:
+        self._observe(msg)
         if (msg.headers or {}).get("Ce-Type") not in TERMINAL_STEP_TYPES:
             return
         task_id = subjects.task_id_of(msg.subject)
@@ -233,9 +234,16 @@ class Orchestrator:
             await self.drive(task_id)
 
     async def _on_control(self, msg: Msg) -> None:
+        self._observe(msg)
         task_id = subjects.task_id_of(msg.subject)
         if task_id:
             await self.drive(task_id)
+
+    def _observe(self, msg: Msg) -> None:
+        """Reads of this task must include the ledger message that woke us."""
+        task_id = subjects.task_id_of(msg.subject)
+        if task_id:
+            self.ledger.observe(task_id, int(msg.metadata.sequence.stream))
 
     # ------------------------------------------------------------------ driving
 
@@ -261,28 +269,36 @@ class Orchestrator:
         lock = self._locks.setdefault(task_id, asyncio.Lock())
         async with lock:
             fresh = task_id not in self._cache
-            for _ in range(50):
-                state = await self.load(task_id)
-                if fresh:
-                    fresh = False
-                    await self._republish_dispatched(state)
-                live = self.live_skills()
-                actions = d.decide(state, self.now(),
-                                   live_skills=set(live) if live is not None else None,
-                                   no_agent_wait_s=self.settings.no_agent_wait_s)
-                if not actions:  # terminal: forget it
-                    self._waiting.pop(task_id, None)
-                    self._cache.pop(task_id, None)
-                    self._locks.pop(task_id, None)
-                    return state
-                if isinstance(actions[0], d.Wait):
-                    self._waiting[task_id] = actions[0].until
-                    return state
-                try:
-                    await self._execute(state, actions)
-                except AppendConflict as e:
-                    log.debug("task %s: %s; re-reading", task_id, e)
-            return state
+            try:
+                for _ in range(50):
+                    state = await self.load(task_id)
+                    if fresh:
+                        fresh = False
+                        await self._republish_dispatched(state)
+                    live = self.live_skills()
+                    actions = d.decide(state, self.now(),
+                                       live_skills=set(live) if live is not None else None,
+                                       no_agent_wait_s=self.settings.no_agent_wait_s)
+                    if not actions:  # terminal: forget it
+                        self._waiting.pop(task_id, None)
+                        self._cache.pop(task_id, None)
+                        self._locks.pop(task_id, None)
+                        return state
+                    if isinstance(actions[0], d.Wait):
+                        self._waiting[task_id] = actions[0].until
+                        return state
+                    try:
+                        await self._execute(state, actions)
+                    except AppendConflict as e:
+                        log.debug("task %s: %s; re-reading", task_id, e)
+                return state
+            except BaseException:
+                # Failed half-way (the ledger took the dispatch but the work publish
+                # failed, in a leader election say): forget the cached fold, so the
+                # retry sees the task as first seen and re-publishes dispatched but
+                # unstarted steps.
+                self._cache.pop(task_id, None)
+                raise
 
     async def _append_fenced(self, task_id: str, event: ev.Event, expected: int | None = None
                              ) -> int:

@@ -53,16 +53,6 @@ TERMINAL = {"jetmesh.task.completed.v1", "jetmesh.task.failed.v1",
 SETTINGS = BusSettings(replicas=3, ack_wait_s=10.0, max_deliver=20, request_timeout_s=3.0,
                        connect_timeout_s=2.0)
 
-# Reads must see the reader's own appends (NATS 2.12+ `min_last_seq` on direct gets): on
-# an R3 stream any replica answers a direct get, and a lagging follower (or the node
-# that just restarted) otherwise serves a read that misses them, which strands tasks.
-READ_YOUR_WRITES = hasattr(Ledger, "observe")
-NEEDS_READ_YOUR_WRITES = pytest.mark.xfail(
-    not READ_YOUR_WRITES, strict=False,
-    reason="Ledger reads are not read-your-writes on a replicated stream yet "
-           "(min_last_seq on direct gets); tasks can be stranded by a stale read")
-
-
 def start_cluster(root: Path, n: int = 3) -> list[EmbeddedNats]:
     ports = [free_port() for _ in range(n)]
     cports = [free_port() for _ in range(n)]
@@ -348,7 +338,6 @@ def check(figures: dict[str, Any]) -> None:
     assert figures["events_seen"] > 0 and figures["probe_appends_acked"] > 0
 
 
-@NEEDS_READ_YOUR_WRITES
 async def test_three_node_cluster_survives_kill_9(tmp_path: Path) -> None:
     """The issue's run: 100 tasks, the LEDGER leader SIGKILLed halfway through."""
     figures = await campaign(tmp_path, 100, kills=1)
@@ -356,7 +345,6 @@ async def test_three_node_cluster_survives_kill_9(tmp_path: Path) -> None:
     assert figures["kills"] == 1
 
 
-@NEEDS_READ_YOUR_WRITES
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 async def test_three_node_cluster_survives_a_kill_9_of_each_leader_in_turn(tmp_path: Path
