@@ -39,7 +39,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict
-from jetmesh.bus.ledger import Ledger, LedgerEntry
+from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, work_consumer_config
@@ -53,25 +53,52 @@ def replica_id() -> str:
 
 @dataclass
 class FencedRecorder:
-    """Appends the loop's records to the step subject, each fenced on the previous one."""
+    """Appends a step's records to its ledger subject.
+
+    Model calls and read-only tool calls are pipelined (sent without waiting for the
+    ack, so the step does not pay a disk round trip per record); everything else, and
+    the step's result, is appended fenced on the subject's last sequence after all
+    pipelined acks are in. A worker that lost the step to a redelivery is fenced out
+    there, and its result is refused.
+    """
 
     ledger: Ledger
     task_id: str
     source: str
     last_seq: int
+    _pending: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    async def _settle(self) -> int:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            acks = await asyncio.wait_for(asyncio.gather(*pending),
+                                          self.ledger.timeout_s)
+            self.last_seq = max([self.last_seq, *(int(a.seq) for a in acks)])
+        return self.last_seq
 
     async def _append(self, event: ev.Event) -> None:
+        expected = await self._settle()
         try:
             self.last_seq = await self.ledger.append(
-                event, expected_last_subject_seq=self.last_seq)
+                event, expected_last_subject_seq=expected, validate=False)
         except AppendConflict as e:
             raise Fenced(str(e)) from e
 
+    async def _pipeline(self, event: ev.Event) -> None:
+        self._pending.append(await self.ledger.js.publish_async(
+            subject_for(event), ev.encode_event(event),
+            headers={"Nats-Msg-Id": event.id, "Ce-Type": event.type}))
+
     async def record_model_call(self, data: ev.ModelCalledData) -> None:
-        await self._append(ev.ModelCalled(subject=self.task_id, source=self.source, data=data))
+        await self._pipeline(ev.ModelCalled(subject=self.task_id, source=self.source,
+                                            data=data))
 
     async def record_tool_call(self, data: ev.ToolCalledData) -> None:
-        await self._append(ev.ToolCalled(subject=self.task_id, source=self.source, data=data))
+        event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data)
+        if data.side_effects:
+            await self._append(event)  # durable before the step goes on
+        else:
+            await self._pipeline(event)
 
 
 def replay_from(entries: list[LedgerEntry]) -> StepReplay:
@@ -197,18 +224,30 @@ class Worker:
         if cmd.skill not in skill_ids:
             raise Reject(f"agent {self.spec.name} has no skill '{cmd.skill}'")
         subject = subjects.step_events(cmd.task_id, cmd.step_id)
-        entries = await self.ledger.read(cmd.task_id, subject=subject)
-        if finished(entries, cmd.attempt):
-            return  # a duplicate delivery of a step that already has its result
-        last = entries[-1].seq if entries else 0
         delivery = int(msg.metadata.num_delivered)
         started = ev.StepStarted(subject=cmd.task_id, source=self.source, data=ev.StepStartedData(
             step_id=cmd.step_id, agent=self.spec.name, worker=self.replica,
             attempt=cmd.attempt, delivery=delivery))
-        try:
-            last = await self.ledger.append(started, expected_last_subject_seq=last)
-        except AppendConflict as e:
-            raise Fenced(str(e)) from e
+        entries: list[LedgerEntry] = []
+        last: int | None = None
+        if delivery == 1 and cmd.attempt == 1:
+            # First delivery of a first attempt: the step's subject must be empty, so
+            # claim it without reading first (a conflict means it was not).
+            try:
+                last = await self.ledger.append(started, expected_last_subject_seq=0,
+                                                validate=False)
+            except AppendConflict:
+                last = None
+        if last is None:
+            entries = await self.ledger.read(cmd.task_id, subject=subject)
+            if finished(entries, cmd.attempt):
+                return  # a duplicate delivery of a step that already has its result
+            try:
+                last = await self.ledger.append(
+                    started, expected_last_subject_seq=entries[-1].seq if entries else 0,
+                    validate=False)
+            except AppendConflict as e:
+                raise Fenced(str(e)) from e
         recorder = FencedRecorder(self.ledger, cmd.task_id, self.source, last)
 
         errors = self.spec.validate_input(cmd.skill, cmd.input)

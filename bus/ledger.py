@@ -48,6 +48,14 @@ WRONG_LAST_SEQUENCE = 10071
 
 
 @dataclass(frozen=True)
+class Appended:
+    """The ack of one append."""
+
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
 class LedgerEntry:
     """One stored event with its stream sequence number and subject."""
 
@@ -107,6 +115,11 @@ class Ledger:
         # few entries behind (or a node catching up after a restart) would serve a read
         # that misses them; `read` retries until the answer includes this sequence.
         self._known: OrderedDict[str, int] = OrderedDict()
+        self._reply_sub: Any = None
+        self._reply_prefix = ""
+        self._token = 0
+        self._pending: dict[str, tuple[list[tuple[int, str, bytes]],
+                                       asyncio.Future[list[tuple[int, str, bytes]]]]] = {}
 
     def observe(self, task_id: str, seq: int) -> None:
         """Make later reads of `task_id` include everything up to ledger sequence `seq`.
@@ -152,17 +165,29 @@ class Ledger:
 
     async def append_many(self, events: Sequence[Event], *, validate: bool = True) -> list[int]:
         """Pipelined appends (no fencing): send all, then wait for every ack."""
+        return [a.seq for a in await self.append_pipelined(events, validate=validate)]
+
+    async def append_pipelined(
+        self, events: Sequence[Event], *, validate: bool = True,
+        also: Sequence[tuple[str, bytes, dict[str, str]]] = (),
+    ) -> list[Appended]:
+        """Send every event (and `also`: extra JetStream publishes, e.g. work commands)
+        without waiting, then wait for all acks. Returns each event's sequence and whether
+        JetStream dropped it as a duplicate of an earlier append with the same id."""
         checked = [validate_event(e) if validate else e for e in events]
         futures = [
-            await self.js.publish_async(
-                subject_for(e), encode_event(e), headers=_headers(e, None)
-            )
+            await self.js.publish_async(subject_for(e), encode_event(e),
+                                        headers=_headers(e, None))
             for e in checked
         ]
+        futures += [await self.js.publish_async(subj, data, headers=dict(h))
+                    for subj, data, h in also]
         acks = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
-        for e, a in zip(checked, acks, strict=True):
+        out = []
+        for e, a in zip(checked, acks, strict=False):
             self.observe(e.subject, int(a.seq))
-        return [int(a.seq) for a in acks]
+            out.append(Appended(int(a.seq), bool(a.duplicate)))
+        return out
 
     # ------------------------------------------------------------------ read
 
@@ -229,33 +254,45 @@ class Ledger:
     async def _direct_batch(
         self, filter_subject: str, start: int, batch: int, stream: str = subjects.STREAM_LEDGER
     ) -> list[tuple[int, str, bytes]]:
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        out: list[tuple[int, str, bytes]] = []
+        """One batched direct get. Replies come to one long-lived wildcard inbox and are
+        routed to the waiting request by token (no subscribe/unsubscribe per read)."""
+        if self._reply_sub is None:
+            self._reply_prefix = self.nc.new_inbox()
+            self._reply_sub = await self.nc.subscribe(f"{self._reply_prefix}.*",
+                                                      cb=self._on_reply)
+        self._token += 1
+        token = str(self._token)
+        done: asyncio.Future[list[tuple[int, str, bytes]]] = \
+            asyncio.get_running_loop().create_future()
+        self._pending[token] = ([], done)
         try:
             req = {"seq": start, "next_by_subj": filter_subject, "batch": batch}
-            await self.nc.publish(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox
-            )
-            while True:
-                try:
-                    msg: Msg = await sub.next_msg(timeout=self.timeout_s)
-                except TimeoutError as e:
-                    raise LedgerReadError(f"direct get on {filter_subject} timed out") from e
-                hdrs = msg.headers or {}
-                status = hdrs.get("Status")
-                if status == "204" or status == "404":  # end of batch / nothing found
-                    return out
-                if status:
-                    raise LedgerReadError(
-                        f"direct get on {filter_subject}: {status} {hdrs.get('Description', '')}"
-                    )
-                out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
-                if hdrs.get("Nats-Num-Pending") == "0" and len(out) >= 1:
-                    # The server still sends EOB; keep reading to consume it.
-                    continue
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
+                                  reply=f"{self._reply_prefix}.{token}")
+            try:
+                return await asyncio.wait_for(done, self.timeout_s)
+            except TimeoutError as e:
+                raise LedgerReadError(f"direct get on {filter_subject} timed out") from e
         finally:
-            await sub.unsubscribe()
+            self._pending.pop(token, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        pending = self._pending.get(token)
+        if pending is None:
+            return
+        out, done = pending
+        if done.done():
+            return
+        hdrs = msg.headers or {}
+        status = hdrs.get("Status")
+        if status in ("204", "404"):  # end of batch / nothing found
+            done.set_result(out)
+        elif status:
+            done.set_exception(LedgerReadError(
+                f"direct get: {status} {hdrs.get('Description', '')}"))
+        else:
+            out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
 
     async def last_subject_seq(self, subject: str) -> int:
         """Stream sequence of the last message on `subject`, 0 if none."""

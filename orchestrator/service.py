@@ -15,7 +15,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,14 @@ from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict
-from jetmesh.bus.ledger import Ledger
+from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
 from jetmesh.bus.presence import PresenceView
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, pull_consumer_config
 from jetmesh.orchestrator import decide as d
 from jetmesh.orchestrator.errors import PlanError
 from jetmesh.orchestrator.planner import Recorder, merge_with_model, plan_with_model
-from jetmesh.orchestrator.state import StepStatus, TaskState, fold
+from jetmesh.orchestrator.state import StepStatus, TaskState, apply
 from jetmesh.orchestrator.workflows import WorkflowRegistry, builtin_registry
 
 log = logging.getLogger("jetmesh.orchestrator")
@@ -116,6 +116,16 @@ class BudgetGuard:
         await self.book.release(token)
 
 
+@dataclass
+class _Cached:
+    """A task's fold, what has been read of the ledger, and what was folded from our own
+    appends beyond that (so a later read does not fold them twice)."""
+
+    state: TaskState
+    cursor: int = 0
+    local: set[int] = field(default_factory=set)
+
+
 class Orchestrator:
     """Drives every task to a terminal state. Run one or several replicas."""
 
@@ -141,7 +151,7 @@ class Orchestrator:
             self.registry = Registry(self.presence, verifier=verifier_from_env())
         self.now = now
         self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
-        self._cache: OrderedDict[str, TaskState] = OrderedDict()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, datetime | None] = {}
         self._runners: list[PullRunner] = []
@@ -214,16 +224,14 @@ class Orchestrator:
             data=ev.TaskSubmittedData(**{
                 **sub.model_dump(exclude={"task_id", "budget"}),
                 "budget": with_defaults(sub.budget, self.settings.default_budget())}))
-        with contextlib.suppress(AppendConflict):  # already submitted: drive it anyway
-            await self.ledger.append(submitted, expected_last_subject_seq=0)
+        first: list[ev.Event] = [submitted]
         if sub.workflow and self.workflows.get(sub.workflow) is None:
-            await self._append_fenced(sub.task_id, ev.TaskRejected(
+            first.append(ev.TaskRejected(
                 id=f"{sub.task_id}-rejected", subject=sub.task_id, source=SOURCE,
                 data=ev.TaskRejectedData(
                     reason=f"unknown workflow '{sub.workflow}'; known: "
                            + ", ".join(self.workflows.names()))))
-            return
-        await self.drive(sub.task_id)
+        await self.drive(sub.task_id, first=first)
 
     async def _on_step_event(self, msg: Msg) -> None:
         self._observe(msg)
@@ -248,49 +256,72 @@ class Orchestrator:
     # ------------------------------------------------------------------ driving
 
     async def load(self, task_id: str) -> TaskState:
-        """The task's state: cached fold plus whatever the ledger has that is newer."""
-        state = self._cache.get(task_id)
-        if state is None:
-            state = TaskState(task_id=task_id)
-        new = await self.ledger.read(task_id, from_seq=state.last_seq + 1)
-        state = fold(task_id, new, state)
-        self._cache[task_id] = state
-        self._cache.move_to_end(task_id)
+        """The task's state: the cached fold plus whatever the ledger has that is newer.
+
+        A terminal task is answered from the cache with no read: nothing can change it.
+        """
+        cached = self._cache.get(task_id)
+        if cached is None:
+            cached = _Cached(TaskState(task_id=task_id))
+            self._remember(task_id, cached)
+        else:
+            self._cache.move_to_end(task_id)
+            if cached.state.terminal:
+                return cached.state
+        new = await self.ledger.read(task_id, from_seq=cached.cursor + 1)
+        for entry in new:
+            if entry.seq not in cached.local:
+                apply(cached.state, entry, check_seq=False)
+            cached.cursor = entry.seq
+        cached.local = {s for s in cached.local if s > cached.cursor}
+        return cached.state
+
+    def _remember(self, task_id: str, cached: _Cached) -> None:
+        self._cache[task_id] = cached
         while len(self._cache) > self.settings.cache_size:
-            self._cache.popitem(last=False)
-        return state
+            old, _ = self._cache.popitem(last=False)
+            lock = self._locks.get(old)
+            if lock is not None and not lock.locked():
+                del self._locks[old]
+            self._waiting.pop(old, None)
 
     def live_skills(self) -> dict[str, SkillSpec] | None:
         """Skills of live agents whose cards verify (None: no registry, no check)."""
         return self.registry.skills() if self.registry is not None else None
 
-    async def drive(self, task_id: str) -> TaskState:
-        """Move one task forward as far as it can go now."""
+    async def drive(self, task_id: str, *, first: list[ev.Event] | None = None) -> TaskState:
+        """Move one task forward as far as it can go now.
+
+        One ledger read, then decide / act / decide on the folded state: each round's
+        decisions are appended in one pipelined batch and folded in locally, so the
+        orchestrator never reads back what it just wrote. `first`: events to append
+        before deciding (a submission).
+        """
         lock = self._locks.setdefault(task_id, asyncio.Lock())
         async with lock:
             fresh = task_id not in self._cache
             try:
+                state = await self.load(task_id)
+                if first and state.submitted is None:
+                    state = await self._flush(state, list(first), [])
+                if fresh:
+                    await self._republish_dispatched(state)
                 for _ in range(50):
-                    state = await self.load(task_id)
-                    if fresh:
-                        fresh = False
-                        await self._republish_dispatched(state)
                     live = self.live_skills()
                     actions = d.decide(state, self.now(),
                                        live_skills=set(live) if live is not None else None,
                                        no_agent_wait_s=self.settings.no_agent_wait_s)
-                    if not actions:  # terminal: forget it
+                    if not actions:  # terminal
                         self._waiting.pop(task_id, None)
-                        self._cache.pop(task_id, None)
-                        self._locks.pop(task_id, None)
                         return state
                     if isinstance(actions[0], d.Wait):
                         self._waiting[task_id] = actions[0].until
                         return state
                     try:
-                        await self._execute(state, actions)
+                        state = await self._execute(state, actions)
                     except AppendConflict as e:
                         log.debug("task %s: %s; re-reading", task_id, e)
+                        state = await self.load(task_id)
                 return state
             except BaseException:
                 # Failed half-way (the ledger took the dispatch but the work publish
@@ -300,51 +331,69 @@ class Orchestrator:
                 self._cache.pop(task_id, None)
                 raise
 
-    async def _append_fenced(self, task_id: str, event: ev.Event, expected: int | None = None
-                             ) -> int:
-        if expected is None:
-            expected = (await self.load(task_id)).task_subject_seq
-        return await self.ledger.append(event, expected_last_subject_seq=expected)
+    async def _flush(self, state: TaskState, events: list[ev.Event],
+                     commands: list[tuple[str, bytes, dict[str, str]]]) -> TaskState:
+        """Append `events` and publish `commands` in one pipelined batch, then fold the
+        events in locally. If JetStream dropped any as a duplicate (another replica made
+        the same decision first), the state is read again instead."""
+        if not events and not commands:
+            return state
+        acks = await self.ledger.append_pipelined(events, validate=False, also=commands)
+        cached = self._cache.get(state.task_id)
+        if cached is None or cached.state is not state or any(a.duplicate for a in acks):
+            self._cache.pop(state.task_id, None)
+            return await self.load(state.task_id)
+        for event, ack in zip(events, acks, strict=False):
+            if ack.seq > cached.cursor and ack.seq not in cached.local:
+                apply(state, LedgerEntry(ack.seq, subject_for(event), event), check_seq=False)
+                cached.local.add(ack.seq)
+        return state
 
-    async def _execute(self, state: TaskState, actions: list[d.Action]) -> None:
+    async def _execute(self, state: TaskState, actions: list[d.Action]) -> TaskState:
         tid = state.task_id
-        dispatches = [a for a in actions if isinstance(a, d.Dispatch)]
+        events: list[ev.Event] = []
+        commands: list[tuple[str, bytes, dict[str, str]]] = []
         for a in actions:
             if isinstance(a, d.Plan):
-                await self._plan(state)
+                events += await self._plan(state)
             elif isinstance(a, d.FailStep):
+                # Fenced on the step subject: a result that arrived meanwhile wins.
                 await self.ledger.append(ev.StepFailed(
                     subject=tid, source=SOURCE, data=ev.StepFailedData(
                         step_id=a.step_id, agent="orchestrator", code=a.code, reason=a.reason,
                         retryable=a.retryable, attempt=a.attempt)),
-                    expected_last_subject_seq=a.expected_seq)
+                    expected_last_subject_seq=a.expected_seq, validate=False)
+                return await self.load(tid)
             elif isinstance(a, d.Merge):
-                await self._merge(state)
+                events += await self._merge(state)
             elif isinstance(a, d.Complete):
-                await self._append_fenced(tid, ev.TaskCompleted(
+                events.append(ev.TaskCompleted(
                     id=f"{tid}-completed", subject=tid, source=SOURCE,
-                    data=ev.TaskCompletedData(result=a.result)), state.task_subject_seq)
+                    data=ev.TaskCompletedData(result=a.result)))
             elif isinstance(a, d.Fail):
-                await self._cascade_cancel(state, a.reason)
-                await self._append_fenced(tid, ev.TaskFailed(
+                events += self._cascade_cancel(state, a.reason)
+                events.append(ev.TaskFailed(
                     id=f"{tid}-failed", subject=tid, source=SOURCE,
-                    data=ev.TaskFailedData(code=a.code, reason=a.reason)),
-                    state.task_subject_seq)
+                    data=ev.TaskFailedData(code=a.code, reason=a.reason)))
             elif isinstance(a, d.Cancel):
-                await self._append_fenced(tid, ev.TaskCanceled(
+                events.append(ev.TaskCanceled(
                     id=f"{tid}-canceled", subject=tid, source=SOURCE,
-                    data=ev.TaskCanceledData(reason=a.reason)), state.task_subject_seq)
-        if dispatches:
-            await self._dispatch(state, dispatches)
+                    data=ev.TaskCanceledData(reason=a.reason)))
+            elif isinstance(a, d.Dispatch):
+                evs, cmds = self._dispatch(state, a)
+                events += evs
+                commands += cmds
+        return await self._flush(state, events, commands)
 
-    async def _cascade_cancel(self, state: TaskState, reason: str) -> None:
+    def _cascade_cancel(self, state: TaskState, reason: str) -> list[ev.Event]:
         """Tell every worker running a step of this task to stop (deadline, failure)."""
         running = [st for st in state.steps.values()
                    if st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING)]
         if running and state.cancel_requested is None:
-            await self.ledger.append(ev.CancelRequested(
+            return [ev.CancelRequested(
                 id=f"{state.task_id}-cancel-cascade", subject=state.task_id, source=SOURCE,
-                data=ev.CancelRequestedData(reason=reason, by="orchestrator")))
+                data=ev.CancelRequestedData(reason=reason, by="orchestrator"))]
+        return []
 
     def _guard(self, state: TaskState) -> BudgetGuard | None:
         budget = state.submitted.budget if state.submitted else None
@@ -352,42 +401,33 @@ class Orchestrator:
             return None
         return BudgetGuard(self.book, state.task_id, budget)
 
-    async def _dispatch(self, state: TaskState, dispatches: list[d.Dispatch]) -> None:
-        tid = state.task_id
-        sub = state.submitted
-        assert sub is not None
-        # Schema gate: an input that does not match the skill's input schema fails the
-        # step here and never reaches a worker.
-        live = self.live_skills() or {}
-        gated: list[d.Dispatch] = []
-        for a in dispatches:
-            skill = live.get(a.skill)
-            errors = schema_errors(skill.input_schema, a.input) if skill else []
-            if errors:
-                await self.ledger.append(ev.StepFailed(
-                    id=f"{tid}-{a.step_id}-invalid-{a.attempt}", subject=tid, source=SOURCE,
-                    data=ev.StepFailedData(
-                        step_id=a.step_id, agent="orchestrator", code="invalid_input",
-                        reason=f"input does not match skill '{a.skill}': "
-                               + "; ".join(errors[:10]),
-                        retryable=False, attempt=a.attempt)))
-            else:
-                gated.append(a)
-        dispatches = gated
-        if not dispatches:
-            return
-        # Deterministic ids: a replica or a redelivery dispatching the same attempt again
-        # is dropped by JetStream's duplicate window, on the ledger and on the work queue.
-        await self.ledger.append_many([
-            ev.StepDispatched(id=f"{tid}-{a.step_id}-dispatch-{a.attempt}", subject=tid,
-                              source=SOURCE, data=ev.StepDispatchedData(
-                                  step_id=a.step_id, skill=a.skill, input=a.input,
-                                  attempt=a.attempt))
-            for a in dispatches])
-        await self._publish_commands(state, dispatches)
+    def _dispatch(self, state: TaskState, a: d.Dispatch
+                  ) -> tuple[list[ev.Event], list[tuple[str, bytes, dict[str, str]]]]:
+        """The events and the work command of one dispatch (sent by `_flush`).
 
-    async def _publish_commands(self, state: TaskState, dispatches: list[d.Dispatch]) -> None:
+        Schema gate: an input that does not match the skill's input schema fails the
+        step here and never reaches a worker. Deterministic ids: a replica or a
+        redelivery dispatching the same attempt again is dropped by JetStream's
+        duplicate window, on the ledger and on the work queue.
+        """
         tid = state.task_id
+        live = self.live_skills() or {}
+        skill = live.get(a.skill)
+        errors = schema_errors(skill.input_schema, a.input) if skill else []
+        if errors:
+            return [ev.StepFailed(
+                id=f"{tid}-{a.step_id}-invalid-{a.attempt}", subject=tid, source=SOURCE,
+                data=ev.StepFailedData(
+                    step_id=a.step_id, agent="orchestrator", code="invalid_input",
+                    reason=f"input does not match skill '{a.skill}': " + "; ".join(errors[:10]),
+                    retryable=False, attempt=a.attempt))], []
+        dispatched = ev.StepDispatched(
+            id=f"{tid}-{a.step_id}-dispatch-{a.attempt}", subject=tid, source=SOURCE,
+            data=ev.StepDispatchedData(step_id=a.step_id, skill=a.skill, input=a.input,
+                                       attempt=a.attempt))
+        return [dispatched], [self._command(state, a)]
+
+    def _command(self, state: TaskState, a: d.Dispatch) -> tuple[str, bytes, dict[str, str]]:
         sub = state.submitted
         assert sub is not None
         budget = sub.budget
@@ -399,15 +439,12 @@ class Orchestrator:
         deadline = None
         if budget and budget.deadline_s and state.created_at:
             deadline = state.created_at + timedelta(seconds=budget.deadline_s)
-        futures = []
-        for a in dispatches:
-            cmd = ev.StepCommand(task_id=tid, step_id=a.step_id, skill=a.skill, input=a.input,
-                                 attempt=a.attempt, user_id=sub.user_id, budget=budget,
-                                 slice_usd=slice_usd, deadline=deadline)
-            futures.append(await self.js.publish_async(
-                subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
-                headers={"Nats-Msg-Id": f"{tid}-{a.step_id}-{a.attempt}"}))
-        await asyncio.gather(*futures)
+        cmd = ev.StepCommand(task_id=state.task_id, step_id=a.step_id, skill=a.skill,
+                             input=a.input, attempt=a.attempt, user_id=sub.user_id,
+                             budget=budget, slice_usd=slice_usd, deadline=deadline,
+                             traceparent=None)
+        return (subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
+                {"Nats-Msg-Id": f"{state.task_id}-{a.step_id}-{a.attempt}"})
 
     async def _republish_dispatched(self, state: TaskState) -> None:
         """First sight of a task in this process (a restart, a replica taking over): a
@@ -417,35 +454,32 @@ class Orchestrator:
         already has its result."""
         if state.terminal or state.submitted is None:
             return
-        redo = [d.Dispatch(st.id, st.skill, st.input or {}, st.attempt)
+        redo = [self._command(state, d.Dispatch(st.id, st.skill, st.input or {}, st.attempt))
                 for st in state.steps.values()
                 if st.status is StepStatus.DISPATCHED and st.input is not None]
         if redo:
-            await self._publish_commands(state, redo)
+            futures = [await self.js.publish_async(subj, data, headers=h)
+                       for subj, data, h in redo]
+            await asyncio.gather(*futures)
 
-    async def _record_calls(self, state: TaskState, recorder: Recorder) -> None:
-        if recorder.new:
-            await self.ledger.append_many([
-                ev.ModelCalled(subject=state.task_id, source=SOURCE, data=c)
-                for c in recorder.new])
+    @staticmethod
+    def _calls(state: TaskState, recorder: Recorder) -> list[ev.Event]:
+        return [ev.ModelCalled(subject=state.task_id, source=SOURCE, data=c)
+                for c in recorder.new]
 
-    async def _plan(self, state: TaskState) -> None:
+    async def _plan(self, state: TaskState) -> list[ev.Event]:
         tid = state.task_id
         sub = state.submitted
         assert sub is not None
         if sub.workflow:
             wf = self.workflows.get(sub.workflow)
             if wf is None:  # registry changed since submission
-                await self._append_fenced(tid, ev.TaskFailed(
+                return [ev.TaskFailed(
                     id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
-                        code="unknown_workflow", reason=f"unknown workflow '{sub.workflow}'")),
-                    state.task_subject_seq)
-                return
-            await self._append_fenced(tid, ev.TaskPlanned(
+                        code="unknown_workflow", reason=f"unknown workflow '{sub.workflow}'"))]
+            return [ev.TaskPlanned(
                 id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
-                    planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge)),
-                state.task_subject_seq)
-            return
+                    planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge))]
         live = self.live_skills()
         skills = sorted((live or {}).values(), key=lambda s: (s.id != "triage", s.id))
         recorder = Recorder("plan", [c for c in state.orchestrator_calls if c.purpose == "plan"],
@@ -454,25 +488,20 @@ class Orchestrator:
             steps, merge = await plan_with_model(self.model, sub.goal, sub.input, skills,
                                                  recorder)
         except BudgetRefused as e:
-            await self._record_calls(state, recorder)
-            await self._append_fenced(tid, ev.TaskFailed(
+            return self._calls(state, recorder) + [ev.TaskFailed(
                 id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
-                    code="budget_exceeded", reason=f"planning: {e}")))
-            return
+                    code="budget_exceeded", reason=f"planning: {e}"))]
         except PlanError as e:
-            await self._record_calls(state, recorder)
             detail = ("; ".join(str(x) for x in e.errors[:5])) if e.errors else ""
-            await self._append_fenced(tid, ev.TaskFailed(
+            return self._calls(state, recorder) + [ev.TaskFailed(
                 id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
-                    code="plan_failed", reason=f"{e.reason}{': ' + detail if detail else ''}")))
-            return
-        await self._record_calls(state, recorder)
-        await self._append_fenced(tid, ev.TaskPlanned(
+                    code="plan_failed", reason=f"{e.reason}{': ' + detail if detail else ''}"))]
+        return self._calls(state, recorder) + [ev.TaskPlanned(
             id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
                 planner=f"llm:{self.model.provider}/{self.model.name}", steps=steps,
-                merge=merge)))
+                merge=merge))]
 
-    async def _merge(self, state: TaskState) -> None:
+    async def _merge(self, state: TaskState) -> list[ev.Event]:
         tid = state.task_id
         sub = state.submitted
         assert sub is not None
@@ -483,14 +512,12 @@ class Orchestrator:
         try:
             result = await merge_with_model(self.model, sub.goal, outputs, recorder)
         except BudgetRefused as e:
-            await self._append_fenced(tid, ev.TaskFailed(
+            return [ev.TaskFailed(
                 id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
-                    code="budget_exceeded", reason=f"merging: {e}")))
-            return
-        await self._record_calls(state, recorder)
-        await self._append_fenced(tid, ev.TaskCompleted(
+                    code="budget_exceeded", reason=f"merging: {e}"))]
+        return self._calls(state, recorder) + [ev.TaskCompleted(
             id=f"{tid}-completed", subject=tid, source=SOURCE,
-            data=ev.TaskCompletedData(result=result)))
+            data=ev.TaskCompletedData(result=result))]
 
     # ------------------------------------------------------------------ timers, recovery
 

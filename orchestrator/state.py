@@ -123,16 +123,16 @@ def _step(state: TaskState, step_id: str, skill: str = "?") -> StepState:
     return st
 
 
-def apply(state: TaskState, entry: LedgerEntry) -> TaskState:
+def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> TaskState:
     """Fold one event into `state` (mutates and returns it). Never raises on valid events.
 
     Terminal states stay terminal: later events still count toward usage and step
     records (a late step result is audit history) but never change the task's status.
     """
     e = entry.event
-    if entry.seq <= state.last_seq:
+    if check_seq and entry.seq <= state.last_seq:
         return state  # already folded (replays are idempotent)
-    state.last_seq = entry.seq
+    state.last_seq = max(state.last_seq, entry.seq)
     if e.time and (state.updated_at is None or e.time > state.updated_at):
         state.updated_at = e.time
     if entry.subject == subjects.task_events(state.task_id):

@@ -3,9 +3,21 @@
 Provider SDKs (anthropic, openai) load only when a provider model is created.
 """
 
+from jetmesh.agents.models.breaker import (
+    BREAKERS,
+    BreakerModel,
+    BreakerRegistry,
+    CircuitBreaker,
+    breaker_states,
+    describe_breakers,
+    is_transient,
+)
+from jetmesh.agents.models.chain import FallbackChain
 from jetmesh.agents.models.errors import (
     ModelAuthError,
     ModelCallsDisabled,
+    ModelChainExhausted,
+    ModelCircuitOpen,
     ModelConfigError,
     ModelError,
     ModelRateLimited,
@@ -17,6 +29,7 @@ from jetmesh.agents.models.errors import (
 from jetmesh.agents.models.factory import (
     ModelSettings,
     create_model,
+    create_model_chain,
     describe_default_model,
 )
 from jetmesh.agents.models.pricing import cost_usd
@@ -35,11 +48,18 @@ from jetmesh.agents.models.types import (
 )
 
 __all__ = [
+    "BREAKERS",
+    "BreakerModel",
+    "BreakerRegistry",
+    "CircuitBreaker",
+    "FallbackChain",
     "FunctionModel",
     "Message",
     "Model",
     "ModelAuthError",
     "ModelCallsDisabled",
+    "ModelChainExhausted",
+    "ModelCircuitOpen",
     "ModelConfigError",
     "ModelError",
     "ModelRateLimited",
@@ -57,9 +77,13 @@ __all__ = [
     "ToolDefinition",
     "Usage",
     "allow_model_requests",
+    "breaker_states",
     "cost_usd",
     "create_model",
+    "create_model_chain",
+    "describe_breakers",
     "describe_default_model",
     "example_for_schema",
+    "is_transient",
     "tool_call",
 ]

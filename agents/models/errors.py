@@ -4,7 +4,9 @@ Every provider maps its SDK's errors into this tree, so callers handle one set::
 
     ModelError                      provider, model, message, status
     ├── ModelTransientError         retryable: 408/409/429/5xx, timeout, connection; retry_after
-    │   └── ModelRateLimited        HTTP 429
+    │   ├── ModelRateLimited        HTTP 429
+    │   ├── ModelCircuitOpen        the provider's circuit breaker is open: not called
+    │   └── ModelChainExhausted     every model of a fallback chain failed transiently
     ├── ModelAuthError              HTTP 401/403: bad or missing key; never retried
     ├── ModelRequestError           HTTP 400/404/413/422: the request is invalid; never retried
     ├── ModelResponseError          a body that does not parse (bad JSON, bad tool arguments)
@@ -52,6 +54,33 @@ class ModelTransientError(ModelError):
 
 class ModelRateLimited(ModelTransientError):
     """HTTP 429."""
+
+
+class ModelCircuitOpen(ModelTransientError):
+    """The circuit breaker in front of this provider is open: the call was not made.
+
+    ``retry_after`` is the time until the breaker lets a probe call through.
+    """
+
+    def __init__(
+        self, provider: str, model: str, message: str, *, breaker: str,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(provider, model, message, retry_after=retry_after)
+        self.breaker = breaker
+        """Name of the open breaker, e.g. ``anthropic``."""
+
+
+class ModelChainExhausted(ModelTransientError):
+    """Every model of a fallback chain failed transiently (or had its circuit open)."""
+
+    def __init__(
+        self, provider: str, model: str, message: str, *, errors: list[ModelError],
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(provider, model, message, retry_after=retry_after)
+        self.errors = errors
+        """One error per model tried, in chain order."""
 
 
 class ModelAuthError(ModelError):

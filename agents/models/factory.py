@@ -6,19 +6,26 @@ import importlib
 import inspect
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jetmesh.agents.models.errors import ModelConfigError
+from jetmesh.agents.models.breaker import BREAKERS, BreakerModel, BreakerRegistry
+from jetmesh.agents.models.chain import FallbackChain
+from jetmesh.agents.models.errors import ModelConfigError, ModelError
 from jetmesh.agents.models.sim import SimModel
 from jetmesh.agents.models.types import Model
+
+if TYPE_CHECKING:
+    from jetmesh.agents.spec import ModelPolicy
 
 __all__ = [
     "DEFAULT_MODELS",
     "PROVIDERS",
     "ModelSettings",
     "create_model",
+    "create_model_chain",
     "default_provider",
     "describe_default_model",
 ]
@@ -152,6 +159,42 @@ def create_model(
     if ":" in name:
         return _load_target(name)
     raise ModelConfigError("sim", name, "a sim model is 'dry-run' or 'package.module:attr'")
+
+
+def create_model_chain(
+    policy: ModelPolicy | None = None,
+    *,
+    settings: ModelSettings | None = None,
+    registry: BreakerRegistry | None = None,
+) -> Model:
+    """The model an agent runs on: its policy's primary, then each fallback in order.
+
+    The primary comes from ``policy.provider``/``policy.model`` (None: the deployment's
+    default, as in `create_model`); each `ModelRef` in ``policy.fallbacks`` follows it.
+    Every model goes behind its provider's circuit breaker from ``registry`` (default:
+    the process-wide `BREAKERS`), so one provider's outage is seen by every agent of the
+    process. A sim primary without fallbacks is returned as it is (no provider to
+    protect); anything else is a `FallbackChain` (of one, when there are no fallbacks).
+    Raises `ModelConfigError` when a model of the chain cannot be built.
+    """
+    settings = settings or ModelSettings()
+    registry = registry or BREAKERS
+    provider = policy.provider if policy else None
+    name = policy.model if policy else None
+    refs: list[tuple[str | None, str | None]] = [(provider, name)]
+    refs += [(r.provider, r.model) for r in (policy.fallbacks if policy else [])]
+    models: list[Model] = []
+    for p, m in refs:
+        try:
+            models.append(create_model(p, m, settings=settings))
+        except ModelError:
+            raise
+        except Exception as exc:  # e.g. an SDK refusing to build a client without a key
+            raise ModelConfigError(p or default_provider(settings), m or "",
+                                   f"cannot create model: {exc}") from exc
+    if len(models) == 1 and models[0].provider == "sim":
+        return models[0]
+    return FallbackChain([BreakerModel(m, registry.get(m.provider)) for m in models])
 
 
 def describe_default_model(settings: ModelSettings | None = None) -> str:
