@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .models.breaker import BREAKERS, BreakerRegistry, CircuitBreaker, Ticket
+from .models.types import Model
 from .spec import AgentSpec
 from .tools import Tool, ToolContext, ToolResult
 
@@ -35,6 +36,7 @@ __all__ = [
     "guard_tools",
     "is_external_tool",
     "tool_breaker_name",
+    "worker_breaker_states",
 ]
 
 BREAKER_DENIAL_PREFIX = "circuit open:"
@@ -177,3 +179,14 @@ def guard_spec(spec: AgentSpec, *, registry: BreakerRegistry | None = None,
     """A copy of ``spec`` whose external tools (see `is_external_tool`) have breakers."""
     return dataclasses.replace(
         spec, tools=guard_tools(spec.tools, registry=registry, applies=applies))
+
+
+def worker_breaker_states(spec: AgentSpec, model: Model | None = None, *,
+                          registry: BreakerRegistry | None = None) -> dict[str, dict[str, Any]]:
+    """The breakers one agent depends on, for its presence value: those in front of its
+    model chain and those of its own tools (not other agents' in the same process)."""
+    registry = registry or BREAKERS
+    names = [tool_breaker_name(t) for t in spec.tools]
+    get = getattr(model, "breaker_states", None)
+    own: dict[str, dict[str, Any]] = dict(get()) if callable(get) else {}
+    return {**own, **registry.states(names)}

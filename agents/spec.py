@@ -44,9 +44,27 @@ def is_default_output_schema(schema: dict[str, Any]) -> bool:
     return schema == DEFAULT_OUTPUT_SCHEMA
 
 
+_VALIDATORS: dict[int, tuple[dict[str, Any], Any]] = {}
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """A compiled validator per schema object (schemas live in specs and cards and are
+    not mutated), so hot paths do not rebuild one per call."""
+    hit = _VALIDATORS.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    validator = jsonschema.Draft202012Validator(schema)
+    if len(_VALIDATORS) > 4096:
+        _VALIDATORS.clear()
+    _VALIDATORS[id(schema)] = (schema, validator)
+    return validator
+
+
 def schema_errors(schema: dict[str, Any], data: Any) -> list[str]:
     """Draft 2020-12 validation errors of ``data``, one readable line each (empty: valid)."""
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _validator(schema)
+    if validator.is_valid(data):
+        return []
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     lines = []
     for err in errors:

@@ -149,6 +149,9 @@ class Worker:
     _presence: Presence | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        from jetmesh.agents.breakers import guard_spec
+
+        self.spec = guard_spec(self.spec)  # external tools behind circuit breakers
         self.ledger = Ledger(self.nc, self.js, timeout_s=self.bus_settings.request_timeout_s)
         self.book = BudgetBook(self.js, replicas=self.bus_settings.replicas)
         self.policy = self.settings.policy()
@@ -165,9 +168,15 @@ class Worker:
 
     def presence_value(self) -> dict[str, Any]:
         """What this replica advertises: its A2A card (signed when a key is set) and load."""
-        model = f"{self.model.provider}/{self.model.name}" if self.model else None
-        return self._advertiser.value(self.replica, model=model, started_at=self.started_at,
-                                      steps_done=self.steps_done)
+        from jetmesh.agents.breakers import worker_breaker_states
+        from jetmesh.agents.models.chain import FallbackChain
+
+        model = (self.model.describe() if isinstance(self.model, FallbackChain)
+                 else f"{self.model.provider}/{self.model.name}" if self.model else None)
+        value = self._advertiser.value(self.replica, model=model, started_at=self.started_at,
+                                       steps_done=self.steps_done)
+        value["breakers"] = worker_breaker_states(self.spec, self.model)
+        return value
 
     async def start(self) -> None:
         await declare_streams(self.js, self.bus_settings)
@@ -250,12 +259,8 @@ class Worker:
                 raise Fenced(str(e)) from e
         recorder = FencedRecorder(self.ledger, cmd.task_id, self.source, last)
 
-        errors = self.spec.validate_input(cmd.skill, cmd.input)
-        if errors:
-            outcome = StepOutcome(status="failed", code="invalid_input",
-                                  reason="; ".join(errors[:10]))
-        else:
-            outcome = await self._run(cmd, msg, recorder, replay_from(entries))
+        # (run_step checks the input against the skill's schema first.)
+        outcome = await self._run(cmd, msg, recorder, replay_from(entries))
         if outcome.ok:
             final: ev.Event = ev.StepCompleted(
                 subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
@@ -342,12 +347,12 @@ async def run_worker(spec: AgentSpec, url: str, *, model: Model | None = None,
     `prepare` (optional) gets the spec and the connection before the worker starts and
     returns the spec to serve (e.g. with extra tools).
     """
-    from jetmesh.agents.models.factory import create_model
+    from jetmesh.agents.models.factory import create_model_chain
     from jetmesh.bus.connection import connect, jetstream
 
     settings = bus_settings or BusSettings()
     if model is None and spec.needs_model:
-        model = create_model(spec.model.provider, spec.model.model)
+        model = create_model_chain(spec.model)
     nc = await connect(url, settings=settings, name=f"jetmesh-agent-{spec.name}")
     # --- extra-tools hook (memory tools etc.) -----------------------------------------
     if prepare is not None:

@@ -37,6 +37,8 @@ async def connect(
     }
     if settings.nats_creds:
         kwargs["user_credentials"] = str(settings.nats_creds)
+    if settings.nats_inbox_prefix:
+        kwargs["inbox_prefix"] = settings.nats_inbox_prefix
     if settings.nats_user:
         kwargs["user"] = settings.nats_user
         kwargs["password"] = settings.nats_password or ""

@@ -190,7 +190,9 @@ def pull_consumer(stream: str, durable: str, filter_subject: str | None, opts: O
         _api("CONSUMER", "MSG", "NEXT", stream, durable),
         # Ack, nak, in-progress and term all publish to the delivered message's reply
         # subject: $JS.ACK.<stream>.<consumer>.<deliveries>.<sseq>.<cseq>.<ts>.<pending>
+        # (and, in the newer format, $JS.ACK.<domain>.<account>.<stream>.<consumer>.…).
         f"{ACK}.{stream}.{durable}.>",
+        f"{ACK}.*.*.{stream}.{durable}.>",
         subjects.dlq(stream, durable),
     ]
     if opts.legacy_consumer_create:
@@ -369,9 +371,8 @@ class AuthConfig:
         return render_env(self.user(user), self.passwords[user], url)
 
     def env_file(self, url: str | None = None) -> str:
-        blocks = ["# jetmesh bus credentials, one block per role. Keep this file secret.",
-                  "# Source the block of a role before starting it (or use an env file "
-                  "per process)."]
+        blocks = ["# jetmesh bus credentials, one block per role. Keep this file secret.\n"
+                  "# Give each process the block of its role (e.g. an env file per role)."]
         for u in self.users:
             head = f"# --- {u.role}" + (f" {u.agent} ({', '.join(u.skills)})" if u.agent else "")
             blocks.append(head + "\n" + self.env(u.user, url))

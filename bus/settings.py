@@ -25,6 +25,11 @@ class BusSettings(BaseSettings):
     nats_password: str | None = Field(
         default=None, validation_alias=AliasChoices("NATS_PASSWORD")
     )
+    nats_inbox_prefix: str | None = Field(
+        default=None, validation_alias=AliasChoices("NATS_INBOX_PREFIX",
+                                                    "JETMESH_NATS_INBOX_PREFIX"))
+    """Reply-inbox prefix; with `jetmesh nats-config` each role has its own, so no role
+    can read another's replies (e.g. its pulled work)."""
     data_dir: Path = Path(".jetmesh")
     """Where the embedded server keeps its JetStream data (`<data_dir>/nats`)."""
     connect_timeout_s: float = 5.0

@@ -108,6 +108,9 @@ def pull_consumer_config(
 ) -> ConsumerConfig:
     s = settings or BusSettings()
     return ConsumerConfig(
+        # Created by name: the server then checks the filter in the API subject
+        # (CONSUMER.CREATE.<stream>.<name>.<filter>), which least-privilege users rely on.
+        name=durable,
         durable_name=durable,
         filter_subject=filter_subject,
         ack_policy=AckPolicy.EXPLICIT,

@@ -306,12 +306,11 @@ def worker_cmd(
     spec = load_agent(agent)
 
     async def main() -> None:
-        from jetmesh.agents.models.factory import create_model
+        from jetmesh.agents.models.factory import create_model_chain
         from jetmesh.agents.worker import Worker
         from jetmesh.bus.connection import connect, jetstream
 
-        model = create_model(spec.model.provider, spec.model.model) if spec.needs_model \
-            else None
+        model = create_model_chain(spec.model) if spec.needs_model else None
 
         async def start() -> Any:
             nc = await connect(target, name=f"jetmesh-agent-{spec.name}")
@@ -535,12 +534,14 @@ def agents_cmd(
             agents = await live_agents(js)
         finally:
             await nc.close()
-        table = Table("agent", "replicas", "skills", "model", "version")
+        from jetmesh.agents.models import describe_breakers
+
+        table = Table("agent", "replicas", "skills", "model", "version", "breakers")
         for a in agents:
             if skill and skill not in a.skills:
                 continue
             table.add_row(a.name, str(len(a.replicas)), ", ".join(a.skills), a.model or "-",
-                          a.version)
+                          a.version, describe_breakers(a.breakers))
         console.print(table if agents else "no live agents")
 
     run(main)
@@ -745,10 +746,12 @@ def _register_extensions() -> None:
     from jetmesh.a2a.cli import register as register_a2a
     from jetmesh.memory.cli import register as register_memory
     from jetmesh.orchestrator.health import register as register_health
+    from jetmesh.orchestrator.nats_config import register as register_nats_config
 
     register_a2a(app)
     register_memory(app)
     register_health(app)
+    register_nats_config(app)
 
 
 _register_extensions()

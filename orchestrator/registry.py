@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.js import JetStreamContext
 
@@ -18,6 +19,8 @@ class LiveAgent:
     model: str | None
     skills: list[str]
     replicas: list[str] = field(default_factory=list)
+    breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Circuit breakers by name, the worst state across replicas."""
 
 
 async def live_agents(js: JetStreamContext, ttl_s: float = 5.0) -> list[LiveAgent]:
@@ -37,4 +40,7 @@ async def live_agents(js: JetStreamContext, ttl_s: float = 5.0) -> list[LiveAgen
             name=v.get("agent", "?"), version=v.get("version", ""), model=v.get("model"),
             skills=[s.get("id", "?") for s in v.get("skills", [])]))
         a.replicas.append(v.get("replica", entry.key))
+        for bname, state in (v.get("breakers") or {}).items():
+            if a.breakers.get(bname, {}).get("state", "closed") == "closed":
+                a.breakers[bname] = state
     return sorted(by_name.values(), key=lambda a: a.name)

@@ -210,12 +210,12 @@ def _prefer_given(args: Any, given: dict[str, Any], schema: dict[str, Any]) -> A
     """
     if not isinstance(args, dict) or not given:
         return args
-    import jsonschema
+    from jetmesh.agents.spec import schema_errors
 
     merged = {**args, **{k: v for k, v in given.items() if k in args}}
     if merged == args:
         return args
-    if jsonschema.Draft202012Validator(schema).is_valid(merged):
+    if not schema_errors(schema, merged):
         return merged
     return args
 

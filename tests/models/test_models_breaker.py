@@ -14,11 +14,13 @@ from jetmesh.agents.breakers import (
     guard_spec,
     guard_tool,
     is_external_tool,
+    worker_breaker_states,
 )
 from jetmesh.agents.models import (
     BreakerModel,
     BreakerRegistry,
     CircuitBreaker,
+    FallbackChain,
     FunctionModel,
     Message,
     ModelAuthError,
@@ -439,3 +441,17 @@ def test_guard_spec_wraps_only_external_tools() -> None:
     assert isinstance(guarded.tools[0], BreakerTool)
     assert guarded.tools[1] is calc
     assert spec.tools[0] is pay  # the original spec is unchanged
+
+
+def test_worker_breaker_states_are_the_agents_own() -> None:
+    reg = BreakerRegistry()
+    pay = make_tool(lambda a: {"y": 1}, name="pay")
+    spec = AgentSpec(name="billing", description="d",
+                     skills=[SkillSpec(id="s", name="s", description="d")], tools=[pay])
+    reg.get("tool:pay")
+    reg.get("tool:someone-elses")
+    model = FallbackChain([BreakerModel(FunctionModel(lambda r: "x", provider="openai"),
+                                        reg.get("openai"))])
+    states = worker_breaker_states(spec, model, registry=reg)
+    assert set(states) == {"openai", "tool:pay"}
+    assert worker_breaker_states(spec, None, registry=reg).keys() == {"tool:pay"}

@@ -12,6 +12,7 @@ from jetmesh.agents.models import (
     FunctionModel,
     Message,
     ModelAuthError,
+    ModelCallsDisabled,
     ModelChainExhausted,
     ModelCircuitOpen,
     ModelConfigError,
@@ -172,11 +173,11 @@ async def test_create_model_chain_wraps_each_model_in_its_provider_breaker() -> 
             ] == ["anthropic", "openai", "sim"]
     assert reg.get("anthropic") is chain.models[0].breaker  # type: ignore[attr-defined]
     assert set(chain.breaker_states()) == {"anthropic", "openai", "sim"}
-    # Requests are off in tests: anthropic is refused, openai (loopback) is unreachable;
-    # neither error is transient... the refusal is not, so it is raised at once.
-    with pytest.raises(Exception) as info:
+    # Requests are off in tests: the switch refuses the call to anthropic. That refusal
+    # is not transient, so it is raised at once and counts for nothing in the breaker.
+    with pytest.raises(ModelCallsDisabled):
         await chain.complete(req())
-    assert not isinstance(info.value, ModelChainExhausted)
+    assert reg.get("anthropic").state()["consecutive_failures"] == 0
     await chain.aclose()
 
 

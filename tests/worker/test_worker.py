@@ -127,7 +127,11 @@ async def test_worker_killed_mid_step_is_finished_by_the_other_replica(
         await nc.close()
     assert isinstance(done.event, ev.StepCompleted)
     assert "A1003" in json.dumps(done.event.data.output)
-    entries = await Ledger(*(await _reopen(fresh_server.url))).read(cmd.task_id)
+    nc2, js2 = await _reopen(fresh_server.url)
+    try:
+        entries = await Ledger(nc2, js2).read(cmd.task_id)
+    finally:
+        await nc2.close()
     starts = [e.event for e in entries if isinstance(e.event, ev.StepStarted)]
     assert len(starts) == 2
     assert starts[0].data.worker == started.event.data.worker

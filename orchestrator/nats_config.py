@@ -1,0 +1,168 @@
+"""`jetmesh nats-config`: a nats-server configuration with one user per role.
+
+The permissions come from `jetmesh.bus.permissions`; this module only resolves the
+agents, keeps passwords stable across regenerations and writes the files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from jetmesh.bus.permissions import AuthConfig, Options
+
+err = Console(stderr=True)
+
+_ENV_LINE = re.compile(r"^(NATS_USER|NATS_PASSWORD)=(.*)$")
+
+
+def resolve_agents(items: Sequence[str] | None) -> dict[str, list[str]]:
+    """Agent name -> skill ids. Each item: a built-in name, `module:attr` of an AgentSpec,
+    or `name=skill+skill` for an agent this process cannot import. Default: every
+    built-in agent."""
+    from jetmesh.agents.builtin import BUILTIN_AGENTS, builtin_names
+
+    if not items:
+        return {n: [s.id for s in spec.skills] for n, spec in BUILTIN_AGENTS.items()}
+    out: dict[str, list[str]] = {}
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        if "=" in item:
+            name, _, skills = item.partition("=")
+            out[name.strip()] = [s.strip() for s in skills.split("+") if s.strip()]
+        elif ":" in item:
+            import importlib
+
+            mod, _, attr = item.partition(":")
+            spec = getattr(importlib.import_module(mod), attr)
+            out[spec.name] = [s.id for s in spec.skills]
+        elif item in BUILTIN_AGENTS:
+            out[item] = [s.id for s in BUILTIN_AGENTS[item].skills]
+        else:
+            raise typer.BadParameter(
+                f"unknown agent {item!r}: use a built-in name ({', '.join(builtin_names())}), "
+                "module:attr, or name=skill+skill")
+    return out
+
+
+def read_passwords(env_file: Path) -> dict[str, str]:
+    """User -> password from an env file this command wrote before (to keep them)."""
+    found: dict[str, str] = {}
+    user: str | None = None
+    if not env_file.exists():
+        return found
+    for line in env_file.read_text().splitlines():
+        m = _ENV_LINE.match(line.strip())
+        if not m:
+            continue
+        if m.group(1) == "NATS_USER":
+            user = m.group(2)
+        elif user is not None:
+            found[user] = m.group(2)
+            user = None
+    return found
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def embedded_instructions(config_file: Path | None, env_file: Path | None) -> str:
+    conf = str(config_file) if config_file else "nats-auth.conf"
+    env = str(env_file) if env_file else "nats-auth.env"
+    return f"""\
+Run the embedded server with these users (the section is appended verbatim to
+the generated server configuration):
+
+    from pathlib import Path
+    from jetmesh.bus.server import EmbeddedNats
+    server = EmbeddedNats(data_dir=Path(".jetmesh/nats"), port=4222,
+                          extra_config=Path("{conf}").read_text())
+    server.start()
+
+Or a standalone nats-server: add `include "{conf}"` to its configuration.
+
+Then start each role with its block of {env}
+(NATS_USER, NATS_PASSWORD, NATS_INBOX_PREFIX): the admin block for `jetmesh`
+operator commands, `orchestrator` for `jetmesh orchestrator`, `agent-<name>` for
+`jetmesh worker <name>`, `memory`, `gateway`. Declare the streams and buckets
+as admin (or start the orchestrator) before the agents: agents only read them.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `nats-config` command to the jetmesh CLI."""
+
+    @app.command("nats-config")
+    def nats_config_cmd(
+        out: Annotated[Path | None, typer.Option(
+            "--out", "-o", help="Write the server configuration section here (default: "
+                                "stdout).")] = None,
+        env_out: Annotated[Path | None, typer.Option(
+            "--env-out", help="Write the per-role NATS_USER / NATS_PASSWORD env blocks here "
+                              "(default: <out>.env; stderr without --out).")] = None,
+        agents: Annotated[str | None, typer.Option(
+            "--agents", help="Comma-separated agents: built-in names, module:attr, or "
+                             "name=skill+skill (default: every built-in agent).")] = None,
+        url: Annotated[str | None, typer.Option(
+            "--url", help="Also write NATS_URL into each env block.")] = None,
+        rotate: Annotated[bool, typer.Option(
+            "--rotate", help="New passwords for every user (default: keep those already "
+                             "in the env file).")] = False,
+        shared_inbox: Annotated[bool, typer.Option(
+            "--shared-inbox", help="Let every user subscribe to _INBOX.> (clients that "
+                                   "cannot set an inbox prefix; users can then read "
+                                   "each other's replies).")] = False,
+        agents_write_control: Annotated[bool, typer.Option(
+            "--agents-write-control", help="Let agents append to task control subjects "
+                                           "(approval-timeout denials; also lets them "
+                                           "write approvals).")] = False,
+        strict_consumers: Annotated[bool, typer.Option(
+            "--strict-consumers", help="Only filter-bound consumer creation "
+                                       "(CONSUMER.CREATE.<stream>.<name>.<filter>); needs "
+                                       "consumers created by name.")] = False,
+        embedded: Annotated[bool, typer.Option(
+            "--embedded", help="Also print how to run the embedded server with it.")
+        ] = False,
+    ) -> None:
+        """Write a nats-server configuration with one user per role (orchestrator, each
+        agent, memory, gateway, admin), each allowed only its own subjects."""
+        resolved = resolve_agents(agents.split(",") if agents else None)
+        options = Options(private_inboxes=not shared_inbox,
+                          agents_write_control=agents_write_control,
+                          legacy_consumer_create=not strict_consumers)
+        env_path = env_out or (out.with_name(out.name + ".env") if out else None)
+        keep = {} if rotate or env_path is None else read_passwords(env_path)
+        try:
+            auth = AuthConfig.create(resolved, options, passwords=keep)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        config = auth.server_config()
+        env = auth.env_file(url)
+        if out is None:
+            typer.echo(config, nl=False)
+        else:
+            _write_secret(out, config)
+            err.print(f"wrote {out} ({len(auth.users)} users: "
+                      f"{', '.join(u.user for u in auth.users)})")
+        if env_path is None:
+            typer.echo(env, err=True, nl=False)
+        else:
+            _write_secret(env_path, env)
+            kept = sum(1 for u in auth.users if u.user in keep)
+            err.print(f"wrote {env_path} (mode 600; {kept} password(s) kept, "
+                      f"{len(auth.users) - kept} new)")
+        if embedded:
+            typer.echo(embedded_instructions(out, env_path), err=True, nl=False)

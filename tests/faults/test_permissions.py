@@ -1,0 +1,338 @@
+"""Least privilege on the bus, against a real nats-server run with `jetmesh nats-config`'s
+users: an agent's credentials serve its own skills and nothing else.
+
+The server refuses a publish or subscription outside a user's allow list with a
+"Permissions Violation" protocol error: nats-py hands it to the error callback, the
+refused message is dropped (a JetStream publish then gets no ack and times out) and a
+refused subscription receives nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+from nats.js.errors import APIError
+
+from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.models.sim import SimModel
+from jetmesh.agents.worker import Worker
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.events import PlanStep
+from jetmesh.bus.ledger import Ledger
+from jetmesh.bus.permissions import AuthConfig, Options, allowed
+from jetmesh.bus.presence import ensure_bucket
+from jetmesh.bus.server import EmbeddedNats
+from jetmesh.bus.streams import declare_streams, ensure_consumer, work_consumer_config
+from jetmesh.memory import MemorySettings, MemoryStore
+from jetmesh.memory.client import MemoryClient
+from jetmesh.memory.service import MemoryService
+from jetmesh.orchestrator.client import Client
+from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
+from jetmesh.orchestrator.state import TaskStatus
+from jetmesh.orchestrator.workflows import Workflow, WorkflowRegistry
+
+AGENTS = ("orders", "triage")
+
+
+@dataclass
+class Conn:
+    nc: NATS
+    js: JetStreamContext
+    errors: list[str] = field(default_factory=list)
+
+    def violations(self, subject: str) -> list[str]:
+        # nats-py lower-cases the server's error text.
+        return [e for e in self.errors
+                if "permissions violation" in e.lower() and subject.lower() in e.lower()]
+
+
+@dataclass
+class Secure:
+    server: EmbeddedNats
+    auth: AuthConfig
+    admin: Conn
+    ledger: Ledger
+    conns: list[Conn] = field(default_factory=list)
+
+    async def connect(self, user: str) -> Conn:
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e))
+
+        u = self.auth.user(user)
+        nc = await connect(self.server.url, name=f"test-{user}", user=user,
+                           password=self.auth.passwords[user], inbox_prefix=u.inbox_prefix,
+                           error_cb=on_error)
+        conn = Conn(nc, jetstream(nc), errors)
+        self.conns.append(conn)
+        return conn
+
+
+@pytest.fixture
+async def secure(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Secure]:
+    """A server run with the generated users (options: `request.param`, if parametrized)."""
+    options = getattr(request, "param", None) or Options()
+    auth = AuthConfig.create({a: [s.id for s in get_agent(a).skills] for a in AGENTS},
+                             options)
+    server = EmbeddedNats(data_dir=tmp_path / "nats", extra_config=auth.server_config())
+    server.start()
+    env = Secure(server, auth, None, None)  # type: ignore[arg-type]
+    try:
+        env.admin = await env.connect("admin")
+        # Declaring is the admin's (or orchestrator's) job; workers only read the info.
+        await declare_streams(env.admin.js)
+        await ensure_bucket(env.admin.js, subjects.BUCKET_AGENTS)
+        await ensure_bucket(env.admin.js, subjects.BUCKET_BUDGETS, max_age_s=7 * 86400)
+        env.ledger = Ledger(env.admin.nc, env.admin.js)
+        yield env
+    finally:
+        for c in env.conns:
+            with contextlib.suppress(Exception):
+                await c.nc.close()
+        server.stop()
+
+
+def server_violations(server: EmbeddedNats) -> list[str]:
+    """What the server logged as refused ("Publish Violation", "Subscription Violation")."""
+    return [line for line in server.log_path.read_text(errors="replace").splitlines()
+            if "Violation" in line]
+
+
+def command(task: str, skill: str, payload: dict[str, object]) -> bytes:
+    return ev.StepCommand(task_id=task, step_id="s1", skill=skill, input=payload
+                          ).model_dump_json().encode()
+
+
+async def pending(js: JetStreamContext, skill: str, want: int) -> int:
+    """Messages of `skill`'s consumer not yet taken or acked (waits briefly for `want`:
+    the consumer's counters trail the stream by a moment)."""
+    n = -1
+    for _ in range(40):
+        info = await js.consumer_info(subjects.STREAM_WORK, subjects.work_consumer(skill))
+        n = int(info.num_pending) + int(info.num_ack_pending)
+        if n == want:
+            break
+        await asyncio.sleep(0.05)
+    return n
+
+
+async def refused(conn: Conn, subject: str, timeout: float = 3.0) -> None:
+    """Wait for the server's permissions violation naming `subject`."""
+    for _ in range(int(timeout / 0.05)):
+        if conn.violations(subject):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no permissions violation for {subject}: {conn.errors}")
+
+
+def test_the_generated_lists_keep_agents_to_their_own_skills() -> None:
+    auth = AuthConfig.create({"orders": ["lookup_order"], "triage": ["triage"]})
+    orders = auth.agent("orders").permissions
+    assert orders is not None
+    own = "$JS.API.CONSUMER.MSG.NEXT.JM_WORK.work-lookup_order"
+    assert allowed(orders.publish, own)
+    assert allowed(orders.publish, "$JS.ACK.JM_WORK.work-lookup_order.1.5.5.1700000000.0")
+    assert allowed(orders.publish, "$KV.jm-agents.orders.host-1")
+    for subject in ("jm.work.triage", "jm.work.lookup_order",
+                    "$JS.API.CONSUMER.MSG.NEXT.JM_WORK.work-triage",
+                    "$JS.ACK.JM_WORK.work-triage.1.5.5.1700000000.0",
+                    "$JS.API.CONSUMER.CREATE.JM_WORK.work-triage.jm.work.triage",
+                    "$JS.API.CONSUMER.CREATE.JM_WORK",
+                    "$JS.API.STREAM.MSG.GET.JM_WORK", "$JS.API.DIRECT.GET.JM_WORK",
+                    "$JS.API.STREAM.CREATE.JM_WORK", "$JS.API.STREAM.PURGE.JM_WORK",
+                    "$KV.jm-agents.triage.host-1", "jm.dlq.JM_WORK.work-triage",
+                    "jm.task.t1.control", "jm.task.submit"):
+        assert not allowed(orders.publish, subject), subject
+    assert not allowed(orders.subscribe, "_INBOX.x")
+    assert not allowed(orders.subscribe, "_INBOX_agent-triage.x.y")
+    assert not allowed(orders.subscribe, "jm.work.triage")
+    assert "_INBOX_agent-orders" in auth.env_file()
+    assert 'user: "agent-orders"' in auth.server_config()
+
+
+async def test_an_agent_serves_its_own_skill_with_its_own_credentials(secure: Secure) -> None:
+    conn = await secure.connect("agent-orders")
+    worker = Worker(get_agent("orders"), None, conn.nc, conn.js, replica="orders-test",
+                    heartbeat_s=0.5)
+    await worker.start()
+    try:
+        await secure.admin.js.publish(subjects.work("lookup_order"),
+                                      command("perm-ok", "lookup_order", {"order_id": "A1001"}))
+        subject = subjects.step_events("perm-ok", "s1")
+        done: list[ev.StepCompleted] = []
+        for _ in range(200):
+            done = [e.event for e in await secure.ledger.read("perm-ok", subject=subject)
+                    if isinstance(e.event, ev.StepCompleted)]
+            if done:
+                break
+            await asyncio.sleep(0.05)
+        assert done and done[0].data.agent == "orders"
+        assert done[0].data.output["found"] is True
+        # The registry heartbeat went through (its own key).
+        kv = await secure.admin.js.key_value(subjects.BUCKET_AGENTS)
+        assert (await kv.get("orders.orders-test")).value
+        assert conn.errors == []  # nothing the worker did was refused
+        assert server_violations(secure.server) == []
+    finally:
+        await worker.stop(grace_s=1.0)
+
+
+async def test_an_agent_cannot_publish_to_or_pull_another_agents_work(secure: Secure) -> None:
+    admin = secure.admin
+    # The triage skill's consumer exists and holds one command.
+    await ensure_consumer(admin.js, subjects.STREAM_WORK, work_consumer_config("triage"))
+    await admin.js.publish(subjects.work("triage"),
+                           command("perm-triage", "triage", {"message": "hello"}))
+    assert await pending(admin.js, "triage", 1) == 1
+
+    orders = await secure.connect("agent-orders")
+
+    # Publishing a step command for another agent's skill is refused: no ack, nothing stored.
+    with pytest.raises(Exception):  # noqa: B017 (nats-py: TimeoutError, no JetStream ack)
+        await orders.js.publish(subjects.work("triage"),
+                                command("perm-forged", "triage", {"message": "x"}), timeout=0.5)
+    await refused(orders, "jm.work.triage")
+    with pytest.raises(Exception):  # noqa: B017
+        await orders.js.publish(subjects.work("lookup_order"),
+                                command("perm-self", "lookup_order", {"order_id": "A1"}),
+                                timeout=0.5)
+    await refused(orders, "jm.work.lookup_order")
+    info = await admin.js.stream_info(subjects.STREAM_WORK, subjects_filter="jm.work.>")
+    assert (info.state.subjects or {}) == {"jm.work.triage": 1}  # only the admin's command
+
+    # Pulling from the triage consumer is refused: the fetch gets nothing.
+    sub = await orders.js.pull_subscribe_bind(durable=subjects.work_consumer("triage"),
+                                              stream=subjects.STREAM_WORK)
+    with pytest.raises(Exception):  # noqa: B017 (nats-py: TimeoutError, nothing delivered)
+        await sub.fetch(1, timeout=0.5)
+    await refused(orders, "$JS.API.CONSUMER.MSG.NEXT.JM_WORK.work-triage")
+
+    # ...and so is every other way to that work: creating a consumer for it (named, or
+    # ephemeral), reading the WORK stream's messages, or listening on triage's inbox.
+    attempts: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: orders.js.add_consumer(subjects.STREAM_WORK, work_consumer_config("triage")),
+         "$JS.API.CONSUMER.DURABLE.CREATE.JM_WORK.work-triage"),
+        (lambda: orders.js.add_consumer(subjects.STREAM_WORK, filter_subject="jm.work.triage"),
+         "$JS.API.CONSUMER.CREATE.JM_WORK"),
+        (lambda: orders.js.get_msg(subjects.STREAM_WORK, 1), "$JS.API.STREAM.MSG.GET.JM_WORK"),
+        (lambda: orders.js.purge_stream(subjects.STREAM_WORK), "$JS.API.STREAM.PURGE.JM_WORK"),
+    ]
+    for attempt, subject in attempts:
+        with pytest.raises(Exception):  # noqa: B017
+            await asyncio.wait_for(attempt(), 0.5)
+        await refused(orders, subject)
+    spy = await orders.nc.subscribe("_INBOX_agent-triage.>")
+    await refused(orders, "_INBOX_agent-triage.>")
+    await orders.nc.subscribe("jm.work.>")
+    await refused(orders, "jm.work.>")
+
+    # Its own durable cannot be re-pointed at triage's subject either: the legacy create
+    # subject carries no filter, but a work-queue stream refuses overlapping consumers
+    # (so every work consumer must exist before agents connect; see Options).
+    with pytest.raises(APIError):
+        await orders.js.add_consumer(subjects.STREAM_WORK, dataclasses.replace(
+            work_consumer_config("lookup_order"), filter_subject=subjects.work("triage")))
+
+    # The triage agent's credentials cannot pull the orders agent's work either.
+    triage = await secure.connect("agent-triage")
+    await ensure_consumer(admin.js, subjects.STREAM_WORK, work_consumer_config("lookup_order"))
+    await admin.js.publish(subjects.work("lookup_order"),
+                           command("perm-orders", "lookup_order", {"order_id": "A1001"}))
+    tsub = await triage.js.pull_subscribe_bind(durable=subjects.work_consumer("lookup_order"),
+                                               stream=subjects.STREAM_WORK)
+    with pytest.raises(Exception):  # noqa: B017
+        await tsub.fetch(1, timeout=0.5)
+    await refused(triage, "$JS.API.CONSUMER.MSG.NEXT.JM_WORK.work-lookup_order")
+    # Nor overwrite the orders agent's registry entry.
+    with pytest.raises(Exception):  # noqa: B017
+        await triage.js.publish("$KV.jm-agents.orders.fake", b"{}", timeout=0.5)
+    await refused(triage, "$KV.jm-agents.orders.fake")
+
+    # Nothing was taken: both commands still wait for their own agents, and the spy on
+    # triage's inbox got nothing.
+    assert await pending(admin.js, "triage", 1) == 1
+    assert await pending(admin.js, "lookup_order", 1) == 1
+    assert spy.pending_msgs == 0
+    # The triage agent's own consumer is still its to pull.
+    own = await triage.js.pull_subscribe_bind(durable=subjects.work_consumer("triage"),
+                                              stream=subjects.STREAM_WORK)
+    msgs = await own.fetch(1, timeout=2.0)
+    assert [m.subject for m in msgs] == ["jm.work.triage"]
+    await msgs[0].ack()
+    assert not triage.violations("work-triage")
+
+
+LOOKUP = Workflow(name="lookup", steps=[PlanStep(id="only", skill="lookup_order",
+                                                 input={"order_id": {"$ref": "task.goal"}})])
+
+
+def _create_by_name(create: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    async def by_name(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+        await create(js, stream, dataclasses.replace(config, name=config.durable_name))
+    return by_name
+
+
+@pytest.mark.parametrize("secure", [
+    Options(),
+    # With consumers created by name (the runtime change that makes the create subject
+    # carry the filter), the legacy create subject can be withheld.
+    Options(legacy_consumer_create=False),
+], indirect=True, ids=["as-is", "name-bound-consumers"])
+async def test_a_task_runs_end_to_end_with_every_role_on_its_own_user(
+        secure: Secure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orchestrator, memory service, gateway client and the agent, each on its own user:
+    nothing any of them does in a task's life is refused."""
+    agent_perms = secure.auth.agent("orders").permissions
+    assert agent_perms is not None
+    if "$JS.API.CONSUMER.DURABLE.CREATE.JM_WORK.work-lookup_order" not in agent_perms.publish:
+        import jetmesh.bus.consumer as consumer_mod
+
+        monkeypatch.setattr(consumer_mod, "ensure_consumer",
+                            _create_by_name(consumer_mod.ensure_consumer))
+    orch_conn = await secure.connect("orchestrator")
+    orch = Orchestrator(orch_conn.nc, orch_conn.js, model=SimModel(),
+                        settings=OrchestratorSettings(tick_s=0.1),
+                        workflows=WorkflowRegistry([LOOKUP]))
+    mem_conn = await secure.connect("memory")
+    store = await MemoryStore.open(MemorySettings(data_dir=tmp_path / "mem", embedder="hash",
+                                                  hash_dims=64))
+    memory = MemoryService(mem_conn.nc, mem_conn.js, store)
+    agent_conn = await secure.connect("agent-orders")
+    worker = Worker(get_agent("orders"), None, agent_conn.nc, agent_conn.js,
+                    replica="orders-e2e", heartbeat_s=0.5)
+    gw_conn = await secure.connect("gateway")
+    # Client.connect() cannot pass an inbox prefix yet: hand it the gateway's connection.
+    client = Client(secure.server.url)
+    client._nc, client.js = gw_conn.nc, gw_conn.js
+    await declare_streams(client.js)  # what Client.connect does: only reads stream info
+    client.ledger = Ledger(gw_conn.nc, gw_conn.js)
+    await orch.start()
+    await memory.start()
+    await worker.start()
+    try:
+        task_id = await client.submit("A1001", workflow="lookup")
+        state = await client.result(task_id, timeout=20)
+        assert state.status == TaskStatus.COMPLETED, state
+        # The agent's memory requests are answered (request/reply across users).
+        assert await MemoryClient(agent_conn.nc).available(timeout_s=3.0)
+        for conn, role in ((orch_conn, "orchestrator"), (mem_conn, "memory"),
+                           (agent_conn, "agent-orders"), (gw_conn, "gateway")):
+            assert not [e for e in conn.errors if "permissions" in e.lower()], (role, conn.errors)
+        assert server_violations(secure.server) == []
+    finally:
+        await worker.stop(grace_s=1.0)
+        await memory.stop(grace_s=1.0)
+        await orch.stop()
+        await store.close()
