@@ -38,6 +38,10 @@ def estimate(request: ModelRequest, model: Model) -> tuple[float, int]:
     return cost_usd(model.provider, model.name, usage), tokens_in + request.max_tokens
 
 
+APPROVAL_TIMEOUT = "approval-timeout"
+"""The rule of the PolicyDecided event a worker appends when an approval expires."""
+
+
 def first_decision(entries: list[Any], step_id: str, tool: str, h: str) -> str | None:
     """The first granted/denied decision for this exact call, in ledger order."""
     for e in entries:
@@ -144,11 +148,16 @@ class RuntimeGuard:
                 while found is None:
                     left = (expires - datetime.now(UTC)).total_seconds()
                     if left <= 0:
-                        await self.ledger.append(ev.ApprovalDenied(
+                        # Expiry is recorded on the step's own subject (an agent may not
+                        # write a task's control subject, where approvals live).
+                        await self.append(ev.PolicyDecided(
                             subject=self.cmd.task_id, source=self.source,
-                            data=ev.ApprovalDecisionData(
-                                step_id=self.cmd.step_id, tool=tool.name, args_hash=h,
-                                by="timeout", reason="no approval given in time")))
+                            data=ev.PolicyDecidedData(
+                                step_id=self.cmd.step_id, agent=self.agent, tool=tool.name,
+                                args_hash=h, decision="deny", rule=APPROVAL_TIMEOUT,
+                                reason="no approval given in time")))
+                        found = "denied: no approval given in time (by timeout)"
+                        break
                     else:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(got.wait(), left)

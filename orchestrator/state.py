@@ -210,6 +210,14 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
         case ev.PolicyDecided():
             st = _step(state, e.data.step_id)
             st.last_seq = entry.seq
+            if e.data.rule == "approval-timeout":  # the wait expired: a denial
+                key = approval_key(e.data.step_id, e.data.tool, e.data.args_hash)
+                if key not in state.decisions:
+                    state.decisions[key] = "denied"
+                    state.pending_approvals.pop(key, None)
+                    if not terminal and not state.pending_approvals and \
+                            state.status is TaskStatus.INPUT_REQUIRED:
+                        state.status = TaskStatus.WORKING
         case ev.ApprovalRequested():
             st = _step(state, e.data.step_id)
             st.last_seq = entry.seq

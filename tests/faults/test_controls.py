@@ -143,8 +143,10 @@ async def test_injected_instruction_never_runs_a_gated_action_without_approval(
                     and e.event.data.tool == "issue_refund"]
     assert len(refund_calls) == 1 and "not approved" in (refund_calls[0].data.error or "")
     assert refunds(gated_env) == [], "the gated refund ran"
-    denied = [e.event for e in entries if isinstance(e.event, ev.ApprovalDenied)]
-    assert denied and denied[0].data.by == "timeout"
+    expired = [e.event for e in entries if isinstance(e.event, ev.PolicyDecided)
+               and e.event.data.rule == "approval-timeout"]
+    assert len(expired) == 1 and expired[0].data.decision == "deny"
+    assert not state.pending_approvals
     assert state.status is TaskStatus.COMPLETED  # the model was told, and answered
 
 
