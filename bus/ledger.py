@@ -267,7 +267,7 @@ class Ledger:
         self._pending[token] = ([], done)
         try:
             req = {"seq": start, "next_by_subj": filter_subject, "batch": batch}
-            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
+            await self.nc.publish(subjects.direct_get(stream), json.dumps(req).encode(),
                                   reply=f"{self._reply_prefix}.{token}")
             try:
                 return await asyncio.wait_for(done, self.timeout_s)
@@ -299,7 +299,7 @@ class Ledger:
         inbox = self.nc.new_inbox()
         try:
             msg = await self.nc.request(
-                f"$JS.API.DIRECT.GET.{subjects.STREAM_LEDGER}.{subject}", b"",
+                subjects.direct_get(subjects.STREAM_LEDGER, subject), b"",
                 timeout=self.timeout_s,
             )
         except TimeoutError as e:

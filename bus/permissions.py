@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 
 from jetmesh.bus import subjects
 
-API = "$JS.API"
-ACK = "$JS.ACK"
-FLOW_CONTROL = "$JS.FC"
-KV_PREFIX = "$KV"
-SHARED_INBOX = "_INBOX"
+API = subjects.JS_API
+ACK = subjects.JS_ACK
+FLOW_CONTROL = subjects.JS_FLOW_CONTROL
+KV_PREFIX = subjects.KV_PREFIX
+SHARED_INBOX = subjects.INBOX
 
 ROLE_ADMIN = "admin"
 ROLE_ORCHESTRATOR = "orchestrator"

@@ -54,6 +54,21 @@ BUCKET_BUDGETS = "jm-budgets"
 BUCKET_EXTERNAL = "jm-external-agents"
 """External A2A agents added by URL (their fetched cards), served by the bridge worker."""
 
+# NATS and JetStream protocol subjects jetmesh uses directly
+JS_API = "$JS.API"
+JS_ACK = "$JS.ACK"
+JS_FLOW_CONTROL = "$JS.FC"
+KV_PREFIX = "$KV"
+INBOX = "_INBOX"
+
+
+def direct_get(stream: str, last_by_subject: str | None = None) -> str:
+    """JetStream direct get on `stream` (batched with a JSON body, or the last message on
+    `last_by_subject`)."""
+    base = f"{JS_API}.DIRECT.GET.{stream}"
+    return f"{base}.{last_by_subject}" if last_by_subject else base
+
+
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
