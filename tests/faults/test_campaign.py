@@ -296,7 +296,7 @@ async def test_kill_9_campaign_200_tasks(fresh_server: EmbeddedNats, tmp_path: P
         run_dir.mkdir()
         f = await kill_campaign(fresh_server, run_dir, tasks=200, replicas=3,
                                 kill_every_s=1.0, timeout_s=240, seed=seed + run,
-                                latency_ms=150)
+                                latency_ms=300)
         print(f"\nrun {run} (seed {seed + run}): {f.line()}")
         assert f.lost == 0 and f.completed == f.tasks, f.not_completed
         assert f.steps_without_effect == 0
