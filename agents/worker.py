@@ -64,16 +64,33 @@ class FencedRecorder:
 
     ledger: Ledger
     task_id: str
+    step_id: str
     source: str
     last_seq: int
     _pending: list[asyncio.Future[Any]] = field(default_factory=list)
+    _pending_ids: set[str] = field(default_factory=set)
+
+    @property
+    def subject(self) -> str:
+        return subjects.step_events(self.task_id, self.step_id)
 
     async def _settle(self) -> int:
+        """Wait for the pipelined acks, then move the fence over them only if nothing but
+        our own records landed on the subject since: another writer there means the step
+        was taken over (we are a woken stale worker) and we are fenced out."""
         if self._pending:
             pending, self._pending = self._pending, []
+            ours, self._pending_ids = self._pending_ids, set()
             acks = await asyncio.wait_for(asyncio.gather(*pending),
                                           self.ledger.timeout_s)
-            self.last_seq = max([self.last_seq, *(int(a.seq) for a in acks)])
+            top = max(int(a.seq) for a in acks)
+            since = await self.ledger.read(self.task_id, subject=self.subject,
+                                           from_seq=self.last_seq + 1)
+            foreign = [e for e in since if e.seq <= top and e.event.id not in ours]
+            if foreign:
+                raise Fenced(f"{self.subject}: {foreign[0].event.type} from "
+                             f"{foreign[0].event.source} landed after seq {self.last_seq}")
+            self.last_seq = max(self.last_seq, top)
         return self.last_seq
 
     async def _append(self, event: ev.Event) -> None:
@@ -85,6 +102,7 @@ class FencedRecorder:
             raise Fenced(str(e)) from e
 
     async def _pipeline(self, event: ev.Event) -> None:
+        self._pending_ids.add(event.id)
         self._pending.append(await self.ledger.js.publish_async(
             subject_for(event), ev.encode_event(event),
             headers={"Nats-Msg-Id": event.id, "Ce-Type": event.type}))
@@ -112,7 +130,8 @@ def finished(entries: list[LedgerEntry], attempt: int) -> bool:
     for e in entries:
         if isinstance(e.event, ev.StepCompleted):
             return True
-        if isinstance(e.event, ev.StepFailed) and e.event.data.attempt >= attempt:
+        if isinstance(e.event, ev.StepFailed) and e.event.data.attempt >= attempt \
+                and e.event.data.code != "dead_lettered":  # a redrive runs it again
             return True
     return False
 
@@ -184,7 +203,8 @@ class Worker:
             runner = PullRunner(
                 self.js, subjects.STREAM_WORK,
                 work_consumer_config(skill.id, self.bus_settings),
-                self.handle, concurrency=self.concurrency,
+                self.handle, on_dead_letter=self._dead_lettered,
+                concurrency=self.concurrency,
                 max_deliver=self.bus_settings.max_deliver,
                 max_bytes=self.spec.limits.max_input_bytes + 4096,
             )
@@ -208,6 +228,25 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._control.unsubscribe()
         await asyncio.gather(*(r.stop(grace_s) for r in self._runners))
+
+    async def _dead_lettered(self, msg: Msg, reason: str) -> None:
+        """A step command that ran out of deliveries fails its step now, so the
+        orchestrator retries or fails the task at once instead of at the step timeout."""
+        try:
+            cmd = ev.StepCommand.model_validate_json(msg.data)
+        except ValidationError:
+            return  # not a step: nothing to fail
+        subject = subjects.step_events(cmd.task_id, cmd.step_id)
+        entries = await self.ledger.read(cmd.task_id, subject=subject)
+        if finished(entries, cmd.attempt):
+            return
+        with contextlib.suppress(AppendConflict):
+            await self.ledger.append(ev.StepFailed(
+                subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
+                    step_id=cmd.step_id, agent=self.spec.name, code="dead_lettered",
+                    reason=f"step command dead-lettered: {reason}", retryable=True,
+                    attempt=cmd.attempt)),
+                expected_last_subject_seq=entries[-1].seq if entries else 0, validate=False)
 
     async def _on_control(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Ce-Type") != "jetmesh.task.cancel_requested.v1":
@@ -257,7 +296,7 @@ class Worker:
                     validate=False)
             except AppendConflict as e:
                 raise Fenced(str(e)) from e
-        recorder = FencedRecorder(self.ledger, cmd.task_id, self.source, last)
+        recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source, last)
 
         # (run_step checks the input against the skill's schema first.)
         outcome = await self._run(cmd, msg, recorder, replay_from(entries))

@@ -56,6 +56,8 @@ class PullRunner:
     stream: str
     config: ConsumerConfig
     handler: Handler
+    on_dead_letter: Callable[[Msg, str], Awaitable[None]] | None = None
+    """Called (best effort) after a message was dead-lettered, with the reason."""
     concurrency: int = 64
     max_deliver: int = 5
     backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -108,21 +110,19 @@ class PullRunner:
         try:
             deliveries = int(msg.metadata.num_delivered)
             if deliveries > self.max_deliver:
-                await dead_letter(
-                    self.js, msg, self.stream, self.durable,
-                    f"gave up after {self.max_deliver} deliveries (each attempt failed, "
-                    "crashed or timed out)",
-                )
+                await self._dead_letter(
+                    msg, f"gave up after {self.max_deliver} deliveries (each attempt "
+                    "failed, crashed or timed out)")
                 return
             if len(msg.data) > self.max_bytes:
-                await dead_letter(self.js, msg, self.stream, self.durable,
-                                  f"message of {len(msg.data)} bytes exceeds {self.max_bytes}")
+                await self._dead_letter(
+                    msg, f"message of {len(msg.data)} bytes exceeds {self.max_bytes}")
                 return
             await self.handler(msg)
             if not msg._ackd:
                 await msg.ack()
         except Reject as r:
-            await dead_letter(self.js, msg, self.stream, self.durable, r.reason, r.errors)
+            await self._dead_letter(msg, r.reason, r.errors)
         except Fenced:
             log.info("%s: fenced out of %s; leaving it to the new owner", self.durable,
                      msg.subject)
@@ -137,11 +137,19 @@ class PullRunner:
             log.warning("%s: %s failed (delivery %d), retry in %.1fs: %s", self.durable,
                         msg.subject, deliveries, delay, e, exc_info=log.isEnabledFor(10))
             if deliveries >= self.max_deliver:
-                await dead_letter(self.js, msg, self.stream, self.durable,
-                                  f"failed {deliveries} times; last error: {e}")
+                await self._dead_letter(msg, f"failed {deliveries} times; last error: {e}")
             else:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=delay)
+
+    async def _dead_letter(self, msg: Msg, reason: str,
+                           errors: list[dict[str, Any]] | None = None) -> None:
+        await dead_letter(self.js, msg, self.stream, self.durable, reason, errors)
+        if self.on_dead_letter is not None:
+            try:
+                await self.on_dead_letter(msg, reason)
+            except Exception as e:  # the letter is kept; the hook is a courtesy
+                log.warning("%s: dead-letter hook failed: %s", self.durable, e)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop fetching; let in-flight handlers finish for `grace_s`, then cancel them."""

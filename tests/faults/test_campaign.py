@@ -550,7 +550,8 @@ async def test_poison_message_dead_letters_then_redrives_once_fixed(
         fixed.touch()  # the fix is deployed
         redriven = cli(["dlq", "redrive", str(seq)], fresh_server.url, tmp_path)
         assert redriven.returncode == 0, redriven.stderr
-        done_entry = await wait_for_entry(ledger, cmd.task_id, is_step_result, 30)
+        done_entry = await wait_for_entry(
+            ledger, cmd.task_id, lambda e: isinstance(e.event, ev.StepCompleted), 30)
         after = cli(["dlq", "list"], fresh_server.url, tmp_path)
         entries = await ledger.read(cmd.task_id)
     finally:
@@ -568,6 +569,10 @@ async def test_poison_message_dead_letters_then_redrives_once_fixed(
     assert isinstance(done_entry.event, ev.StepCompleted), done_entry.event
     assert done_entry.event.data.output == {"handled": "x1"}
     assert "no dead letters" in after.stdout, after.stdout
+    # The dead letter failed the step at once (so an orchestrator retries without waiting
+    # for the step timeout), and the redriven command ran it again.
+    failed = [e.event.data for e in entries if isinstance(e.event, ev.StepFailed)]
+    assert [f.code for f in failed] == ["dead_lettered"] and failed[0].retryable
     starts = [e.event.data.delivery for e in entries if isinstance(e.event, ev.StepStarted)]
     assert starts == [1, 2, 3, 1], starts  # 3 crashed deliveries, then the redriven one
     assert with_exit == 0
