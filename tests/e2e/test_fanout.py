@@ -162,3 +162,31 @@ async def test_schema_gate_stops_invalid_step_input_before_any_worker(make_mesh)
     assert "order0" not in started  # the invalid step never reached a worker
 
 
+
+
+async def test_two_orchestrator_replicas_drive_every_task_once(make_mesh, bus) -> None:
+    from jetmesh.agents.models.sim import SimModel
+    from jetmesh.bus.connection import connect, jetstream
+    from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
+
+    mesh = await make_mesh(["support"])
+    nc = await connect(bus.url)
+    second = Orchestrator(nc, jetstream(nc), model=SimModel(),
+                          settings=OrchestratorSettings(tick_s=0.1))
+    await second.start()
+    try:
+        ids = [await mesh.client.submit("orders", workflow="fanout",
+                                        input={"order_ids": ORDERS}) for _ in range(20)]
+        states = await asyncio.gather(*(mesh.client.result(t, timeout=60) for t in ids))
+    finally:
+        await second.stop()
+        await nc.close()
+    assert all(s.status is TaskStatus.COMPLETED for s in states)
+    for tid in ids:
+        entries = await mesh.client.events(tid)
+        for kind in (ev.TaskPlanned, ev.TaskCompleted):
+            assert count(entries, kind) == 1, (tid, kind)
+        dispatched = [e.event.data.step_id for e in entries
+                      if isinstance(e.event, ev.StepDispatched)]
+        assert sorted(dispatched) == ["order0", "order1", "order2"], dispatched
+        assert count(entries, ev.StepCompleted) == 3
