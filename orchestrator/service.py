@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -149,6 +150,8 @@ class Orchestrator:
             from jetmesh.a2a.signing import verifier_from_env
 
             self.registry = Registry(self.presence, verifier=verifier_from_env())
+        self._skills: dict[str, SkillSpec] | None = None
+        self._skills_at = 0.0
         self.now = now
         self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
@@ -286,8 +289,18 @@ class Orchestrator:
             self._waiting.pop(old, None)
 
     def live_skills(self) -> dict[str, SkillSpec] | None:
-        """Skills of live agents whose cards verify (None: no registry, no check)."""
-        return self.registry.skills() if self.registry is not None else None
+        """Skills of live agents whose cards verify (None: no registry, no check).
+
+        Recomputed at most every 0.2 s (or when an agent comes or goes): it is asked on
+        every decision, and liveness is judged in seconds anyway."""
+        if self.registry is None:
+            return None
+        now = time.monotonic()
+        assert self.presence is not None
+        if self._skills is None or now - self._skills_at > 0.2 or \
+                self.presence.changed.is_set():
+            self._skills, self._skills_at = self.registry.skills(), now
+        return self._skills
 
     async def drive(self, task_id: str, *, first: list[ev.Event] | None = None) -> TaskState:
         """Move one task forward as far as it can go now.
