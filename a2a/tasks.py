@@ -32,6 +32,7 @@ from jetmesh.bus import events as ev
 from jetmesh.bus.ledger import LedgerEntry
 from jetmesh.orchestrator.state import StepStatus, TaskState
 from jetmesh.orchestrator.state import TaskStatus as JmStatus
+from jetmesh.orchestrator.timeline import describe
 
 __all__ = [
     "META_CONTEXT",
@@ -223,39 +224,6 @@ def task_from_state(state: TaskState, *, history: bool = True, artifacts: bool =
     return task
 
 
-def describe(event: ev.Event) -> str:
-    """One short line for a status message."""
-    match event:
-        case ev.TaskSubmitted():
-            return "submitted"
-        case ev.TaskPlanned():
-            return "planned: " + ", ".join(f"{s.id}({s.skill})" for s in event.data.steps)
-        case ev.StepDispatched():
-            return f"step {event.data.step_id} dispatched to {event.data.skill}"
-        case ev.StepStarted():
-            return f"step {event.data.step_id} started by {event.data.agent}"
-        case ev.ModelCalled():
-            return f"model call {event.data.provider}/{event.data.model}"
-        case ev.ToolCalled():
-            return f"tool {event.data.tool}" + (f" failed: {event.data.error}"
-                                                if event.data.error else "")
-        case ev.StepCompleted():
-            return f"step {event.data.step_id} completed"
-        case ev.StepFailed():
-            return f"step {event.data.step_id} failed [{event.data.code}]: {event.data.reason}"
-        case ev.CancelRequested():
-            return f"cancel requested: {event.data.reason}"
-        case ev.TaskCompleted():
-            return "completed"
-        case ev.TaskFailed():
-            return f"failed [{event.data.code}]: {event.data.reason}"
-        case ev.TaskCanceled():
-            return f"canceled: {event.data.reason}"
-        case ev.TaskRejected():
-            return f"rejected: {event.data.reason}"
-    return event.type
-
-
 def entry_event(state: TaskState, entry: LedgerEntry) -> StreamEvent:
     """The one A2A event for a ledger entry; `state` is the fold *including* the entry."""
     e = entry.event
@@ -270,7 +238,7 @@ def entry_event(state: TaskState, entry: LedgerEntry) -> StreamEvent:
         return out
     result = e.data.result if isinstance(e, ev.TaskCompleted) else None
     status = TaskStatus(state=a2a_state(state.status), message=_agent_message(
-        state, describe(e), result, message_id=f"{state.task_id}-{entry.seq}"))
+        state, describe(e, detail=False), result, message_id=f"{state.task_id}-{entry.seq}"))
     if e.time:
         status.timestamp.FromDatetime(e.time)
     update = TaskStatusUpdateEvent(task_id=state.task_id, context_id=context_of(state),

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from jetmesh.bus import events as ev
 from jetmesh.bus.errors import BusError
+from jetmesh.orchestrator.timeline import describe
 
 app = typer.Typer(
     name="jetmesh",
@@ -173,46 +174,6 @@ def tasks_cmd(
         console.print(table if states else "no tasks yet")
 
     run(main)
-
-
-def describe(entry_event: ev.Event) -> str:
-    """One human line for an event."""
-    e = entry_event
-    match e:
-        case ev.TaskSubmitted():
-            return f"submitted: {e.data.goal or e.data.workflow or ''}"
-        case ev.TaskPlanned():
-            return f"planned by {e.data.planner}: " + ", ".join(
-                f"{s.id}({s.skill})" for s in e.data.steps)
-        case ev.StepDispatched():
-            return f"step {e.data.step_id} -> {e.data.skill} (attempt {e.data.attempt})"
-        case ev.StepStarted():
-            return f"step {e.data.step_id} started by {e.data.agent} on {e.data.worker}"
-        case ev.ModelCalled():
-            d = e.data
-            where = d.purpose + (f" {d.step_id}" if d.step_id else "")
-            return (f"model {d.provider}/{d.model} [{where}]"
-                    f" {d.input_tokens}+{d.output_tokens} tok ${d.cost_usd:.5f} "
-                    f"{d.latency_ms:.0f}ms")
-        case ev.ToolCalled():
-            d2 = e.data
-            res = f"error: {d2.error}" if d2.error else json.dumps(d2.output)[:80]
-            return f"tool {d2.tool}({json.dumps(d2.arguments)[:60]}) -> {res}"
-        case ev.StepCompleted():
-            return f"step {e.data.step_id} completed: {json.dumps(e.data.output)[:100]}"
-        case ev.StepFailed():
-            return f"step {e.data.step_id} failed [{e.data.code}]: {e.data.reason}"
-        case ev.TaskCompleted():
-            return f"completed: {json.dumps(e.data.result)[:160]}"
-        case ev.TaskFailed():
-            return f"failed [{e.data.code}]: {e.data.reason}"
-        case ev.TaskRejected():
-            return f"rejected: {e.data.reason}"
-        case ev.TaskCanceled():
-            return f"canceled: {e.data.reason}"
-        case ev.CancelRequested():
-            return f"cancel requested: {e.data.reason}"
-    return e.type
 
 
 @app.command("tail")
