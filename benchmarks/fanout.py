@@ -406,7 +406,8 @@ async def verify(client: Client, task_ids: list[str], offset: int) -> None:
 async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
                    profile_dir: Path | None) -> RunResult:
     tmp = Path(tempfile.mkdtemp(prefix="jetmesh-fanout-"))
-    server = EmbeddedNats(data_dir=tmp / "nats", server_name="fanout-bench")
+    server = EmbeddedNats(data_dir=tmp / "nats", server_name="fanout-bench",
+                          sync_interval=args.sync_interval)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     spies: list[subprocess.Popen[bytes]] = []
     keep_logs = Path(args.logs) if args.logs else None
@@ -608,6 +609,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     p.add_argument("--replicas", default="1,2,4", help="worker replicas for C")
     p.add_argument("--quick", action="store_true", help="smoke test: 30 tasks, 1 run")
+    p.add_argument("--sync-interval", default="always",
+                   help="nats-server JetStream sync_interval (always: fsync every append)")
     p.add_argument("--warmup", type=int, default=3, help="uncounted warm-up tasks per run")
     p.add_argument("--task-timeout", type=float, default=120.0, help="seconds per task")
     p.add_argument("--profile", choices=["cprofile", "pyspy"], default=None,
