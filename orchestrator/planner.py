@@ -108,8 +108,27 @@ def _prefix_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> d
     return result
 
 
+_SCHEMAS: dict[tuple[tuple[str, int], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+
+
+def _cached(skills: Sequence[SkillSpec]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The plan schema and the plan's shape schema for this set of skills, built once per
+    set (the same schema objects also keep their compiled validators cached)."""
+    key = tuple((s.id, id(s.input_schema)) for s in skills)
+    hit = _SCHEMAS.get(key)
+    if hit is None:
+        if len(_SCHEMAS) > 64:
+            _SCHEMAS.clear()
+        hit = _SCHEMAS[key] = (_build_plan_schema(skills), _shape_schema(skills))
+    return hit
+
+
 def plan_schema(skills: Sequence[SkillSpec]) -> dict[str, Any]:
     """A strict JSON Schema for plans over `skills`: each step's input matches its skill."""
+    return _cached(skills)[0]
+
+
+def _build_plan_schema(skills: Sequence[SkillSpec]) -> dict[str, Any]:
     defs: dict[str, Any] = {}
     variants = []
     for sk in skills:
@@ -140,6 +159,19 @@ def plan_schema(skills: Sequence[SkillSpec]) -> dict[str, Any]:
     return schema
 
 
+def _shape_schema(skills: Sequence[SkillSpec]) -> dict[str, Any]:
+    return {
+        "type": "object", "required": ["steps"],
+        "properties": {"steps": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["skill", "input"],
+            "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{0,64}$"},
+                           "skill": {"enum": sorted(s.id for s in skills)},
+                           "input": {"type": "object"},
+                           "depends_on": {"type": "array", "items": {"type": "string"}}}}},
+            "merge": {"type": "boolean"}},
+    }
+
+
 def _parse_json(text: str) -> Any:
     t = text.strip()
     if t.startswith("```"):
@@ -153,16 +185,7 @@ def check_plan(data: Any, skills: Sequence[SkillSpec]) -> tuple[list[PlanStep], 
     by_id = {s.id: s for s in skills}
     # The shape first (with plain messages), then each input against its own skill, so
     # the errors name the field that is wrong rather than "not valid under any schema".
-    shape = {
-        "type": "object", "required": ["steps"],
-        "properties": {"steps": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["skill", "input"],
-            "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{0,64}$"},
-                           "skill": {"enum": sorted(by_id)}, "input": {"type": "object"},
-                           "depends_on": {"type": "array", "items": {"type": "string"}}}}},
-            "merge": {"type": "boolean"}},
-    }
-    errors = schema_errors(shape, data)
+    errors = schema_errors(_cached(skills)[1], data)
     if errors:
         return [], False, errors
     steps: list[PlanStep] = []
