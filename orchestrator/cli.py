@@ -471,6 +471,7 @@ def cancel_cmd(
 def agents_cmd(
     url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
     skill: Annotated[str | None, typer.Option(help="Only agents offering this skill.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only agents with a skill tagged so.")] = None,
     builtin: Annotated[bool, typer.Option("--builtin", help="List the built-in agent "
                                                             "specs instead.")] = False,
 ) -> None:
@@ -499,7 +500,7 @@ def agents_cmd(
 
         table = Table("agent", "replicas", "skills", "model", "version", "breakers")
         for a in agents:
-            if skill and skill not in a.skills:
+            if (skill and skill not in a.skills) or (tag and tag not in a.tags):
                 continue
             table.add_row(a.name, str(len(a.replicas)), ", ".join(a.skills), a.model or "-",
                           a.version, describe_breakers(a.breakers))

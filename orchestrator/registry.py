@@ -19,6 +19,8 @@ class LiveAgent:
     model: str | None
     skills: list[str]
     replicas: list[str] = field(default_factory=list)
+    tags: set[str] = field(default_factory=set)
+    """Every tag of every skill."""
     breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Circuit breakers by name, the worst state across replicas."""
 
@@ -40,6 +42,7 @@ async def live_agents(js: JetStreamContext, ttl_s: float = 5.0) -> list[LiveAgen
             name=v.get("agent", "?"), version=v.get("version", ""), model=v.get("model"),
             skills=[s.get("id", "?") for s in v.get("skills", [])]))
         a.replicas.append(v.get("replica", entry.key))
+        a.tags.update(t for sk in v.get("skills", []) for t in sk.get("tags", []))
         for bname, state in (v.get("breakers") or {}).items():
             if a.breakers.get(bname, {}).get("state", "closed") == "closed":
                 a.breakers[bname] = state

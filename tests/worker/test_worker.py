@@ -180,3 +180,26 @@ async def test_bad_step_commands_go_to_dead_letters_and_worker_keeps_serving(bus
     reasons = {dl.data.replace(marker.encode(), b"t1"): dl.reason for dl in letters}
     for payload, expected in bad.items():
         assert expected in reasons[payload], (expected, reasons[payload])
+
+
+async def test_sigterm_finishes_the_in_flight_step_then_exits(fresh_server: EmbeddedNats,
+                                                              tmp_path: Path) -> None:
+    env = {"NATS_URL": fresh_server.url, "JETMESH_SIM_LATENCY_MS": "800",
+           "JETMESH_MODEL_PROVIDER": "sim", "JETMESH_DATA_DIR": str(tmp_path)}
+    nc = await connect(fresh_server.url)
+    js = jetstream(nc)
+    await declare_streams(js)
+    ledger = Ledger(nc, js)
+    worker = spawn(["worker", "support"], env, tmp_path / "w.log")
+    try:
+        cmd = await publish_step(js, "order_status", {"order_id": "A1005"})
+        await wait_for_entry(ledger, cmd.task_id, lambda e: isinstance(e.event, ev.StepStarted),
+                             30)
+        code = stop(worker, timeout=30)  # SIGTERM mid-step: drain, then exit
+        entries = await ledger.read(cmd.task_id)
+    finally:
+        kill9(worker)
+        await nc.close()
+    assert code == 0, (tmp_path / "w.log").read_text()
+    completed = [e.event for e in entries if isinstance(e.event, ev.StepCompleted)]
+    assert len(completed) == 1, [e.event.type for e in entries]
