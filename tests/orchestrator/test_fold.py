@@ -42,6 +42,20 @@ def _events() -> st.SearchStrategy[ev.Event]:
         st.just(ev.TaskFailed(subject=TASK, data=ev.TaskFailedData(code="x", reason="y"))),
         st.just(ev.TaskCanceled(subject=TASK, data=ev.TaskCanceledData())),
         st.just(ev.CancelRequested(subject=TASK, data=ev.CancelRequestedData())),
+        st.builds(lambda s, h: ev.ApprovalRequested(subject=TASK, data=ev.ApprovalRequestedData(
+            step_id=s, agent="x", tool="refund", arguments={"n": h}, args_hash=h,
+            reason="r", risk="irreversible", expires_at=ev.utcnow())), steps,
+            st.sampled_from(["h1", "h2"])),
+        st.builds(lambda s, h, granted: (ev.ApprovalGranted if granted else ev.ApprovalDenied)(
+            subject=TASK, data=ev.ApprovalDecisionData(step_id=s, tool="refund",
+                                                       args_hash=h)),
+            steps, st.sampled_from(["h1", "h2"]), st.booleans()),
+        st.builds(lambda s, h, rule: ev.PolicyDecided(subject=TASK, data=ev.PolicyDecidedData(
+            step_id=s, agent="x", tool="refund", args_hash=h, decision="deny", rule=rule)),
+            steps, st.sampled_from(["h1", "h2"]),
+            st.sampled_from(["approval-timeout", "rules[0]:x"])),
+        st.builds(lambda s: ev.BudgetExceeded(subject=TASK, data=ev.BudgetExceededData(
+            step_id=s, agent="x", kind="usd", limit=1.0, would_be=2.0)), steps),
     )
 
 
@@ -62,6 +76,8 @@ def test_fold_never_raises_and_terminal_states_stay_terminal(evs: list[ev.Event]
         if first_terminal is not None:
             assert state.status == first_terminal
     assert state.last_seq == len(log)
+    if state.status is TaskStatus.INPUT_REQUIRED:
+        assert state.pending_approvals, "input-required with nothing pending"
 
 
 @settings(max_examples=200, deadline=None)
