@@ -99,6 +99,8 @@ def nats_cmd(
     data_dir: DataDirOpt = DEFAULT_DATA,
     port: Annotated[int, typer.Option(help="Client port (0: a free one).")] = 4222,
     monitor_port: Annotated[int | None, typer.Option(help="HTTP monitoring port.")] = None,
+    auth_config: Annotated[Path | None, typer.Option(
+        help="An authorization block from `jetmesh nats-config` (one user per role).")] = None,
 ) -> None:
     """Run the embedded nats-server (JetStream, fsync on every write) until Ctrl-C."""
     from jetmesh.bus.server import EmbeddedNats, free_port
@@ -107,10 +109,15 @@ def nats_cmd(
     if port and not _port_free(port):
         err.print(f"port {port} is busy; using a free one")
         port = free_port()
-    server = EmbeddedNats(data_dir=data_dir / "nats", port=port, monitor_port=monitor_port)
+    extra = auth_config.read_text() if auth_config else ""
+    server = EmbeddedNats(data_dir=data_dir / "nats", port=port, monitor_port=monitor_port,
+                          extra_config=extra)
     server.start()
     console.print(f"nats-server ready at [bold]{server.url}[/] (data in {server.data_dir})")
     console.print(f"  export NATS_URL={server.url}")
+    if auth_config:
+        console.print(f"  with the users of {auth_config}: give each process its role's "
+                      "NATS_USER, NATS_PASSWORD and NATS_INBOX_PREFIX")
     try:
         _wait_for_signal()
     finally:
