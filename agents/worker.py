@@ -67,6 +67,7 @@ class FencedRecorder:
     step_id: str
     source: str
     last_seq: int
+    worker: str | None = None
     _pending: list[asyncio.Future[Any]] = field(default_factory=list)
     _pending_ids: set[str] = field(default_factory=set)
 
@@ -108,10 +109,12 @@ class FencedRecorder:
             headers={"Nats-Msg-Id": event.id, "Ce-Type": event.type}))
 
     async def record_model_call(self, data: ev.ModelCalledData) -> None:
+        data = data.model_copy(update={"worker": self.worker})
         await self._pipeline(ev.ModelCalled(subject=self.task_id, source=self.source,
                                             data=data))
 
     async def record_tool_call(self, data: ev.ToolCalledData) -> None:
+        data = data.model_copy(update={"worker": self.worker})
         event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data)
         if data.side_effects:
             await self._append(event)  # durable before the step goes on
@@ -120,8 +123,26 @@ class FencedRecorder:
 
 
 def replay_from(entries: list[LedgerEntry]) -> StepReplay:
-    models = [e.event.data for e in entries if isinstance(e.event, ev.ModelCalled)]
-    tools = [e.event.data for e in entries if isinstance(e.event, ev.ToolCalled)]
+    """The step's recorded calls that a new claim may reuse, in order.
+
+    A record counts only if it was written by the worker holding the step at that point
+    of the ledger (the one of the latest StepStarted before it): records a stale worker
+    wrote after losing the step are audit history, not part of the step's run.
+    """
+    models: list[ev.ModelCalledData] = []
+    tools: list[ev.ToolCalledData] = []
+    holder: str | None = None
+    for e in entries:
+        event = e.event
+        if isinstance(event, ev.StepStarted):
+            holder = event.data.worker
+        elif isinstance(event, ev.ModelCalled | ev.ToolCalled):
+            if event.data.worker not in (None, holder):
+                continue
+            if isinstance(event, ev.ModelCalled):
+                models.append(event.data)
+            else:
+                tools.append(event.data)
     return StepReplay.from_records(models, tools)
 
 
@@ -296,7 +317,8 @@ class Worker:
                     validate=False)
             except AppendConflict as e:
                 raise Fenced(str(e)) from e
-        recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source, last)
+        recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source, last,
+                                  self.replica)
 
         # (run_step checks the input against the skill's schema first.)
         outcome = await self._run(cmd, msg, recorder, replay_from(entries))

@@ -131,6 +131,8 @@ class ModelCalledData(_Strict):
     step_id: str | None = None
     """None for the orchestrator's own calls (planning, merging)."""
     agent: str
+    worker: str | None = None
+    """The replica that made the call (which claim of the step it belongs to)."""
     purpose: str = "step"
     """`step`, `plan` or `merge`."""
     provider: str
@@ -146,6 +148,8 @@ class ModelCalledData(_Strict):
 class ToolCalledData(_Strict):
     step_id: str
     agent: str
+    worker: str | None = None
+    """The replica that made the call (which claim of the step it belongs to)."""
     tool: str
     call_id: str
     arguments: dict[str, Any] = Field(default_factory=dict)

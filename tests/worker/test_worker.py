@@ -203,3 +203,29 @@ async def test_sigterm_finishes_the_in_flight_step_then_exits(fresh_server: Embe
     assert code == 0, (tmp_path / "w.log").read_text()
     completed = [e.event for e in entries if isinstance(e.event, ev.StepCompleted)]
     assert len(completed) == 1, [e.event.type for e in entries]
+
+
+def test_replay_ignores_records_a_stale_worker_wrote_after_losing_the_step() -> None:
+    from jetmesh.agents.worker import replay_from
+    from jetmesh.bus.ledger import LedgerEntry
+
+    def started(worker: str) -> ev.StepStarted:
+        return ev.StepStarted(subject="t", data=ev.StepStartedData(
+            step_id="s", agent="a", worker=worker))
+
+    def model(worker: str, text: str) -> ev.ModelCalled:
+        return ev.ModelCalled(subject="t", data=ev.ModelCalledData(
+            step_id="s", agent="a", worker=worker, provider="sim", model="m",
+            response={"provider": "sim", "model": "m", "text": text}))
+
+    def tool(worker: str, key: str) -> ev.ToolCalled:
+        return ev.ToolCalled(subject="t", data=ev.ToolCalledData(
+            step_id="s", agent="a", worker=worker, tool="x", call_id="c",
+            idempotency_key=key))
+
+    log = [started("A"), model("A", "a1"),            # A's claim, then A stalls
+           started("B"), tool("B", "k1"), model("B", "b2"),   # B takes over, reuses a1
+           tool("A", "k-zombie"), model("A", "zombie")]       # A wakes, writes, is fenced
+    replay = replay_from([LedgerEntry(i + 1, "x", e) for i, e in enumerate(log)])
+    assert [m.response["text"] for m in replay.model_responses] == ["a1", "b2"]
+    assert set(replay.tool_results) == {"k1"}
