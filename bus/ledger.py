@@ -294,24 +294,6 @@ class Ledger:
         else:
             out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
 
-    async def last_subject_seq(self, subject: str) -> int:
-        """Stream sequence of the last message on `subject`, 0 if none."""
-        inbox = self.nc.new_inbox()
-        try:
-            msg = await self.nc.request(
-                subjects.direct_get(subjects.STREAM_LEDGER, subject), b"",
-                timeout=self.timeout_s,
-            )
-        except TimeoutError as e:
-            raise LedgerReadError(f"last message of {subject} timed out") from e
-        del inbox
-        hdrs = msg.headers or {}
-        if hdrs.get("Status") == "404":
-            return 0
-        if hdrs.get("Status"):
-            raise LedgerReadError(f"last message of {subject}: {hdrs}")
-        return int(hdrs["Nats-Sequence"])
-
     # ------------------------------------------------------------------ follow
 
     async def follow(

@@ -10,7 +10,6 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from jetmesh.bus import events as ev
-from jetmesh.bus import subjects
 from jetmesh.bus.ledger import LedgerEntry
 
 
@@ -96,8 +95,6 @@ class TaskState(BaseModel):
     output_tokens: int = 0
     last_seq: int = 0
     """Highest stream sequence folded."""
-    task_subject_seq: int = 0
-    """Last stream sequence on the task's own events subject (for fenced appends)."""
     pending_approvals: dict[str, ev.ApprovalRequestedData] = Field(default_factory=dict)
     """Gated tool calls waiting for a human, by `approval_key`."""
     decisions: dict[str, str] = Field(default_factory=dict)
@@ -135,8 +132,6 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
     state.last_seq = max(state.last_seq, entry.seq)
     if e.time and (state.updated_at is None or e.time > state.updated_at):
         state.updated_at = e.time
-    if entry.subject == subjects.task_events(state.task_id):
-        state.task_subject_seq = entry.seq
     terminal = state.terminal
 
     match e:

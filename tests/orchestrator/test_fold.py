@@ -112,4 +112,4 @@ def test_fold_happy_path_counts_usage_and_results() -> None:
     assert s.steps["a"].output == {"text": "done"}
     assert s.cost_usd == 0.5 and s.input_tokens == 10 and s.output_tokens == 5
     assert s.steps["a"].last_seq == 6
-    assert s.task_subject_seq == 7
+    assert s.last_seq == 7
