@@ -368,7 +368,11 @@ class Orchestrator:
         commands: list[tuple[str, bytes, dict[str, str]]] = []
         for a in actions:
             if isinstance(a, d.Plan):
-                events += await self._plan(state)
+                planned = await self._plan(state)
+                events += planned
+                evs, cmds = self._first_dispatches(state, planned)
+                events += evs
+                commands += cmds
             elif isinstance(a, d.FailStep):
                 # Fenced on the step subject: a result that arrived meanwhile wins.
                 await self.ledger.append(ev.StepFailed(
@@ -397,6 +401,26 @@ class Orchestrator:
                 events += evs
                 commands += cmds
         return await self._flush(state, events, commands)
+
+    def _first_dispatches(self, state: TaskState, planned: list[ev.Event]
+                          ) -> tuple[list[ev.Event], list[tuple[str, bytes, dict[str, str]]]]:
+        """The dispatches a new plan makes ready, computed on a copy of the state with the
+        plan folded in, so the plan and its first steps go out in one batch."""
+        if not any(isinstance(e, ev.TaskPlanned) for e in planned):
+            return [], []
+        trial = state.model_copy(deep=True)
+        for i, e in enumerate(planned, start=1):
+            apply(trial, LedgerEntry(state.last_seq + i, subject_for(e), e), check_seq=False)
+        live = self.live_skills()
+        events: list[ev.Event] = []
+        commands: list[tuple[str, bytes, dict[str, str]]] = []
+        for a in d.decide(trial, self.now(), live_skills=set(live) if live is not None else None,
+                          no_agent_wait_s=self.settings.no_agent_wait_s):
+            if isinstance(a, d.Dispatch):
+                evs, cmds = self._dispatch(trial, a)
+                events += evs
+                commands += cmds
+        return events, commands
 
     def _cascade_cancel(self, state: TaskState, reason: str) -> list[ev.Event]:
         """Tell every worker running a step of this task to stop (deadline, failure)."""
