@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
@@ -76,15 +77,16 @@ class PullRunner:
         self._sub = await self.js.pull_subscribe_bind(
             durable=self.durable, stream=self.stream
         )
-        self._sem = asyncio.Semaphore(self.concurrency)
+        self._room = asyncio.Event()
+        self._room.set()
         self._loop_task = asyncio.create_task(self._loop(), name=f"pull:{self.durable}")
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
-            free = self._sem._value  # how many we may take now
+            free = self.concurrency - len(self._tasks)  # how many we may take now
             if free <= 0:
-                await self._sem.acquire()
-                self._sem.release()
+                self._room.clear()
+                await self._room.wait()  # set when a handler finishes
                 continue
             try:
                 msgs = await self._sub.fetch(batch=min(free, 256), timeout=1.0)
@@ -97,14 +99,13 @@ class PullRunner:
                 await asyncio.sleep(0.2)
                 continue
             for msg in msgs:
-                await self._sem.acquire()
                 t = asyncio.create_task(self._one(msg))
                 self._tasks.add(t)
                 t.add_done_callback(self._done)
 
     def _done(self, t: asyncio.Task[None]) -> None:
         self._tasks.discard(t)
-        self._sem.release()
+        self._room.set()
 
     async def _one(self, msg: Msg) -> None:
         try:
@@ -119,7 +120,7 @@ class PullRunner:
                     msg, f"message of {len(msg.data)} bytes exceeds {self.max_bytes}")
                 return
             await self.handler(msg)
-            if not msg._ackd:
+            with contextlib.suppress(MsgAlreadyAckdError):  # a handler may settle it
                 await msg.ack()
         except Reject as r:
             await self._dead_letter(msg, r.reason, r.errors)
