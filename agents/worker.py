@@ -2,9 +2,10 @@
 
 For each skill it pulls step commands from the skill's durable consumer (shared by
 every replica, so replicas split the load), runs the step loop, and appends what it did
-to the step's ledger subject. Every append is fenced on the step subject's last
+to the ledger: model calls and read-only tool calls to the step's log, pipelined; claims,
+side effects and the result to the step's line, each fenced on the line's last
 sequence: if the step was redelivered to another replica (or timed out by the
-orchestrator) the stale worker's next append fails and it stops without acking.
+orchestrator) the stale worker's next fenced append fails and it stops without acking.
 On redelivery the step resumes from its recorded calls, so side effects already
 recorded are not run again and recorded model calls are not paid for again.
 """
@@ -53,13 +54,14 @@ def replica_id() -> str:
 
 @dataclass
 class FencedRecorder:
-    """Appends a step's records to its ledger subject.
+    """Appends a step's records to the ledger.
 
-    Model calls and read-only tool calls are pipelined (sent without waiting for the
-    ack, so the step does not pay a disk round trip per record); everything else, and
-    the step's result, is appended fenced on the subject's last sequence after all
-    pipelined acks are in. A worker that lost the step to a redelivery is fenced out
-    there, and its result is refused.
+    Model calls and read-only tool calls go to the step's log, pipelined (sent without
+    waiting for the ack, so the step does not pay a disk round trip per record).
+    Everything else, and the step's result, goes to the step's line, fenced on the
+    line's last sequence (which the log never moves). A worker that lost the step to a
+    redelivery, or whose step the orchestrator timed out, is fenced out there, and its
+    result is refused.
     """
 
     ledger: Ledger
@@ -69,32 +71,22 @@ class FencedRecorder:
     last_seq: int
     worker: str | None = None
     _pending: list[asyncio.Future[Any]] = field(default_factory=list)
-    _pending_ids: set[str] = field(default_factory=set)
 
     @property
     def subject(self) -> str:
         return subjects.step_events(self.task_id, self.step_id)
 
     async def _settle(self) -> int:
-        """Wait for the pipelined acks, then move the fence over them only if nothing but
-        our own records landed on the subject since: another writer there means the step
-        was taken over (we are a woken stale worker) and we are fenced out."""
+        """Wait for the pipelined records' acks. They are on the step's log, so they
+        never move the fence: that stays on the line's last sequence, where every claim,
+        side effect and result is written."""
         if self._pending:
             pending, self._pending = self._pending, []
-            ours, self._pending_ids = self._pending_ids, set()
-            acks = await asyncio.wait_for(asyncio.gather(*pending),
-                                          self.ledger.timeout_s)
-            top = max(int(a.seq) for a in acks)
-            since = await self.ledger.read(self.task_id, subject=self.subject,
-                                           from_seq=self.last_seq + 1)
-            foreign = [e for e in since if e.seq <= top and e.event.id not in ours]
-            if foreign:
-                raise Fenced(f"{self.subject}: {foreign[0].event.type} from "
-                             f"{foreign[0].event.source} landed after seq {self.last_seq}")
-            self.last_seq = max(self.last_seq, top)
+            await asyncio.wait_for(asyncio.gather(*pending), self.ledger.timeout_s)
         return self.last_seq
 
     async def _append(self, event: ev.Event) -> None:
+        """A fenced append on the step's line, once every pipelined record is stored."""
         expected = await self._settle()
         try:
             self.last_seq = await self.ledger.append(
@@ -102,8 +94,27 @@ class FencedRecorder:
         except AppendConflict as e:
             raise Fenced(str(e)) from e
 
+    async def finish(self, event: ev.Event) -> None:
+        """The step's result: fenced on the line, sent right behind the pipelined records
+        on the same connection (so stored after them) and awaited together with them, in
+        one round trip. Fenced out (another worker claimed the step, or the orchestrator
+        timed it out) raises Fenced."""
+        pending, self._pending = self._pending, []
+        # A task, not publish_async: nats-py leaves a publish_async future unresolved
+        # when the server answers with an API error (the fence's "wrong last sequence").
+        final = asyncio.ensure_future(self.ledger.append(
+            event, expected_last_subject_seq=self.last_seq, validate=False))
+        results = await asyncio.gather(
+            asyncio.wait_for(asyncio.gather(*pending), self.ledger.timeout_s), final,
+            return_exceptions=True)
+        for r in results:
+            if isinstance(r, AppendConflict):
+                raise Fenced(str(r)) from r
+            if isinstance(r, BaseException):
+                raise r
+        self.last_seq = int(results[1])  # type: ignore[arg-type]
+
     async def _pipeline(self, event: ev.Event) -> None:
-        self._pending_ids.add(event.id)
         self._pending.append(await self.ledger.js.publish_async(
             subject_for(event), ev.encode_event(event),
             headers={"Nats-Msg-Id": event.id, "Ce-Type": event.type}))
@@ -144,6 +155,11 @@ def replay_from(entries: list[LedgerEntry]) -> StepReplay:
             else:
                 tools.append(event.data)
     return StepReplay.from_records(models, tools)
+
+
+def line_last(entries: list[LedgerEntry]) -> int:
+    """The last sequence on the step's fenced line among a step's entries (0: none)."""
+    return max((e.seq for e in entries if not subjects.is_step_log(e.subject)), default=0)
 
 
 def finished(entries: list[LedgerEntry], attempt: int) -> bool:
@@ -257,8 +273,7 @@ class Worker:
             cmd = ev.StepCommand.model_validate_json(msg.data)
         except ValidationError:
             return  # not a step: nothing to fail
-        subject = subjects.step_events(cmd.task_id, cmd.step_id)
-        entries = await self.ledger.read(cmd.task_id, subject=subject)
+        entries = await self.ledger.read_step(cmd.task_id, cmd.step_id)
         if finished(entries, cmd.attempt):
             return
         with contextlib.suppress(AppendConflict):
@@ -267,7 +282,7 @@ class Worker:
                     step_id=cmd.step_id, agent=self.spec.name, code="dead_lettered",
                     reason=f"step command dead-lettered: {reason}", retryable=True,
                     attempt=cmd.attempt)),
-                expected_last_subject_seq=entries[-1].seq if entries else 0, validate=False)
+                expected_last_subject_seq=line_last(entries), validate=False)
 
     async def _on_control(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Ce-Type") != "jetmesh.task.cancel_requested.v1":
@@ -292,7 +307,6 @@ class Worker:
         skill_ids = {s.id for s in self.spec.skills}
         if cmd.skill not in skill_ids:
             raise Reject(f"agent {self.spec.name} has no skill '{cmd.skill}'")
-        subject = subjects.step_events(cmd.task_id, cmd.step_id)
         delivery = int(msg.metadata.num_delivered)
         started = ev.StepStarted(subject=cmd.task_id, source=self.source, data=ev.StepStartedData(
             step_id=cmd.step_id, agent=self.spec.name, worker=self.replica,
@@ -308,13 +322,12 @@ class Worker:
             except AppendConflict:
                 last = None
         if last is None:
-            entries = await self.ledger.read(cmd.task_id, subject=subject)
+            entries = await self.ledger.read_step(cmd.task_id, cmd.step_id)
             if finished(entries, cmd.attempt):
                 return  # a duplicate delivery of a step that already has its result
             try:
                 last = await self.ledger.append(
-                    started, expected_last_subject_seq=entries[-1].seq if entries else 0,
-                    validate=False)
+                    started, expected_last_subject_seq=line_last(entries), validate=False)
             except AppendConflict as e:
                 raise Fenced(str(e)) from e
         recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source, last,
@@ -332,7 +345,7 @@ class Worker:
                 step_id=cmd.step_id, agent=self.spec.name, code=outcome.code or "error",
                 reason=outcome.reason or "failed", retryable=outcome.retryable,
                 attempt=cmd.attempt))
-        await recorder._append(final)
+        await recorder.finish(final)
         self.steps_done += 1
 
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,

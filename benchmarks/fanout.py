@@ -356,7 +356,19 @@ async def drive(client: Client, comp: Completions, n: int, inflight: int, offset
     return ids, lat, t_start, t_end
 
 
-async def verify(client: Client, task_ids: list[str], offset: int) -> None:
+def print_timeline(task_id: str, entries: list[Any]) -> None:
+    """One task's events in the order they were made, with the time since submission
+    (each event's `time`, stamped by the process that made it, on one machine's clock)."""
+    evs = sorted((e.event for e in entries), key=lambda x: x.time)
+    t0 = evs[0].time
+    print(f"\ntimeline of task {task_id} (ms since it was submitted; type; who)")
+    for e in evs:
+        ms = (e.time - t0).total_seconds() * 1000
+        print(f"  {ms:8.2f}  {e.type.removeprefix('jetmesh.'):28s} {e.source}")
+
+
+async def verify(client: Client, task_ids: list[str], offset: int,
+                 timeline: bool = False) -> None:
     """From the ledger: 8 ModelCalled, 3 ToolCalled, and each id's order data in the result."""
     sem = asyncio.Semaphore(16)
     problems: list[str] = []
@@ -365,6 +377,8 @@ async def verify(client: Client, task_ids: list[str], offset: int) -> None:
         async with sem:
             entries = await client.events(tid)
         evs = [e.event for e in entries]
+        if timeline and i == len(task_ids) // 2:
+            print_timeline(tid, entries)
         ids = order_ids_for(i + offset)
         n_model = sum(isinstance(e, ev.ModelCalled) for e in evs)
         n_tool = sum(isinstance(e, ev.ToolCalled) for e in evs)
@@ -458,7 +472,7 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             busy1 = machine_busy_s()
             await comp.stop()
             progress(f"  verifying {len(ids)} tasks in the ledger")
-            await verify(client, ids, 0)
+            await verify(client, ids, 0, timeline=args.timeline and run_no == 1)
         for s in spies:
             with contextlib.suppress(ProcessLookupError):
                 s.send_signal(signal.SIGINT)
@@ -621,6 +635,8 @@ def main() -> None:
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each run wait up to this many seconds for other processes' "
                         "CPU use to fall under 20%% (shared machines)")
+    p.add_argument("--timeline", action="store_true",
+                   help="print one task's events with their times (first run of each figure)")
     p.add_argument("--wrapper", default=None,
                    help="run the roles as `python WRAPPER OUT ROLE...` (experiments)")
     p.add_argument("--child-pythonpath", default=None,

@@ -136,7 +136,8 @@ class PullRunner:
             deliveries = int(msg.metadata.num_delivered)
             delay = self.backoff_s[min(deliveries - 1, len(self.backoff_s) - 1)]
             log.warning("%s: %s failed (delivery %d), retry in %.1fs: %s", self.durable,
-                        msg.subject, deliveries, delay, e, exc_info=log.isEnabledFor(10))
+                        msg.subject, deliveries, delay, str(e) or repr(e),
+                        exc_info=log.isEnabledFor(10))
             if deliveries >= self.max_deliver:
                 await self._dead_letter(msg, f"failed {deliveries} times; last error: {e}")
             else:

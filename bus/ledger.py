@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +65,21 @@ class LedgerEntry:
 
 
 def subject_for(event: Event) -> str:
-    """Where an event is stored: its step's subject, the control subject, or the task's."""
+    """Where an event is stored: its step's fenced line or log, the control subject, or
+    the task's.
+
+    A step's line holds what must be fenced: its claims, side-effecting tool calls,
+    policy and approval events, budget stops and results. Its model calls and read-only
+    tool calls go to its log (pipelined, unfenced, audit and replay)."""
     task = event.subject
+    if isinstance(event, ModelCalled) and event.data.step_id:
+        return subjects.step_log(task, event.data.step_id)
+    if isinstance(event, ToolCalled) and not event.data.side_effects:
+        return subjects.step_log(task, event.data.step_id)
     if isinstance(event, StepStarted | ToolCalled | StepCompleted | StepFailed
                   | PolicyDecided | ApprovalRequested):
         return subjects.step_events(task, event.data.step_id)
-    if isinstance(event, ModelCalled | BudgetExceeded) and event.data.step_id:
+    if isinstance(event, BudgetExceeded) and event.data.step_id:
         return subjects.step_events(task, event.data.step_id)
     if isinstance(event, CancelRequested | ApprovalGranted | ApprovalDenied):
         return subjects.task_control(task)
@@ -94,7 +103,8 @@ def validate_event(event: Event | dict[str, Any] | bytes) -> Event:
         ) from e
 
 
-def _headers(event: Event, expected: int | None) -> dict[str, str]:
+def event_headers(event: Event, expected: int | None) -> dict[str, str]:
+    """An append's headers: the event id (dedup), its type, trace context, the fence."""
     h = {"Nats-Msg-Id": event.id, "Ce-Type": event.type}
     if event.traceparent:
         h["traceparent"] = event.traceparent
@@ -152,7 +162,7 @@ class Ledger:
         try:
             ack = await self.js.publish(
                 subject, encode_event(event), timeout=self.timeout_s,
-                headers=_headers(event, expected_last_subject_seq),
+                headers=event_headers(event, expected_last_subject_seq),
             )
         except APIError as e:
             if e.err_code == WRONG_LAST_SEQUENCE:
@@ -177,7 +187,7 @@ class Ledger:
         checked = [validate_event(e) if validate else e for e in events]
         futures = [
             await self.js.publish_async(subject_for(e), encode_event(e),
-                                        headers=_headers(e, None))
+                                        headers=event_headers(e, None))
             for e in checked
         ]
         futures += [await self.js.publish_async(subj, data, headers=dict(h))
@@ -193,9 +203,10 @@ class Ledger:
 
     async def read(
         self, task_id: str, *, from_seq: int = 1, subject: str | None = None,
-        limit: int = 100_000,
+        limit: int = 100_000, keep: Callable[[str], bool] | None = None,
     ) -> list[LedgerEntry]:
-        """The task's events (or one subject's) with seq >= from_seq, in order.
+        """The task's events (or one subject's) with seq >= from_seq, in order; with
+        `keep`, only those whose subject it accepts (the others are not decoded).
 
         Uses JetStream batched direct get: one request, the server streams the matching
         messages back and ends with an end-of-batch status.
@@ -205,8 +216,8 @@ class Ledger:
         deadline = time.monotonic() + self.timeout_s
         pause = 0.005
         while True:
-            out = await self._read_once(filt, from_seq, limit)
-            if want < from_seq or (out and out[-1].seq >= want) or len(out) >= limit:
+            out, top = await self._read_once(filt, from_seq, limit, keep)
+            if want < from_seq or top >= want or len(out) >= limit:
                 return out
             # A replica behind what this process knows is in the ledger answered: ask
             # again (another replica, or the same one caught up).
@@ -216,15 +227,29 @@ class Ledger:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
 
-    async def _read_once(self, filt: str, from_seq: int, limit: int) -> list[LedgerEntry]:
+    async def read_step(self, task_id: str, step_id: str, *, from_seq: int = 1
+                        ) -> list[LedgerEntry]:
+        """One step's events, its fenced line and its log merged in ledger order."""
+        line = subjects.step_events(task_id, step_id)
+        log = subjects.step_log(task_id, step_id)
+        return await self.read(task_id, from_seq=from_seq,
+                               keep=lambda subj: subj in (line, log))
+
+    async def _read_once(self, filt: str, from_seq: int, limit: int,
+                         keep: Callable[[str], bool] | None = None
+                         ) -> tuple[list[LedgerEntry], int]:
+        """The entries read (those `keep` accepts) and the highest sequence seen."""
         out: list[LedgerEntry] = []
         start = max(1, from_seq)
+        top = 0
         while True:
             batch = await self._direct_batch(filt, start, min(limit - len(out), 1000))
             for seq, subj, data in batch:
-                out.append(LedgerEntry(seq, subj, decode_event(data)))
+                top = seq
+                if keep is None or keep(subj):
+                    out.append(LedgerEntry(seq, subj, decode_event(data)))
             if len(batch) < 1000 or len(out) >= limit:
-                return out
+                return out, top
             start = batch[-1][0] + 1
 
     async def read_raw(

@@ -250,7 +250,7 @@ def agent_permissions(agent: str, skills: Sequence[str], options: Options | None
     for skill in skills:
         pub += pull_consumer(subjects.STREAM_WORK, subjects.work_consumer(skill),
                              subjects.work(skill), opts)
-    pub.append(subjects.ALL_STEP_EVENTS)
+    pub += [subjects.ALL_STEP_EVENTS, subjects.ALL_STEP_LOGS]
     if opts.agents_write_control:
         pub.append(subjects.ALL_CONTROL)
     pub += direct_get(subjects.STREAM_LEDGER)
@@ -276,7 +276,8 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL,
                          subjects.ALL_CONTROL, opts)
     pub.append(f"{subjects.PREFIX}.work.*")  # step commands of every skill
-    pub += [subjects.ALL_TASK_EVENTS, subjects.ALL_STEP_EVENTS, subjects.ALL_CONTROL]
+    pub += [subjects.ALL_TASK_EVENTS, subjects.ALL_STEP_EVENTS, subjects.ALL_STEP_LOGS,
+            subjects.ALL_CONTROL]
     pub += direct_get(subjects.STREAM_LEDGER)
     pub += kv_read(subjects.BUCKET_AGENTS) + ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     pub += kv_read(subjects.BUCKET_BUDGETS) + kv_write(subjects.BUCKET_BUDGETS)

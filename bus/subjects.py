@@ -23,12 +23,16 @@ STREAM_DLQ = "JM_DLQ"
 # Subjects
 SUBMIT = f"{PREFIX}.task.submit"
 TASKS_SUBJECTS = [SUBMIT]
-LEDGER_SUBJECTS = [f"{PREFIX}.task.*.events", f"{PREFIX}.task.*.step.*", f"{PREFIX}.task.*.control"]
+LEDGER_SUBJECTS = [f"{PREFIX}.task.*.events", f"{PREFIX}.task.*.step.*",
+                   f"{PREFIX}.task.*.step.*.log", f"{PREFIX}.task.*.control"]
 WORK_SUBJECTS = [f"{PREFIX}.work.>"]
 DLQ_SUBJECTS = [f"{PREFIX}.dlq.>"]
 ALL_LEDGER = f"{PREFIX}.task.*.>"
 ALL_TASK_EVENTS = f"{PREFIX}.task.*.events"
 ALL_STEP_EVENTS = f"{PREFIX}.task.*.step.*"
+"""Every step's fenced line: claims, side effects, approvals, results (not the logs)."""
+ALL_STEP_LOGS = f"{PREFIX}.task.*.step.*.log"
+"""Every step's log: its model calls and read-only tool calls."""
 ALL_CONTROL = f"{PREFIX}.task.*.control"
 ALL_DLQ = f"{PREFIX}.dlq.>"
 
@@ -95,6 +99,15 @@ def step_events(task_id: str, step_id: str) -> str:
     return f"{PREFIX}.task.{check_id(task_id, 'task id')}.step.{check_id(step_id, 'step id')}"
 
 
+def step_log(task_id: str, step_id: str) -> str:
+    """The subject of one step's log: its model calls and read-only tool calls.
+
+    These records are appended unfenced and pipelined, so they live beside the step's
+    fenced line (`step_events`) and never move its expected sequence; the orchestrator,
+    which only acts on a step's results, is not delivered them."""
+    return f"{step_events(task_id, step_id)}.log"
+
+
 def task_control(task_id: str) -> str:
     """Cancel / approve / deny / answer for one task."""
     return f"{PREFIX}.task.{check_id(task_id, 'task id')}.control"
@@ -134,8 +147,13 @@ def task_id_of(subject: str) -> str | None:
 
 
 def step_id_of(subject: str) -> str | None:
-    """The step id in a step-events subject, or None."""
+    """The step id in a step's line or log subject, or None."""
     parts = subject.split(".")
-    if len(parts) == 5 and parts[3] == "step":
+    if (len(parts) == 5 or (len(parts) == 6 and parts[5] == "log")) and parts[3] == "step":
         return parts[4]
     return None
+
+
+def is_step_log(subject: str) -> bool:
+    """Whether `subject` is a step's log (not its fenced line)."""
+    return subject.endswith(".log") and step_id_of(subject) is not None

@@ -93,11 +93,11 @@ def _skill_of(entries: Sequence[LedgerEntry], step_id: str) -> str | None:
 def _step_episode(entries: Sequence[LedgerEntry], last: LedgerEntry,
                   event: ev.StepCompleted | ev.StepFailed) -> EpisodeRecord:
     task_id, step_id, attempt = event.subject, event.data.step_id, event.data.attempt
-    step_subject = subjects.step_events(task_id, step_id)
-    # The attempt's own events: those on the step subject after the previous finish.
+    step_subjects = {subjects.step_events(task_id, step_id), subjects.step_log(task_id, step_id)}
+    # The attempt's own events: those of the step (line and log) after the previous finish.
     segment: list[LedgerEntry] = []
     for e in entries:
-        if e.subject != step_subject:
+        if e.subject not in step_subjects:
             continue
         segment.append(e)
         if e is not last and isinstance(e.event, ev.StepCompleted | ev.StepFailed):

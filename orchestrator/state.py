@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
 from jetmesh.bus.ledger import LedgerEntry
 
 
@@ -68,7 +69,8 @@ class StepState(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     last_seq: int = 0
-    """Last stream sequence on this step's subject (for fenced appends)."""
+    """Last stream sequence on this step's line (for fenced appends; its log of model
+    and read-only tool calls does not count)."""
 
 
 class TaskState(BaseModel):
@@ -175,7 +177,8 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
             state.output_tokens += d.output_tokens
             if d.step_id:
                 st = _step(state, d.step_id)
-                st.last_seq = entry.seq
+                if not subjects.is_step_log(entry.subject):
+                    st.last_seq = entry.seq
                 st.model_calls += 1
                 st.cost_usd += d.cost_usd
                 st.input_tokens += d.input_tokens
@@ -185,7 +188,8 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
         case ev.ToolCalled():
             state.tool_calls += 1
             st = _step(state, e.data.step_id)
-            st.last_seq = entry.seq
+            if not subjects.is_step_log(entry.subject):
+                st.last_seq = entry.seq
             st.tool_calls += 1
         case ev.StepCompleted():
             st = _step(state, e.data.step_id)

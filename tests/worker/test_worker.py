@@ -58,9 +58,12 @@ async def test_worker_runs_a_step_and_appends_its_events(bus) -> None:
     assert tool.data.output["found"] is True and tool.data.output["order"]["order_id"] == "A1002"
     assert isinstance(completed, ev.StepCompleted)
     assert "A1002" in json.dumps(completed.data.output)
-    # Every event is on the step's own subject, fenced one after another.
+    # The claim and the result are on the step's fenced line; its model calls and the
+    # read-only tool call on its log, which the orchestrator is not delivered.
     entries = await bus.ledger.read(cmd.task_id)
-    assert {e.subject for e in entries} == {subjects.step_events(cmd.task_id, "s1")}
+    line, log = subjects.step_events(cmd.task_id, "s1"), subjects.step_log(cmd.task_id, "s1")
+    assert [e.subject for e in entries] == [line, log, log, log, line]
+    assert await bus.ledger.read_step(cmd.task_id, "s1") == entries
 
 
 async def test_two_replicas_share_200_steps_none_twice(bus) -> None:
