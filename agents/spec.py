@@ -44,26 +44,41 @@ def is_default_output_schema(schema: dict[str, Any]) -> bool:
     return schema == DEFAULT_OUTPUT_SCHEMA
 
 
-_VALIDATORS: dict[int, tuple[dict[str, Any], Any]] = {}
+_VALIDATORS: dict[int, tuple[dict[str, Any], Any, Any]] = {}
 
 
-def _validator(schema: dict[str, Any]) -> Any:
-    """A compiled validator per schema object (schemas live in specs and cards and are
-    not mutated), so hot paths do not rebuild one per call."""
+def _validator(schema: dict[str, Any]) -> tuple[Any, Any]:
+    """Compiled validators per schema object (schemas live in specs and cards and are
+    not mutated), so hot paths do not rebuild one per call: jsonschema-rs to answer
+    "valid?" fast (about 40x the pure-Python validator), python-jsonschema to explain
+    what is wrong."""
     hit = _VALIDATORS.get(id(schema))
     if hit is not None and hit[0] is schema:
-        return hit[1]
+        return hit[1], hit[2]
+    fast: Any = None
+    try:
+        import jsonschema_rs
+
+        fast = jsonschema_rs.validator_for(schema)
+    except Exception:  # not installed, or a schema it does not take: the slow path
+        fast = None
     validator = jsonschema.Draft202012Validator(schema)
     if len(_VALIDATORS) > 4096:
         _VALIDATORS.clear()
-    _VALIDATORS[id(schema)] = (schema, validator)
-    return validator
+    _VALIDATORS[id(schema)] = (schema, fast, validator)
+    return fast, validator
 
 
 def schema_errors(schema: dict[str, Any], data: Any) -> list[str]:
     """Draft 2020-12 validation errors of ``data``, one readable line each (empty: valid)."""
-    validator = _validator(schema)
-    if validator.is_valid(data):
+    fast, validator = _validator(schema)
+    if fast is not None:
+        try:
+            if fast.is_valid(data):
+                return []
+        except Exception:  # data it cannot take (a non-JSON value): ask the slow one
+            pass
+    elif validator.is_valid(data):
         return []
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     lines = []

@@ -121,7 +121,8 @@ class Tool:
     model (and the `ToolContext` as a second positional argument when it takes one);
     with ``call_style="kwargs"`` (what `@tool` builds for plain typed parameters) it
     receives the input fields as keyword arguments plus the context as
-    ``context_param``. Sync functions run in a worker thread so ``timeout_s`` holds.
+    ``context_param``. Sync functions run in a worker thread so ``timeout_s`` holds,
+    unless ``blocking=False``.
     """
 
     name: str
@@ -141,6 +142,10 @@ class Tool:
     """For kwargs style: the parameter that receives the `ToolContext`."""
     wrap_output: bool = False
     """The function returns a bare value, stored as ``{"result": value}``."""
+    blocking: bool = True
+    """False: a sync function that returns at once (a lookup in memory, arithmetic) runs
+    on the event loop, without the hop to a worker thread; ``timeout_s`` cannot
+    interrupt it, so never set it for I/O."""
     _definition: ToolDefinition | None = field(default=None, init=False, repr=False)
     _model_wants_ctx: bool = field(default=False, init=False, repr=False)
 
@@ -212,7 +217,7 @@ class Tool:
             call = functools.partial(self.fn, **kwargs)
         if inspect.iscoroutinefunction(self.fn):
             return await call()
-        result = await asyncio.to_thread(call)
+        result = await asyncio.to_thread(call) if self.blocking else call()
         if inspect.isawaitable(result):
             return await result
         return result
@@ -250,6 +255,7 @@ def _build(
     risk: Risk,
     timeout_s: float,
     untrusted_output: bool,
+    blocking: bool = True,
 ) -> Tool:
     tool_name = name or fn.__name__
     try:
@@ -308,6 +314,7 @@ def _build(
         call_style=call_style,
         context_param=context_param if call_style == "kwargs" else None,
         wrap_output=wrap,
+        blocking=blocking,
     )
 
 
@@ -324,6 +331,7 @@ def tool(
     risk: Risk = "read",
     timeout_s: float = 30.0,
     untrusted_output: bool = False,
+    blocking: bool = True,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -337,6 +345,7 @@ def tool(
     risk: Risk = "read",
     timeout_s: float = 30.0,
     untrusted_output: bool = False,
+    blocking: bool = True,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a `Tool` from a typed function (``@tool`` or ``@tool(...)``).
 
@@ -344,7 +353,8 @@ def tool(
     built from its typed parameters (unknown arguments are rejected). A parameter typed
     `ToolContext` receives the call's context and is not part of the input. The output
     model is the return annotation when it is a pydantic model, else ``{"result": T}``.
-    The description defaults to the docstring's first paragraph.
+    The description defaults to the docstring's first paragraph. ``blocking=False``
+    runs a sync function that returns at once on the event loop (no thread hop).
     """
 
     def decorate(f: Callable[..., Any]) -> Tool:
@@ -356,6 +366,7 @@ def tool(
             risk=risk,
             timeout_s=timeout_s,
             untrusted_output=untrusted_output,
+            blocking=blocking,
         )
 
     return decorate(fn) if fn is not None else decorate

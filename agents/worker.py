@@ -26,7 +26,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jetmesh.agents.guard import RuntimeGuard
@@ -180,6 +180,11 @@ class WorkerSettings(BaseSettings):
 
     policy_file: Path | None = None
     """YAML/JSON tool policy (see jetmesh.agents.policy); the default policy otherwise."""
+    step_concurrency: int = Field(default=256, ge=1)
+    """Steps one replica runs at once, per skill (JETMESH_STEP_CONCURRENCY). A step mostly
+    waits (on its model, its tools, the ledger), so one process holds many: at 64, 50
+    tasks in flight with 20 ms model calls queued in the work stream (B: 71 tasks/s; at
+    256, 87)."""
     approval_timeout_s: float = 60.0
     """A gated tool call not approved within this time is denied. The wait counts toward
     the step's time limit (limits.step_timeout_s), so keep it shorter."""
@@ -197,7 +202,8 @@ class Worker:
     nc: NATS
     js: JetStreamContext
     bus_settings: BusSettings = field(default_factory=BusSettings)
-    concurrency: int = 64
+    concurrency: int | None = None
+    """Steps run at once per skill; None: the settings' step_concurrency."""
     heartbeat_s: float = 1.0
     replica: str = field(default_factory=replica_id)
     settings: WorkerSettings = field(default_factory=WorkerSettings)
@@ -241,7 +247,7 @@ class Worker:
                 self.js, subjects.STREAM_WORK,
                 work_consumer_config(skill.id, self.bus_settings),
                 self.handle, on_dead_letter=self._dead_lettered,
-                concurrency=self.concurrency,
+                concurrency=self.concurrency or self.settings.step_concurrency,
                 max_deliver=self.bus_settings.max_deliver,
                 max_bytes=self.spec.limits.max_input_bytes + 4096,
             )

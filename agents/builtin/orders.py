@@ -49,7 +49,8 @@ class OrderLookup(BaseModel):
     order: Order | None = None
 
 
-@tool(description="Look up one order by id: status, items, total, carrier and tracking.")
+@tool(description="Look up one order by id: status, items, total, carrier and tracking.",
+      blocking=False)  # a dict lookup: no thread hop
 def lookup_order(args: LookupOrderInput) -> OrderLookup:
     """Read-only lookup in the bundled order book; an unknown id gives found=false."""
     order_id = args.order_id.strip().upper()

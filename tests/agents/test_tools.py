@@ -159,3 +159,19 @@ def test_definition_errors() -> None:
         @tool
         def no_hint(x) -> int:  # type: ignore[no-untyped-def]
             return 1
+
+
+async def test_sync_tools_run_in_a_thread_unless_declared_non_blocking(ctx: ToolContext) -> None:
+    import threading
+
+    def where() -> int:
+        return threading.get_ident()
+
+    threaded = tool(name="threaded")(where)
+    inline = tool(name="inline", blocking=False)(where)
+    loop_thread = threading.get_ident()
+    r1 = await threaded.invoke({}, ctx)
+    r2 = await inline.invoke({}, ctx)
+    assert r1.ok and r2.ok
+    assert r1.output["result"] != loop_thread  # a worker thread: timeout_s can hold
+    assert r2.output == {"result": loop_thread}

@@ -418,8 +418,11 @@ def is_step_result(entry) -> bool:
 
 async def test_sigstopped_worker_is_fenced_when_it_wakes(fresh_server: EmbeddedNats,
                                                           tmp_path: Path) -> None:
+    # A long request timeout: the stop may land while the worker's claim is still in
+    # flight, and its ack must still count when it wakes (a shorter one would time out
+    # at once on waking, and the worker would stand down without reaching the fence).
     env = role_env(fresh_server, tmp_path, JETMESH_ACK_WAIT_S="2",
-                   JETMESH_SIM_LATENCY_MS="1500")
+                   JETMESH_SIM_LATENCY_MS="1500", JETMESH_REQUEST_TIMEOUT_S="60")
     nc = await connect(fresh_server.url)
     js = jetstream(nc)
     await declare_streams(js, BusSettings(ack_wait_s=2))
