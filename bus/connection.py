@@ -9,10 +9,12 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from jetmesh.bus import natsfast
 from jetmesh.bus.errors import NotConnectedError
 from jetmesh.bus.settings import BusSettings
 
 log = logging.getLogger("jetmesh.bus")
+natsfast.install()
 
 
 async def connect(
