@@ -7,7 +7,6 @@ are plain pydantic models here too, so each message class is defined exactly onc
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -420,42 +419,6 @@ class StepCommand(_Strict):
 def decode_event(raw: bytes | str) -> Event:
     """Parse and validate one event; raises pydantic.ValidationError with the reasons."""
     return EVENT_ADAPTER.validate_json(raw)
-
-
-def summarize_record(raw: bytes) -> Event:
-    """A step-log record (ModelCalled, ToolCalled) without its bulky payload.
-
-    What a fold of the task's state uses (ids, time, step, agent, worker, purpose,
-    provider, model, tokens, cost, latency, tool, error, side effects) is kept; the model
-    response, the tool arguments and the tool output are left empty. Built from a plain
-    JSON parse, about a third of the cost of validating the whole record. For folding
-    only: replay and audit read the full record (`decode_event`). Anything else, or a
-    record missing a field, is decoded (and validated) in full.
-    """
-    try:
-        e = json.loads(raw)
-        d = e["data"]
-        head: dict[str, Any] = {
-            "id": e["id"], "source": e.get("source", "jetmesh"), "subject": e["subject"],
-            "time": datetime.fromisoformat(e["time"]), "traceparent": e.get("traceparent")}
-        if e["type"] == "jetmesh.model.called.v1":
-            return ModelCalled.model_construct(**head, data=ModelCalledData.model_construct(
-                step_id=d.get("step_id"), agent=str(d["agent"]), worker=d.get("worker"),
-                purpose=str(d.get("purpose", "step")), provider=str(d["provider"]),
-                model=str(d["model"]), input_tokens=int(d.get("input_tokens", 0)),
-                output_tokens=int(d.get("output_tokens", 0)),
-                cost_usd=float(d.get("cost_usd", 0.0)),
-                latency_ms=float(d.get("latency_ms", 0.0)), response={}))
-        if e["type"] == "jetmesh.tool.called.v1":
-            return ToolCalled.model_construct(**head, data=ToolCalledData.model_construct(
-                step_id=str(d["step_id"]), agent=str(d["agent"]), worker=d.get("worker"),
-                tool=str(d["tool"]), call_id=str(d["call_id"]), arguments={}, output=None,
-                error=d.get("error"), latency_ms=float(d.get("latency_ms", 0.0)),
-                side_effects=bool(d.get("side_effects", False)),
-                idempotency_key=str(d["idempotency_key"])))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        pass
-    return decode_event(raw)
 
 
 def encode_event(event: Event) -> bytes:

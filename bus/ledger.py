@@ -41,7 +41,6 @@ from jetmesh.bus.events import (
     ToolCalled,
     decode_event,
     encode_event,
-    summarize_record,
 )
 
 WRONG_LAST_SEQUENCE = 10071
@@ -205,12 +204,9 @@ class Ledger:
     async def read(
         self, task_id: str, *, from_seq: int = 1, subject: str | None = None,
         limit: int = 100_000, keep: Callable[[str], bool] | None = None,
-        summaries: bool = False,
     ) -> list[LedgerEntry]:
         """The task's events (or one subject's) with seq >= from_seq, in order; with
-        `keep`, only those whose subject it accepts (the others are not decoded). With
-        `summaries`, step-log records come without their payloads (`summarize_record`):
-        enough to fold the task's state, at a third of the decoding cost.
+        `keep`, only those whose subject it accepts (the others are not decoded).
 
         Uses JetStream batched direct get: one request, the server streams the matching
         messages back and ends with an end-of-batch status.
@@ -220,7 +216,7 @@ class Ledger:
         deadline = time.monotonic() + self.timeout_s
         pause = 0.005
         while True:
-            out, top = await self._read_once(filt, from_seq, limit, keep, summaries)
+            out, top = await self._read_once(filt, from_seq, limit, keep)
             if want < from_seq or top >= want or len(out) >= limit:
                 return out
             # A replica behind what this process knows is in the ledger answered: ask
@@ -240,8 +236,8 @@ class Ledger:
                                keep=lambda subj: subj in (line, log))
 
     async def _read_once(self, filt: str, from_seq: int, limit: int,
-                         keep: Callable[[str], bool] | None = None,
-                         summaries: bool = False) -> tuple[list[LedgerEntry], int]:
+                         keep: Callable[[str], bool] | None = None
+                         ) -> tuple[list[LedgerEntry], int]:
         """The entries read (those `keep` accepts) and the highest sequence seen."""
         out: list[LedgerEntry] = []
         start = max(1, from_seq)
@@ -251,9 +247,7 @@ class Ledger:
             for seq, subj, data in batch:
                 top = seq
                 if keep is None or keep(subj):
-                    event = (summarize_record(data)
-                             if summaries and subjects.is_step_log(subj) else decode_event(data))
-                    out.append(LedgerEntry(seq, subj, event))
+                    out.append(LedgerEntry(seq, subj, decode_event(data)))
             if len(batch) < 1000 or len(out) >= limit:
                 return out, top
             start = batch[-1][0] + 1

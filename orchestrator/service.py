@@ -271,9 +271,7 @@ class Orchestrator:
             self._cache.move_to_end(task_id)
             if cached.state.terminal:
                 return cached.state
-        # Step logs as summaries: the fold counts their calls, tokens and cost, and
-        # never needs a step's model responses or tool outputs.
-        new = await self.ledger.read(task_id, from_seq=cached.cursor + 1, summaries=True)
+        new = await self.ledger.read(task_id, from_seq=cached.cursor + 1)
         for entry in new:
             if entry.seq not in cached.local:
                 apply(cached.state, entry, check_seq=False)
