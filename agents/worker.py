@@ -224,6 +224,9 @@ class Worker:
         self._advertiser = Advertiser(self.spec, nats_url=url, signer=signer_from_env())
         self._running: dict[str, set[asyncio.Task[StepOutcome]]] = {}
         self._canceled: dict[str, str] = {}
+        self._in_flight: dict[int, Msg] = {}
+        """Step messages being worked on (by id), for the in-progress acks."""
+        self._keepalive: asyncio.Task[None] | None = None
         self.source = f"jetmesh/agent/{self.spec.name}"
         self.started_at = datetime.now(UTC)
         self.steps_done = 0
@@ -256,6 +259,7 @@ class Worker:
         # Cancellation cascades: every replica hears a task's control subject and
         # cancels the steps of that task it is running (in-flight model calls included).
         self._control = await self.nc.subscribe(subjects.ALL_CONTROL, cb=self._on_control)
+        self._keepalive = asyncio.create_task(self._keep_alive(), name="worker-keepalive")
         self._presence = Presence(
             self.js, subjects.BUCKET_AGENTS, f"{self.spec.name}.{self.replica}",
             self.presence_value, interval_s=self.heartbeat_s,
@@ -271,6 +275,10 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._control.unsubscribe()
         await asyncio.gather(*(r.stop(grace_s) for r in self._runners))
+        if self._keepalive is not None:  # after the drain: draining steps still need it
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
 
     async def _dead_lettered(self, msg: Msg, reason: str) -> None:
         """A step command that ran out of deliveries fails its step now, so the
@@ -384,7 +392,7 @@ class Worker:
         step = asyncio.create_task(bounded())
         running = self._running.setdefault(cmd.task_id, set())
         running.add(step)
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+        self._in_flight[id(msg)] = msg
         try:
             return await asyncio.shield(step)
         except TimeoutError:
@@ -400,17 +408,20 @@ class Worker:
             running.discard(step)
             if not running:
                 self._running.pop(cmd.task_id, None)
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+            self._in_flight.pop(id(msg), None)
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        """In-progress acks during long steps, so the message is not redelivered."""
+    async def _keep_alive(self) -> None:
+        """In-progress acks for every step running longer than a third of ack_wait, so
+        its message is not redelivered (one loop for all steps, not a task per step)."""
         interval = max(0.5, self.bus_settings.ack_wait_s / 3)
+        seen: set[int] = set()
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+            running = dict(self._in_flight)
+            for key in running.keys() & seen:  # running for at least one whole interval
+                with contextlib.suppress(Exception):
+                    await running[key].in_progress()
+            seen = set(running)
 
 
 SpecHook = Callable[[AgentSpec, NATS], Awaitable[AgentSpec]]

@@ -387,8 +387,12 @@ class Orchestrator:
         commands: list[tuple[str, bytes, dict[str, str]]] = []
         for a in actions:
             if isinstance(a, d.Plan):
+                # The plan is folded in now and goes out first, in the batch of the
+                # dispatches it makes ready.
                 planned = await self._plan(state)
-                events += planned
+                for e in planned:
+                    apply(state, LedgerEntry(0, subject_for(e), e), check_seq=False)
+                carried = [*(carried or []), *planned]
                 evs, cmds = self._first_dispatches(state, planned)
                 events += evs
                 commands += cmds
@@ -426,20 +430,17 @@ class Orchestrator:
 
     def _first_dispatches(self, state: TaskState, planned: list[ev.Event]
                           ) -> tuple[list[ev.Event], list[tuple[str, bytes, dict[str, str]]]]:
-        """The dispatches a new plan makes ready, computed on a copy of the state with the
-        plan folded in, so the plan and its first steps go out in one batch."""
+        """The dispatches a new plan (already folded into `state`) makes ready, so the
+        plan and its first steps go out in one batch."""
         if not any(isinstance(e, ev.TaskPlanned) for e in planned):
             return [], []
-        trial = state.model_copy(deep=True)
-        for i, e in enumerate(planned, start=1):
-            apply(trial, LedgerEntry(state.last_seq + i, subject_for(e), e), check_seq=False)
         live = self.live_skills()
         events: list[ev.Event] = []
         commands: list[tuple[str, bytes, dict[str, str]]] = []
-        for a in d.decide(trial, self.now(), live_skills=set(live) if live is not None else None,
+        for a in d.decide(state, self.now(), live_skills=set(live) if live is not None else None,
                           no_agent_wait_s=self.settings.no_agent_wait_s):
             if isinstance(a, d.Dispatch):
-                evs, cmds = self._dispatch(trial, a)
+                evs, cmds = self._dispatch(state, a)
                 events += evs
                 commands += cmds
         return events, commands

@@ -143,6 +143,29 @@ async def test_worker_killed_mid_step_is_finished_by_the_other_replica(
     assert sum(isinstance(e.event, ev.StepCompleted) for e in entries) == 1
 
 
+async def test_a_step_longer_than_ack_wait_is_kept_and_not_redelivered(
+        fresh_server: EmbeddedNats) -> None:
+    """In-progress acks: a 2.4 s step under a 1 s ack_wait runs once, on its first
+    delivery (without them JetStream would redeliver it and a second claim would land)."""
+    settings = BusSettings(ack_wait_s=1)
+    nc = await connect(fresh_server.url)
+    js = jetstream(nc)
+    worker = Worker(get_agent("support"), SimModel(latency_s=1.2), nc, js,
+                    bus_settings=settings, replica="slow")
+    await worker.start()
+    try:
+        cmd = await publish_step(js, "order_status", {"order_id": "A1002"})
+        done = await wait_for_entry(worker.ledger, cmd.task_id, is_terminal_step, 30)
+        entries = await worker.ledger.read(cmd.task_id)
+    finally:
+        await worker.stop()
+        await nc.close()
+    assert isinstance(done.event, ev.StepCompleted), done.event
+    starts = [e.event for e in entries if isinstance(e.event, ev.StepStarted)]
+    assert [(s.data.worker, s.data.delivery) for s in starts] == [("slow", 1)]
+    assert sum(isinstance(e.event, ev.StepCompleted) for e in entries) == 1
+
+
 async def _reopen(url: str):
     nc = await connect(url)
     return nc, jetstream(nc)
