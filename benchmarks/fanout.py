@@ -297,6 +297,8 @@ class Completions:
 
     def __init__(self) -> None:
         self.futures: dict[str, asyncio.Future[tuple[str, float]]] = {}
+        self.wall: dict[str, tuple[float, float]] = {}
+        """Task id -> wall-clock times the load generator submitted it and saw it end."""
 
     def expect(self, task_id: str) -> asyncio.Future[tuple[str, float]]:
         fut = asyncio.get_running_loop().create_future()
@@ -338,10 +340,11 @@ async def drive(client: Client, comp: Completions, n: int, inflight: int, offset
             tid = f"bench-{uuid.uuid4().hex[:16]}"
             ids[i] = tid
             fut = comp.expect(tid)
-            t0 = time.perf_counter()
+            t0, w0 = time.perf_counter(), time.time()
             await client.submit(f"Where are my orders? ({i + offset})",
                                 input={"order_ids": order_ids_for(i + offset)}, task_id=tid)
             etype, t1 = await asyncio.wait_for(fut, timeout_s)
+            comp.wall[tid] = (w0, w0 + (t1 - t0))
             if etype != "jetmesh.task.completed.v1":
                 raise RuntimeError(f"task {tid} ended {etype}")
             lat[i] = (t1 - t0) * 1000
@@ -356,19 +359,25 @@ async def drive(client: Client, comp: Completions, n: int, inflight: int, offset
     return ids, lat, t_start, t_end
 
 
-def print_timeline(task_id: str, entries: list[Any]) -> None:
-    """One task's events in the order they were made, with the time since submission
-    (each event's `time`, stamped by the process that made it, on one machine's clock)."""
+def print_timeline(task_id: str, entries: list[Any],
+                   wall: tuple[float, float] | None = None) -> None:
+    """One task's events in the order they were made, with the time since the load
+    generator submitted it (each event's `time`, stamped by the process that made it, on
+    one machine's clock), and when the load generator saw it end."""
     evs = sorted((e.event for e in entries), key=lambda x: x.time)
-    t0 = evs[0].time
+    t0 = wall[0] if wall else evs[0].time.timestamp()
     print(f"\ntimeline of task {task_id} (ms since it was submitted; type; who)")
+    if wall:
+        print(f"  {0.0:8.2f}  {'(submitted)':28s} load generator")
     for e in evs:
-        ms = (e.time - t0).total_seconds() * 1000
+        ms = (e.time.timestamp() - t0) * 1000
         print(f"  {ms:8.2f}  {e.type.removeprefix('jetmesh.'):28s} {e.source}")
+    if wall:
+        print(f"  {(wall[1] - t0) * 1000:8.2f}  {'(seen to end)':28s} load generator")
 
 
 async def verify(client: Client, task_ids: list[str], offset: int,
-                 timeline: bool = False) -> None:
+                 timeline: dict[str, tuple[float, float]] | None = None) -> None:
     """From the ledger: 8 ModelCalled, 3 ToolCalled, and each id's order data in the result."""
     sem = asyncio.Semaphore(16)
     problems: list[str] = []
@@ -377,8 +386,8 @@ async def verify(client: Client, task_ids: list[str], offset: int,
         async with sem:
             entries = await client.events(tid)
         evs = [e.event for e in entries]
-        if timeline and i == len(task_ids) // 2:
-            print_timeline(tid, entries)
+        if timeline is not None and i == len(task_ids) // 2:
+            print_timeline(tid, entries, timeline.get(tid))
         ids = order_ids_for(i + offset)
         n_model = sum(isinstance(e, ev.ModelCalled) for e in evs)
         n_tool = sum(isinstance(e, ev.ToolCalled) for e in evs)
@@ -472,7 +481,8 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             busy1 = machine_busy_s()
             await comp.stop()
             progress(f"  verifying {len(ids)} tasks in the ledger")
-            await verify(client, ids, 0, timeline=args.timeline and run_no == 1)
+            await verify(client, ids, 0,
+                         timeline=comp.wall if args.timeline and run_no == 1 else None)
         for s in spies:
             with contextlib.suppress(ProcessLookupError):
                 s.send_signal(signal.SIGINT)
