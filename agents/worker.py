@@ -313,6 +313,13 @@ class Worker:
     # ------------------------------------------------------------------ one step
 
     async def handle(self, msg: Msg) -> None:
+        self._in_flight[id(msg)] = msg  # kept alive from receipt until settled
+        try:
+            await self._handle(msg)
+        finally:
+            self._in_flight.pop(id(msg), None)
+
+    async def _handle(self, msg: Msg) -> None:
         try:
             cmd = ev.StepCommand.model_validate_json(msg.data)
         except ValidationError as e:
@@ -392,7 +399,6 @@ class Worker:
         step = asyncio.create_task(bounded())
         running = self._running.setdefault(cmd.task_id, set())
         running.add(step)
-        self._in_flight[id(msg)] = msg
         try:
             return await asyncio.shield(step)
         except TimeoutError:
@@ -408,20 +414,17 @@ class Worker:
             running.discard(step)
             if not running:
                 self._running.pop(cmd.task_id, None)
-            self._in_flight.pop(id(msg), None)
 
     async def _keep_alive(self) -> None:
-        """In-progress acks for every step running longer than a third of ack_wait, so
-        its message is not redelivered (one loop for all steps, not a task per step)."""
+        """In-progress acks, every third of ack_wait, for every step message being worked
+        on, so none is redelivered while its step runs (one loop for all steps, not a
+        task per step)."""
         interval = max(0.5, self.bus_settings.ack_wait_s / 3)
-        seen: set[int] = set()
         while True:
             await asyncio.sleep(interval)
-            running = dict(self._in_flight)
-            for key in running.keys() & seen:  # running for at least one whole interval
+            for msg in list(self._in_flight.values()):
                 with contextlib.suppress(Exception):
-                    await running[key].in_progress()
-            seen = set(running)
+                    await msg.in_progress()
 
 
 SpecHook = Callable[[AgentSpec, NATS], Awaitable[AgentSpec]]
