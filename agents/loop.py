@@ -29,6 +29,7 @@ from .errors import StepStopped, UnknownSkill
 from .models.errors import ModelError, ModelRetriesExhausted, ModelTransientError
 from .models.pricing import cost_usd
 from .models.types import Message, Model, ModelRequest, ModelResponse, ToolCall
+from .policy import args_hash
 from .spec import AgentSpec, SkillSpec, schema_errors
 from .tools import (
     Tool,
@@ -98,15 +99,24 @@ class StepReplay:
     """In call order: the i-th model call of the step uses the i-th entry."""
     tool_results: dict[str, ToolCalledData] = field(default_factory=dict)
     """By idempotency key: such a call reuses the recorded output or error."""
+    in_doubt: set[tuple[str, str]] = field(default_factory=set)
+    """(tool, args hash) of side-effecting calls an earlier claim was cleared to make (its
+    PolicyDecided is on the step's line) but never recorded: a crash may have come
+    between the effect and the record. Such a call asks the tool's ``reconcile`` first."""
 
     @classmethod
     def from_records(
-        cls, model_calls: Iterable[ModelCalledData], tool_calls: Iterable[ToolCalledData]
+        cls, model_calls: Iterable[ModelCalledData], tool_calls: Iterable[ToolCalledData],
+        cleared: Iterable[tuple[str, str]] = (),
     ) -> StepReplay:
-        """Build from a step's recorded events, in ledger order."""
+        """Build from a step's recorded events, in ledger order; ``cleared``: the (tool,
+        args hash) of its PolicyDecided events."""
+        tools = list(tool_calls)
+        done = {(t.tool, args_hash(t.tool, t.arguments)) for t in tools}
         return cls(
             model_responses=list(model_calls),
-            tool_results={t.idempotency_key: t for t in tool_calls},
+            tool_results={t.idempotency_key: t for t in tools},
+            in_doubt=set(cleared) - done,
         )
 
 
@@ -308,10 +318,15 @@ class _Run:
         else:
             denial = (await self.guard.before_tool_call(tool, arguments, key)
                       if self.guard else None)
+            call_ctx = replace(self.ctx, idempotency_key=key)
             if denial is not None:
                 result = ToolResult(ok=False, error=denial, kind="denied")
+            elif tool.side_effects and (name, args_hash(name, arguments)) in \
+                    self.replay.in_doubt:
+                result = (await tool.reconciled(arguments, call_ctx)
+                          or await tool.invoke(arguments, call_ctx))
             else:
-                result = await tool.invoke(arguments, replace(self.ctx, idempotency_key=key))
+                result = await tool.invoke(arguments, call_ctx)
         self.tool_calls += 1
         await self.recorder.record_tool_call(
             ToolCalledData(

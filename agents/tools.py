@@ -142,6 +142,12 @@ class Tool:
     """For kwargs style: the parameter that receives the `ToolContext`."""
     wrap_output: bool = False
     """The function returns a bare value, stored as ``{"result": value}``."""
+    reconcile: Callable[..., Any] | None = None
+    """For side-effecting tools: ``reconcile(args, ctx)`` says whether the call with
+    ``ctx.idempotency_key`` already took effect, returning its output (so it is not run
+    again) or None (it did not: run it). Asked only when a step resumes after a crash
+    that may have fallen between this call's effect and its record; without it such a
+    call runs again with the same idempotency key (at least once)."""
     blocking: bool = True
     """False: a sync function that returns at once (a lookup in memory, arithmetic) runs
     on the event loop, without the hop to a worker thread; ``timeout_s`` cannot
@@ -203,6 +209,26 @@ class Tool:
         ms = (time.perf_counter() - start) * 1000
         return ToolResult(ok=True, output=output.model_dump(mode="json"), latency_ms=ms)
 
+    async def reconciled(self, arguments: Mapping[str, Any], ctx: ToolContext
+                         ) -> ToolResult | None:
+        """The recorded-elsewhere result of an in-doubt call (see ``reconcile``), or None
+        when it did not take effect, the tool has no ``reconcile``, or the check fails."""
+        if self.reconcile is None:
+            return None
+        start = time.perf_counter()
+        try:
+            args = self.input_model.model_validate(dict(arguments))
+            raw = self.reconcile(args, ctx)
+            if inspect.isawaitable(raw):
+                raw = await raw
+            if raw is None:
+                return None
+            output = self._output(raw)
+        except Exception:  # an unsure check is no answer: the call runs again
+            return None
+        ms = (time.perf_counter() - start) * 1000
+        return ToolResult(ok=True, output=output.model_dump(mode="json"), latency_ms=ms)
+
     async def _run(self, args: BaseModel, ctx: ToolContext) -> Any:
         if self.call_style == "model":
             call = (
@@ -256,6 +282,7 @@ def _build(
     timeout_s: float,
     untrusted_output: bool,
     blocking: bool = True,
+    reconcile: Callable[..., Any] | None = None,
 ) -> Tool:
     tool_name = name or fn.__name__
     try:
@@ -315,6 +342,7 @@ def _build(
         context_param=context_param if call_style == "kwargs" else None,
         wrap_output=wrap,
         blocking=blocking,
+        reconcile=reconcile,
     )
 
 
@@ -332,6 +360,7 @@ def tool(
     timeout_s: float = 30.0,
     untrusted_output: bool = False,
     blocking: bool = True,
+    reconcile: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -346,6 +375,7 @@ def tool(
     timeout_s: float = 30.0,
     untrusted_output: bool = False,
     blocking: bool = True,
+    reconcile: Callable[..., Any] | None = None,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a `Tool` from a typed function (``@tool`` or ``@tool(...)``).
 
@@ -354,7 +384,8 @@ def tool(
     `ToolContext` receives the call's context and is not part of the input. The output
     model is the return annotation when it is a pydantic model, else ``{"result": T}``.
     The description defaults to the docstring's first paragraph. ``blocking=False``
-    runs a sync function that returns at once on the event loop (no thread hop).
+    runs a sync function that returns at once on the event loop (no thread hop);
+    ``reconcile`` is a side-effecting tool's check for an in-doubt call (see `Tool`).
     """
 
     def decorate(f: Callable[..., Any]) -> Tool:
@@ -367,6 +398,7 @@ def tool(
             timeout_s=timeout_s,
             untrusted_output=untrusted_output,
             blocking=blocking,
+            reconcile=reconcile,
         )
 
     return decorate(fn) if fn is not None else decorate

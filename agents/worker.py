@@ -76,21 +76,13 @@ class FencedRecorder:
     def subject(self) -> str:
         return subjects.step_events(self.task_id, self.step_id)
 
-    async def _settle(self) -> int:
-        """Wait for the pipelined records' acks. They are on the step's log, so they
-        never move the fence: that stays on the line's last sequence, where every claim,
-        side effect and result is written."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            await asyncio.wait_for(asyncio.gather(*pending), self.ledger.timeout_s)
-        return self.last_seq
-
     async def _append(self, event: ev.Event) -> None:
-        """A fenced append on the step's line, once every pipelined record is stored."""
-        expected = await self._settle()
+        """A fenced append on the step's line. It does not wait for the pipelined log
+        records (they never move the fence, and the same connection stores them first):
+        after a side effect, its record is one disk round trip away, no more."""
         try:
             self.last_seq = await self.ledger.append(
-                event, expected_last_subject_seq=expected, validate=False)
+                event, expected_last_subject_seq=self.last_seq, validate=False)
         except AppendConflict as e:
             raise Fenced(str(e)) from e
 
@@ -142,11 +134,14 @@ def replay_from(entries: list[LedgerEntry]) -> StepReplay:
     """
     models: list[ev.ModelCalledData] = []
     tools: list[ev.ToolCalledData] = []
+    cleared: list[tuple[str, str]] = []
     holder: str | None = None
     for e in entries:
         event = e.event
         if isinstance(event, ev.StepStarted):
             holder = event.data.worker
+        elif isinstance(event, ev.PolicyDecided) and event.data.decision != "deny":
+            cleared.append((event.data.tool, event.data.args_hash))
         elif isinstance(event, ev.ModelCalled | ev.ToolCalled):
             if event.data.worker not in (None, holder):
                 continue
@@ -154,7 +149,7 @@ def replay_from(entries: list[LedgerEntry]) -> StepReplay:
                 models.append(event.data)
             else:
                 tools.append(event.data)
-    return StepReplay.from_records(models, tools)
+    return StepReplay.from_records(models, tools, cleared)
 
 
 def line_last(entries: list[LedgerEntry]) -> int:

@@ -268,6 +268,61 @@ async def test_redelivery_after_crash_reuses_the_side_effect() -> None:
     live.assert_complete()
 
 
+class CrashOnSideEffectRecord(ListRecorder):
+    """A worker killed after a side effect ran and before its record was stored."""
+
+    async def record_tool_call(self, data: Any) -> None:
+        if data.side_effects:
+            raise RuntimeError("killed before the record was stored")
+        await super().record_tool_call(data)
+
+
+@pytest.mark.parametrize("reconciles", [True, False])
+async def test_a_call_in_doubt_asks_the_tool_before_running_again(reconciles: bool) -> None:
+    """The worker died between the refund and its record: the next claim sees the call
+    cleared (its PolicyDecided on the line) but unrecorded. With a `reconcile` that finds
+    the effect by its idempotency key the refund is not run again; without one it runs
+    again, with the same key (at least once)."""
+    from dataclasses import replace as dc_replace
+
+    from jetmesh.agents.policy import args_hash
+
+    seen: dict[str, dict[str, Any]] = {}
+
+    def already(args: Any, ctx: ToolContext) -> dict[str, Any] | None:
+        return seen.get(ctx.idempotency_key)
+
+    def counting(order_id: str, amount_usd: float, ctx: ToolContext) -> dict[str, Any]:
+        out = refund.fn(order_id=order_id, amount_usd=amount_usd, ctx=ctx)
+        seen[ctx.idempotency_key] = out
+        return out
+
+    pay = dc_replace(refund, fn=counting, reconcile=already if reconciles else None)
+    spec = dc_replace(make_spec(), tools=[double, pay, fetch_page])
+    ctx = ToolContext(task_id="t1", step_id="s1", agent="calc")
+    rec = CrashOnSideEffectRecord()
+    with pytest.raises(RuntimeError, match="killed"):
+        await run_step(spec, "score", {"q": "hi"},
+                       ScriptedModel(tool_call("refund", order_id="A1", amount_usd=5.0)),
+                       ctx=ctx, recorder=rec)
+    assert len(refunds) == 1 and rec.tool_calls == []
+
+    cleared = [("refund", args_hash("refund", {"order_id": "A1", "amount_usd": 5.0}))]
+    replay = StepReplay.from_records(rec.model_calls, rec.tool_calls, cleared)
+    assert replay.in_doubt == set(cleared)
+    rec2 = ListRecorder()
+    out = await run_step(spec, "score", {"q": "hi"},
+                         ScriptedModel('{"answer": "done", "score": 1}'),
+                         ctx=ctx, recorder=rec2, replay=replay)
+    assert out.status == "completed"
+    assert len(refunds) == (1 if reconciles else 2)
+    assert len(rec2.tool_calls) == 1  # recorded now, either way
+    assert rec2.tool_calls[0].output["result"]["refund_id"] == ("R1" if reconciles else "R2")
+    # A recorded call is never in doubt.
+    done = StepReplay.from_records([], rec2.tool_calls, cleared)
+    assert done.in_doubt == set()
+
+
 async def test_before_model_call_runs_before_each_live_call() -> None:
     seen: list[int] = []
 

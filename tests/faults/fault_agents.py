@@ -2,7 +2,8 @@
 
 - FX_EFFECTS: a model-driven skill whose tool appends one line per *real* invocation to
   a file (a side effect the test can count), with the worker's pid and the call's
-  idempotency key.
+  idempotency key. Its `reconcile` looks the key up in that file, so a step resumed after
+  a kill between the effect and its record does not run it again.
 - POISON: a direct (no model) skill whose tool kills its own process (`os._exit(3)`)
   until a "fixed" marker file exists; the marker's path comes from the environment.
 """
@@ -31,8 +32,20 @@ class FxOutput(BaseModel):
     recorded: str
 
 
+def fx_recorded(args: FxInput, ctx: ToolContext) -> FxOutput | None:
+    """The reconcile check: did the call with this idempotency key already take effect?
+    (As a payments API answers a retried request by its idempotency key.)"""
+    path = Path(os.environ[EFFECTS_ENV])
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        if json.loads(line).get("key") == ctx.idempotency_key:
+            return FxOutput(recorded=args.label)
+    return None
+
+
 @tool(description="Record a side effect (counts every real invocation).", side_effects=True,
-      risk="write")
+      risk="write", reconcile=fx_recorded)
 def fx_record(args: FxInput, ctx: ToolContext) -> FxOutput:
     line = json.dumps({"task": ctx.task_id, "step": ctx.step_id, "label": args.label,
                        "pid": os.getpid(), "key": ctx.idempotency_key})

@@ -255,3 +255,29 @@ def test_replay_ignores_records_a_stale_worker_wrote_after_losing_the_step() -> 
     replay = replay_from([LedgerEntry(i + 1, "x", e) for i, e in enumerate(log)])
     assert [m.response["text"] for m in replay.model_responses] == ["a1", "b2"]
     assert set(replay.tool_results) == {"k1"}
+
+
+def test_replay_marks_a_cleared_but_unrecorded_side_effect_in_doubt() -> None:
+    from jetmesh.agents.policy import args_hash
+    from jetmesh.agents.worker import replay_from
+    from jetmesh.bus.ledger import LedgerEntry
+
+    def decided(tool: str, args: dict, decision: str = "allow") -> ev.PolicyDecided:
+        return ev.PolicyDecided(subject="t", data=ev.PolicyDecidedData(
+            step_id="s", agent="a", tool=tool, args_hash=args_hash(tool, args),
+            decision=decision, rule="r", reason="r"))
+
+    def called(tool: str, args: dict) -> ev.ToolCalled:
+        return ev.ToolCalled(subject="t", data=ev.ToolCalledData(
+            step_id="s", agent="a", worker="A", tool=tool, call_id="c", arguments=args,
+            side_effects=True, idempotency_key=f"k-{tool}"))
+
+    started = ev.StepStarted(subject="t", data=ev.StepStartedData(
+        step_id="s", agent="a", worker="A"))
+    log = [started,
+           decided("refund", {"id": 1}), called("refund", {"id": 1}),  # ran, recorded
+           decided("email", {"to": "x"}),                              # cleared, no record
+           decided("wire", {"usd": 9}, "deny")]                        # denied: never ran
+    replay = replay_from([LedgerEntry(i + 1, "x", e) for i, e in enumerate(log)])
+    assert replay.in_doubt == {("email", args_hash("email", {"to": "x"}))}
+    assert set(replay.tool_results) == {"k-refund"}
