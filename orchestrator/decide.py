@@ -89,6 +89,7 @@ def decide(
     if state.cancel_requested is not None:
         return [Cancel(state.cancel_requested)]
     budget = state.submitted.budget
+    deadline: datetime | None = None
     if budget and budget.deadline_s and state.created_at:
         deadline = state.created_at + timedelta(seconds=budget.deadline_s)
         if now >= deadline:
@@ -145,4 +146,6 @@ def decide(
         if state.merge:
             return [Merge()]
         return [Complete(final_result(state))]
+    if deadline is not None:  # wake at the deadline even if no step reports by then
+        waits.append(deadline)
     return [Wait(min(waits) if waits else None)]
