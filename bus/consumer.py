@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
@@ -63,17 +63,9 @@ class PullRunner:
     max_deliver: int = 5
     backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
     max_bytes: int = MAX_MESSAGE_BYTES
-    expires_s: float = 30.0
-    """Lifetime of one pull request; the server ends it with a 408 and we ask again."""
-    heartbeat_s: float = 2.0
-    """The server's idle heartbeat on an open pull request. Silence for 2.5 of these
-    (a restarted server forgot the request) makes us ask again."""
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _loop_task: asyncio.Task[None] | None = field(default=None, init=False)
-    _outstanding: int = field(default=0, init=False)
-    _heard: float = field(default=0.0, init=False)
-    _pause: float = field(default=0.0, init=False)
 
     @property
     def durable(self) -> str:
@@ -81,84 +73,39 @@ class PullRunner:
         return self.config.durable_name
 
     async def start(self) -> None:
-        """Bind the consumer and start pulling.
-
-        One long-lived pull request at a time, for as many messages as there is room
-        for, on a private inbox: each message is handled the moment it arrives, and the
-        next request goes out when this one is used up, expires, or falls silent.
-        (nats-py's `fetch` returns in cycles; after a stale status from an earlier cycle
-        it held a message until its 1 s deadline, which added up to a second between
-        an idle task's steps.)
-        """
         await ensure_consumer(self.js, self.stream, self.config)
-        nc = self.js._nc
-        self._next = f"{self.js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
-        self._wake = asyncio.Event()
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox, cb=self._on_msg)
+        self._sub = await self.js.pull_subscribe_bind(
+            durable=self.durable, stream=self.stream
+        )
+        self._room = asyncio.Event()
+        self._room.set()
         self._loop_task = asyncio.create_task(self._loop(), name=f"pull:{self.durable}")
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        nc = self.js._nc
         while not self._stopping.is_set():
-            self._wake.clear()
-            if self._outstanding == 0:
-                if self._pause:
-                    await asyncio.sleep(self._pause)
-                    self._pause = 0.0
-                free = self.concurrency - len(self._tasks)  # how many we may take now
-                if free > 0:
-                    req = {"batch": free, "expires": int(self.expires_s * 1e9),
-                           "idle_heartbeat": int(self.heartbeat_s * 1e9)}
-                    try:
-                        await nc.publish(self._next, json.dumps(req).encode(),
-                                         reply=self._inbox)
-                    except Exception as e:  # connection blips: the client reconnects
-                        log.debug("pull request on %s: %s", self.durable, e)
-                        await asyncio.sleep(0.2)
-                        continue
-                    self._outstanding, self._heard = free, loop.time()
-            if self._outstanding == 0:
-                await self._wake.wait()  # a handler finished: room for more
+            free = self.concurrency - len(self._tasks)  # how many we may take now
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()  # set when a handler finishes
                 continue
-            silent_for = self.heartbeat_s * 2.5
             try:
-                await asyncio.wait_for(self._wake.wait(),
-                                       max(0.0, self._heard + silent_for - loop.time()))
-            except TimeoutError:
-                if loop.time() - self._heard >= silent_for:
-                    log.debug("pull request on %s fell silent; asking again", self.durable)
-                    self._outstanding = 0
-
-    async def _on_msg(self, msg: Msg) -> None:
-        self._heard = asyncio.get_running_loop().time()
-        # The server's own status messages: no payload and no ack subject.
-        status = (msg.headers or {}).get("Status") if not msg.data and not msg.reply else None
-        if status:
-            if status != "100":  # not a heartbeat: this request is over
-                if status not in ("404", "408"):  # 409 and the like: not in a tight loop
-                    log.debug("pull request on %s ended: %s %s", self.durable, status,
-                              (msg.headers or {}).get("Description", ""))
-                    self._pause = 0.2
-                self._outstanding = 0
-                self._wake.set()
-            return
-        if self._stopping.is_set():  # hand it back at once rather than at ack_wait
-            with contextlib.suppress(Exception):
-                await msg.nak()
-            return
-        self._outstanding = max(0, self._outstanding - 1)
-        t = asyncio.create_task(self._one(msg))
-        self._tasks.add(t)
-        t.add_done_callback(self._done)
-        if self._outstanding == 0:
-            self._wake.set()
+                msgs = await self._sub.fetch(batch=min(free, 256), timeout=1.0)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # connection blips: the client reconnects
+                log.debug("fetch on %s: %s", self.durable, e)
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                t = asyncio.create_task(self._one(msg))
+                self._tasks.add(t)
+                t.add_done_callback(self._done)
 
     def _done(self, t: asyncio.Task[None]) -> None:
         self._tasks.discard(t)
-        if self._outstanding == 0:
-            self._wake.set()
+        self._room.set()
 
     async def _one(self, msg: Msg) -> None:
         try:
