@@ -72,10 +72,6 @@ class FencedRecorder:
     worker: str | None = None
     _pending: list[asyncio.Future[Any]] = field(default_factory=list)
 
-    @property
-    def subject(self) -> str:
-        return subjects.step_events(self.task_id, self.step_id)
-
     async def _append(self, event: ev.Event) -> None:
         """A fenced append on the step's line. It does not wait for the pipelined log
         records (they never move the fence, and the same connection stores them first):
@@ -94,17 +90,13 @@ class FencedRecorder:
         pending, self._pending = self._pending, []
         # A task, not publish_async: nats-py leaves a publish_async future unresolved
         # when the server answers with an API error (the fence's "wrong last sequence").
-        final = asyncio.ensure_future(self.ledger.append(
-            event, expected_last_subject_seq=self.last_seq, validate=False))
+        final = asyncio.ensure_future(self._append(event))
         results = await asyncio.gather(
             asyncio.wait_for(asyncio.gather(*pending), self.ledger.timeout_s), final,
             return_exceptions=True)
         for r in results:
-            if isinstance(r, AppendConflict):
-                raise Fenced(str(r)) from r
             if isinstance(r, BaseException):
                 raise r
-        self.last_seq = int(results[1])  # type: ignore[arg-type]
 
     async def _pipeline(self, event: ev.Event) -> None:
         self._pending.append(await self.ledger.js.publish_async(

@@ -127,6 +127,14 @@ class _Cached:
     local: set[int] = field(default_factory=set)
 
 
+def _prefold(state: TaskState, events: list[ev.Event]) -> list[ev.Event]:
+    """Fold events into `state` before they are appended (they go out with the next
+    batch, whose acks then only record their sequence numbers); returns them."""
+    for e in events:
+        apply(state, LedgerEntry(0, subject_for(e), e), check_seq=False)
+    return list(events)
+
+
 class Orchestrator:
     """Drives every task to a terminal state. Run one or several replicas."""
 
@@ -319,9 +327,7 @@ class Orchestrator:
                 if first and state.submitted is None:
                     # Folded in now, appended with the first decisions (the plan and its
                     # dispatches) in one batch: one disk round trip fewer per task.
-                    for e in first:
-                        apply(state, LedgerEntry(0, subject_for(e), e), check_seq=False)
-                    carried = list(first)
+                    carried = _prefold(state, first)
                 if fresh:
                     await self._republish_dispatched(state)
                 for _ in range(50):
@@ -389,9 +395,7 @@ class Orchestrator:
             if isinstance(a, d.Plan):
                 # The plan is folded in now and goes out first, in the batch of the
                 # dispatches it makes ready.
-                planned = await self._plan(state)
-                for e in planned:
-                    apply(state, LedgerEntry(0, subject_for(e), e), check_seq=False)
+                planned = _prefold(state, await self._plan(state))
                 carried = [*(carried or []), *planned]
                 evs, cmds = self._first_dispatches(state, planned)
                 events += evs
