@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,10 +23,10 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
+from jetmesh.bus import subjects
 from jetmesh.bus.dlq import dead_letter
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
 from jetmesh.bus.streams import ensure_consumer
@@ -51,7 +52,17 @@ Handler = Callable[[Msg], Awaitable[None]]
 
 @dataclass
 class PullRunner:
-    """Runs one durable pull consumer with bounded concurrency until stopped."""
+    """Runs one durable pull consumer with bounded concurrency until stopped.
+
+    Messages come from long-lived pull requests, each on its own reply subject under a
+    private inbox, and each message is handled the moment it arrives. A request asks for
+    as many messages as there is room for and lives `expires_s`; the next goes out when
+    the open ones cover less than half the room. Statuses (404, 408, 409) end only the
+    request they answer, so a late status of an old request never stalls a new one.
+    (nats-py's `fetch` works in cycles on one inbox: a stale status from an earlier
+    cycle made it hold a message until its 1 s deadline, up to a second between an idle
+    task's steps.)
+    """
 
     js: JetStreamContext
     stream: str
@@ -63,9 +74,16 @@ class PullRunner:
     max_deliver: int = 5
     backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
     max_bytes: int = MAX_MESSAGE_BYTES
+    expires_s: float = 2.0
+    """Lifetime of one pull request. A request the server forgot (a restart) is given
+    up a second after this, so a lost request costs at most that long."""
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _loop_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _open: dict[str, list[float]] = field(default_factory=dict, init=False)
+    """Open pull requests: reply token -> [messages still due, when it lapses]."""
+    _pause_until: float = field(default=0.0, init=False)
+    _n: int = field(default=0, init=False)
 
     @property
     def durable(self) -> str:
@@ -74,38 +92,80 @@ class PullRunner:
 
     async def start(self) -> None:
         await ensure_consumer(self.js, self.stream, self.config)
-        self._sub = await self.js.pull_subscribe_bind(
-            durable=self.durable, stream=self.stream
-        )
-        self._room = asyncio.Event()
-        self._room.set()
+        nc = self.js._nc
+        self._next = subjects.consumer_next(self.js._prefix, self.stream, self.durable)
+        self._wake = asyncio.Event()
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
         self._loop_task = asyncio.create_task(self._loop(), name=f"pull:{self.durable}")
 
+    def _due(self) -> int:
+        return int(sum(r[0] for r in self._open.values()))
+
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        nc = self.js._nc
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._tasks)  # how many we may take now
-            if free <= 0:
-                self._room.clear()
-                await self._room.wait()  # set when a handler finishes
+            self._wake.clear()
+            now = loop.time()
+            for token, (_, lapses) in list(self._open.items()):
+                if now > lapses:  # never ended by the server (it restarted): give it up
+                    del self._open[token]
+            room = self.concurrency - len(self._tasks) - self._due()
+            if now < self._pause_until:
+                await asyncio.sleep(self._pause_until - now)
                 continue
-            try:
-                msgs = await self._sub.fetch(batch=min(free, 256), timeout=1.0)
-            except (NatsTimeoutError, TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # connection blips: the client reconnects
-                log.debug("fetch on %s: %s", self.durable, e)
-                await asyncio.sleep(0.2)
-                continue
-            for msg in msgs:
-                t = asyncio.create_task(self._one(msg))
-                self._tasks.add(t)
-                t.add_done_callback(self._done)
+            if room > 0 and room * 2 >= self.concurrency - len(self._tasks):
+                self._n += 1
+                token = str(self._n)
+                req = {"batch": room, "expires": int(self.expires_s * 1e9)}
+                try:
+                    await nc.publish(self._next, json.dumps(req).encode(),
+                                     reply=f"{self._inbox}.{token}")
+                except Exception as e:  # connection blips: the client reconnects
+                    log.debug("pull request on %s: %s", self.durable, e)
+                    await asyncio.sleep(0.2)
+                    continue
+                self._open[token] = [room, now + self.expires_s + 1.0]
+            # Woken when a handler finishes or a request ends; else look again when the
+            # oldest open request should have ended.
+            timeout = min((r[1] for r in self._open.values()), default=now + 1.0) - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, timeout))
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if not msg.reply:  # the server's status for one pull request, sent to its inbox
+            token = msg.subject.rsplit(".", 1)[-1]
+            status = (msg.headers or {}).get("Status", "")
+            if status == "100":  # heartbeat
+                return
+            if self._open.pop(token, None) is not None:
+                if status not in ("404", "408"):  # 409 and the like: not in a tight loop
+                    log.debug("pull request on %s ended: %s %s", self.durable, status,
+                              (msg.headers or {}).get("Description", ""))
+                    self._pause_until = asyncio.get_running_loop().time() + 0.2
+                self._wake.set()
+            return
+        if self._stopping.is_set():  # hand it back at once rather than at ack_wait
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+        # A delivered message carries its stream subject, not the request's: charge it
+        # to the oldest open request, which is the one the server is filling (FIFO).
+        oldest = next(iter(self._open), None)
+        if oldest is not None:
+            req = self._open[oldest]
+            req[0] -= 1
+            if req[0] <= 0:
+                del self._open[oldest]
+                self._wake.set()
+        t = asyncio.create_task(self._one(msg))
+        self._tasks.add(t)
+        t.add_done_callback(self._done)
 
     def _done(self, t: asyncio.Task[None]) -> None:
         self._tasks.discard(t)
-        self._room.set()
+        self._wake.set()
 
     async def _one(self, msg: Msg) -> None:
         try:
@@ -154,17 +214,20 @@ class PullRunner:
                 log.warning("%s: dead-letter hook failed: %s", self.durable, e)
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop fetching; let in-flight handlers finish for `grace_s`, then cancel them."""
+        """Stop pulling; let in-flight handlers finish for `grace_s`, then cancel them.
+
+        The inbox is drained first: the server stops delivering to our open requests,
+        and what already arrived is handed back at once (nak) rather than at ack_wait."""
         self._stopping.set()
         if self._loop_task:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
+        with contextlib.suppress(Exception):
+            await self._sub.drain()  # type: ignore[no-untyped-call]
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for t in pending:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()

@@ -73,6 +73,11 @@ def direct_get(stream: str, last_by_subject: str | None = None) -> str:
     return f"{base}.{last_by_subject}" if last_by_subject else base
 
 
+def consumer_next(api_prefix: str, stream: str, durable: str) -> str:
+    """Where a pull request for a durable consumer's next messages goes."""
+    return f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 

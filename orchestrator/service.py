@@ -160,6 +160,7 @@ class Orchestrator:
             self.registry = Registry(self.presence, verifier=verifier_from_env())
         self._skills: dict[str, SkillSpec] | None = None
         self._skills_at = 0.0
+        self._clock: Callable[[], float] = time.monotonic
         self.now = now
         self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
@@ -303,7 +304,7 @@ class Orchestrator:
         every decision, and liveness is judged in seconds anyway."""
         if self.registry is None:
             return None
-        now = time.monotonic()
+        now = self._clock()
         assert self.presence is not None
         if self._skills is None or now - self._skills_at > 0.2 or \
                 self.presence.changed.is_set():
@@ -588,19 +589,27 @@ class Orchestrator:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.settings.tick_s)
-            now = self.now()
-            if self.presence and self.presence.changed.is_set():
-                # An agent came or went: tasks waiting for one may move now.
-                self.presence.changed.clear()
-                due = [t for t, until in self._waiting.items() if until is not None]
-            else:
-                due = [t for t, until in list(self._waiting.items())
-                       if until is not None and until <= now]
-            for task_id in due:
-                try:
-                    await self.drive(task_id)
-                except Exception as e:
-                    log.warning("task %s: timer drive failed: %s", task_id, e)
+            await self._tick()
+
+    async def _tick(self) -> None:
+        """Drive the tasks whose timer is due, or all waiting ones if an agent came or
+        went."""
+        now = self.now()
+        if self.presence and self.presence.changed.is_set():
+            # An agent came or went: tasks waiting for one may move now. The skills
+            # cache is dropped with the flag, or a drive in the next 0.2 s would still
+            # see the skills from before the change (and wait for nothing).
+            self.presence.changed.clear()
+            self._skills = None
+            due = [t for t, until in self._waiting.items() if until is not None]
+        else:
+            due = [t for t, until in list(self._waiting.items())
+                   if until is not None and until <= now]
+        for task_id in due:
+            try:
+                await self.drive(task_id)
+            except Exception as e:
+                log.warning("task %s: timer drive failed: %s", task_id, e)
 
     async def _recover(self) -> None:
         """Find unfinished tasks in the ledger and drive them (after a restart)."""

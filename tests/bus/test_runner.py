@@ -1,0 +1,126 @@
+"""The pull runner: long-lived pull requests, each message handled as it arrives."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.aio.msg import Msg
+
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.consumer import PullRunner
+from jetmesh.bus.streams import pull_consumer_config
+
+
+async def until(cond, timeout: float = 10.0) -> None:
+    """Wait for a state the runner reaches by itself (it signals nothing: polled,
+    bounded)."""
+    async with asyncio.timeout(timeout):
+        while not cond():  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0.01)
+
+
+def runner_for(bus, skill: str, handler) -> PullRunner:
+    return PullRunner(bus.js, subjects.STREAM_WORK,
+                      pull_consumer_config(subjects.work_consumer(skill), subjects.work(skill)),
+                      handler)
+
+
+async def test_a_runner_replacing_a_stopped_one_on_the_same_durable_gets_every_message(
+        bus) -> None:
+    """The stopped runner's pull requests are still open on the server when the new one
+    starts (same connection, as in a restarted role): none of the new messages may go
+    to them, where they would wait out ack_wait (30 s) before redelivery."""
+    skill = "runner" + ev.new_id()[:8]
+    old_got: list[bytes] = []
+    new_got: list[bytes] = []
+    all_in = asyncio.Event()
+
+    async def old(msg: Msg) -> None:
+        old_got.append(msg.data)
+
+    async def new(msg: Msg) -> None:
+        new_got.append(msg.data)
+        if len(new_got) == 10:
+            all_in.set()
+
+    first = runner_for(bus, skill, old)
+    await first.start()
+    await bus.js.publish(subjects.work(skill), b"0")
+    await until(lambda: old_got == [b"0"])
+    await until(lambda: bool(first._open))  # it holds an open request again
+    await first.stop()
+    second = runner_for(bus, skill, new)
+    await second.start()
+    try:
+        for i in range(1, 11):
+            await bus.js.publish(subjects.work(skill), str(i).encode())
+        await asyncio.wait_for(all_in.wait(), 10)
+    finally:
+        await second.stop()
+    assert sorted(new_got, key=int) == [str(i).encode() for i in range(1, 11)]
+    assert old_got == [b"0"]
+
+
+async def test_a_status_ends_only_the_request_it_answers(bus) -> None:
+    """A late 404/408 of an earlier request must not end the open one (nats-py's fetch
+    cycles shared one inbox, and such a status held a message for up to a second)."""
+    skill = "status" + ev.new_id()[:8]
+    got = asyncio.Event()
+
+    async def handler(msg: Msg) -> None:
+        got.set()
+
+    runner = runner_for(bus, skill, handler)
+    await runner.start()
+    try:
+        await until(lambda: bool(runner._open))
+        [token] = list(runner._open)
+        stale = Msg(_client=bus.nc, subject=f"{runner._inbox}.0", reply="", data=b"",
+                    headers={"Status": "408", "Description": "Request Timeout"})
+        await runner._on_msg(stale)
+        assert list(runner._open) == [token]
+        await bus.js.publish(subjects.work(skill), b"{}")
+        await asyncio.wait_for(got.wait(), 10)
+        # Its own request's end: it is dropped and a new one goes out.
+        done = Msg(_client=bus.nc, subject=f"{runner._inbox}.{token}", reply="", data=b"",
+                   headers={"Status": "408", "Description": "Request Timeout"})
+        await runner._on_msg(done)
+        assert token not in runner._open
+        await until(lambda: bool(runner._open))
+    finally:
+        await runner.stop()
+
+
+async def test_a_runner_with_little_room_keeps_pulling_as_its_handlers_finish(bus) -> None:
+    """Room for 4 at a time, 60 messages: each finished handler makes room for the next
+    message at once (were used-up requests not counted, it would wait for each request
+    to expire, 2 s per 4 messages, and miss the 10 s bound)."""
+    skill = "room" + ev.new_id()[:8]
+    got: list[bytes] = []
+    all_in = asyncio.Event()
+    running = 0
+    most = 0
+
+    async def handler(msg: Msg) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0)
+        running -= 1
+        got.append(msg.data)
+        if len(got) == 60:
+            all_in.set()
+
+    runner = PullRunner(bus.js, subjects.STREAM_WORK,
+                        pull_consumer_config(subjects.work_consumer(skill), subjects.work(skill)),
+                        handler, concurrency=4)
+    await runner.start()
+    try:
+        for i in range(60):
+            await bus.js.publish(subjects.work(skill), str(i).encode())
+        await asyncio.wait_for(all_in.wait(), 10)
+    finally:
+        await runner.stop()
+    assert sorted(got, key=int) == [str(i).encode() for i in range(60)]
+    assert most <= 4
