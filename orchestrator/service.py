@@ -127,6 +127,13 @@ class _Cached:
     local: set[int] = field(default_factory=set)
 
 
+def _consume_exception(fut: asyncio.Future[Any]) -> None:
+    """A coalesced drive's failure is raised to its own caller; riders, if any, get it
+    from the future, and if there are none it must not be reported as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _prefold(state: TaskState, events: list[ev.Event]) -> list[ev.Event]:
     """Fold events into `state` before they are appended (they go out with the next
     batch, whose acks then only record their sequence numbers); returns them."""
@@ -165,6 +172,7 @@ class Orchestrator:
         self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._queued: dict[str, asyncio.Future[TaskState]] = {}
         self._waiting: dict[str, datetime | None] = {}
         self._runners: list[PullRunner] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -318,9 +326,41 @@ class Orchestrator:
         decisions are appended in one pipelined batch and folded in locally, so the
         orchestrator never reads back what it just wrote. `first`: events to append
         before deciding (a submission).
+
+        Wake-ups coalesce: a drive that finds another drive of the same task queued
+        (waiting for the task's lock, so it has not read yet) rides on it, since that
+        read will include whatever woke it (its ledger sequence is observed before).
+        Three step results arriving together cost two reads, not three.
         """
+        if first is None:
+            queued = self._queued.get(task_id)
+            if queued is not None:
+                return await asyncio.shield(queued)
+        mine: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
+        mine.add_done_callback(_consume_exception)
+        if first is None:
+            self._queued[task_id] = mine
+        try:
+            state = await self._drive(task_id, first, mine)
+        except BaseException as e:
+            if not mine.done():
+                if isinstance(e, asyncio.CancelledError):
+                    mine.cancel()
+                else:
+                    mine.set_exception(e)
+            raise
+        finally:
+            if self._queued.get(task_id) is mine:
+                del self._queued[task_id]
+        mine.set_result(state)
+        return state
+
+    async def _drive(self, task_id: str, first: list[ev.Event] | None,
+                     mine: asyncio.Future[TaskState]) -> TaskState:
         lock = self._locks.setdefault(task_id, asyncio.Lock())
         async with lock:
+            if self._queued.get(task_id) is mine:
+                del self._queued[task_id]  # reading now: later wake-ups need a new drive
             fresh = task_id not in self._cache
             try:
                 state = await self.load(task_id)

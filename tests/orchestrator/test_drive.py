@@ -1,0 +1,68 @@
+"""Driving a task: wake-ups that arrive together share one ledger read."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from jetmesh.agents.models.sim import SimModel
+from jetmesh.bus import events as ev
+from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.errors import LedgerReadError
+from jetmesh.bus.events import PlanStep
+from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
+from jetmesh.orchestrator.state import StepStatus, TaskStatus
+from jetmesh.orchestrator.workflows import Workflow
+
+
+@pytest.fixture
+async def orch(bus):
+    nc = await connect(bus.url)
+    o = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
+                     settings=OrchestratorSettings(tick_s=3600))
+    yield o
+    await nc.close()
+
+
+def count_reads(orch: Orchestrator, fail_on: int | None = None) -> list[int]:
+    reads: list[int] = []
+    real = orch.ledger.read
+
+    async def read(*args, **kwargs):
+        reads.append(1)
+        await asyncio.sleep(0)  # let the other wake-ups arrive meanwhile
+        if fail_on is not None and len(reads) == fail_on:
+            raise LedgerReadError("replica behind")
+        return await real(*args, **kwargs)
+
+    orch.ledger.read = read  # type: ignore[method-assign]
+    return reads
+
+
+async def test_three_wake_ups_at_once_cost_two_reads(orch: Orchestrator) -> None:
+    """The first drive reads at once; the second waits for the task's lock and the
+    third rides on it (the second's read comes after both were woken)."""
+    tid, skill = ev.new_id(), "drive" + ev.new_id()[:8]  # no agent serves this skill
+    orch.workflows.add(Workflow(name=skill, steps=[PlanStep(id="only", skill=skill,
+                                                            input={})]))
+    await orch.ledger.append(ev.TaskSubmitted(
+        id=f"{tid}-submitted", subject=tid, data=ev.TaskSubmittedData(goal="x",
+                                                                     workflow=skill)))
+    reads = count_reads(orch)
+    states = await asyncio.gather(*(orch.drive(tid) for _ in range(3)))
+    assert len(reads) == 2
+    assert states[1] is states[2]
+    assert all(s.status is TaskStatus.WORKING for s in states)
+    assert states[2].steps["only"].status is StepStatus.DISPATCHED
+
+
+async def test_a_rider_gets_the_failure_of_the_drive_it_rode_on(orch: Orchestrator) -> None:
+    """So its message is not acked on a drive that never happened (it is retried)."""
+    tid = ev.new_id()
+    reads = count_reads(orch, fail_on=2)
+    results = await asyncio.gather(*(orch.drive(tid) for _ in range(3)),
+                                   return_exceptions=True)
+    assert len(reads) == 2
+    assert not isinstance(results[0], BaseException)
+    assert isinstance(results[1], LedgerReadError) and isinstance(results[2], LedgerReadError)
