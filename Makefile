@@ -35,6 +35,7 @@ fault: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ledger.py
 	$(BIN)/python benchmarks/fanout.py
+	$(BIN)/python benchmarks/steps.py
 
 clean:
 	rm -rf $(VENV) .jetmesh .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""Smoke runs of the benchmark scripts: they start the real stack, run, verify, print."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fanout_quick_prints_a_and_b_with_every_task_verified(tmp_path: Path) -> None:
+    out = run("fanout.py", "--quick", "--workloads", "A,B", cwd=tmp_path)
+    # workload, replicas, latency, in flight, tasks, tasks/s ...
+    assert re.search(r"^A\s+1\s+0\s+1\s+30\s+\d+\.\d", out, re.M), out
+    assert re.search(r"^B\s+1\s+20\s+50\s+30\s+\d+\.\d", out, re.M), out
+    assert "warning/error lines in the children's logs over all runs: 0" in out
+
+
+def test_steps_prints_the_hop_latencies_of_a_sequential_workflow(tmp_path: Path) -> None:
+    out = run("steps.py", "--tasks", "3", "--warmup", "1", "--pause", "0.2", cwd=tmp_path)
+    # 3 tasks x 3 hops between 4 steps, 3 x 4 dispatches, 3 spans
+    assert re.search(r"^result -> next dispatch\s+n=\s+9\s+median\s+\d", out, re.M), out
+    assert re.search(r"^dispatch -> step started\s+n=\s+12\s+median\s+\d", out, re.M), out
+    assert re.search(r"^task \(first to last event\)\s+n=\s+3\s", out, re.M), out
