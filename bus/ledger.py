@@ -204,19 +204,31 @@ class Ledger:
     async def read(
         self, task_id: str, *, from_seq: int = 1, subject: str | None = None,
         limit: int = 100_000, keep: Callable[[str], bool] | None = None,
+        without_logs: bool = False,
     ) -> list[LedgerEntry]:
         """The task's events (or one subject's) with seq >= from_seq, in order; with
-        `keep`, only those whose subject it accepts (the others are not decoded).
+        `keep`, only those whose subject it accepts (the others are not decoded); with
+        `without_logs`, none of its steps' logs (model and read-only tool calls), which
+        the server then never sends.
 
-        Uses JetStream batched direct get: one request, the server streams the matching
-        messages back and ends with an end-of-batch status.
+        Uses JetStream batched direct get: one request per subject filter, the server
+        streams the matching messages back and ends with an end-of-batch status.
         """
-        filt = subject or subjects.task_all(task_id)
+        if subject is None and without_logs:
+            filters = subjects.task_decisions(task_id)
+        else:
+            filters = [subject or subjects.task_all(task_id)]
         want = self._known.get(task_id, 0) if subject is None else 0
         deadline = time.monotonic() + self.timeout_s
         pause = 0.005
         while True:
-            out, top = await self._read_once(filt, from_seq, limit, keep)
+            if len(filters) == 1:
+                out, top = await self._read_once(filters[0], from_seq, limit, keep)
+            else:
+                parts = await asyncio.gather(
+                    *(self._read_once(f, from_seq, limit, keep) for f in filters))
+                out = sorted((e for part, _ in parts for e in part), key=lambda e: e.seq)
+                top = max(t for _, t in parts)
             if want < from_seq or top >= want or len(out) >= limit:
                 return out
             # A replica behind what this process knows is in the ledger answered: ask

@@ -123,6 +123,13 @@ def task_all(task_id: str) -> str:
     return f"{PREFIX}.task.{check_id(task_id, 'task id')}.>"
 
 
+def task_decisions(task_id: str) -> list[str]:
+    """Wildcards over a task's ledger subjects except its steps' logs: its own events,
+    its control subject and its steps' fenced lines (claims, side effects, results)."""
+    t = check_id(task_id, "task id")
+    return [f"{PREFIX}.task.{t}.*", f"{PREFIX}.task.{t}.step.*"]
+
+
 def work(skill: str) -> str:
     """The work subject of one skill."""
     return f"{PREFIX}.work.{check_id(skill, 'skill')}"

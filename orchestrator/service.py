@@ -127,6 +127,19 @@ class _Cached:
     local: set[int] = field(default_factory=set)
 
 
+def _logs_unused(state: TaskState) -> bool:
+    """Whether the orchestrator may leave the steps' logs out of its fold of this task.
+
+    It acts on results, claims, control and its own events, never on a step's model
+    and read-only tool calls, except to split what is left of a dollar budget among the
+    open steps (their cost). So once the task is known to have no dollar budget its
+    reads skip the logs (9 of the fan-out task's 21 step events), and the usage counters
+    of its fold (cost, tokens, calls) stay partial; `jetmesh show` and the client read
+    everything."""
+    sub = state.submitted
+    return sub is not None and (sub.budget is None or sub.budget.max_usd is None)
+
+
 def _consume_exception(fut: asyncio.Future[Any]) -> None:
     """A coalesced drive's failure is raised to its own caller; riders, if any, get it
     from the future, and if there are none it must not be reported as never retrieved."""
@@ -288,7 +301,8 @@ class Orchestrator:
             self._cache.move_to_end(task_id)
             if cached.state.terminal:
                 return cached.state
-        new = await self.ledger.read(task_id, from_seq=cached.cursor + 1)
+        new = await self.ledger.read(task_id, from_seq=cached.cursor + 1,
+                                     without_logs=_logs_unused(cached.state))
         for entry in new:
             if entry.seq not in cached.local:
                 apply(cached.state, entry, check_seq=False)

@@ -35,6 +35,29 @@ async def test_append_and_read_back_in_order(bus) -> None:
     assert await bus.ledger.read(ev.new_id()) == []
 
 
+async def test_a_read_without_logs_has_everything_but_the_steps_logs_in_order(bus) -> None:
+    task = ev.new_id()
+    sub = ev.TaskSubmitted(subject=task, data=ev.TaskSubmittedData(goal="hello"))
+    call = ev.ModelCalled(subject=task, data=ev.ModelCalledData(
+        step_id="s1", agent="a", provider="sim", model="m", response={}))
+    lookup = ev.ToolCalled(subject=task, data=ev.ToolCalledData(
+        step_id="s1", agent="a", tool="t", call_id="c1", idempotency_key="k1"))
+    done = ev.StepCompleted(subject=task, data=ev.StepCompletedData(
+        step_id="s1", agent="a", output={"ok": True}))
+    cancel = ev.CancelRequested(subject=task, data=ev.CancelRequestedData(reason="r"))
+    seqs = [await bus.ledger.append(e) for e in
+            (sub, started(task), call, lookup, done, cancel)]
+    everything = await bus.ledger.read(task)
+    assert [e.seq for e in everything] == seqs
+    assert {e.subject for e in everything[2:4]} == {subjects.step_log(task, "s1")}
+    decisions = await bus.ledger.read(task, without_logs=True)
+    assert [e.seq for e in decisions] == [seqs[0], seqs[1], seqs[4], seqs[5]]
+    assert [type(e.event) for e in decisions] == [
+        ev.TaskSubmitted, ev.StepStarted, ev.StepCompleted, ev.CancelRequested]
+    later = await bus.ledger.read(task, from_seq=seqs[2], without_logs=True)
+    assert [e.seq for e in later] == [seqs[4], seqs[5]]
+
+
 async def test_duplicate_event_id_is_stored_once(bus) -> None:
     task = ev.new_id()
     e = ev.TaskSubmitted(subject=task, data=ev.TaskSubmittedData(goal="x"))

@@ -8,6 +8,7 @@ import pytest
 
 from jetmesh.agents.models.sim import SimModel
 from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.errors import LedgerReadError
 from jetmesh.bus.events import PlanStep
@@ -66,3 +67,29 @@ async def test_a_rider_gets_the_failure_of_the_drive_it_rode_on(orch: Orchestrat
     assert len(reads) == 2
     assert not isinstance(results[0], BaseException)
     assert isinstance(results[1], LedgerReadError) and isinstance(results[2], LedgerReadError)
+
+
+async def test_a_dollar_budget_is_split_with_what_the_workers_spent(orch: Orchestrator) -> None:
+    """The worker's model costs are in its step's log; with a dollar budget the
+    orchestrator must read them to give the next step the share that is left."""
+    tid, skill = ev.new_id(), "slice" + ev.new_id()[:8]  # no agent serves this skill
+    orch.workflows.add(Workflow(name=skill, steps=[
+        PlanStep(id="a", skill=skill, input={}),
+        PlanStep(id="b", skill=skill, input={}, depends_on=["a"])]))
+    await orch.ledger.append(ev.TaskSubmitted(
+        id=f"{tid}-submitted", subject=tid, data=ev.TaskSubmittedData(
+            goal="x", workflow=skill, budget=ev.Budget(max_usd=1.0))))
+    await orch.drive(tid)
+    seq = await orch.ledger.append(ev.StepStarted(subject=tid, data=ev.StepStartedData(
+        step_id="a", agent="w", worker="w-1")), expected_last_subject_seq=0)
+    await orch.ledger.append(ev.ModelCalled(subject=tid, data=ev.ModelCalledData(
+        step_id="a", agent="w", worker="w-1", provider="sim", model="m", cost_usd=0.4,
+        response={})))
+    await orch.ledger.append(ev.StepCompleted(subject=tid, data=ev.StepCompletedData(
+        step_id="a", agent="w", output={})), expected_last_subject_seq=seq)
+    state = await orch.drive(tid)
+    assert state.steps["b"].status is StepStatus.DISPATCHED
+    last = await orch.js.get_last_msg(subjects.STREAM_WORK, subjects.work(skill))
+    cmd = ev.StepCommand.model_validate_json(last.data)
+    assert cmd.step_id == "b"
+    assert cmd.slice_usd == pytest.approx(0.6)
