@@ -320,16 +320,18 @@ class Worker:
             step_id=cmd.step_id, agent=self.spec.name, worker=self.replica,
             attempt=cmd.attempt, delivery=delivery))
         entries: list[LedgerEntry] = []
-        last: int | None = None
-        if delivery == 1 and cmd.attempt == 1:
-            # First delivery of a first attempt: the step's subject must be empty, so
-            # claim it without reading first (a conflict means it was not).
-            try:
-                last = await self.ledger.append(started, expected_last_subject_seq=0,
-                                                validate=False)
-            except AppendConflict:
-                last = None
-        if last is None:
+        resent = bool((msg.headers or {}).get(ev.RESENT_HEADER))
+        if delivery == 1 and cmd.attempt == 1 and not resent:
+            # First delivery of a first attempt: nobody has touched the step, so no claim
+            # round trip. The start is logged (pipelined) and the step's first fenced
+            # append, expected on an empty line, claims it: a side effect's policy
+            # decision, or its result. A duplicate command running it at the same time
+            # is fenced out there, before any side effect.
+            recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source,
+                                      0, self.replica)
+            await recorder._pipeline(started.model_copy(
+                update={"data": started.data.model_copy(update={"claim": False})}))
+        else:
             entries = await self.ledger.read_step(cmd.task_id, cmd.step_id)
             if finished(entries, cmd.attempt):
                 return  # a duplicate delivery of a step that already has its result
@@ -338,8 +340,8 @@ class Worker:
                     started, expected_last_subject_seq=line_last(entries), validate=False)
             except AppendConflict as e:
                 raise Fenced(str(e)) from e
-        recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source, last,
-                                  self.replica)
+            recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source,
+                                      last, self.replica)
 
         # (run_step checks the input against the skill's schema first.)
         outcome = await self._run(cmd, msg, recorder, replay_from(entries))

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, Field
 
 from jetmesh.bus import subjects
-from jetmesh.bus.events import utcnow
+from jetmesh.bus.events import RESENT_HEADER, utcnow
 
 log = logging.getLogger("jetmesh.bus")
 
@@ -111,6 +111,7 @@ async def redrive(js: JetStreamContext, reader: object, seq: int) -> DeadLetter:
     dl = DeadLetter.model_validate_json(msg.data or b"{}")
     headers = {k: v for k, v in dl.headers.items() if not k.startswith("Nats-")}
     headers["Nats-Msg-Id"] = f"redrive-{subjects.STREAM_DLQ}-{seq}"
+    headers[RESENT_HEADER] = "redrive"  # a step command: read the step's line first
     await js.publish(dl.subject, dl.data, headers=headers)
     await js.delete_msg(subjects.STREAM_DLQ, seq)
     return dl

@@ -125,6 +125,12 @@ class StepStartedData(_Strict):
     attempt: int = 1
     delivery: int = 1
     """JetStream delivery count of the step command."""
+    claim: bool = True
+    """True: stored on the step's fenced line, a claim that fences out whoever held the
+    step before (a redelivery taking over). False: the first delivery of a first
+    attempt, stored on the step's log with no round trip; the line is still empty then,
+    and the step's first fenced append (a side effect's policy decision, or its result,
+    expected on an empty line) is what claims it."""
 
 
 class ModelCalledData(_Strict):
@@ -392,6 +398,12 @@ EVENT_TYPES: frozenset[str] = frozenset(
 )
 
 TERMINAL_TASK_EVENTS = (TaskCompleted, TaskFailed, TaskCanceled, TaskRejected)
+
+
+RESENT_HEADER = "Jm-Resent"
+"""Header of a step command sent again (a dead letter redriven, a dispatch re-published
+by an orchestrator that restarted): the step may have run before, so the worker reads
+its line and claims it before running it, even on the message's first delivery."""
 
 
 class StepCommand(_Strict):

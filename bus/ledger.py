@@ -69,12 +69,15 @@ def subject_for(event: Event) -> str:
     the task's.
 
     A step's line holds what must be fenced: its claims, side-effecting tool calls,
-    policy and approval events, budget stops and results. Its model calls and read-only
-    tool calls go to its log (pipelined, unfenced, audit and replay)."""
+    policy and approval events, budget stops and results. Its model calls, read-only
+    tool calls and a first delivery's start (not a claim) go to its log (pipelined,
+    unfenced, audit and replay)."""
     task = event.subject
     if isinstance(event, ModelCalled) and event.data.step_id:
         return subjects.step_log(task, event.data.step_id)
     if isinstance(event, ToolCalled) and not event.data.side_effects:
+        return subjects.step_log(task, event.data.step_id)
+    if isinstance(event, StepStarted) and not event.data.claim:
         return subjects.step_log(task, event.data.step_id)
     if isinstance(event, StepStarted | ToolCalled | StepCompleted | StepFailed
                   | PolicyDecided | ApprovalRequested):

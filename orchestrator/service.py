@@ -577,7 +577,8 @@ class Orchestrator:
                 for st in state.steps.values()
                 if st.status is StepStatus.DISPATCHED and st.input is not None]
         if redo:
-            futures = [await self.js.publish_async(subj, data, headers=h)
+            futures = [await self.js.publish_async(subj, data,
+                                                   headers={**h, ev.RESENT_HEADER: "restart"})
                        for subj, data, h in redo]
             await asyncio.gather(*futures)
 

@@ -165,7 +165,8 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
                     st.code = st.reason = None
         case ev.StepStarted():
             st = _step(state, e.data.step_id)
-            st.last_seq = entry.seq
+            if not subjects.is_step_log(entry.subject):  # a claim, not a logged start
+                st.last_seq = entry.seq
             if not st.status.terminal:
                 st.status = StepStatus.RUNNING
                 st.agent, st.worker, st.started_at = e.data.agent, e.data.worker, e.time

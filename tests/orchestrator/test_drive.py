@@ -93,3 +93,25 @@ async def test_a_dollar_budget_is_split_with_what_the_workers_spent(orch: Orches
     cmd = ev.StepCommand.model_validate_json(last.data)
     assert cmd.step_id == "b"
     assert cmd.slice_usd == pytest.approx(0.6)
+
+
+async def test_a_restarted_orchestrator_resends_unstarted_steps_marked_as_resent(
+        orch: Orchestrator) -> None:
+    """A dispatch in the ledger whose work command was lost (a crash between the two) is
+    sent again by the next orchestrator to see the task, marked so the worker reads the
+    step's line before running it (it may have run already)."""
+    tid, skill = ev.new_id(), "resend" + ev.new_id()[:8]  # no agent serves this skill
+    orch.workflows.add(Workflow(name=skill, steps=[PlanStep(id="only", skill=skill,
+                                                            input={})]))
+    await orch.ledger.append_many([
+        ev.TaskSubmitted(id=f"{tid}-submitted", subject=tid,
+                         data=ev.TaskSubmittedData(goal="x", workflow=skill)),
+        ev.TaskPlanned(id=f"{tid}-planned", subject=tid, data=ev.TaskPlannedData(
+            planner=f"workflow:{skill}", steps=[PlanStep(id="only", skill=skill, input={})])),
+        ev.StepDispatched(subject=tid, data=ev.StepDispatchedData(
+            step_id="only", skill=skill, input={}, attempt=1))])
+    state = await orch.drive(tid)  # first sight of the task in this process
+    assert state.steps["only"].status is StepStatus.DISPATCHED
+    last = await orch.js.get_last_msg(subjects.STREAM_WORK, subjects.work(skill))
+    assert last.headers is not None and last.headers.get(ev.RESENT_HEADER) == "restart"
+    assert ev.StepCommand.model_validate_json(last.data).step_id == "only"

@@ -58,11 +58,13 @@ async def test_worker_runs_a_step_and_appends_its_events(bus) -> None:
     assert tool.data.output["found"] is True and tool.data.output["order"]["order_id"] == "A1002"
     assert isinstance(completed, ev.StepCompleted)
     assert "A1002" in json.dumps(completed.data.output)
-    # The claim and the result are on the step's fenced line; its model calls and the
-    # read-only tool call on its log, which the orchestrator is not delivered.
+    # A first delivery logs its start (no claim round trip) with its model calls and the
+    # read-only tool call, which the orchestrator is not delivered; the result is the
+    # first append on the step's fenced line, which claims it.
+    assert started.data.claim is False and started.data.delivery == 1
     entries = await bus.ledger.read(cmd.task_id)
     line, log = subjects.step_events(cmd.task_id, "s1"), subjects.step_log(cmd.task_id, "s1")
-    assert [e.subject for e in entries] == [line, log, log, log, line]
+    assert [e.subject for e in entries] == [log, log, log, log, line]
     assert await bus.ledger.read_step(cmd.task_id, "s1") == entries
 
 
@@ -281,3 +283,92 @@ def test_replay_marks_a_cleared_but_unrecorded_side_effect_in_doubt() -> None:
     replay = replay_from([LedgerEntry(i + 1, "x", e) for i, e in enumerate(log)])
     assert replay.in_doubt == {("email", args_hash("email", {"to": "x"}))}
     assert set(replay.tool_results) == {"k-refund"}
+
+
+async def test_a_duplicate_first_delivery_is_fenced_before_its_side_effect(
+        bus, tmp_path: Path, monkeypatch) -> None:
+    """The same step command published twice (re-sent past the dedup window) runs as two
+    first deliveries at once, neither claiming first: the step's first fenced append
+    (the side effect's policy decision, expected on an empty line) claims it, the other
+    run is fenced out before its side effect, and its redelivery finds the result."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
+    from effects_agent import SPEC, EffectInput, record_effect
+
+    from jetmesh.agents.spec import AgentSpec, SkillSpec
+
+    effects = tmp_path / "effects.jsonl"
+    monkeypatch.setenv("JETMESH_TEST_EFFECTS_FILE", str(effects))
+    skill = "dup" + ev.new_id()[:8]
+    spec = AgentSpec(name=skill, description=SPEC.description, instructions=SPEC.instructions,
+                     tools=[record_effect],
+                     skills=[SkillSpec.from_models(skill, "Effect", "One effect.",
+                                                   input_model=EffectInput)])
+    settings = BusSettings(ack_wait_s=1.0)
+    conns = [await connect(bus.url) for _ in range(2)]
+    workers = [Worker(spec, SimModel(), nc, jetstream(nc), replica=f"r{i}",
+                      bus_settings=settings) for i, nc in enumerate(conns)]
+    for w in workers:
+        await w.start()
+    try:
+        cmd = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill=skill,
+                             input={"label": "once"})
+        data = cmd.model_dump_json().encode()
+        await asyncio.gather(bus.js.publish(subjects.work(skill), data),
+                             bus.js.publish(subjects.work(skill), data))
+        await wait_for_entry(bus.ledger, cmd.task_id, is_terminal_step)
+        consumer = subjects.work_consumer(skill)
+        async with asyncio.timeout(20):  # both commands settled (the loser's redelivery)
+            while True:
+                info = await bus.js.consumer_info(subjects.STREAM_WORK, consumer)
+                if info.num_pending == 0 and info.num_ack_pending == 0:
+                    break
+                await asyncio.sleep(0.1)  # polled: nothing signals "settled"
+    finally:
+        for w in workers:
+            await w.stop()
+        for nc in conns:
+            await nc.close()
+    entries = await bus.ledger.read(cmd.task_id)
+    results = [e for e in entries if isinstance(e.event, ev.StepCompleted | ev.StepFailed)]
+    assert len(results) == 1 and isinstance(results[0].event, ev.StepCompleted)
+    assert len(effects.read_text().splitlines()) == 1, "the side effect ran twice"
+    effect_calls = [e for e in entries if isinstance(e.event, ev.ToolCalled)
+                    and e.event.data.side_effects]
+    assert len(effect_calls) == 1
+    starts = [e.event for e in entries if isinstance(e.event, ev.StepStarted)]
+    assert [s.data.claim for s in starts].count(False) == 2  # both first deliveries
+
+
+async def test_a_resent_command_of_a_finished_step_is_not_run_again(bus) -> None:
+    """A command marked as resent (a redrive, a restarted orchestrator) is checked against
+    the step's line even on its first delivery: a step with a result is skipped."""
+    skill = "resent" + ev.new_id()[:8]
+    spec = get_agent("support")
+    from jetmesh.agents.spec import AgentSpec, SkillSpec
+    mine = AgentSpec(name=skill, description=spec.description, instructions=spec.instructions,
+                     tools=list(spec.tools),
+                     skills=[SkillSpec(id=skill, name="Order", description="Order status.",
+                                       input_schema=spec.skills[0].input_schema)])
+    worker = Worker(mine, SimModel(), bus.nc, bus.js, replica="r1")
+    await worker.start()
+    try:
+        cmd = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill=skill,
+                             input={"order_id": "A1002"})
+        await bus.ledger.append(ev.StepCompleted(subject=cmd.task_id, data=ev.StepCompletedData(
+            step_id="s1", agent="someone", output={"answer": "done before"})),
+            expected_last_subject_seq=0)
+        await bus.js.publish(subjects.work(skill), cmd.model_dump_json().encode(),
+                             headers={ev.RESENT_HEADER: "redrive"})
+        async with asyncio.timeout(20):
+            while True:
+                info = await bus.js.consumer_info(subjects.STREAM_WORK,
+                                                  subjects.work_consumer(skill))
+                if info.delivered.stream_seq and info.num_ack_pending == 0 \
+                        and info.num_pending == 0:
+                    break
+                await asyncio.sleep(0.05)  # polled: nothing signals "settled"
+    finally:
+        await worker.stop()
+    types = [e.event.type for e in await bus.ledger.read(cmd.task_id)]
+    assert types == ["jetmesh.step.completed.v1"], types
