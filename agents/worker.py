@@ -103,6 +103,10 @@ class FencedRecorder:
             subject_for(event), ev.encode_event(event),
             headers={"Nats-Msg-Id": event.id, "Ce-Type": event.type}))
 
+    async def record_start(self, event: ev.StepStarted) -> None:
+        """A first delivery's start (not a claim): on the step's log, pipelined."""
+        await self._pipeline(event)
+
     async def record_model_call(self, data: ev.ModelCalledData) -> None:
         data = data.model_copy(update={"worker": self.worker})
         await self._pipeline(ev.ModelCalled(subject=self.task_id, source=self.source,
@@ -316,21 +320,21 @@ class Worker:
         if cmd.skill not in skill_ids:
             raise Reject(f"agent {self.spec.name} has no skill '{cmd.skill}'")
         delivery = int(msg.metadata.num_delivered)
+        resent = bool((msg.headers or {}).get(ev.RESENT_HEADER))
+        # First delivery of a first attempt: nobody has touched the step, so no claim
+        # round trip. The start is logged (pipelined) and the step's first fenced
+        # append, expected on an empty line, claims it: a side effect's policy decision,
+        # or its result. A duplicate command running it at the same time is fenced out
+        # there, before any side effect.
+        fresh = delivery == 1 and cmd.attempt == 1 and not resent
         started = ev.StepStarted(subject=cmd.task_id, source=self.source, data=ev.StepStartedData(
             step_id=cmd.step_id, agent=self.spec.name, worker=self.replica,
-            attempt=cmd.attempt, delivery=delivery))
+            attempt=cmd.attempt, delivery=delivery, claim=not fresh))
         entries: list[LedgerEntry] = []
-        resent = bool((msg.headers or {}).get(ev.RESENT_HEADER))
-        if delivery == 1 and cmd.attempt == 1 and not resent:
-            # First delivery of a first attempt: nobody has touched the step, so no claim
-            # round trip. The start is logged (pipelined) and the step's first fenced
-            # append, expected on an empty line, claims it: a side effect's policy
-            # decision, or its result. A duplicate command running it at the same time
-            # is fenced out there, before any side effect.
+        if fresh:
             recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source,
                                       0, self.replica)
-            await recorder._pipeline(started.model_copy(
-                update={"data": started.data.model_copy(update={"claim": False})}))
+            await recorder.record_start(started)
         else:
             entries = await self.ledger.read_step(cmd.task_id, cmd.step_id)
             if finished(entries, cmd.attempt):
