@@ -59,7 +59,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.server import EmbeddedNats, find_nats_server
+from jetmesh.bus.server import EmbeddedNats, find_nats_server, free_port
 from jetmesh.orchestrator.client import Client
 from jetmesh.orchestrator.registry import live_agents
 
@@ -160,6 +160,18 @@ def wait_idle(max_wait_s: float, threshold_pct: float = 20.0) -> float:
         progress(f"  machine busy {pct:.0f}% (other processes); waiting for it to calm down")
 
 
+def server_msgs(monitor_port: int | None) -> int:
+    """Messages nats-server received plus sent so far (its /varz in_msgs + out_msgs): every
+    publish, ack, delivery, pull request and direct-get reply counts once each way."""
+    if monitor_port is None:
+        return 0
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/varz", timeout=5) as r:
+        v = json.loads(r.read())
+    return int(v["in_msgs"]) + int(v["out_msgs"])
+
+
 def self_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -200,6 +212,8 @@ class RunResult:
     warnings: int = 0
     foreign_pct: float = 0.0
     """CPU used by processes outside this benchmark during the window, % of all cores."""
+    msgs_per_task: float = 0.0
+    """Messages through nats-server per task (in + out, see server_msgs)."""
 
     @property
     def cpu_total_ms(self) -> float:
@@ -430,6 +444,7 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
                    profile_dir: Path | None) -> RunResult:
     tmp = Path(tempfile.mkdtemp(prefix="jetmesh-fanout-"))
     server = EmbeddedNats(data_dir=tmp / "nats", server_name="fanout-bench",
+                          monitor_port=free_port(),
                           sync_interval=args.sync_interval)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     spies: list[subprocess.Popen[bytes]] = []
@@ -474,11 +489,13 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             cpu0 = {n: cpu_s(pid) for n, pid in pids.items()}
             cpu0["load generator"] = self_cpu_s()
             busy0 = machine_busy_s()
+            msgs0 = server_msgs(server.monitor_port)
             ids, lat, t0, t1 = await drive(client, comp, cfg.tasks, cfg.inflight, 0,
                                            cfg.label, args.task_timeout)
             cpu1 = {n: cpu_s(pid) for n, pid in pids.items()}
             cpu1["load generator"] = self_cpu_s()
             busy1 = machine_busy_s()
+            msgs1 = server_msgs(server.monitor_port)
             await comp.stop()
             progress(f"  verifying {len(ids)} tasks in the ledger")
             await verify(client, ids, 0,
@@ -504,7 +521,8 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             text = (tmp / f"{name}.log").read_text(errors="replace")
             warnings += sum(1 for ln in text.splitlines()
                             if "WARNING" in ln or "ERROR" in ln or "Traceback" in ln)
-        return RunResult(cfg.tasks / wall, lat, rss, cpu, wall, warnings, foreign)
+        return RunResult(cfg.tasks / wall, lat, rss, cpu, wall, warnings, foreign,
+                         (msgs1 - msgs0) / cfg.tasks)
     finally:
         for s in spies:
             stop_child(s)
@@ -579,7 +597,7 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
     hdr = (f"{'workload':<9} {'repl':>4} {'lat ms':>6} {'in flt':>6} {'tasks':>5} "
            f"{'tasks/s':>8} {'ideal':>6} {'ratio':>6} {'mean ms':>8} {'p50 ms':>7} "
            f"{'p99 ms':>7} {'CPU ms/task':>11} {'CPU ceil':>8} {'other %':>7} "
-           f"{'runs (tasks/s)':>22}")
+           f"{'msgs/task':>9} {'runs (tasks/s)':>22}")
     print(hdr)
     print("-" * len(hdr))
     for f in figs:
@@ -593,7 +611,8 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
               f"{ratio:>6} {f.med(lambda r: r.mean_ms):>8.1f} "
               f"{f.med(lambda r: r.pct(50)):>7.1f} {f.med(lambda r: r.pct(99)):>7.1f} "
               f"{f.med(lambda r: r.cpu_total_ms):>11.1f} {f.med(lambda r: r.cpu_ceiling):>8.0f} "
-              f"{f.med(lambda r: r.foreign_pct):>7.0f} {runs:>22}")
+              f"{f.med(lambda r: r.foreign_pct):>7.0f} "
+              f"{f.med(lambda r: r.msgs_per_task):>9.1f} {runs:>22}")
     b = next((f for f in figs if f.cfg.workload == "B"), None)
     if b:
         tps = b.med(lambda r: r.tasks_per_s)
@@ -621,7 +640,9 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
     print("\nCPU ms/task: all processes of the stack (nats-server, orchestrator, workers, load "
           "generator) over the measured window, per task.\nCPU ceil: cores x 1000 / CPU "
           "ms/task, the tasks/s this machine could sustain at that cost.\nother %: CPU used "
-          "by processes outside the benchmark during the window (a shared machine's noise).")
+          "by processes outside the benchmark during the window (a shared machine's noise)."
+          "\nmsgs/task: messages through nats-server per task, in and out (its /varz): "
+          "publishes, acks, deliveries, pull requests, direct-get replies.")
     total_warn = sum(r.warnings for f in figs for r in f.runs)
     print(f"\nwarning/error lines in the children's logs over all runs: {total_warn}")
 
@@ -679,7 +700,8 @@ def main() -> None:
                 progress(f"  -> {res.tasks_per_s:.1f} tasks/s, mean {res.mean_ms:.1f} ms, "
                          f"p50 {res.pct(50):.1f} ms, p99 {res.pct(99):.1f} ms; other load "
                          f"{res.foreign_pct:.0f}%; CPU ms/task {res.cpu_total_ms:.1f}: "
-                         + ", ".join(f"{k} {v:.1f}" for k, v in res.cpu_per_task_ms.items()))
+                         + ", ".join(f"{k} {v:.1f}" for k, v in res.cpu_per_task_ms.items())
+                         + f"; {res.msgs_per_task:.1f} msgs/task")
                 runs.append(res)
             figs.append(Figure(cfg, runs))
     except KeyboardInterrupt:

@@ -31,3 +31,16 @@ def test_steps_prints_the_hop_latencies_of_a_sequential_workflow(tmp_path: Path)
     assert re.search(r"^result -> next dispatch\s+n=\s+9\s+median\s+\d", out, re.M), out
     assert re.search(r"^dispatch -> step started\s+n=\s+12\s+median\s+\d", out, re.M), out
     assert re.search(r"^task \(first to last event\)\s+n=\s+3\s", out, re.M), out
+
+
+def test_floor_sends_an_a_tasks_messages_and_prints_the_floor(tmp_path: Path) -> None:
+    out = run("floor.py", "--tasks", "20", "--runs", "1", "--warmup", "2", cwd=tmp_path)
+    m = re.search(r"CPU [\d.]+ ms/task .*?, ([\d.]+) msgs/task through nats-server", out)
+    assert m, out
+    # An A task's traffic: at least its appends, acks and deliveries (about 90 today).
+    assert 70 < float(m.group(1)) < 130, out
+    out = run("floor.py", "--tasks", "20", "--runs", "1", "--warmup", "2",
+              "--skip", "results", cwd=tmp_path)
+    m2 = re.search(r"without: results\).*?, ([\d.]+) msgs/task through nats-server", out)
+    assert m2, out
+    assert float(m2.group(1)) < float(m.group(1)) - 5, out  # the read is gone
