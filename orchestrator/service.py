@@ -127,6 +127,16 @@ class _Cached:
     local: set[int] = field(default_factory=set)
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    """A step's result as its consumer delivered it, and the line sequence its append
+    was fenced on (`Nats-Expected-Last-Subject-Sequence`): the event before it on the
+    step's line, which tells whether the cached fold has every event of that line."""
+
+    entry: LedgerEntry
+    after: int
+
+
 def _logs_unused(state: TaskState) -> bool:
     """Whether the orchestrator may leave the steps' logs out of its fold of this task.
 
@@ -138,6 +148,38 @@ def _logs_unused(state: TaskState) -> bool:
     everything."""
     sub = state.submitted
     return sub is not None and (sub.budget is None or sub.budget.max_usd is None)
+
+
+def _fold_delivered(cached: _Cached, delivered: list[_Delivered]) -> bool:
+    """Fold delivered step results into the cached fold if nothing is missing; False
+    (nothing folded) sends the drive to the ledger instead.
+
+    Each result's line must go on from the cached fold: the sequence its append was
+    fenced on is the last event of that line the fold has (a claim, a side effect or
+    a result the fold has not seen means a read). What the fold may lack elsewhere
+    (another step's line, a control message, another replica's events) a read just
+    before would lack too, a moment later: decisions on it are appended with
+    deterministic ids (a duplicate sends the drive to a read), failing a step is
+    fenced on its line, and each of those events wakes its own drive. Results
+    already folded (a redelivery, or a read took them) are skipped."""
+    state = cached.state
+    lines: dict[str, int] = {}
+    fold: list[LedgerEntry] = []
+    for got in sorted(delivered, key=lambda x: x.entry.seq):
+        seq, event = got.entry.seq, got.entry.event
+        if seq <= cached.cursor or seq in cached.local:
+            continue
+        if not isinstance(event, ev.StepCompleted | ev.StepFailed):
+            return False
+        st = state.steps.get(event.data.step_id)
+        if st is None or got.after != lines.get(st.id, st.last_seq):
+            return False
+        lines[st.id] = seq
+        fold.append(got.entry)
+    for entry in fold:
+        apply(state, entry, check_seq=False)
+        cached.local.add(entry.seq)
+    return True
 
 
 def _consume_exception(fut: asyncio.Future[Any]) -> None:
@@ -186,6 +228,8 @@ class Orchestrator:
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._queued: dict[str, asyncio.Future[TaskState]] = {}
+        self._inbox: dict[str, list[_Delivered]] = {}
+        """Step results delivered for a task and not yet taken by a drive of it."""
         self._waiting: dict[str, datetime | None] = {}
         self._runners: list[PullRunner] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -272,7 +316,22 @@ class Orchestrator:
             return
         task_id = subjects.task_id_of(msg.subject)
         if task_id:
+            self._deliver(task_id, msg)
             await self.drive(task_id)
+
+    def _deliver(self, task_id: str, msg: Msg) -> None:
+        """Keep a delivered step result for the next drive of its task, which may fold it
+        with no read (see `_fold_delivered`). An unfenced append, or one that does not
+        decode, is left to the read."""
+        after = (msg.headers or {}).get("Nats-Expected-Last-Subject-Sequence", "")
+        if not after.isdigit():
+            return
+        try:
+            event = ev.decode_event(msg.data)
+        except ValidationError:
+            return
+        entry = LedgerEntry(int(msg.metadata.sequence.stream), msg.subject, event)
+        self._inbox.setdefault(task_id, []).append(_Delivered(entry, int(after)))
 
     async def _on_control(self, msg: Msg) -> None:
         self._observe(msg)
@@ -288,10 +347,13 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ driving
 
-    async def load(self, task_id: str) -> TaskState:
+    async def load(self, task_id: str, delivered: list[_Delivered] | None = None
+                   ) -> TaskState:
         """The task's state: the cached fold plus whatever the ledger has that is newer.
 
         A terminal task is answered from the cache with no read: nothing can change it.
+        `delivered`: step results its consumer delivered since the last drive; when they
+        follow on from the cached fold (`_fold_delivered`) they are folded in, no read.
         """
         cached = self._cache.get(task_id)
         if cached is None:
@@ -300,6 +362,9 @@ class Orchestrator:
         else:
             self._cache.move_to_end(task_id)
             if cached.state.terminal:
+                return cached.state
+            if delivered and _logs_unused(cached.state) and \
+                    _fold_delivered(cached, delivered):
                 return cached.state
         new = await self.ledger.read(task_id, from_seq=cached.cursor + 1,
                                      without_logs=_logs_unused(cached.state))
@@ -314,6 +379,7 @@ class Orchestrator:
         self._cache[task_id] = cached
         while len(self._cache) > self.settings.cache_size:
             old, _ = self._cache.popitem(last=False)
+            self._inbox.pop(old, None)
             lock = self._locks.get(old)
             if lock is not None and not lock.locked():
                 del self._locks[old]
@@ -375,9 +441,10 @@ class Orchestrator:
         async with lock:
             if self._queued.get(task_id) is mine:
                 del self._queued[task_id]  # reading now: later wake-ups need a new drive
+            delivered = self._inbox.pop(task_id, None)
             fresh = task_id not in self._cache
             try:
-                state = await self.load(task_id)
+                state = await self.load(task_id, delivered)
                 carried: list[ev.Event] = []
                 if first and state.submitted is None:
                     # Folded in now, appended with the first decisions (the plan and its

@@ -1,10 +1,13 @@
-"""Driving a task: wake-ups that arrive together share one ledger read."""
+"""Driving a task: wake-ups that arrive together share one ledger read, and a delivered
+step result that follows on from the cached fold needs none."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetmesh.agents.models.sim import SimModel
 from jetmesh.bus import events as ev
@@ -13,7 +16,7 @@ from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.errors import LedgerReadError
 from jetmesh.bus.events import PlanStep
 from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
-from jetmesh.orchestrator.state import StepStatus, TaskStatus
+from jetmesh.orchestrator.state import StepStatus, TaskStatus, fold
 from jetmesh.orchestrator.workflows import Workflow
 
 
@@ -115,3 +118,90 @@ async def test_a_restarted_orchestrator_resends_unstarted_steps_marked_as_resent
     last = await orch.js.get_last_msg(subjects.STREAM_WORK, subjects.work(skill))
     assert last.headers is not None and last.headers.get(ev.RESENT_HEADER) == "restart"
     assert ev.StepCommand.model_validate_json(last.data).step_id == "only"
+
+
+async def delivered(orch: Orchestrator, tid: str, step_id: str) -> Msg:
+    """The last event of a step's line, as the orchestrator's step consumer delivers it
+    (stream sequence, subject, the append's headers)."""
+    sub = await orch.js.pull_subscribe(
+        subjects.step_events(tid, step_id), stream=subjects.STREAM_LEDGER,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST))
+    try:
+        return (await sub.fetch(1, timeout=5))[0]
+    finally:
+        await sub.unsubscribe()
+
+
+async def planned_task(orch: Orchestrator, steps: list[str],
+                       budget: ev.Budget | None = None) -> str:
+    """A task of independent steps of a skill nobody serves, planned and dispatched."""
+    tid, skill = ev.new_id(), "fold" + ev.new_id()[:8]
+    orch.workflows.add(Workflow(name=skill, steps=[PlanStep(id=s, skill=skill, input={})
+                                                   for s in steps]))
+    await orch.ledger.append(ev.TaskSubmitted(
+        id=f"{tid}-submitted", subject=tid,
+        data=ev.TaskSubmittedData(goal="x", workflow=skill, budget=budget)))
+    state = await orch.drive(tid)
+    assert all(state.steps[s].status is StepStatus.DISPATCHED for s in steps)
+    return tid
+
+
+async def complete(orch: Orchestrator, tid: str, step_id: str, after: int | None = 0) -> int:
+    """A worker's result on the step's line, fenced on `after` (None: not fenced)."""
+    return await orch.ledger.append(ev.StepCompleted(subject=tid, data=ev.StepCompletedData(
+        step_id=step_id, agent="w", output={"step": step_id})),
+        expected_last_subject_seq=after)
+
+
+async def test_results_that_follow_on_from_the_fold_are_folded_with_no_read(
+        orch: Orchestrator) -> None:
+    """Each result was fenced on its empty line, which is where the cached fold has the
+    line: the orchestrator folds the delivered event and completes the task, reading
+    nothing. A redelivered result is skipped (no read, nothing written twice)."""
+    tid = await planned_task(orch, ["a", "b"])
+    reads = count_reads(orch)
+    await complete(orch, tid, "a")
+    msg_a = await delivered(orch, tid, "a")
+    await orch._on_step_event(msg_a)
+    assert orch._cache[tid].state.steps["a"].status is StepStatus.COMPLETED
+    assert reads == []
+    before = await orch.js.stream_info(subjects.STREAM_LEDGER)
+    await orch._on_step_event(msg_a)  # redelivered
+    assert reads == []
+    after = await orch.js.stream_info(subjects.STREAM_LEDGER)
+    assert after.state.last_seq == before.state.last_seq
+    await complete(orch, tid, "b")
+    await orch._on_step_event(await delivered(orch, tid, "b"))
+    assert reads == []
+    final = fold(tid, await orch.ledger.read(tid))
+    assert final.status is TaskStatus.COMPLETED
+    assert {s: final.steps[s].output for s in "ab"} == {"a": {"step": "a"}, "b": {"step": "b"}}
+
+
+async def test_a_result_after_a_claim_the_fold_has_not_seen_is_read(
+        orch: Orchestrator) -> None:
+    """A redelivered step was claimed on its line: the result is fenced on the claim,
+    which the cached fold lacks, so the drive reads the task (and gets the claim)."""
+    tid = await planned_task(orch, ["a"])
+    claim = await orch.ledger.append(ev.StepStarted(subject=tid, data=ev.StepStartedData(
+        step_id="a", agent="w", worker="w-2", delivery=2)), expected_last_subject_seq=0)
+    await complete(orch, tid, "a", after=claim)
+    reads = count_reads(orch)
+    await orch._on_step_event(await delivered(orch, tid, "a"))
+    assert len(reads) == 1
+    state = orch._cache[tid].state
+    assert state.status is TaskStatus.COMPLETED and state.steps["a"].worker == "w-2"
+
+
+@pytest.mark.parametrize("case", ["unfenced", "dollar budget"])
+async def test_results_the_fold_cannot_vouch_for_are_read(orch: Orchestrator,
+                                                          case: str) -> None:
+    """An unfenced result says nothing of its line; with a dollar budget the drive needs
+    the steps' logs (their spend), which are never delivered to it."""
+    budget = ev.Budget(max_usd=1.0) if case == "dollar budget" else None
+    tid = await planned_task(orch, ["a"], budget)
+    await complete(orch, tid, "a", after=None if case == "unfenced" else 0)
+    reads = count_reads(orch)
+    await orch._on_step_event(await delivered(orch, tid, "a"))
+    assert len(reads) == 1
+    assert orch._cache[tid].state.status is TaskStatus.COMPLETED
