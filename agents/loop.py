@@ -165,9 +165,25 @@ class StepOutcome(BaseModel):
         return self.status == "completed"
 
 
+_PROMPTS: dict[int, tuple[SkillSpec, str, str]] = {}
+"""id(skill) -> (skill, instructions, prompt): a step's prompt depends only on its agent's
+instructions and its (frozen) skill, so it is built once, not on every step."""
+
+
 def build_system_prompt(spec: AgentSpec, skill: SkillSpec) -> str:
     """Instructions, then the skill, then (structured skills) the answer format."""
-    parts = [spec.instructions.strip()] if spec.instructions.strip() else []
+    hit = _PROMPTS.get(id(skill))
+    if hit is not None and hit[0] is skill and hit[1] == spec.instructions:
+        return hit[2]
+    prompt = _compose_system_prompt(spec.instructions, skill)
+    if len(_PROMPTS) > 1024:
+        _PROMPTS.clear()
+    _PROMPTS[id(skill)] = (skill, spec.instructions, prompt)
+    return prompt
+
+
+def _compose_system_prompt(instructions: str, skill: SkillSpec) -> str:
+    parts = [instructions.strip()] if instructions.strip() else []
     parts.append(
         f"Current skill: {skill.name} (`{skill.id}`).\n{skill.description}\n"
         "The user message holds the step input as JSON."
@@ -275,6 +291,7 @@ class _Run:
             ModelCalledData(
                 step_id=self.ctx.step_id,
                 agent=self.spec.name,
+                worker=self.ctx.worker,
                 purpose="step",
                 provider=response.provider,
                 model=response.model,
@@ -332,6 +349,7 @@ class _Run:
             ToolCalledData(
                 step_id=self.ctx.step_id,
                 agent=self.spec.name,
+                worker=self.ctx.worker,
                 tool=name,
                 call_id=call_id,
                 arguments=arguments,
@@ -472,18 +490,21 @@ async def run_step(
     output schema or a limit ends the step. ``limits.step_timeout_s`` bounds the whole
     step (code ``timeout``). Cancellation propagates.
     """
+    unknown: UnknownSkill | None = None
+    try:
+        skill = spec.skill(skill_id)
+    except UnknownSkill as exc:  # the placeholder skill only carries the failure
+        skill, unknown = SkillSpec(id=skill_id, name=skill_id, description=""), exc
     run = _Run(
         spec=spec,
-        skill=SkillSpec(id=skill_id, name=skill_id, description=""),
+        skill=skill,
         ctx=ctx,
         recorder=recorder,
         replay=replay or StepReplay(),
         guard=guard,
     )
-    try:
-        run.skill = spec.skill(skill_id)
-    except UnknownSkill as exc:
-        return run.failed("invalid_input", str(exc))
+    if unknown is not None:
+        return run.failed("invalid_input", str(unknown))
     size = len(json.dumps(step_input, ensure_ascii=False, default=str).encode("utf-8"))
     if size > spec.limits.max_input_bytes:
         limit = spec.limits.max_input_bytes

@@ -58,6 +58,8 @@ class ToolContext:
     not act twice for the same key."""
     user_id: str | None = None
     """The end user on whose behalf the task runs, when known."""
+    worker: str | None = None
+    """The replica running the step, when known; the loop records its calls with it."""
 
 
 class ToolResult(BaseModel):
@@ -196,7 +198,13 @@ class Tool:
             what = f"invalid arguments for tool {self.name!r}"
             return failed("invalid_arguments", describe_validation_error(exc, what=what))
         try:
-            raw = await asyncio.wait_for(self._run(args, ctx), timeout=self.timeout_s)
+            if not self.blocking and not inspect.iscoroutinefunction(self.fn):
+                # Returns at once, and no timeout could interrupt it: no task, no timer.
+                raw = self._call(args, ctx)()
+                if inspect.isawaitable(raw):
+                    raw = await asyncio.wait_for(raw, timeout=self.timeout_s)
+            else:
+                raw = await asyncio.wait_for(self._run(args, ctx), timeout=self.timeout_s)
         except TimeoutError:
             return failed("timeout", f"tool {self.name!r} timed out after {self.timeout_s:g}s")
         except Exception as exc:
@@ -229,21 +237,25 @@ class Tool:
         ms = (time.perf_counter() - start) * 1000
         return ToolResult(ok=True, output=output.model_dump(mode="json"), latency_ms=ms)
 
-    async def _run(self, args: BaseModel, ctx: ToolContext) -> Any:
+    def _call(self, args: BaseModel, ctx: ToolContext) -> Callable[[], Any]:
+        """``fn`` bound to its arguments, in its call style."""
         if self.call_style == "model":
-            call = (
+            return (
                 functools.partial(self.fn, args, ctx)
                 if self._model_wants_ctx
                 else functools.partial(self.fn, args)
             )
-        else:
-            kwargs = {name: getattr(args, name) for name in type(args).model_fields}
-            if self.context_param is not None:
-                kwargs[self.context_param] = ctx
-            call = functools.partial(self.fn, **kwargs)
+        kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+        if self.context_param is not None:
+            kwargs[self.context_param] = ctx
+        return functools.partial(self.fn, **kwargs)
+
+    async def _run(self, args: BaseModel, ctx: ToolContext) -> Any:
+        """An async function, or a blocking sync one in a worker thread."""
+        call = self._call(args, ctx)
         if inspect.iscoroutinefunction(self.fn):
             return await call()
-        result = await asyncio.to_thread(call) if self.blocking else call()
+        result = await asyncio.to_thread(call)
         if inspect.isawaitable(result):
             return await result
         return result

@@ -108,12 +108,14 @@ class FencedRecorder:
         await self._pipeline(event)
 
     async def record_model_call(self, data: ev.ModelCalledData) -> None:
-        data = data.model_copy(update={"worker": self.worker})
+        if data.worker != self.worker:  # the loop sets it when its ToolContext has it
+            data = data.model_copy(update={"worker": self.worker})
         await self._pipeline(ev.ModelCalled(subject=self.task_id, source=self.source,
                                             data=data))
 
     async def record_tool_call(self, data: ev.ToolCalledData) -> None:
-        data = data.model_copy(update={"worker": self.worker})
+        if data.worker != self.worker:
+            data = data.model_copy(update={"worker": self.worker})
         event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data)
         if data.side_effects:
             await self._append(event)  # durable before the step goes on
@@ -365,7 +367,7 @@ class Worker:
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,
                    replay: StepReplay) -> StepOutcome:
         ctx = ToolContext(task_id=cmd.task_id, step_id=cmd.step_id, agent=self.spec.name,
-                          user_id=cmd.user_id)
+                          user_id=cmd.user_id, worker=self.replica)
         if cmd.task_id in self._canceled:
             return StepOutcome(status="failed", code="canceled",
                                reason=self._canceled[cmd.task_id])

@@ -18,6 +18,7 @@ from jetmesh.agents.models.types import (
     ModelRequest,
     ModelResponse,
     ToolCall,
+    ToolDefinition,
     Usage,
 )
 
@@ -45,14 +46,44 @@ def tool_call(name: str, /, **arguments: Any) -> ToolCall:
     return ToolCall(id=f"call_{next(_call_ids)}", name=name, arguments=arguments)
 
 
+_JSON_LENGTHS: dict[tuple[Any, ...], tuple[tuple[Any, ...], int]] = {}
+"""key -> (the objects the key names by id, JSON length); see `_json_len`."""
+
+
+def _json_len(value: ToolDefinition | dict[str, Any]) -> int:
+    """The length of a tool definition's JSON, or of ``json.dumps`` of a schema, cached.
+
+    Every call of a step repeats the same tool definitions (the `Tool` caches them) and
+    output schema, and schemas are not mutated (the validator cache in
+    `jetmesh.agents.spec` relies on it too). A request's output schema is a shallow copy
+    of its skill's, so its values are the same objects: the key is the identity of the
+    definition, or the keys and the identities of the values of the schema. The entry
+    holds those objects, so none of its ids is reused by another object while it lives.
+    """
+    if isinstance(value, ToolDefinition):
+        held: tuple[Any, ...] = (value,)
+        key: tuple[Any, ...] = ("tool", id(value))
+    else:
+        held = tuple(value.values())
+        key = ("schema", tuple(value), tuple(map(id, held)))
+    hit = _JSON_LENGTHS.get(key)
+    if hit is not None:
+        return hit[1]
+    n = len(value.model_dump_json() if isinstance(value, ToolDefinition) else json.dumps(value))
+    if len(_JSON_LENGTHS) > 1024:
+        _JSON_LENGTHS.clear()
+    _JSON_LENGTHS[key] = (held, n)
+    return n
+
+
 def _chars(request: ModelRequest) -> int:
     n = len(request.system)
     for m in request.messages:
         n += len(m.content)
         n += sum(len(c.name) + len(json.dumps(c.arguments)) for c in m.tool_calls)
-    n += sum(len(t.model_dump_json()) for t in request.tools)
+    n += sum(_json_len(t) for t in request.tools)
     if request.output_schema is not None:
-        n += len(json.dumps(request.output_schema))
+        n += _json_len(request.output_schema)
     return n
 
 

@@ -381,3 +381,34 @@ def test_outcome_dumps_to_json() -> None:
 
     o = StepOutcome(status="failed", code="tool_limit", reason="r")
     assert json.loads(o.model_dump_json())["code"] == "tool_limit"
+
+
+def test_system_prompt_is_cached_per_skill_and_instructions() -> None:
+    from jetmesh.agents.loop import _compose_system_prompt, build_system_prompt
+
+    spec = make_spec()
+    chat, score = spec.skill("chat"), spec.skill("score")
+    prompts = [build_system_prompt(spec, s) for s in (chat, score, chat, score)]
+    assert prompts[0] != prompts[1] and prompts[2:] == prompts[:2]
+    assert prompts[0] == _compose_system_prompt(spec.instructions, chat)
+    assert prompts[1] == _compose_system_prompt(spec.instructions, score)
+    spec.instructions = "You are another agent."  # same skill objects, new instructions
+    assert build_system_prompt(spec, chat).startswith("You are another agent.")
+    assert build_system_prompt(spec, chat) == _compose_system_prompt(spec.instructions, chat)
+    twin = SkillSpec.from_models("chat", "Chat", "Another description.", input_model=QIn)
+    assert "Another description." in build_system_prompt(spec, twin)
+
+
+async def test_calls_are_recorded_with_the_contexts_worker() -> None:
+    rec = ListRecorder()
+    out = await run_step(
+        make_spec(), "chat", {"q": "hi"}, ScriptedModel(tool_call("double", x=2), "4"),
+        ctx=ToolContext(task_id="t1", step_id="s1", agent="calc", worker="host-7"),
+        recorder=rec,
+    )
+    assert out.ok
+    assert [c.worker for c in rec.model_calls] == ["host-7", "host-7"]
+    assert [c.worker for c in rec.tool_calls] == ["host-7"]
+    rec = ListRecorder()
+    await run(ScriptedModel("plain"), recorder=rec)
+    assert rec.model_calls[0].worker is None

@@ -175,3 +175,22 @@ async def test_sync_tools_run_in_a_thread_unless_declared_non_blocking(ctx: Tool
     assert r1.ok and r2.ok
     assert r1.output["result"] != loop_thread  # a worker thread: timeout_s can hold
     assert r2.output == {"result": loop_thread}
+
+
+async def test_non_blocking_tools_keep_errors_and_the_timeout_of_an_awaitable(
+    ctx: ToolContext,
+) -> None:
+    def boom(x: int) -> int:
+        raise RuntimeError(f"bad {x}")
+
+    async def sleepy() -> int:
+        await asyncio.sleep(5)
+        return 1
+
+    def later() -> int:  # a sync function that returns an awaitable
+        return sleepy()  # type: ignore[return-value]
+
+    r = await tool(name="boom", blocking=False)(boom).invoke({"x": 3}, ctx)
+    assert not r.ok and r.kind == "exception" and "RuntimeError: bad 3" in (r.error or "")
+    r = await tool(name="later", blocking=False, timeout_s=0.05)(later).invoke({}, ctx)
+    assert not r.ok and r.kind == "timeout" and "timed out after 0.05s" in (r.error or "")
