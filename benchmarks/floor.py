@@ -177,10 +177,11 @@ async def worker(url: str, skip: set[str]) -> None:
 # --------------------------------------------------------------------------- load generator
 
 
-async def run_once(tasks: int, warmup: int, skip: set[str]) -> dict[str, Any]:
+async def run_once(tasks: int, warmup: int, skip: set[str], sync_interval: str
+                   ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="jetmesh-floor-"))
     server = EmbeddedNats(data_dir=tmp / "nats", server_name="floor-bench",
-                          monitor_port=free_port())
+                          monitor_port=free_port(), sync_interval=sync_interval)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         server.start()
@@ -268,6 +269,8 @@ def main() -> None:
         "orchestrator's reads on step results, as if it folded the delivered result), "
         "'log-acks' (the acks of the worker's log records), 'fresh' (the read of a new "
         "task before its first batch)"))
+    p.add_argument("--sync-interval", default="always",
+                   help="nats-server JetStream sync_interval (always: fsync every append)")
     args = p.parse_args()
     skip = {x for x in args.skip.split(",") if x}
     if skip - SKIPPABLE:
@@ -281,7 +284,7 @@ def main() -> None:
     runs = []
     for r in range(args.runs):
         progress(f"floor of A: run {r + 1}/{args.runs}, {args.tasks} tasks")
-        res = asyncio.run(run_once(args.tasks, args.warmup, skip))
+        res = asyncio.run(run_once(args.tasks, args.warmup, skip, args.sync_interval))
         cpu = res["cpu"]
         progress(f"  -> {res['tasks_s']:.1f} tasks/s, mean {res['mean']:.1f} ms, p99 "
                  f"{res['p99']:.1f} ms; CPU ms/task {sum(cpu.values()):.1f}: "
@@ -290,7 +293,8 @@ def main() -> None:
         runs.append(res)
     med = sorted(runs, key=lambda x: x["tasks_s"])[len(runs) // 2]
     print(f"messaging floor of workload A (no jetmesh logic"
-          f"{'; without: ' + ', '.join(sorted(skip)) if skip else ''}), median of {len(runs)}: "
+          f"{'; without: ' + ', '.join(sorted(skip)) if skip else ''}; sync_interval "
+          f"{args.sync_interval}), median of {len(runs)}: "
           f"{med['tasks_s']:.1f} tasks/s, mean {med['mean']:.1f} ms, p99 {med['p99']:.1f} ms, "
           f"CPU {sum(med['cpu'].values()):.1f} ms/task "
           f"({', '.join(f'{n} {v:.1f}' for n, v in med['cpu'].items())}), "
