@@ -57,3 +57,7 @@ class AppendConflict(BusError):
 
 class LedgerReadError(BusError):
     pass
+
+
+class LedgerWriteError(BusError):
+    """The ledger refused an append for a reason other than a fence (see AppendConflict)."""

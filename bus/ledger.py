@@ -24,7 +24,12 @@ from nats.js.errors import APIError
 from pydantic import ValidationError
 
 from jetmesh.bus import subjects
-from jetmesh.bus.errors import AppendConflict, InvalidEventError, LedgerReadError
+from jetmesh.bus.errors import (
+    AppendConflict,
+    InvalidEventError,
+    LedgerReadError,
+    LedgerWriteError,
+)
 from jetmesh.bus.events import (
     EVENT_ADAPTER,
     ApprovalDenied,
@@ -106,13 +111,17 @@ def validate_event(event: Event | dict[str, Any] | bytes) -> Event:
         ) from e
 
 
-def event_headers(event: Event, expected: int | None) -> dict[str, str]:
-    """An append's headers: the event id (dedup), its type, trace context, the fence."""
+def event_headers(event: Event, expected: int | None,
+                  on_subject: str | None = None) -> dict[str, str]:
+    """An append's headers: the event id (dedup), its type, trace context, the fence
+    (the last sequence of the event's own subject, or of `on_subject`)."""
     h = {"Nats-Msg-Id": event.id, "Ce-Type": event.type}
     if event.traceparent:
         h["traceparent"] = event.traceparent
     if expected is not None:
         h["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+        if on_subject is not None:
+            h["Nats-Expected-Last-Subject-Sequence-Subject"] = on_subject
     return h
 
 
@@ -133,6 +142,9 @@ class Ledger:
         self._token = 0
         self._pending: dict[str, tuple[list[tuple[int, str, bytes]],
                                        asyncio.Future[list[tuple[int, str, bytes]]]]] = {}
+        self._acks: dict[str, tuple[str, int, asyncio.Future[Appended]]] = {}
+        """Fenced pipelined appends waiting for their ack: token -> (the fence's subject,
+        its expected sequence, future)."""
 
     def observe(self, task_id: str, seq: int) -> None:
         """Make later reads of `task_id` include everything up to ledger sequence `seq`.
@@ -183,24 +195,62 @@ class Ledger:
     async def append_pipelined(
         self, events: Sequence[Event], *, validate: bool = True,
         also: Sequence[tuple[str, bytes, dict[str, str]]] = (),
+        expect: Sequence[tuple[str, int] | None] = (),
     ) -> list[Appended]:
         """Send every event (and `also`: extra JetStream publishes, e.g. work commands)
         without waiting, then wait for all acks. Returns each event's sequence and whether
-        JetStream dropped it as a duplicate of an earlier append with the same id."""
+        JetStream dropped it as a duplicate of an earlier append with the same id.
+
+        `expect[i]` = (subject, seq): event i is stored only if `subject`'s last sequence
+        is `seq` (a condition on another subject, e.g. the task's control messages). If
+        one is refused, the others are still stored and AppendConflict is raised after
+        every ack is in."""
         checked = [validate_event(e) if validate else e for e in events]
-        futures = [
-            await self.js.publish_async(subject_for(e), encode_event(e),
-                                        headers=event_headers(e, None))
-            for e in checked
-        ]
+        conditions = list(expect) + [None] * (len(checked) - len(expect))
+        futures: list[asyncio.Future[Any]] = []
+        for e, cond in zip(checked, conditions, strict=True):
+            if cond is None:
+                futures.append(await self.js.publish_async(
+                    subject_for(e), encode_event(e), headers=event_headers(e, None)))
+            else:
+                futures.append(await self._publish_fenced(e, cond))
         futures += [await self.js.publish_async(subj, data, headers=dict(h))
                     for subj, data, h in also]
-        acks = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+        try:
+            acks = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), self.timeout_s)
+        finally:
+            for f in futures:
+                if not f.done():
+                    f.cancel()
         out = []
         for e, a in zip(checked, acks, strict=False):
+            if isinstance(a, BaseException):
+                continue
             self.observe(e.subject, int(a.seq))
             out.append(Appended(int(a.seq), bool(a.duplicate)))
+        for a in acks:
+            if isinstance(a, BaseException):
+                raise a
         return out
+
+    async def _publish_fenced(self, event: Event, cond: tuple[str, int]
+                              ) -> asyncio.Future[Appended]:
+        """Send `event`, stored only if the last sequence of `cond`'s subject is its
+        sequence. The ack comes to this ledger's own wildcard inbox, routed by token, so
+        a refusal resolves the future (nats-py's publish_async leaves the future of a
+        publish answered with an API error unresolved)."""
+        if self._reply_sub is None:
+            await self._reply_inbox()
+        self._token += 1
+        token = f"a{self._token}"
+        fut: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda _: self._acks.pop(token, None))
+        self._acks[token] = (cond[0], cond[1], fut)
+        await self.nc.publish(subject_for(event), encode_event(event),
+                              reply=f"{self._reply_prefix}.{token}",
+                              headers=event_headers(event, cond[1], cond[0]))
+        return fut
 
     # ------------------------------------------------------------------ read
 
@@ -297,9 +347,7 @@ class Ledger:
         """One batched direct get. Replies come to one long-lived wildcard inbox and are
         routed to the waiting request by token (no subscribe/unsubscribe per read)."""
         if self._reply_sub is None:
-            self._reply_prefix = self.nc.new_inbox()
-            self._reply_sub = await self.nc.subscribe(f"{self._reply_prefix}.*",
-                                                      cb=self._on_reply)
+            await self._reply_inbox()
         self._token += 1
         token = str(self._token)
         done: asyncio.Future[list[tuple[int, str, bytes]]] = \
@@ -316,8 +364,35 @@ class Ledger:
         finally:
             self._pending.pop(token, None)
 
+    async def _reply_inbox(self) -> None:
+        self._reply_prefix = self.nc.new_inbox()
+        self._reply_sub = await self.nc.subscribe(f"{self._reply_prefix}.*",
+                                                  cb=self._on_reply)
+
+    def _on_ack(self, token: str, msg: Msg) -> None:
+        subject, expected, fut = self._acks.pop(token)
+        if fut.done():
+            return
+        try:
+            resp = json.loads(msg.data)
+        except ValueError:
+            status = (msg.headers or {}).get("Status", "")
+            fut.set_exception(LedgerWriteError(f"append to {subject}: no ack ({status})"))
+            return
+        err = resp.get("error")
+        if err is None:
+            fut.set_result(Appended(int(resp["seq"]), bool(resp.get("duplicate"))))
+        elif err.get("err_code") == WRONG_LAST_SEQUENCE:
+            fut.set_exception(AppendConflict(subject, expected, str(err.get("description"))))
+        else:
+            fut.set_exception(LedgerWriteError(
+                f"append to {subject}: {err.get('code')} {err.get('description')}"))
+
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
+        if token in self._acks:
+            self._on_ack(token, msg)
+            return
         pending = self._pending.get(token)
         if pending is None:
             return

@@ -125,6 +125,11 @@ class _Cached:
     state: TaskState
     cursor: int = 0
     local: set[int] = field(default_factory=set)
+    control_seq: int = 0
+    """The last sequence of the task's control subject (cancel, approvals) in the fold."""
+    unread: bool = False
+    """Step results were folded from their deliveries since the last read: the fold may
+    lack a control message stored before them (see `_drive`)."""
 
 
 @dataclass(frozen=True)
@@ -151,17 +156,17 @@ def _logs_unused(state: TaskState) -> bool:
 
 
 def _fold_delivered(cached: _Cached, delivered: list[_Delivered]) -> bool:
-    """Fold delivered step results into the cached fold if nothing is missing; False
-    (nothing folded) sends the drive to the ledger instead.
+    """Fold delivered step results into the cached fold if their lines follow on from
+    it; False (nothing folded) sends the drive to the ledger instead.
 
     Each result's line must go on from the cached fold: the sequence its append was
     fenced on is the last event of that line the fold has (a claim, a side effect or
-    a result the fold has not seen means a read). What the fold may lack elsewhere
-    (another step's line, a control message, another replica's events) a read just
-    before would lack too, a moment later: decisions on it are appended with
-    deterministic ids (a duplicate sends the drive to a read), failing a step is
-    fenced on its line, and each of those events wakes its own drive. Results
-    already folded (a redelivery, or a read took them) are skipped."""
+    a result the fold has not seen means a read). Other steps' lines may be behind;
+    that only delays what their own deliveries will bring. A control message (a
+    cancel, an approval) stored before the result may be missing too, as it comes on
+    another consumer: `_drive` then reads before any decision but completing the
+    task, and completes only on the condition that the control subject is as the fold
+    has it. Results already folded (a redelivery, or a read took them) are skipped."""
     state = cached.state
     lines: dict[str, int] = {}
     fold: list[LedgerEntry] = []
@@ -365,13 +370,18 @@ class Orchestrator:
                 return cached.state
             if delivered and _logs_unused(cached.state) and \
                     _fold_delivered(cached, delivered):
+                cached.unread = True
                 return cached.state
         new = await self.ledger.read(task_id, from_seq=cached.cursor + 1,
                                      without_logs=_logs_unused(cached.state))
+        control = subjects.task_control(task_id)
         for entry in new:
             if entry.seq not in cached.local:
                 apply(cached.state, entry, check_seq=False)
+            if entry.subject == control:
+                cached.control_seq = max(cached.control_seq, entry.seq)
             cached.cursor = entry.seq
+        cached.unread = False
         cached.local = {s for s in cached.local if s > cached.cursor}
         return cached.state
 
@@ -465,8 +475,19 @@ class Orchestrator:
                         else:
                             self._waiting[task_id] = actions[0].until  # type: ignore[union-attr]
                         return state
+                    cached = self._cache.get(task_id)
+                    guard = None
+                    if cached is not None and cached.unread:
+                        # Folded from deliveries: a cancel or an approval stored before
+                        # them may be missing (it comes on another consumer). Completing
+                        # is conditioned on the control subject being as the fold has
+                        # it; anything else reads first.
+                        if not all(isinstance(a, d.Merge | d.Complete) for a in actions):
+                            state = await self.load(task_id)
+                            continue
+                        guard = (subjects.task_control(task_id), cached.control_seq)
                     try:
-                        state = await self._execute(state, actions, carried)
+                        state = await self._execute(state, actions, carried, guard)
                     except AppendConflict as e:
                         log.debug("task %s: %s; re-reading", task_id, e)
                         state = await self.load(task_id)
@@ -482,20 +503,30 @@ class Orchestrator:
 
     async def _flush(self, state: TaskState, events: list[ev.Event],
                      commands: list[tuple[str, bytes, dict[str, str]]],
-                     carried: list[ev.Event] | None = None) -> TaskState:
+                     carried: list[ev.Event] | None = None,
+                     guard: tuple[str, int] | None = None) -> TaskState:
         """Append `carried` (already folded in) and `events`, and publish `commands`, in
         one pipelined batch, then fold `events` in locally. If JetStream dropped any as a
         duplicate (another replica, or an earlier delivery, made the same decision
-        first), the state is read again instead."""
+        first), the state is read again instead. `guard` (subject, last sequence): the
+        task's completion is stored only on that condition (AppendConflict otherwise;
+        the events before it in the batch, such as the merge's model call, are stored)."""
         carried = carried or []
         if not events and not commands and not carried:
             return state
-        acks = await self.ledger.append_pipelined([*carried, *events], validate=False,
-                                                  also=commands)
+        batch = [*carried, *events]
+        expect = [guard if isinstance(e, ev.TaskCompleted) else None for e in batch] \
+            if guard else []
+        acks = await self.ledger.append_pipelined(batch, validate=False, also=commands,
+                                                  expect=expect)
         cached = self._cache.get(state.task_id)
         if cached is None or cached.state is not state or any(a.duplicate for a in acks):
             self._cache.pop(state.task_id, None)
             return await self.load(state.task_id)
+        control = subjects.task_control(state.task_id)
+        for e, ack in zip(batch, acks, strict=True):
+            if subject_for(e) == control:
+                cached.control_seq = max(cached.control_seq, ack.seq)
         for ack in acks[:len(carried)]:
             state.last_seq = max(state.last_seq, ack.seq)
             if ack.seq > cached.cursor:
@@ -507,9 +538,10 @@ class Orchestrator:
         return state
 
     async def _execute(self, state: TaskState, actions: list[d.Action],
-                       carried: list[ev.Event] | None = None) -> TaskState:
+                       carried: list[ev.Event] | None = None,
+                       guard: tuple[str, int] | None = None) -> TaskState:
         """Carry out one round of decisions; `carried`: events already folded in that go
-        out first, in the same batch."""
+        out first, in the same batch; `guard`: see `_flush`."""
         tid = state.task_id
         events: list[ev.Event] = []
         commands: list[tuple[str, bytes, dict[str, str]]] = []
@@ -552,7 +584,7 @@ class Orchestrator:
                 evs, cmds = self._dispatch(state, a)
                 events += evs
                 commands += cmds
-        return await self._flush(state, events, commands, carried)
+        return await self._flush(state, events, commands, carried, guard)
 
     def _first_dispatches(self, state: TaskState, planned: list[ev.Event]
                           ) -> tuple[list[ev.Event], list[tuple[str, bytes, dict[str, str]]]]:

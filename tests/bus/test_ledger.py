@@ -182,3 +182,28 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_append(fresh_server: 
         assert stored[event_id] == seq
     with contextlib.suppress(Exception):
         await nc.close()
+
+
+async def test_a_pipelined_append_conditioned_on_another_subject(bus) -> None:
+    """`expect`: stored only if the other subject's last sequence is as given; a refusal
+    is raised (not left hanging, as nats-py's publish_async would), after the rest of
+    the batch is stored."""
+    task = ev.new_id()
+    control = subjects.task_control(task)
+
+    def batch() -> list[ev.Event]:
+        return [ev.TaskSubmitted(subject=task, data=ev.TaskSubmittedData(goal="x")),
+                ev.TaskCompleted(subject=task, data=ev.TaskCompletedData(result={}))]
+
+    acks = await bus.ledger.append_pipelined(batch(), expect=[None, (control, 0)])
+    assert [a.seq for a in acks] == sorted(a.seq for a in acks) and len(acks) == 2
+    cancel = await bus.ledger.append(ev.CancelRequested(
+        subject=task, data=ev.CancelRequestedData(reason="stop")))
+    with pytest.raises(AppendConflict):
+        await asyncio.wait_for(
+            bus.ledger.append_pipelined(batch(), expect=[None, (control, cancel - 1)]), 3)
+    types = [e.event.type for e in await bus.ledger.read(task)]
+    assert types.count("jetmesh.task.completed.v1") == 1  # the refused one is not stored
+    assert types.count("jetmesh.task.submitted.v1") == 2  # the unconditioned one is
+    acks = await bus.ledger.append_pipelined(batch(), expect=[None, (control, cancel)])
+    assert len(acks) == 2

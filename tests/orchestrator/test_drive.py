@@ -205,3 +205,36 @@ async def test_results_the_fold_cannot_vouch_for_are_read(orch: Orchestrator,
     await orch._on_step_event(await delivered(orch, tid, "a"))
     assert len(reads) == 1
     assert orch._cache[tid].state.status is TaskStatus.COMPLETED
+
+
+async def cancel_unseen(orch: Orchestrator, tid: str) -> None:
+    """A cancel stored in the ledger that the orchestrator's control consumer has not
+    delivered yet (it comes on another consumer than the step results)."""
+    await orch.ledger.append(ev.CancelRequested(subject=tid, source="test",
+                                                data=ev.CancelRequestedData(reason="stop")))
+
+
+async def test_a_step_stopped_by_an_unseen_cancel_cancels_the_task(orch: Orchestrator) -> None:
+    """The worker stopped the step because of the cancel: the step's failure, folded
+    from its delivery, would fail the task; the drive reads first and finds the cancel."""
+    tid = await planned_task(orch, ["a"])
+    await cancel_unseen(orch, tid)
+    await orch.ledger.append(ev.StepFailed(subject=tid, data=ev.StepFailedData(
+        step_id="a", agent="w", code="canceled", reason="stop", retryable=False)),
+        expected_last_subject_seq=0)
+    await orch._on_step_event(await delivered(orch, tid, "a"))
+    final = fold(tid, await orch.ledger.read(tid))
+    assert final.status is TaskStatus.CANCELED
+
+
+async def test_a_task_completed_from_deliveries_is_not_completed_over_an_unseen_cancel(
+        orch: Orchestrator) -> None:
+    """Its completion is conditioned on the control subject: the cancel refuses it, the
+    drive reads, and the task ends canceled, with no completion in the ledger."""
+    tid = await planned_task(orch, ["a"])
+    await cancel_unseen(orch, tid)
+    await complete(orch, tid, "a")
+    await orch._on_step_event(await delivered(orch, tid, "a"))
+    entries = await orch.ledger.read(tid)
+    assert fold(tid, entries).status is TaskStatus.CANCELED
+    assert not any(isinstance(e.event, ev.TaskCompleted) for e in entries)
