@@ -18,10 +18,9 @@ nothing else:
   one ordered consumer over `jm.task.*.events` (8 deliveries per task, as in fanout.py);
 - orchestrator, on the submission: read the task (direct get, nothing found), then one
   pipelined batch: 6 ledger events (submitted, the plan's model call, planned, 3
-  dispatched) and 3 work commands; on the third step result (the real orchestrator
-  coalesces the three into about one drive): a read of the task's decision subjects
-  from before its batch (two filters, as today), then the merge's model call and the
-  completion (pipelined);
+  dispatched) and 3 work commands; on the third step result, the merge's model call
+  and the completion (pipelined; the real orchestrator folds results from their
+  deliveries, with no read, and conditions the completion on the control subject);
 - worker, on each work command: 4 log records pipelined (start, model, tool, model)
   and the result fenced on the step's line, awaited together; then the ack.
 
@@ -69,7 +68,8 @@ from jetmesh.bus.settings import BusSettings  # noqa: E402
 from jetmesh.bus.streams import declare_streams, pull_consumer_config, work_consumer_config  # noqa: E402
 
 SKILL = "order_status"
-SKIPPABLE = {"results", "log-acks", "fresh"}
+SKIPPABLE = {"log-acks", "fresh"}
+ADDABLE = {"results-read"}
 STEPS = ("s1", "s2", "s3")
 # Payload sizes (bytes) of the real events of one fan-out task, as stored by fanout.py.
 SIZE = {"submitted": 420, "model": 900, "planned": 950, "dispatched": 480, "command": 430,
@@ -87,7 +87,7 @@ def hdr(event_id: str, etype: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- roles
 
 
-async def orchestrator(url: str, skip: set[str]) -> None:
+async def orchestrator(url: str, skip: set[str], add: set[str]) -> None:
     nc = await connect(url)
     js = nc.jetstream()
     ledger = Ledger(nc, js)
@@ -113,22 +113,20 @@ async def orchestrator(url: str, skip: set[str]) -> None:
         first_seq[tid] = int(acks[0].seq)
 
     async def on_step(msg: Msg) -> None:
-        # The real orchestrator coalesces an A task's three results into about one drive
-        # (fanout.py measured 2.0 direct-get requests per task, one read of two filters);
-        # here exactly one, on the third result, so this stays a floor.
         tid = subjects.task_id_of(msg.subject) or ""
         results[tid] = results.get(tid, 0) + 1
         if results[tid] != len(STEPS):
             return
-        if "results" not in skip:  # the read: the decision subjects, from before the batch
+        if "results-read" in add:  # before 3798d79: a read of the decision subjects
             await asyncio.gather(*(ledger._direct_batch(f, first_seq.get(tid, 1), 1000)
                                    for f in subjects.task_decisions(tid)))
         ev_subj = subjects.task_events(tid)
         futs = [await js.publish_async(ev_subj, pad("model"),
                                        headers=hdr(f"{tid}-merge", "model")),
-                await js.publish_async(ev_subj, pad("completed"),
-                                       headers=hdr(f"{tid}-completed",
-                                                   "jetmesh.task.completed.v1"))]
+                await js.publish_async(ev_subj, pad("completed"), headers={
+                    **hdr(f"{tid}-completed", "jetmesh.task.completed.v1"),
+                    "Nats-Expected-Last-Subject-Sequence": "0",
+                    "Nats-Expected-Last-Subject-Sequence-Subject": subjects.task_control(tid)})]
         await asyncio.gather(*futs)
 
     runners = [
@@ -146,7 +144,7 @@ async def orchestrator(url: str, skip: set[str]) -> None:
     await asyncio.Event().wait()
 
 
-async def worker(url: str, skip: set[str]) -> None:
+async def worker(url: str, skip: set[str], add: set[str]) -> None:
     nc = await connect(url)
     js = nc.jetstream()
 
@@ -177,8 +175,8 @@ async def worker(url: str, skip: set[str]) -> None:
 # --------------------------------------------------------------------------- load generator
 
 
-async def run_once(tasks: int, warmup: int, skip: set[str], sync_interval: str
-                   ) -> dict[str, Any]:
+async def run_once(tasks: int, warmup: int, skip: set[str], add: set[str],
+                   sync_interval: str) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="jetmesh-floor-"))
     server = EmbeddedNats(data_dir=tmp / "nats", server_name="floor-bench",
                           monitor_port=free_port(), sync_interval=sync_interval)
@@ -194,7 +192,8 @@ async def run_once(tasks: int, warmup: int, skip: set[str], sync_interval: str
                                          if os.environ.get("PYTHONPATH") else []))}
         for role in ("worker", "orchestrator"):
             procs[role] = spawn([sys.executable, str(Path(__file__)), role, server.url,
-                                 "--skip", ",".join(sorted(skip))], env, tmp / f"{role}.log")
+                                 "--skip", ",".join(sorted(skip)),
+                                 "--add", ",".join(sorted(add))], env, tmp / f"{role}.log")
         for role in procs:
             log = tmp / f"{role}.log"
             deadline = time.monotonic() + 30
@@ -265,26 +264,32 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="runs (the median is reported)")
     p.add_argument("--warmup", type=int, default=5, help="uncounted tasks per run")
     p.add_argument("--skip", default="", help=(
-        "what-if: leave out some of today's messages, comma-separated: 'results' (the "
-        "orchestrator's reads on step results, as if it folded the delivered result), "
-        "'log-acks' (the acks of the worker's log records), 'fresh' (the read of a new "
-        "task before its first batch)"))
+        "what-if: leave out some of today's messages, comma-separated: 'log-acks' (the "
+        "acks of the worker's log records), 'fresh' (the read of a new task before its "
+        "first batch)"))
+    p.add_argument("--add", default="", help=(
+        "what was: add messages today's design no longer sends: 'results-read' (the "
+        "orchestrator's read of the task on its step results, before it folded them "
+        "from their deliveries)"))
     p.add_argument("--sync-interval", default="always",
                    help="nats-server JetStream sync_interval (always: fsync every append)")
     args = p.parse_args()
     skip = {x for x in args.skip.split(",") if x}
-    if skip - SKIPPABLE:
-        p.error(f"--skip: unknown {', '.join(sorted(skip - SKIPPABLE))}; "
-                f"known: {', '.join(sorted(SKIPPABLE))}")
+    add = {x for x in args.add.split(",") if x}
+    if skip - SKIPPABLE or add - ADDABLE:
+        p.error(f"unknown: {', '.join(sorted((skip - SKIPPABLE) | (add - ADDABLE)))}; "
+                f"--skip knows {', '.join(sorted(SKIPPABLE))}, "
+                f"--add {', '.join(sorted(ADDABLE))}")
     if args.role != "run":
         import uvloop
 
-        uvloop.run((orchestrator if args.role == "orchestrator" else worker)(args.url, skip))
+        uvloop.run((orchestrator if args.role == "orchestrator" else worker)(args.url, skip,
+                                                                             add))
         return
     runs = []
     for r in range(args.runs):
         progress(f"floor of A: run {r + 1}/{args.runs}, {args.tasks} tasks")
-        res = asyncio.run(run_once(args.tasks, args.warmup, skip, args.sync_interval))
+        res = asyncio.run(run_once(args.tasks, args.warmup, skip, add, args.sync_interval))
         cpu = res["cpu"]
         progress(f"  -> {res['tasks_s']:.1f} tasks/s, mean {res['mean']:.1f} ms, p99 "
                  f"{res['p99']:.1f} ms; CPU ms/task {sum(cpu.values()):.1f}: "
@@ -293,7 +298,8 @@ def main() -> None:
         runs.append(res)
     med = sorted(runs, key=lambda x: x["tasks_s"])[len(runs) // 2]
     print(f"messaging floor of workload A (no jetmesh logic"
-          f"{'; without: ' + ', '.join(sorted(skip)) if skip else ''}; sync_interval "
+          f"{'; without: ' + ', '.join(sorted(skip)) if skip else ''}"
+          f"{'; with: ' + ', '.join(sorted(add)) if add else ''}; sync_interval "
           f"{args.sync_interval}), median of {len(runs)}: "
           f"{med['tasks_s']:.1f} tasks/s, mean {med['mean']:.1f} ms, p99 {med['p99']:.1f} ms, "
           f"CPU {sum(med['cpu'].values()):.1f} ms/task "
