@@ -560,7 +560,9 @@ async def test_poison_message_dead_letters_then_redrives_once_fixed(
         after = cli(["dlq", "list"], fresh_server.url, tmp_path)
         entries = await ledger.read(cmd.task_id)
     finally:
-        with_exit = stop(worker)
+        # SIGTERM: the worker drains for up to 10 s, then cancels for 2 s, then closes;
+        # 30 s leaves room for that on a starved machine (once it took over 15 s in CI).
+        with_exit = stop(worker, timeout=30.0)
         await dlq.unsubscribe()
         await nc.close()
     assert exits == [3, 3, 3], exits
