@@ -62,7 +62,11 @@ from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
 from jetmesh.bus import subjects  # noqa: E402
 from jetmesh.bus.connection import connect  # noqa: E402
 from jetmesh.bus.consumer import PullRunner  # noqa: E402
-from jetmesh.bus.ledger import Ledger  # noqa: E402
+from jetmesh.bus.ledger import (  # noqa: E402
+    EXPECTED_LAST_SEQ,
+    EXPECTED_LAST_SEQ_SUBJECT,
+    Ledger,
+)
 from jetmesh.bus.server import EmbeddedNats, free_port  # noqa: E402
 from jetmesh.bus.settings import BusSettings  # noqa: E402
 from jetmesh.bus.streams import declare_streams, pull_consumer_config, work_consumer_config  # noqa: E402
@@ -87,7 +91,7 @@ def hdr(event_id: str, etype: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- roles
 
 
-async def orchestrator(url: str, skip: set[str], add: set[str]) -> None:
+async def orchestrator(url: str, skip: set[str], add: set[str], ready: str) -> None:
     nc = await connect(url)
     js = nc.jetstream()
     ledger = Ledger(nc, js)
@@ -98,7 +102,7 @@ async def orchestrator(url: str, skip: set[str], add: set[str]) -> None:
     async def on_submit(msg: Msg) -> None:
         tid = json.loads(msg.data)["task_id"]
         if "fresh" not in skip:
-            await ledger._direct_batch(subjects.task_all(tid), 1, 1000)  # the fresh read
+            await ledger.read_raw(subjects.task_all(tid))  # the fresh read
         ev_subj = subjects.task_events(tid)
         evs = [(pad(k), hdr(f"{tid}-{n}", k))
                for n, k in enumerate(("submitted", "model", "planned"))]
@@ -118,15 +122,15 @@ async def orchestrator(url: str, skip: set[str], add: set[str]) -> None:
         if results[tid] != len(STEPS):
             return
         if "results-read" in add:  # before 3798d79: a read of the decision subjects
-            await asyncio.gather(*(ledger._direct_batch(f, first_seq.get(tid, 1), 1000)
+            await asyncio.gather(*(ledger.read_raw(f, from_seq=first_seq.get(tid, 1))
                                    for f in subjects.task_decisions(tid)))
         ev_subj = subjects.task_events(tid)
         futs = [await js.publish_async(ev_subj, pad("model"),
                                        headers=hdr(f"{tid}-merge", "model")),
                 await js.publish_async(ev_subj, pad("completed"), headers={
                     **hdr(f"{tid}-completed", "jetmesh.task.completed.v1"),
-                    "Nats-Expected-Last-Subject-Sequence": "0",
-                    "Nats-Expected-Last-Subject-Sequence-Subject": subjects.task_control(tid)})]
+                    EXPECTED_LAST_SEQ: "0",
+                    EXPECTED_LAST_SEQ_SUBJECT: subjects.task_control(tid)})]
         await asyncio.gather(*futs)
 
     runners = [
@@ -140,11 +144,12 @@ async def orchestrator(url: str, skip: set[str], add: set[str]) -> None:
     ]
     for r in runners:
         await r.start()
-    print("ready", flush=True)
+    await nc.publish(ready, b"ready")  # to the load generator, waiting on it
+    await nc.flush()
     await asyncio.Event().wait()
 
 
-async def worker(url: str, skip: set[str], add: set[str]) -> None:
+async def worker(url: str, skip: set[str], add: set[str], ready: str) -> None:
     nc = await connect(url)
     js = nc.jetstream()
 
@@ -162,13 +167,14 @@ async def worker(url: str, skip: set[str], add: set[str]) -> None:
         final = asyncio.ensure_future(js.publish(
             subjects.step_events(tid, st), pad("result"),
             headers={**hdr(f"{tid}-{st}-done", "jetmesh.step.completed.v1"),
-                     "Nats-Expected-Last-Subject-Sequence": "0"}))
+                     EXPECTED_LAST_SEQ: "0"}))
         await asyncio.gather(*futs, final)
 
     runner = PullRunner(js, subjects.STREAM_WORK, work_consumer_config(SKILL, BusSettings()),
                         on_command, concurrency=256)
     await runner.start()
-    print("ready", flush=True)
+    await nc.publish(ready, b"ready")  # to the load generator, waiting on it
+    await nc.flush()
     await asyncio.Event().wait()
 
 
@@ -190,17 +196,20 @@ async def run_once(tasks: int, warmup: int, skip: set[str], add: set[str],
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(HERE.parent.parent)] + ([os.environ["PYTHONPATH"]]
                                          if os.environ.get("PYTHONPATH") else []))}
+        ready = nc.new_inbox()
+        started = await nc.subscribe(ready)
         for role in ("worker", "orchestrator"):
             procs[role] = spawn([sys.executable, str(Path(__file__)), role, server.url,
                                  "--skip", ",".join(sorted(skip)),
-                                 "--add", ",".join(sorted(add))], env, tmp / f"{role}.log")
-        for role in procs:
-            log = tmp / f"{role}.log"
-            deadline = time.monotonic() + 30
-            while "ready" not in (log.read_text() if log.exists() else ""):
-                if procs[role].poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{role} did not start: {log.read_text()[-2000:]}")
-                await asyncio.sleep(0.05)
+                                 "--add", ",".join(sorted(add)), "--ready", ready],
+                                env, tmp / f"{role}.log")
+        try:
+            for _ in procs:
+                await started.next_msg(timeout=30)
+        except TimeoutError as e:
+            logs = {r: (tmp / f"{r}.log").read_text()[-2000:] for r in procs}
+            raise RuntimeError(f"a role did not start within 30 s: {logs}") from e
+        await started.unsubscribe()
         done: dict[str, asyncio.Future[float]] = {}
 
         async def on_event(msg: Any) -> None:
@@ -271,6 +280,7 @@ def main() -> None:
         "what was: add messages today's design no longer sends: 'results-read' (the "
         "orchestrator's read of the task on its step results, before it folded them "
         "from their deliveries)"))
+    p.add_argument("--ready", help=argparse.SUPPRESS)  # roles: where to say they started
     p.add_argument("--sync-interval", default="always",
                    help="nats-server JetStream sync_interval (always: fsync every append)")
     args = p.parse_args()
@@ -283,8 +293,8 @@ def main() -> None:
     if args.role != "run":
         import uvloop
 
-        uvloop.run((orchestrator if args.role == "orchestrator" else worker)(args.url, skip,
-                                                                             add))
+        role = orchestrator if args.role == "orchestrator" else worker
+        uvloop.run(role(args.url, skip, add, args.ready))
         return
     runs = []
     for r in range(args.runs):

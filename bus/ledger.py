@@ -50,6 +50,12 @@ from jetmesh.bus.events import (
 
 WRONG_LAST_SEQUENCE = 10071
 """JetStream API error code: Nats-Expected-Last-Subject-Sequence did not match."""
+EXPECTED_LAST_SEQ = "Nats-Expected-Last-Subject-Sequence"
+"""The fence header: stored only if the subject's last sequence is this one. It is
+stored with the message, so a delivered event tells what came before it on its subject."""
+EXPECTED_LAST_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+"""With EXPECTED_LAST_SEQ: the subject whose last sequence is checked, if not the
+message's own."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class Appended:
 
     seq: int
     duplicate: bool
+    subject: str = ""
+    """Where the event was stored (set by append_pipelined)."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +127,9 @@ def event_headers(event: Event, expected: int | None,
     if event.traceparent:
         h["traceparent"] = event.traceparent
     if expected is not None:
-        h["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+        h[EXPECTED_LAST_SEQ] = str(expected)
         if on_subject is not None:
-            h["Nats-Expected-Last-Subject-Sequence-Subject"] = on_subject
+            h[EXPECTED_LAST_SEQ_SUBJECT] = on_subject
     return h
 
 
@@ -207,13 +215,14 @@ class Ledger:
         every ack is in."""
         checked = [validate_event(e) if validate else e for e in events]
         conditions = list(expect) + [None] * (len(checked) - len(expect))
+        subjects_of = [subject_for(e) for e in checked]
         futures: list[asyncio.Future[Any]] = []
-        for e, cond in zip(checked, conditions, strict=True):
+        for e, subj, cond in zip(checked, subjects_of, conditions, strict=True):
             if cond is None:
                 futures.append(await self.js.publish_async(
-                    subject_for(e), encode_event(e), headers=event_headers(e, None)))
+                    subj, encode_event(e), headers=event_headers(e, None)))
             else:
-                futures.append(await self._publish_fenced(e, cond))
+                futures.append(await self._publish_fenced(e, subj, cond))
         futures += [await self.js.publish_async(subj, data, headers=dict(h))
                     for subj, data, h in also]
         try:
@@ -224,17 +233,17 @@ class Ledger:
                 if not f.done():
                     f.cancel()
         out = []
-        for e, a in zip(checked, acks, strict=False):
+        for e, subj, a in zip(checked, subjects_of, acks, strict=False):
             if isinstance(a, BaseException):
                 continue
             self.observe(e.subject, int(a.seq))
-            out.append(Appended(int(a.seq), bool(a.duplicate)))
+            out.append(Appended(int(a.seq), bool(a.duplicate), subj))
         for a in acks:
             if isinstance(a, BaseException):
                 raise a
         return out
 
-    async def _publish_fenced(self, event: Event, cond: tuple[str, int]
+    async def _publish_fenced(self, event: Event, subject: str, cond: tuple[str, int]
                               ) -> asyncio.Future[Appended]:
         """Send `event`, stored only if the last sequence of `cond`'s subject is its
         sequence. The ack comes to this ledger's own wildcard inbox, routed by token, so
@@ -247,7 +256,7 @@ class Ledger:
         fut: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda _: self._acks.pop(token, None))
         self._acks[token] = (cond[0], cond[1], fut)
-        await self.nc.publish(subject_for(event), encode_event(event),
+        await self.nc.publish(subject, encode_event(event),
                               reply=f"{self._reply_prefix}.{token}",
                               headers=event_headers(event, cond[1], cond[0]))
         return fut

@@ -35,7 +35,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict
-from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
+from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, Ledger, LedgerEntry, subject_for
 from jetmesh.bus.presence import PresenceView
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, pull_consumer_config
@@ -328,7 +328,7 @@ class Orchestrator:
         """Keep a delivered step result for the next drive of its task, which may fold it
         with no read (see `_fold_delivered`). An unfenced append, or one that does not
         decode, is left to the read."""
-        after = (msg.headers or {}).get("Nats-Expected-Last-Subject-Sequence", "")
+        after = (msg.headers or {}).get(EXPECTED_LAST_SEQ, "")
         if not after.isdigit():
             return
         try:
@@ -524,8 +524,8 @@ class Orchestrator:
             self._cache.pop(state.task_id, None)
             return await self.load(state.task_id)
         control = subjects.task_control(state.task_id)
-        for e, ack in zip(batch, acks, strict=True):
-            if subject_for(e) == control:
+        for ack in acks:
+            if ack.subject == control:
                 cached.control_seq = max(cached.control_seq, ack.seq)
         for ack in acks[:len(carried)]:
             state.last_seq = max(state.last_seq, ack.seq)
