@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -18,6 +22,56 @@ from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.server import EmbeddedNats
 from jetmesh.bus.streams import declare_streams
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    """The pytest-timeout limit that applies to `item` (marker, then option, then ini)."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    value = item.config.getoption("timeout", None) or item.config.getini("timeout")
+    return float(value or 0)
+
+
+def _await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """Where `task` waits: its coroutine and every coroutine or generator it awaits in
+    turn (Task.print_stack shows only the outermost frame of a suspended task)."""
+    lines: list[str] = []
+    obj: Any = task.get_coro()
+    while obj is not None and len(lines) < 40:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None) \
+            or getattr(obj, "gi_frame", None)
+        if frame is None:
+            lines.append(f"    awaiting {obj!r:.200}")
+            break
+        lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None) \
+            or getattr(obj, "gi_yieldfrom", None)
+    return lines
+
+
+def _dump_tasks(loop: asyncio.AbstractEventLoop, nodeid: str) -> None:
+    """Print where every task of the loop waits: pytest-timeout shows only threads,
+    and the main thread of a hung async test is always in the loop's select()."""
+    tasks = asyncio.all_tasks(loop)
+    print(f"\n===== {nodeid}: near its timeout; {len(tasks)} asyncio tasks =====")
+    for task in tasks:
+        print(f"  {task.get_name()}:", *_await_chain(task), sep="\n")
+    sys.stdout.flush()
+
+
+@pytest.fixture(autouse=True)
+async def _dump_tasks_before_timeout(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Schedule that dump on the session's loop a few seconds before the test's timeout
+    (async tests only: the loop does not run during a sync test)."""
+    limit = _timeout_of(request.node)
+    handle = None
+    if limit > 10 and inspect.iscoroutinefunction(getattr(request.node, "obj", None)):
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(limit - 5, _dump_tasks, loop, request.node.nodeid)
+    yield
+    if handle is not None:
+        handle.cancel()
 
 
 @pytest.fixture(scope="session")
