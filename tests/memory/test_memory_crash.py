@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from memory_helpers import eventually
 from pydantic import BaseModel
 
@@ -25,7 +26,7 @@ from jetmesh.memory.errors import MemoryServiceUnavailable
 from jetmesh.memory.models import MemoryItem
 from jetmesh.orchestrator.client import Client
 from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
-from jetmesh.orchestrator.state import TaskStatus
+from jetmesh.orchestrator.state import TaskState, TaskStatus
 from jetmesh.orchestrator.workflows import Workflow, WorkflowRegistry
 
 
@@ -92,6 +93,23 @@ async def episodes(memory: MemoryClient) -> list[MemoryItem]:
         return []
 
 
+async def results(client: Client, ids: list[str], timeout: float) -> list[TaskState]:
+    """Every task's final state; at the deadline, fail naming the unfinished ones."""
+    waits = [asyncio.ensure_future(client.result(t)) for t in ids]
+    _, pending = await asyncio.wait(waits, timeout=timeout)
+    for w in pending:
+        w.cancel()
+    if pending:
+        late = [t for t, w in zip(ids, waits, strict=True) if w in pending]
+        now = {t[:8]: (await client.state(t)).status.value for t in late}
+        raise AssertionError(f"{len(late)} of {len(ids)} tasks not finished in {timeout:g}s: "
+                             f"{now}"[:2000])
+    return [w.result() for w in waits]
+
+
+# Its own waits add up to 160 s at most (memory up 30, 10 episodes 20, 50 results 60,
+# catch-up 50): pytest's limit sits above them, so a slow phase fails with its name.
+@pytest.mark.timeout(240)
 async def test_kill_9_during_50_tasks_every_episode_exactly_once(
     fresh_server: EmbeddedNats, tmp_path: Path
 ) -> None:
@@ -116,11 +134,11 @@ async def test_kill_9_during_50_tasks_every_episode_exactly_once(
             assert len(seen) < 100, "the service must be killed before it caught up"
             ids += [await client.submit(f"hello {i}", workflow="say", user_id="u1")
                     for i in range(25, 50)]
-            states = await asyncio.gather(*(client.result(t, timeout=30) for t in ids))
+            states = await results(client, ids, 60)
             assert Counter(s.status for s in states) == {TaskStatus.COMPLETED: 50}
 
             proc = spawn_memory(url, data, tmp_path / "memory2.log")
-            stored = await eventually(lambda: episodes(memory), lambda e: len(e) >= 100, 40,
+            stored = await eventually(lambda: episodes(memory), lambda e: len(e) >= 100, 50,
                                       "100 episodes after restart")
     finally:
         stop(proc)
