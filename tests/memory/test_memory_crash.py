@@ -86,6 +86,13 @@ def stop(proc: subprocess.Popen[bytes]) -> int | None:
     return proc.returncode
 
 
+def print_logs(folder: Path) -> None:
+    """The tail of each memory service's log (a failing test shows what it printed)."""
+    for log in sorted(folder.glob("memory*.log")):
+        print(f"--- {log.name} (last 40 lines) ---",
+              *log.read_text(errors="replace").splitlines()[-40:], sep="\n")
+
+
 async def episodes(memory: MemoryClient) -> list[MemoryItem]:
     try:
         return await memory.list(kind="episode", limit=1000)
@@ -140,6 +147,9 @@ async def test_kill_9_during_50_tasks_every_episode_exactly_once(
             proc = spawn_memory(url, data, tmp_path / "memory2.log")
             stored = await eventually(lambda: episodes(memory), lambda e: len(e) >= 100, 50,
                                       "100 episodes after restart")
+    except BaseException:
+        print_logs(tmp_path)
+        raise
     finally:
         stop(proc)
         await worker.stop()
