@@ -92,13 +92,13 @@ async def test_orchestrator_healthy_only_once_its_consumers_exist(
     js = jetstream(nc)
     await declare_streams(js)
     try:
-        before = await health.check("orchestrator", url=url, timeout_s=1.0)
+        before = await health.check("orchestrator", url=url, timeout_s=5.0)
         assert not before.ok
         assert "consumer orchestrator-submit on JM_TASKS does not exist" in before.reason
         orch = Orchestrator(nc, js, model=SimModel())
         await orch.start()
         try:
-            after = await health.check("orchestrator", url=url, timeout_s=1.0)
+            after = await health.check("orchestrator", url=url, timeout_s=5.0)
             assert after.ok, after.reason
         finally:
             await orch.stop()
@@ -112,22 +112,22 @@ async def test_worker_healthy_while_a_replica_on_this_host_heartbeats(
     nc = await connect(url)
     js = jetstream(nc)
     try:
-        before = await health.check("worker", "support", url=url, timeout_s=1.0)
+        before = await health.check("worker", "support", url=url, timeout_s=5.0)
         assert not before.ok
         assert "consumer work-order_status on JM_WORK does not exist" in before.reason
         worker = Worker(get_agent("support"), SimModel(), nc, js, heartbeat_s=0.2)
         await worker.start()
         try:
-            ok = await health.check("worker", "support", url=url, timeout_s=1.0)
+            ok = await health.check("worker", "support", url=url, timeout_s=5.0)
             assert ok.ok, ok.reason
             assert "order_status, refund" in ok.reason
             # Another agent's consumers are not this one's.
-            other = await health.check("worker", "researcher", url=url, timeout_s=1.0)
+            other = await health.check("worker", "researcher", url=url, timeout_s=5.0)
             assert not other.ok and "work-research" in other.reason
         finally:
             await worker.stop()
         # Stopped: the consumers remain (they are durable) but no replica heartbeats.
-        gone = await health.check("worker", "support", url=url, timeout_s=1.0)
+        gone = await health.check("worker", "support", url=url, timeout_s=5.0)
         assert not gone.ok
         assert "no replica registered on" in gone.reason
         # A heartbeat that went stale (a frozen or SIGKILLed replica) is unhealthy too.
@@ -135,10 +135,10 @@ async def test_worker_healthy_while_a_replica_on_this_host_heartbeats(
         await frozen.start()
         try:
             await asyncio.sleep(0.3)
-            stale = await health.check("worker", "support", url=url, timeout_s=1.0,
+            stale = await health.check("worker", "support", url=url, timeout_s=5.0,
                                        agent_ttl_s=0.2)
             assert not stale.ok and "last heartbeat" in stale.reason
-            fresh = await health.check("worker", "support", url=url, timeout_s=1.0,
+            fresh = await health.check("worker", "support", url=url, timeout_s=5.0,
                                        any_host=True)
             assert fresh.ok, fresh.reason
         finally:
@@ -149,7 +149,7 @@ async def test_worker_healthy_while_a_replica_on_this_host_heartbeats(
 
 async def test_memory_needs_a_responder(nats_server: EmbeddedNats) -> None:
     url = nats_server.url
-    down = await health.check("memory", url=url, timeout_s=1.0)
+    down = await health.check("memory", url=url, timeout_s=5.0)
     assert not down.ok
     assert down.reason == f"memory: no service answers on {subjects.memory('search')}"
 
@@ -160,7 +160,7 @@ async def test_memory_needs_a_responder(nats_server: EmbeddedNats) -> None:
 
         sub = await nc.subscribe(subjects.memory("search"), queue="memory", cb=answer)
         await nc.flush()
-        up = await health.check("memory", url=url, timeout_s=1.0)
+        up = await health.check("memory", url=url, timeout_s=5.0)
         assert up.ok and up.reason.endswith("answers"), up.reason
         await sub.unsubscribe()
 
