@@ -224,7 +224,9 @@ class PullRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
         with contextlib.suppress(Exception):
-            await self._sub.drain()  # type: ignore[no-untyped-call]
+            # Bounded: nats-py's drain waits, with no limit, until every message queued
+            # on the inbox has been through its callback.
+            await asyncio.wait_for(self._sub.drain(), max(1.0, grace_s))  # type: ignore[no-untyped-call]
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for t in pending:

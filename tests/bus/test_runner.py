@@ -124,3 +124,22 @@ async def test_a_runner_with_little_room_keeps_pulling_as_its_handlers_finish(bu
         await runner.stop()
     assert sorted(got, key=int) == [str(i).encode() for i in range(60)]
     assert most <= 4
+
+
+async def test_stop_returns_even_if_the_inbox_never_drains(bus) -> None:
+    """nats-py's drain has no limit of its own; a stop (a SIGTERMed worker, say) must
+    not hang on it."""
+    runner = runner_for(bus, "runner" + ev.new_id()[:8], lambda msg: asyncio.sleep(0))
+    await runner.start()
+    real = runner._sub
+    never = asyncio.Event()
+
+    class Stuck:
+        async def drain(self) -> None:
+            await never.wait()
+
+    runner._sub = Stuck()  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(runner.stop(grace_s=0.5), 5)
+    finally:
+        await real.unsubscribe()
