@@ -31,7 +31,7 @@ from a2a.types import TaskState as A2AState
 from google.protobuf.json_format import MessageToDict
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel, ConfigDict
 
 from jetmesh.agents.spec import AgentSpec, Limits, schema_errors
@@ -112,16 +112,19 @@ async def add_external(js: JetStreamContext, url: str, *,
 
 
 async def list_external(js: JetStreamContext) -> list[ExternalAgent]:
+    """The registered external agents, by name.
+
+    The keys come from the bucket stream's subject list, in one request: nats-py's
+    `kv.keys()` can end its initial replay before the last keys arrive and return too
+    few (nats.py issue 842), which made a just-added agent missing now and then."""
     kv = await _bucket(js)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
+    prefix = f"{subjects.KV_PREFIX}.{subjects.BUCKET_EXTERNAL}."
+    info = await js.stream_info(f"KV_{subjects.BUCKET_EXTERNAL}", subjects_filter=f"{prefix}>")
     out = []
-    for key in keys:
+    for subject in sorted(info.state.subjects or {}):
         try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
+            entry = await kv.get(subject.removeprefix(prefix))
+        except KeyNotFoundError:  # deleted (a delete marker is a message too)
             continue
         if entry.value:
             out.append(ExternalAgent.from_json(entry.value))

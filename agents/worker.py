@@ -44,6 +44,7 @@ from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, work_consumer_config
+from jetmesh.bus.tasks import cancel_and_wait
 
 log = logging.getLogger("jetmesh.worker")
 
@@ -268,10 +269,8 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._control.unsubscribe()
         await asyncio.gather(*(r.stop(grace_s) for r in self._runners))
-        if self._keepalive is not None:  # after the drain: draining steps still need it
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
+        # After the drain: draining steps still need it.
+        await cancel_and_wait(self._keepalive)
 
     async def _dead_lettered(self, msg: Msg, reason: str) -> None:
         """A step command that ran out of deliveries fails its step now, so the

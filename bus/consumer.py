@@ -30,6 +30,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.dlq import dead_letter
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
 from jetmesh.bus.streams import ensure_consumer
+from jetmesh.bus.tasks import cancel_and_wait
 
 log = logging.getLogger("jetmesh.bus")
 
@@ -219,10 +220,7 @@ class PullRunner:
         The inbox is drained first: the server stops delivering to our open requests,
         and what already arrived is handed back at once (nak) rather than at ack_wait."""
         self._stopping.set()
-        if self._loop_task:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop_task
+        await cancel_and_wait(self._loop_task)
         with contextlib.suppress(Exception):
             # Bounded: nats-py's drain waits, with no limit, until every message queued
             # on the inbox has been through its callback.

@@ -21,6 +21,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from jetmesh.bus.tasks import cancel_and_wait
+
 log = logging.getLogger("jetmesh.bus")
 
 
@@ -63,10 +65,7 @@ class Presence:
                 log.debug("heartbeat %s: %s", self.key, e)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self._kv.delete(self.key)
 
@@ -119,9 +118,6 @@ class PresenceView:
         return [e for e in self._entries.values() if e.updated >= horizon]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self._watcher.stop()  # type: ignore[no-untyped-call]

@@ -42,6 +42,7 @@ from jetmesh.bus.events import MAX_MESSAGE_BYTES
 from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import pull_consumer_config
+from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.memory.episodes import build_episode, is_episode_event
 from jetmesh.memory.errors import (
     MemoryInferenceDisabled,
@@ -282,9 +283,7 @@ class MemoryService:
             if isinstance(event, ev.TaskCompleted) and self.store.inference_off_reason is None:
                 await self._extract(episode, int(msg.metadata.num_delivered))
         finally:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+            await cancel_and_wait(keepalive)
 
     async def _extract(self, episode: EpisodeRecord, delivery: int) -> None:
         """Facts from a completed task's episode, once (skipped if already extracted)."""

@@ -10,7 +10,6 @@ redeliveries never drive a task twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, Ledger, LedgerEntry, subject_f
 from jetmesh.bus.presence import PresenceView
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, pull_consumer_config
+from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.orchestrator import decide as d
 from jetmesh.orchestrator.errors import PlanError
 from jetmesh.orchestrator.planner import Recorder, merge_with_model, plan_with_model
@@ -267,11 +267,7 @@ class Orchestrator:
                  self.model.name, ", ".join(self.workflows.names()))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self._tasks)
         for r in self._runners:
             await r.stop()
         if self.presence:

@@ -25,6 +25,7 @@ from rich.table import Table
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.server import EmbeddedNats
+from jetmesh.bus.tasks import cancel_and_wait
 
 
 @dataclass
@@ -217,9 +218,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
             await supervise()
     finally:
         console.print("stopping...")
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await follower
+        await cancel_and_wait(follower)
         await view.stop()
         await nc.close()
         for c in children:
