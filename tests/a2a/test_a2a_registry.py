@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -18,14 +16,13 @@ from jetmesh.a2a.signing import CardSigner, CardVerifier, generate_keys
 from jetmesh.agents.builtin import get_agent
 from jetmesh.bus import subjects
 from jetmesh.bus.presence import Presence
+from jetmesh.bus.tasks import cancel_and_wait
 
 
 async def _kill_silently(p: Presence) -> None:
     """What SIGKILL does to a replica: the heartbeats stop, the key is never deleted."""
     assert p._task is not None
-    p._task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await p._task
+    await cancel_and_wait(p._task)
 
 
 async def test_signed_registry_liveness_and_forgeries(a2a_bus: Bus, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.server import EmbeddedNats
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams
+from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.orchestrator.client import Client
 from jetmesh.orchestrator.registry import live_agents
 from jetmesh.orchestrator.state import TaskStatus
@@ -232,9 +233,7 @@ async def kill_campaign(server: EmbeddedNats, tmp_path: Path, *, tasks: int, rep
                 pass  # reported below as lost tasks
             finally:
                 figures.duration_s = time.monotonic() - t0
-                watcher.cancel()
-                kill_task.cancel()
-                await asyncio.gather(watcher, kill_task, return_exceptions=True)
+                await cancel_and_wait(watcher, kill_task)
             states = {t: await c.state(t) for t in ids}
             entries = {t: await c.events(t) for t in ids}
             figures.dead_lettered = sum(dl.task_id in progress.ids
@@ -465,9 +464,7 @@ async def test_sigstopped_worker_is_fenced_when_it_wakes(fresh_server: EmbeddedN
         # result of the step lands in the ledger.
         waits = [asyncio.create_task(fenced_in_log()), asyncio.create_task(late_result())]
         finished, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait(*pending)
         woke = finished.pop().result()
         stop(stopped)  # graceful: anything it still had in flight is settled by now
         entries = await ledger.read(cmd.task_id)
