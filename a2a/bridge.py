@@ -118,8 +118,10 @@ async def list_external(js: JetStreamContext) -> list[ExternalAgent]:
     `kv.keys()` can end its initial replay before the last keys arrive and return too
     few (nats.py issue 842), which made a just-added agent missing now and then."""
     kv = await _bucket(js)
-    prefix = f"{subjects.KV_PREFIX}.{subjects.BUCKET_EXTERNAL}."
-    info = await js.stream_info(f"KV_{subjects.BUCKET_EXTERNAL}", subjects_filter=f"{prefix}>")
+    bucket = subjects.BUCKET_EXTERNAL
+    prefix = subjects.kv_subject(bucket, "")
+    info = await js.stream_info(subjects.kv_stream(bucket),
+                                subjects_filter=subjects.kv_subject(bucket))
     out = []
     for subject in sorted(info.state.subjects or {}):
         try:

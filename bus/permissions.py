@@ -46,7 +46,6 @@ from jetmesh.bus import subjects
 API = subjects.JS_API
 ACK = subjects.JS_ACK
 FLOW_CONTROL = subjects.JS_FLOW_CONTROL
-KV_PREFIX = subjects.KV_PREFIX
 SHARED_INBOX = subjects.INBOX
 
 ROLE_ADMIN = "admin"
@@ -71,14 +70,8 @@ LIMITS = (
 )
 
 
-def kv_stream(bucket: str) -> str:
-    """The stream behind a KV bucket."""
-    return f"KV_{bucket}"
-
-
-def kv_subject(bucket: str, key: str = ">") -> str:
-    """Where a KV put / delete of `key` is published (`>`: every key)."""
-    return f"{KV_PREFIX}.{bucket}.{key}"
+kv_stream = subjects.kv_stream
+kv_subject = subjects.kv_subject
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,16 @@ KV_PREFIX = "$KV"
 INBOX = "_INBOX"
 
 
+def kv_stream(bucket: str) -> str:
+    """The stream behind a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str = ">") -> str:
+    """Where a KV put / delete of `key` is published (`>`: every key)."""
+    return f"{KV_PREFIX}.{bucket}.{key}"
+
+
 def direct_get(stream: str, last_by_subject: str | None = None) -> str:
     """JetStream direct get on `stream` (batched with a JSON body, or the last message on
     `last_by_subject`)."""

@@ -282,7 +282,7 @@ async def campaign(root: Path, n_tasks: int, kills: int = 1) -> dict[str, Any]:
 
         # After the restart the killed node is a current replica again.
         async def replicas_current() -> None:
-            for name in (subjects.STREAM_LEDGER, f"KV_{subjects.BUCKET_AGENTS}"):
+            for name in (subjects.STREAM_LEDGER, subjects.kv_stream(subjects.BUCKET_AGENTS)):
                 info = await js.stream_info(name)
                 assert info.config.num_replicas == 3, (name, info.config.num_replicas)
                 assert info.cluster and info.cluster.replicas is not None
