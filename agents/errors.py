@@ -9,8 +9,12 @@ for programming and configuration mistakes around specs and tools::
     ├── UnknownSkill                agent, skill, known   (also a KeyError)
     ├── SpecError                   agent: an inconsistent AgentSpec (e.g. a direct skill
     │                               naming a tool the agent does not have)
-    └── ToolError                   tool
-        └── ToolDefinitionError     the @tool decorator cannot infer input/output models
+    ├── ToolError                   tool
+    │   └── ToolDefinitionError     the @tool decorator cannot infer input/output models
+    ├── StepStopped                 code, reason, retryable: a runtime control ended the step
+    └── ClaimLost                   reason: the replica no longer holds the step, so a side
+                                    effect it was about to run was not run (never caught by
+                                    `Tool.invoke`; the worker stands down without acking)
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "AgentError",
+    "ClaimLost",
     "SpecError",
     "ToolDefinitionError",
     "ToolError",
@@ -97,3 +102,14 @@ class StepStopped(AgentError):
         self.reason = reason
         self.retryable = retryable
         super().__init__(f"{code}: {reason}")
+
+
+class ClaimLost(AgentError):
+    """This replica no longer holds the step (another delivery claimed it, the
+    orchestrator timed it out, or the claim's lease ran out while the process was paused):
+    the side effect it was about to run was not run."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        """What the check found."""
+        super().__init__(f"claim lost before a side effect: {reason}")

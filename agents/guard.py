@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,6 +69,11 @@ class RuntimeGuard:
     policy: Policy = field(default_factory=lambda: DEFAULT_POLICY)
     approval_timeout_s: float = 300.0
     step_spent_usd: float = 0.0
+    effect_gate: Callable[[Tool, dict[str, Any], str, bool], Awaitable[None]] | None = None
+    """The step's claim check before a side effect (FencedRecorder.begin_effect)."""
+    claim_check: Callable[[], Awaitable[None]] | None = None
+    """The step's claim check before a paid model call (FencedRecorder.check_claim): a
+    replica that lost the step does not pay for more calls."""
 
     async def _exceeded(self, kind: str, limit: float, would_be: float) -> StepStopped:
         await self.append(ev.BudgetExceeded(
@@ -78,7 +84,14 @@ class RuntimeGuard:
                            f"{kind} budget {limit:g} would be exceeded ({would_be:.6g}); "
                            "the call was not made")
 
+    async def before_effect(self, tool: Tool, arguments: dict[str, Any], key: str, *,
+                            recheck: bool = False) -> None:
+        if self.effect_gate is not None:
+            await self.effect_gate(tool, arguments, key, recheck)
+
     async def before_model_call(self, request: ModelRequest, model: Model) -> object:
+        if self.claim_check is not None:
+            await self.claim_check()
         budget = self.cmd.budget
         if budget is None or (budget.max_usd is None and budget.max_tokens is None):
             return None

@@ -14,6 +14,7 @@ caller's own ``before_model_call`` hook (e.g. a budget refusal) or recorder.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -77,6 +78,13 @@ class StepGuard(Protocol):
 
     async def before_tool_call(self, tool: Tool, arguments: dict[str, Any],
                                key: str) -> str | None: ...
+
+    async def before_effect(self, tool: Tool, arguments: dict[str, Any], key: str, *,
+                            recheck: bool = False) -> None:
+        """Right before a side-effecting tool runs (and again when the tool calls
+        `ToolContext.begin_effect` at its effect, with ``recheck``): raise `ClaimLost`
+        if this replica no longer holds the step."""
+        ...
 
 
 class StepRecorder(Protocol):
@@ -336,6 +344,14 @@ class _Run:
             denial = (await self.guard.before_tool_call(tool, arguments, key)
                       if self.guard else None)
             call_ctx = replace(self.ctx, idempotency_key=key)
+            if denial is None and tool.side_effects and self.guard is not None:
+                # The claim is checked (and the intent recorded) as late as the runtime
+                # can: after the policy and any approval wait, right before the call.
+                await self.guard.before_effect(tool, arguments, key)
+                call_ctx = replace(
+                    call_ctx, loop=asyncio.get_running_loop(),
+                    effect_gate=functools.partial(self.guard.before_effect, tool,
+                                                  arguments, key, recheck=True))
             if denial is not None:
                 result = ToolResult(ok=False, error=denial, kind="denied")
             elif tool.side_effects and (name, args_hash(name, arguments)) in \

@@ -14,13 +14,13 @@ import inspect
 import json
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .errors import ToolDefinitionError
+from .errors import ClaimLost, ToolDefinitionError
 from .models.types import ToolDefinition
 
 __all__ = [
@@ -55,11 +55,41 @@ class ToolContext:
     """The agent running the step."""
     idempotency_key: str = ""
     """Stable key of this call (task, step, tool, arguments); side-effecting tools must
-    not act twice for the same key."""
+    not act twice for the same key. Passing it to the system the effect lands in (as a
+    payments API's idempotency key) makes the effect exactly-once even in the window the
+    claim check cannot close (see `begin_effect`)."""
     user_id: str | None = None
     """The end user on whose behalf the task runs, when known."""
     worker: str | None = None
     """The replica running the step, when known; the loop records its calls with it."""
+    effect_gate: Callable[[], Awaitable[None]] | None = None
+    """Set by the runtime for a side-effecting call: re-checks that this replica still
+    holds the step (see `begin_effect`)."""
+    loop: asyncio.AbstractEventLoop | None = None
+    """The event loop running the step (for `begin_effect_blocking` in sync tools)."""
+
+    async def begin_effect(self) -> None:
+        """Call immediately before the irreversible part of a side-effecting tool (the
+        payment request, the e-mail send), when the tool does work before it.
+
+        The runtime already checks the claim right before it invokes a side-effecting
+        tool; this checks again at the effect itself, so a replica paused or slowed inside
+        the tool past its claim's lease does not run the effect after another replica
+        took the step over. Raises `ClaimLost` (do not catch it): the effect must not run.
+        A no-op outside a worker (tests, direct calls)."""
+        if self.effect_gate is not None:
+            await self.effect_gate()
+
+    def begin_effect_blocking(self) -> None:
+        """`begin_effect` for a sync tool (which runs in a worker thread)."""
+        if self.effect_gate is None or self.loop is None:
+            return
+        gate = self.effect_gate
+
+        async def check() -> None:
+            await gate()
+
+        asyncio.run_coroutine_threadsafe(check(), self.loop).result()
 
 
 class ToolResult(BaseModel):
@@ -207,6 +237,8 @@ class Tool:
                 raw = await asyncio.wait_for(self._run(args, ctx), timeout=self.timeout_s)
         except TimeoutError:
             return failed("timeout", f"tool {self.name!r} timed out after {self.timeout_s:g}s")
+        except ClaimLost:
+            raise  # the effect was not run; the step is someone else's now
         except Exception as exc:
             return failed("exception", f"tool {self.name!r} failed: {type(exc).__name__}: {exc}")
         try:

@@ -17,9 +17,10 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,13 @@ from nats.js import JetStreamContext
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jetmesh.agents.errors import ClaimLost
 from jetmesh.agents.guard import RuntimeGuard
 from jetmesh.agents.loop import StepOutcome, StepReplay, run_step
 from jetmesh.agents.models.types import Model
-from jetmesh.agents.policy import DEFAULT_POLICY, Policy
+from jetmesh.agents.policy import DEFAULT_POLICY, Policy, args_hash
 from jetmesh.agents.spec import AgentSpec
-from jetmesh.agents.tools import ToolContext
+from jetmesh.agents.tools import Tool, ToolContext
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook
@@ -71,17 +73,83 @@ class FencedRecorder:
     source: str
     last_seq: int
     worker: str | None = None
+    lease_s: float = 10.0
+    """How long a proof that this replica holds the step (a fenced append that was
+    stored, a claim check, the delivery itself) stays good. Another replica can claim
+    the step only after a redelivery, which comes ack_wait after the last in-progress
+    ack this replica sent (at most ack_wait/3 before the proof): the worker uses
+    ack_wait/3, so a lease never outlives the claim it stands for."""
+    deadline: float | None = None
+    """Monotonic time by which the step must end (the task's deadline), if any: no lease
+    runs past it."""
+    held_at: float | None = None
+    """Monotonic time the last proof of the claim was *sent* (see `lease_s`)."""
     _pending: list[asyncio.Future[Any]] = field(default_factory=list)
 
     async def _append(self, event: ev.Event) -> None:
         """A fenced append on the step's line. It does not wait for the pipelined log
         records (they never move the fence, and the same connection stores them first):
         after a side effect, its record is one disk round trip away, no more."""
+        sent = time.monotonic()
         try:
             self.last_seq = await self.ledger.append(
                 event, expected_last_subject_seq=self.last_seq, validate=False)
         except AppendConflict as e:
             raise Fenced(str(e)) from e
+        self.held_at = sent
+
+    def lease_left(self) -> float:
+        """Seconds the last proof of the claim still covers (<= 0: none)."""
+        if self.held_at is None:
+            return 0.0
+        now = time.monotonic()
+        left = self.held_at + self.lease_s - now
+        if self.deadline is not None:
+            left = min(left, self.deadline - now)
+        return left
+
+    async def begin_effect(self, tool: Tool, arguments: dict[str, Any], key: str,
+                           recheck: bool = False) -> None:
+        """The claim check right before a side effect: an `EffectStarted` record,
+        fenced on the step's line, then the lease measured from before it was sent.
+
+        Fenced out (another replica claimed the step, or the orchestrator timed it out)
+        or a lease that ran out during the check (the process was paused or starved
+        while the append was in flight) raises `ClaimLost`: the effect is not run. On a
+        recheck (the tool calls `ToolContext.begin_effect` at its effect) a lease still
+        good answers at once, with no round trip. The record also tells a replica that
+        takes the step over that the effect may have run (in doubt: it asks the tool's
+        `reconcile` before running it again)."""
+        if recheck and self.lease_left() > 0:
+            return
+        event = ev.EffectStarted(subject=self.task_id, source=self.source,
+                                 data=ev.EffectStartedData(
+                                     step_id=self.step_id, agent=self.source.rsplit("/", 1)[-1],
+                                     worker=self.worker or "", tool=tool.name,
+                                     args_hash=args_hash(tool.name, arguments),
+                                     idempotency_key=key))
+        try:
+            await self._append(event)
+        except Fenced as e:
+            raise ClaimLost(str(e)) from e
+        if self.lease_left() <= 0:
+            raise ClaimLost("the claim's lease ran out while it was checked (the process "
+                            "was paused or starved); another replica may hold the step")
+
+    async def check_claim(self) -> None:
+        """Before a paid model call: within the lease nothing to do; past it, read the
+        step's line and raise `ClaimLost` if anyone wrote to it since this replica's last
+        append (a zombie does not pay for calls nobody will use)."""
+        if self.lease_left() > 0:
+            return
+        sent = time.monotonic()
+        line = await self.ledger.read(self.task_id,
+                                      subject=subjects.step_events(self.task_id, self.step_id))
+        last = max((e.seq for e in line), default=0)
+        if last != self.last_seq:
+            raise ClaimLost(f"the step's line moved to sequence {last} (this replica's "
+                            f"last append was {self.last_seq})")
+        self.held_at = sent
 
     async def finish(self, event: ev.Event) -> None:
         """The step's result: fenced on the line, sent right behind the pipelined records
@@ -139,7 +207,8 @@ def replay_from(entries: list[LedgerEntry]) -> StepReplay:
         event = e.event
         if isinstance(event, ev.StepStarted):
             holder = event.data.worker
-        elif isinstance(event, ev.PolicyDecided) and event.data.decision != "deny":
+        elif (isinstance(event, ev.PolicyDecided) and event.data.decision != "deny") \
+                or isinstance(event, ev.EffectStarted):  # whoever wrote it: it may have run
             cleared.append((event.data.tool, event.data.args_hash))
         elif isinstance(event, ev.ModelCalled | ev.ToolCalled):
             if event.data.worker not in (None, holder):
@@ -279,6 +348,13 @@ class Worker:
             cmd = ev.StepCommand.model_validate_json(msg.data)
         except ValidationError:
             return  # not a step: nothing to fail
+        if msg.subject != subjects.work(cmd.skill):
+            return
+        try:  # only a command the ledger vouches for may fail its step
+            if await self._dispatched(cmd, wait_s=0.0) is None:
+                return
+        except Reject:
+            return
         entries = await self.ledger.read_step(cmd.task_id, cmd.step_id)
         if finished(entries, cmd.attempt):
             return
@@ -289,6 +365,56 @@ class Worker:
                     reason=f"step command dead-lettered: {reason}", retryable=True,
                     attempt=cmd.attempt)),
                 expected_last_subject_seq=line_last(entries), validate=False)
+
+    async def _dispatched(self, cmd: ev.StepCommand, wait_s: float = 1.0
+                          ) -> ev.StepCommand | None:
+        """The command as the ledger vouches for it, None if its task has ended.
+
+        A worker runs only a step the orchestrator recorded as dispatched: same step,
+        skill, attempt and input, on a task that exists. Whom the step is for and its
+        budget come from the task's submission, not from the command (a forged command
+        cannot raise its own budget). The dispatch is stored before its command is sent,
+        but a lagging replica may answer the read, so a miss is read again for a moment
+        before the command is refused as forged or orphaned (dead-lettered)."""
+        subject = subjects.task_events(cmd.task_id)
+        give_up = time.monotonic() + wait_s
+        pause = 0.02
+        while True:
+            submitted: ev.TaskSubmitted | None = None
+            dispatch: ev.StepDispatchedData | None = None
+            for entry in await self.ledger.read(cmd.task_id, subject=subject):
+                event = entry.event
+                if isinstance(event, ev.TaskSubmitted) and submitted is None:
+                    submitted = event
+                elif isinstance(event, ev.TERMINAL_TASK_EVENTS):
+                    log.info("task %s has ended; step %s not run", cmd.task_id, cmd.step_id)
+                    return None
+                elif (isinstance(event, ev.StepDispatched)
+                      and event.data.step_id == cmd.step_id
+                      and event.data.attempt == cmd.attempt):
+                    dispatch = event.data
+            if submitted is not None and dispatch is not None:
+                break
+            if time.monotonic() > give_up:
+                what = "task" if submitted is None else f"dispatch of step {cmd.step_id}"
+                raise Reject(f"no {what} (attempt {cmd.attempt}) in the ledger for task "
+                             f"{cmd.task_id}: a forged or orphaned step command")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        if dispatch.skill != cmd.skill or dispatch.input != cmd.input:
+            raise Reject(f"step command differs from its dispatch in the ledger (skill "
+                         f"'{dispatch.skill}', recorded input): a forged step command")
+        sub = submitted.data
+        deadline = None
+        if sub.budget is not None and sub.budget.deadline_s:
+            deadline = submitted.time + timedelta(seconds=sub.budget.deadline_s)
+        slice_usd = cmd.slice_usd
+        if sub.budget is None or sub.budget.max_usd is None:
+            slice_usd = None
+        elif slice_usd is not None:
+            slice_usd = min(slice_usd, sub.budget.max_usd)
+        return cmd.model_copy(update={"user_id": sub.user_id, "budget": sub.budget,
+                                      "deadline": deadline, "slice_usd": slice_usd})
 
     async def _on_control(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Ce-Type") != "jetmesh.task.cancel_requested.v1":
@@ -317,9 +443,17 @@ class Worker:
         except ValidationError as e:
             raise Reject("invalid step command", [
                 {"loc": list(x["loc"]), "msg": x["msg"]} for x in e.errors()]) from e
+        received = time.monotonic()
         skill_ids = {s.id for s in self.spec.skills}
         if cmd.skill not in skill_ids:
             raise Reject(f"agent {self.spec.name} has no skill '{cmd.skill}'")
+        if msg.subject != subjects.work(cmd.skill):
+            raise Reject(f"a command for skill '{cmd.skill}' arrived on {msg.subject}: a "
+                         "step runs only from its own skill's work subject")
+        checked = await self._dispatched(cmd)
+        if checked is None:
+            return  # the task has ended: nothing to run, nothing to report
+        cmd = checked
         delivery = int(msg.metadata.num_delivered)
         resent = bool((msg.headers or {}).get(ev.RESENT_HEADER))
         # First delivery of a first attempt: nobody has touched the step, so no claim
@@ -332,24 +466,30 @@ class Worker:
             step_id=cmd.step_id, agent=self.spec.name, worker=self.replica,
             attempt=cmd.attempt, delivery=delivery, claim=not fresh))
         entries: list[LedgerEntry] = []
+        lease = self.bus_settings.ack_wait_s / 3
+        deadline = (None if cmd.deadline is None else
+                    time.monotonic() + (cmd.deadline - datetime.now(UTC)).total_seconds())
         if fresh:
+            # The delivery itself is the first proof of the claim: nobody else gets the
+            # message before ack_wait has passed since it was received.
             recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source,
-                                      0, self.replica)
+                                      0, self.replica, lease_s=lease, deadline=deadline,
+                                      held_at=received)
             await recorder.record_start(started)
         else:
             entries = await self.ledger.read_step(cmd.task_id, cmd.step_id)
             if finished(entries, cmd.attempt):
                 return  # a duplicate delivery of a step that already has its result
-            try:
-                last = await self.ledger.append(
-                    started, expected_last_subject_seq=line_last(entries), validate=False)
-            except AppendConflict as e:
-                raise Fenced(str(e)) from e
             recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source,
-                                      last, self.replica)
+                                      line_last(entries), self.replica, lease_s=lease,
+                                      deadline=deadline)
+            await recorder._append(started)  # the claim; Fenced if someone was quicker
 
         # (run_step checks the input against the skill's schema first.)
-        outcome = await self._run(cmd, msg, recorder, replay_from(entries))
+        try:
+            outcome = await self._run(cmd, msg, recorder, replay_from(entries))
+        except ClaimLost as e:
+            raise Fenced(str(e)) from e
         if outcome.ok:
             final: ev.Event = ev.StepCompleted(
                 subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
@@ -372,7 +512,9 @@ class Worker:
                                reason=self._canceled[cmd.task_id])
         guard = RuntimeGuard(self.nc, self.ledger, self.book, cmd, self.spec.name,
                              self.source, recorder._append, self.policy,
-                             self.settings.approval_timeout_s)
+                             self.settings.approval_timeout_s,
+                             effect_gate=recorder.begin_effect,
+                             claim_check=recorder.check_claim)
         model = self.model
         if model is None:
             from jetmesh.agents.models.sim import SimModel

@@ -166,6 +166,18 @@ class ToolCalledData(_Strict):
     idempotency_key: str
 
 
+class EffectStartedData(_Strict):
+    """A worker's claim check immediately before a side effect (see agents.worker)."""
+
+    step_id: str
+    agent: str
+    worker: str
+    """The replica about to run the effect; it holds the step's line at this point."""
+    tool: str
+    args_hash: str
+    idempotency_key: str
+
+
 class StepCompletedData(_Strict):
     step_id: str
     agent: str
@@ -307,6 +319,11 @@ class ToolCalled(_Event):
     data: ToolCalledData
 
 
+class EffectStarted(_Event):
+    type: Literal["jetmesh.tool.effect_started.v1"] = "jetmesh.tool.effect_started.v1"
+    data: EffectStartedData
+
+
 class StepCompleted(_Event):
     type: Literal["jetmesh.step.completed.v1"] = "jetmesh.step.completed.v1"
     data: StepCompletedData
@@ -370,6 +387,7 @@ Event = Annotated[
     | StepStarted
     | ModelCalled
     | ToolCalled
+    | EffectStarted
     | StepCompleted
     | StepFailed
     | TaskCompleted
@@ -391,7 +409,8 @@ EVENT_TYPES: frozenset[str] = frozenset(
     cls.model_fields["type"].default
     for cls in (
         TaskSubmitted, TaskRejected, TaskPlanned, StepDispatched, StepStarted, ModelCalled,
-        ToolCalled, StepCompleted, StepFailed, TaskCompleted, TaskFailed, TaskCanceled,
+        ToolCalled, EffectStarted, StepCompleted, StepFailed, TaskCompleted, TaskFailed,
+        TaskCanceled,
         CancelRequested, PolicyDecided, ApprovalRequested, ApprovalGranted, ApprovalDenied,
         BudgetExceeded,
     )

@@ -37,6 +37,7 @@ from jetmesh.bus.events import (
     ApprovalRequested,
     BudgetExceeded,
     CancelRequested,
+    EffectStarted,
     Event,
     ModelCalled,
     PolicyDecided,
@@ -93,7 +94,7 @@ def subject_for(event: Event) -> str:
     if isinstance(event, StepStarted) and not event.data.claim:
         return subjects.step_log(task, event.data.step_id)
     if isinstance(event, StepStarted | ToolCalled | StepCompleted | StepFailed
-                  | PolicyDecided | ApprovalRequested):
+                  | PolicyDecided | ApprovalRequested | EffectStarted):
         return subjects.step_events(task, event.data.step_id)
     if isinstance(event, BudgetExceeded) and event.data.step_id:
         return subjects.step_events(task, event.data.step_id)

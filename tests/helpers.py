@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
 from jetmesh.bus.ledger import Ledger, LedgerEntry
 
 
@@ -50,3 +52,27 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+async def record_dispatch(ledger: Ledger, cmd: ev.StepCommand, **submitted: object) -> None:
+    """Put in the ledger what the orchestrator writes before it sends `cmd`: the task's
+    submission and the step's dispatch (workers run only commands the ledger vouches for).
+    Idempotent: the event ids are the orchestrator's deterministic ones."""
+    await ledger.append_many([
+        ev.TaskSubmitted(id=f"{cmd.task_id}-submitted", subject=cmd.task_id,
+                         data=ev.TaskSubmittedData(user_id=cmd.user_id, budget=cmd.budget,
+                                                   **submitted)),  # type: ignore[arg-type]
+        ev.StepDispatched(id=f"{cmd.task_id}-{cmd.step_id}-dispatch-{cmd.attempt}",
+                          subject=cmd.task_id, data=ev.StepDispatchedData(
+                              step_id=cmd.step_id, skill=cmd.skill, input=cmd.input,
+                              attempt=cmd.attempt)),
+    ])
+
+
+async def send_step(ledger: Ledger, cmd: ev.StepCommand,
+                    headers: dict[str, str] | None = None) -> ev.StepCommand:
+    """Record the dispatch of `cmd`, then publish it on its skill's work subject."""
+    await record_dispatch(ledger, cmd)
+    await ledger.js.publish(subjects.work(cmd.skill), cmd.model_dump_json().encode(),
+                            headers=headers)
+    return cmd

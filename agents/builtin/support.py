@@ -71,6 +71,7 @@ def issue_refund(args: RefundInput, ctx: ToolContext) -> RefundReceipt:
     )
     path = refunds_file()
     path.parent.mkdir(parents=True, exist_ok=True)
+    ctx.begin_effect_blocking()  # still this replica's step? (raises ClaimLost if not)
     with path.open("a+", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

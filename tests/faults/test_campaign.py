@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import kill9, spawn, stop, wait_for_entry
+from helpers import kill9, send_step, spawn, stop, wait_for_entry
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -435,7 +435,7 @@ async def test_sigstopped_worker_is_fenced_when_it_wakes(fresh_server: EmbeddedN
         await wait_replicas(js, "support", 2)
         cmd = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill="order_status",
                              input={"order_id": "A1003"})
-        await js.publish(subjects.work("order_status"), cmd.model_dump_json().encode())
+        await send_step(ledger, cmd)
         first = await wait_for_entry(ledger, cmd.task_id,
                                      lambda e: isinstance(e.event, ev.StepStarted), 30)
         by_replica = {replica_of(p): n for n, p in procs.items()}
@@ -524,7 +524,7 @@ async def test_poison_message_dead_letters_then_redrives_once_fixed(
                              ordered_consumer=True)
     cmd = ev.StepCommand(task_id=ev.new_id(), step_id="p1", skill="poison_step",
                          input={"item": "x1"})
-    await js.publish(subjects.work("poison_step"), cmd.model_dump_json().encode())
+    await send_step(ledger, cmd)
     exits: list[int] = []
     worker = spawn(["worker", "fault_agents:POISON"], env, tmp_path / "poison0.log")
     try:

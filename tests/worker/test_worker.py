@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from helpers import kill9, spawn, stop, wait_for_entry
+from helpers import kill9, record_dispatch, send_step, spawn, stop, wait_for_entry
 
 from jetmesh.agents.builtin import get_agent
 from jetmesh.agents.models.sim import SimModel
@@ -26,8 +26,7 @@ async def publish_step(js, skill: str, step_input: dict, task_id: str | None = N
                        step_id: str = "s1") -> ev.StepCommand:
     cmd = ev.StepCommand(task_id=task_id or ev.new_id(), step_id=step_id, skill=skill,
                          input=step_input)
-    await js.publish(subjects.work(skill), cmd.model_dump_json().encode())
-    return cmd
+    return await send_step(Ledger(js._nc, js), cmd)
 
 
 def is_terminal_step(entry) -> bool:
@@ -43,7 +42,8 @@ async def test_worker_runs_a_step_and_appends_its_events(bus) -> None:
     finally:
         await worker.stop()
     assert isinstance(done.event, ev.StepCompleted), done.event
-    events = [e.event for e in await bus.ledger.read(cmd.task_id)]
+    entries = await bus.ledger.read_step(cmd.task_id, "s1")
+    events = [e.event for e in entries]
     types = [e.type for e in events]
     assert types == ["jetmesh.step.started.v1", "jetmesh.model.called.v1",
                      "jetmesh.tool.called.v1", "jetmesh.model.called.v1",
@@ -62,10 +62,8 @@ async def test_worker_runs_a_step_and_appends_its_events(bus) -> None:
     # read-only tool call, which the orchestrator is not delivered; the result is the
     # first append on the step's fenced line, which claims it.
     assert started.data.claim is False and started.data.delivery == 1
-    entries = await bus.ledger.read(cmd.task_id)
     line, log = subjects.step_events(cmd.task_id, "s1"), subjects.step_log(cmd.task_id, "s1")
     assert [e.subject for e in entries] == [log, log, log, log, line]
-    assert await bus.ledger.read_step(cmd.task_id, "s1") == entries
 
 
 async def test_two_replicas_share_200_steps_none_twice(bus) -> None:
@@ -314,6 +312,7 @@ async def test_a_duplicate_first_delivery_is_fenced_before_its_side_effect(
         cmd = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill=skill,
                              input={"label": "once"})
         data = cmd.model_dump_json().encode()
+        await record_dispatch(bus.ledger, cmd)
         await asyncio.gather(bus.js.publish(subjects.work(skill), data),
                              bus.js.publish(subjects.work(skill), data))
         await wait_for_entry(bus.ledger, cmd.task_id, is_terminal_step)
@@ -358,8 +357,7 @@ async def test_a_resent_command_of_a_finished_step_is_not_run_again(bus) -> None
         await bus.ledger.append(ev.StepCompleted(subject=cmd.task_id, data=ev.StepCompletedData(
             step_id="s1", agent="someone", output={"answer": "done before"})),
             expected_last_subject_seq=0)
-        await bus.js.publish(subjects.work(skill), cmd.model_dump_json().encode(),
-                             headers={ev.RESENT_HEADER: "redrive"})
+        await send_step(bus.ledger, cmd, headers={ev.RESENT_HEADER: "redrive"})
         async with asyncio.timeout(20):
             while True:
                 info = await bus.js.consumer_info(subjects.STREAM_WORK,
@@ -371,4 +369,5 @@ async def test_a_resent_command_of_a_finished_step_is_not_run_again(bus) -> None
     finally:
         await worker.stop()
     types = [e.event.type for e in await bus.ledger.read(cmd.task_id)]
-    assert types == ["jetmesh.step.completed.v1"], types
+    assert types == ["jetmesh.step.completed.v1", "jetmesh.task.submitted.v1",
+                     "jetmesh.step.dispatched.v1"], types
