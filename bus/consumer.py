@@ -9,6 +9,14 @@ This is the one place where a handler's result becomes ack / nak / term:
                                    delivery after `max_deliver` the message is dead-lettered
                                    before the handler runs, so a poison message that
                                    crashes its process still ends in the DLQ.
+
+Before the handler, every message must pass `bus.wire.check_json` (size, UTF-8, lone
+surrogates, NaN, nesting depth): one that does not is dead-lettered at once ("rejected
+at the edge: ..."), so no handler ever parses bytes that could blow its stack.
+
+Nothing escapes `_one`: dead-lettering is total (`bus.dlq`). If the letter cannot be
+stored the message is nak'ed and comes back; once it has come back `dlq_retries` times
+past `max_deliver` it is terminated with an error log, so even then it ends.
 """
 
 from __future__ import annotations
@@ -28,9 +36,9 @@ from nats.js.api import ConsumerConfig
 
 from jetmesh.bus import subjects
 from jetmesh.bus.dlq import dead_letter
-from jetmesh.bus.events import MAX_MESSAGE_BYTES
 from jetmesh.bus.streams import ensure_consumer
 from jetmesh.bus.tasks import cancel_and_wait
+from jetmesh.bus.wire import MAX_MESSAGE_BYTES, WireError, check_json, safe_text
 
 log = logging.getLogger("jetmesh.bus")
 
@@ -75,6 +83,11 @@ class PullRunner:
     max_deliver: int = 5
     backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
     max_bytes: int = MAX_MESSAGE_BYTES
+    check_wire: bool = True
+    """Refuse (dead-letter) a message `bus.wire.check_json` refuses, before the handler."""
+    dlq_retries: int = 3
+    """Deliveries past `max_deliver` during which a dead letter that could not be stored
+    is retried (the message nak'ed); after them the message is terminated, logged."""
     expires_s: float = 2.0
     """Lifetime of one pull request. A request the server forgot (a restart) is given
     up a second after this, so a lost request costs at most that long."""
@@ -170,6 +183,19 @@ class PullRunner:
 
     async def _one(self, msg: Msg) -> None:
         try:
+            await self._settle(msg)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a bug in settling: never lose the message silently
+            log.error("%s: %s could not be settled (%s); handed back", self.durable,
+                      safe_text(msg.subject, 300), safe_text(repr(e), 500), exc_info=True)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.backoff_s[-1])
+            if not isinstance(e, Exception):
+                raise
+
+    async def _settle(self, msg: Msg) -> None:
+        try:
             deliveries = int(msg.metadata.num_delivered)
             if deliveries > self.max_deliver:
                 await self._dead_letter(
@@ -180,6 +206,12 @@ class PullRunner:
                 await self._dead_letter(
                     msg, f"message of {len(msg.data)} bytes exceeds {self.max_bytes}")
                 return
+            if self.check_wire:
+                try:
+                    check_json(msg.data, max_bytes=self.max_bytes)
+                except WireError as w:
+                    await self._dead_letter(msg, f"rejected at the edge: {w.reason}")
+                    return
             await self.handler(msg)
             with contextlib.suppress(MsgAlreadyAckdError):  # a handler may settle it
                 await msg.ack()
@@ -196,23 +228,34 @@ class PullRunner:
         except Exception as e:
             deliveries = int(msg.metadata.num_delivered)
             delay = self.backoff_s[min(deliveries - 1, len(self.backoff_s) - 1)]
+            error = safe_text(str(e) or repr(e), 1_000)
             log.warning("%s: %s failed (delivery %d), retry in %.1fs: %s", self.durable,
-                        msg.subject, deliveries, delay, str(e) or repr(e),
+                        msg.subject, deliveries, delay, error,
                         exc_info=log.isEnabledFor(10))
             if deliveries >= self.max_deliver:
-                await self._dead_letter(msg, f"failed {deliveries} times; last error: {e}")
+                await self._dead_letter(msg, f"failed {deliveries} times; last error: {error}")
             else:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=delay)
 
     async def _dead_letter(self, msg: Msg, reason: str,
                            errors: list[dict[str, Any]] | None = None) -> None:
-        await dead_letter(self.js, msg, self.stream, self.durable, reason, errors)
-        if self.on_dead_letter is not None:
+        """Dead-letter `msg` (total: see bus.dlq.dead_letter); the hook runs only once
+        the letter is stored."""
+        try:
+            deliveries = int(msg.metadata.num_delivered)
+        except Exception:
+            deliveries = 0
+        letter = await dead_letter(
+            self.js, msg, self.stream, self.durable, reason, errors,
+            drop_if_unstored=deliveries > self.max_deliver + self.dlq_retries,
+            nak_delay_s=self.backoff_s[-1])
+        if letter is not None and self.on_dead_letter is not None:
             try:
-                await self.on_dead_letter(msg, reason)
+                await self.on_dead_letter(msg, letter.reason)
             except Exception as e:  # the letter is kept; the hook is a courtesy
-                log.warning("%s: dead-letter hook failed: %s", self.durable, e)
+                log.warning("%s: dead-letter hook failed: %s", self.durable,
+                            safe_text(e, 500))
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop pulling; let in-flight handlers finish for `grace_s`, then cancel them.

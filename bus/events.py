@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import PydanticSerializationError
 
+from jetmesh.bus.errors import InvalidEventError
 from jetmesh.bus.subjects import check_id
-
-MAX_MESSAGE_BYTES = 1_000_000
-"""Largest message jetmesh accepts on any subject (the server's default max_payload)."""
+from jetmesh.bus.wire import MAX_JSON_DEPTH as MAX_JSON_DEPTH
+from jetmesh.bus.wire import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from jetmesh.bus.wire import MAX_PAYLOAD_DEPTH as MAX_PAYLOAD_DEPTH
+from jetmesh.bus.wire import WireError, check_json, depth_of
 
 
 def new_id() -> str:
@@ -28,8 +31,29 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def wire_validation_error(title: str, e: WireError) -> ValidationError:
+    """A WireError as the pydantic ValidationError (type `json_invalid`) that callers of
+    `decode_event` and `model_validate_json` already handle."""
+    return ValidationError.from_exception_data(
+        title, [{"type": "json_invalid", "loc": (), "input": "", "ctx": {"error": e.reason}}])
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Base of every jetmesh message model: unknown fields refused, NaN and infinities
+    refused (JSON has neither; pydantic would store them as null, which a float field
+    then cannot read back), and bytes checked at the edge before pydantic parses them."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Self:
+        """pydantic's, after `bus.wire.check_json` (size, UTF-8, surrogates, NaN, depth);
+        a refusal is a ValidationError of type `json_invalid` with the reason."""
+        try:
+            data = check_json(json_data)
+        except WireError as e:
+            raise wire_validation_error(cls.__name__, e) from None
+        return super().model_validate_json(data, **kwargs)
 
 
 # --------------------------------------------------------------------------- data
@@ -68,6 +92,13 @@ class TaskSubmission(_Strict):
     @classmethod
     def _task_id_token(cls, v: str) -> str:
         return check_id(v, "task id")
+
+    @field_validator("input")
+    @classmethod
+    def _input_leaves_room(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if depth_of(v, MAX_PAYLOAD_DEPTH) > MAX_PAYLOAD_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+        return v
 
 
 class PlanStep(_Strict):
@@ -447,10 +478,24 @@ class StepCommand(_Strict):
         return check_id(v)
 
 
-def decode_event(raw: bytes | str) -> Event:
-    """Parse and validate one event; raises pydantic.ValidationError with the reasons."""
-    return EVENT_ADAPTER.validate_json(raw)
+def decode_event(raw: bytes | bytearray | str) -> Event:
+    """Parse and validate one event; raises pydantic.ValidationError with the reasons
+    (bytes refused by `bus.wire.check_json` too, as type `json_invalid`), nothing else."""
+    try:
+        data = check_json(raw)
+    except WireError as e:
+        raise wire_validation_error("Event", e) from None
+    return EVENT_ADAPTER.validate_json(data)
 
 
 def encode_event(event: Event) -> bytes:
-    return event.model_dump_json(exclude_none=True).encode()
+    """The event's JSON; InvalidEventError if it cannot be, or if `decode_event` would
+    refuse it (too deep, too big, ...): nothing the ledger stores is unreadable."""
+    try:
+        raw = event.model_dump_json(exclude_none=True).encode()
+    except (PydanticSerializationError, ValueError, RecursionError) as e:
+        raise InvalidEventError(f"event {event.type} cannot be encoded: {e}") from None
+    try:
+        return check_json(raw)
+    except WireError as e:
+        raise InvalidEventError(f"event {event.type} would be unreadable: {e.reason}") from None

@@ -4,15 +4,23 @@ A task's state is never held in a process: it is the fold of the task's events r
 from here. Every event's id travels in `Nats-Msg-Id`, so a retried append is stored
 once; `expected_last_subject_seq` makes an append conditional on nobody else having
 written to that subject since, which fences out stale writers.
+
+A message in the ledger that is not an event (garbage bytes, JSON that is not an
+event, JSON too deep for `bus.wire`) never stops a reader: `read`, `read_step` and
+`follow` pass over it and report it as a `Skipped(seq, subject, reason)`, in
+`Entries.skipped` (what `read` returns: a list of the entries that decode, plus that
+attribute) or to `follow`'s `on_bad` callback, and log a warning once per sequence. The
+message itself stays in the ledger for inspection (`jetmesh show` lists it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +56,9 @@ from jetmesh.bus.events import (
     decode_event,
     encode_event,
 )
+from jetmesh.bus.wire import safe_text
+
+log = logging.getLogger("jetmesh.bus")
 
 WRONG_LAST_SEQUENCE = 10071
 """JetStream API error code: Nats-Expected-Last-Subject-Sequence did not match."""
@@ -76,6 +87,50 @@ class LedgerEntry:
     seq: int
     subject: str
     event: Event
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A stored message a reader passed over because it does not decode (it stays in
+    its stream). `reason` is safe to log and to store (bounded, encodable)."""
+
+    seq: int
+    subject: str
+    reason: str
+
+
+class Entries(list[LedgerEntry]):
+    """What `Ledger.read` returns: the entries that decode, in ledger order (a plain
+    list to every caller), and `skipped`: the messages in the range read that did not,
+    in order. A fence computed from the entries alone (the last sequence on a subject)
+    must also count the skipped ones on that subject: see `last_seq`."""
+
+    skipped: list[Skipped]
+
+    def __init__(self, entries: Iterable[LedgerEntry] = (),
+                 skipped: Iterable[Skipped] = ()) -> None:
+        super().__init__(entries)
+        self.skipped = list(skipped)
+
+    def last_seq(self, keep: Callable[[str], bool] | None = None) -> int:
+        """The highest sequence read, decoded or skipped, among subjects `keep` accepts
+        (all without it); 0 if none."""
+        return max((x.seq for x in (*self, *self.skipped) if keep is None or keep(x.subject)),
+                   default=0)
+
+
+def decode_entry(seq: int, subject: str, data: bytes) -> LedgerEntry | Skipped:
+    """One stored message as an entry, or as a Skipped with the reason. Never raises:
+    bytes are checked by `bus.wire` before pydantic sees them."""
+    try:
+        return LedgerEntry(seq, subject, decode_event(data))
+    except ValidationError as e:
+        errs = e.errors()
+        first = f"{'.'.join(str(x) for x in errs[0]['loc'])}: {errs[0]['msg']}" if errs else ""
+        reason = f"not an event ({e.error_count()} error(s)): {first}"
+    except Exception as e:  # decode_event raises only ValidationError; total anyway
+        reason = f"not an event: {type(e).__name__}: {e}"
+    return Skipped(seq, safe_text(subject, 512), safe_text(reason, 500))
 
 
 def subject_for(event: Event) -> str:
@@ -115,9 +170,12 @@ def validate_event(event: Event | dict[str, Any] | bytes) -> Event:
     except ValidationError as e:
         raise InvalidEventError(
             f"invalid event: {e.error_count()} validation error(s)",
-            [{"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+            [{"loc": [safe_text(x, 200) if isinstance(x, str) else x for x in err["loc"]],
+              "msg": safe_text(err["msg"], 500), "type": err["type"]}
              for err in e.errors()],
         ) from e
+    except (ValueError, RecursionError) as e:  # a value pydantic cannot even walk
+        raise InvalidEventError(f"invalid event: {type(e).__name__}") from None
 
 
 def event_headers(event: Event, expected: int | None,
@@ -154,6 +212,19 @@ class Ledger:
         self._acks: dict[str, tuple[str, int, asyncio.Future[Appended]]] = {}
         """Fenced pipelined appends waiting for their ack: token -> (the fence's subject,
         its expected sequence, future)."""
+        self._reported: OrderedDict[tuple[str, int], None] = OrderedDict()
+        """(stream, seq) of the bad messages already logged (bounded): a warning once."""
+
+    def report_bad(self, bad: Skipped, stream: str = subjects.STREAM_LEDGER) -> None:
+        """Log a message a reader passed over, once per (stream, sequence)."""
+        key = (stream, bad.seq)
+        if key in self._reported:
+            return
+        self._reported[key] = None
+        while len(self._reported) > 10_000:
+            self._reported.popitem(last=False)
+        log.warning("%s seq=%d on %s is not readable, skipped (kept in the stream): %s",
+                    stream, bad.seq, bad.subject, bad.reason)
 
     def observe(self, task_id: str, seq: int) -> None:
         """Make later reads of `task_id` include everything up to ledger sequence `seq`.
@@ -268,11 +339,14 @@ class Ledger:
         self, task_id: str, *, from_seq: int = 1, subject: str | None = None,
         limit: int = 100_000, keep: Callable[[str], bool] | None = None,
         without_logs: bool = False,
-    ) -> list[LedgerEntry]:
+    ) -> Entries:
         """The task's events (or one subject's) with seq >= from_seq, in order; with
         `keep`, only those whose subject it accepts (the others are not decoded); with
         `without_logs`, none of its steps' logs (model and read-only tool calls), which
         the server then never sends.
+
+        A message that does not decode is not returned and does not stop the read: it
+        is in the result's `skipped` (and logged once). `limit` counts both.
 
         Uses JetStream batched direct get: one request per subject filter, the server
         streams the matching messages back and ends with an end-of-batch status.
@@ -290,9 +364,12 @@ class Ledger:
             else:
                 parts = await asyncio.gather(
                     *(self._read_once(f, from_seq, limit, keep) for f in filters))
-                out = sorted((e for part, _ in parts for e in part), key=lambda e: e.seq)
+                out = Entries(sorted((e for part, _ in parts for e in part),
+                                     key=lambda e: e.seq),
+                              sorted((b for part, _ in parts for b in part.skipped),
+                                     key=lambda b: b.seq))
                 top = max(t for _, t in parts)
-            if want < from_seq or top >= want or len(out) >= limit:
+            if want < from_seq or top >= want or len(out) + len(out.skipped) >= limit:
                 return out
             # A replica behind what this process knows is in the ledger answered: ask
             # again (another replica, or the same one caught up).
@@ -303,8 +380,9 @@ class Ledger:
             pause = min(pause * 2, 0.25)
 
     async def read_step(self, task_id: str, step_id: str, *, from_seq: int = 1
-                        ) -> list[LedgerEntry]:
-        """One step's events, its fenced line and its log merged in ledger order."""
+                        ) -> Entries:
+        """One step's events, its fenced line and its log merged in ledger order (what
+        does not decode is in `skipped`, as for `read`)."""
         line = subjects.step_events(task_id, step_id)
         log = subjects.step_log(task_id, step_id)
         return await self.read(task_id, from_seq=from_seq,
@@ -312,18 +390,25 @@ class Ledger:
 
     async def _read_once(self, filt: str, from_seq: int, limit: int,
                          keep: Callable[[str], bool] | None = None
-                         ) -> tuple[list[LedgerEntry], int]:
-        """The entries read (those `keep` accepts) and the highest sequence seen."""
-        out: list[LedgerEntry] = []
+                         ) -> tuple[Entries, int]:
+        """The entries read (those `keep` accepts; the bad ones in `skipped`) and the
+        highest sequence seen."""
+        out = Entries()
         start = max(1, from_seq)
         top = 0
         while True:
-            batch = await self._direct_batch(filt, start, min(limit - len(out), 1000))
+            room = limit - len(out) - len(out.skipped)
+            batch = await self._direct_batch(filt, start, min(room, 1000))
             for seq, subj, data in batch:
                 top = seq
                 if keep is None or keep(subj):
-                    out.append(LedgerEntry(seq, subj, decode_event(data)))
-            if len(batch) < 1000 or len(out) >= limit:
+                    got = decode_entry(seq, subj, data)
+                    if isinstance(got, LedgerEntry):
+                        out.append(got)
+                    else:
+                        self.report_bad(got)
+                        out.skipped.append(got)
+            if len(batch) < 1000 or len(out) + len(out.skipped) >= limit:
                 return out, top
             start = batch[-1][0] + 1
 
@@ -423,13 +508,16 @@ class Ledger:
 
     async def follow(
         self, task_id: str | None = None, *, from_seq: int = 1, filter_subject: str | None = None,
-        idle_heartbeat_s: float = 2.0,
+        idle_heartbeat_s: float = 2.0, on_bad: Callable[[Skipped], None] | None = None,
     ) -> AsyncIterator[LedgerEntry]:
         """Replay from `from_seq`, then tail forever (the caller breaks out).
 
         An ordered consumer: the client library recreates it from the next expected
         sequence after a gap or reconnect, so no event is skipped or repeated. To resume
         in a new process, pass the last seen sequence + 1 as `from_seq`.
+
+        A message that does not decode is passed over (logged once) and given to
+        `on_bad` if set; following goes on.
         """
         filt = filter_subject or (subjects.task_all(task_id) if task_id else subjects.ALL_LEDGER)
         sub = await self.js.subscribe(
@@ -447,8 +535,13 @@ class Ledger:
                     msg = await sub.next_msg(timeout=None)
                 except TimeoutError:
                     continue
-                meta = msg.metadata
-                yield LedgerEntry(int(meta.sequence.stream), msg.subject, decode_event(msg.data))
+                got = decode_entry(int(msg.metadata.sequence.stream), msg.subject, msg.data)
+                if isinstance(got, LedgerEntry):
+                    yield got
+                    continue
+                self.report_bad(got)
+                if on_bad is not None:
+                    on_bad(got)
         finally:
             try:
                 await sub.unsubscribe()

@@ -96,10 +96,17 @@ class InvalidIdError(ValueError):
 
 
 def check_id(value: str, what: str = "id") -> str:
-    """Return `value` if it is a safe single subject token, else raise InvalidIdError."""
-    if not _ID.match(value):
+    """Return `value` if it is a safe single subject token, else raise InvalidIdError.
+
+    The whole value must match (`fullmatch`: `$` alone would let a trailing newline
+    through); anything but a str is refused the same way. The message shows at most
+    40 characters of the value, escaped, so it is always safe to log and to store."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        shown = ascii(value)
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
         raise InvalidIdError(
-            f"{what} {value!r} must be 1-128 characters of letters, digits, '_' or '-'"
+            f"{what} {shown} must be 1-128 characters of letters, digits, '_' or '-'"
         )
     return value
 

@@ -63,7 +63,8 @@ async def test_malformed_messages_land_in_dead_letters_and_consumer_keeps_going(
     assert [c.step_id for c in handled] == ["s1", "s2"]
     by_data = {dl.data: dl for dl in letters}
     raw = by_data[b"\xffnot json"]
-    assert raw.reason == "invalid step command"
+    # Not UTF-8: refused at the edge (bus.wire), before the handler parses it.
+    assert raw.reason.startswith("rejected at the edge: not UTF-8"), raw.reason
     assert raw.headers.get("X-Test") == "1"
     missing = by_data[json.dumps({"task_id": "t9"}).encode()]
     assert missing.task_id == "t9"
