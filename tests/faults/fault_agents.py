@@ -4,6 +4,8 @@
   a file (a side effect the test can count), with the worker's pid and the call's
   idempotency key. Its `reconcile` looks the key up in that file, so a step resumed after
   a kill between the effect and its record does not run it again.
+- FX_PAUSE: a direct skill whose side-effecting tool stops its own process (SIGSTOP)
+  at a chosen point, once per call, for the zombie campaign.
 - POISON: a direct (no model) skill whose tool kills its own process (`os._exit(3)`)
   until a "fixed" marker file exists; the marker's path comes from the environment.
 """
@@ -13,7 +15,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -87,4 +92,73 @@ POISON = AgentSpec(
                                   input_model=PoisonInput, output_model=PoisonOutput)],
     tools=[poison_handle],
     direct={"poison_step": "poison_handle"},
+)
+
+
+# --------------------------------------------------------------------------- zombies
+
+PAUSE_DIR_ENV = "JETMESH_FAULT_PAUSE_DIR"
+"""Where FX_PAUSE leaves one marker per (call, point) it paused at, holding its pid."""
+
+PausePoint = Literal["none", "before_check", "in_window", "after_effect"]
+
+
+class PauseInput(BaseModel):
+    label: str
+    point: PausePoint = "none"
+    """Where the first replica to reach it stops itself (SIGSTOP): in the tool's own work
+    before its claim check, between the check and the effect (the window no check can
+    close), or after the effect before its record."""
+    dedupe: bool = False
+    """The effect's backend honours the idempotency key (as a payments API does)."""
+
+
+def _pause_once(args: PauseInput, ctx: ToolContext, point: str) -> None:
+    """SIGSTOP this whole process the first time any replica reaches `point` for this
+    call; the test sends SIGCONT once the step was taken over and finished."""
+    if args.point != point:
+        return
+    marker = Path(os.environ[PAUSE_DIR_ENV]) / f"{ctx.idempotency_key}.{point}"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # paused once already: the replica that took over goes on
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    # The stop is delivered to the whole process asynchronously: without a pause here
+    # this thread can run on past `point` before it lands.
+    time.sleep(0.2)
+
+
+@tool(description="Record a side effect, pausing where told.", side_effects=True,
+      risk="write", reconcile=fx_recorded)
+def fx_pause_record(args: PauseInput, ctx: ToolContext) -> FxOutput:
+    _pause_once(args, ctx, "before_check")
+    ctx.begin_effect_blocking()  # ClaimLost if another replica holds the step now
+    checked = time.perf_counter()
+    _pause_once(args, ctx, "in_window")
+    if args.point == "in_window":
+        checked = time.perf_counter()  # the window measured is the code's, not the pause
+    with Path(os.environ[EFFECTS_ENV]).open("a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        if args.dedupe and any(json.loads(x).get("key") == ctx.idempotency_key
+                               for x in f.read().splitlines()):
+            return FxOutput(recorded=args.label)
+        window_us = (time.perf_counter() - checked) * 1e6
+        f.write(json.dumps({"task": ctx.task_id, "step": ctx.step_id, "label": args.label,
+                            "pid": os.getpid(), "key": ctx.idempotency_key,
+                            "window_us": window_us}) + "\n")
+    _pause_once(args, ctx, "after_effect")
+    return FxOutput(recorded=args.label)
+
+
+FX_PAUSE = AgentSpec(
+    name="fxpause",
+    description="Records side effects and pauses itself where told, for the zombie campaign.",
+    skills=[SkillSpec.from_models("fx_pause", "Effect", "Record one side effect.",
+                                  input_model=PauseInput, output_model=FxOutput)],
+    tools=[fx_pause_record],
+    direct={"fx_pause": "fx_pause_record"},
 )
