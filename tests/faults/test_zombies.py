@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from helpers import send_step, spawn, stop
+from test_campaign import role_env, wait_replicas
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -39,8 +40,6 @@ from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.server import EmbeddedNats
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams
-
-from test_campaign import role_env, wait_replicas
 
 ACK_WAIT_S = 1.0
 
