@@ -175,6 +175,7 @@ async def test_zombies_never_run_an_effect_twice_outside_the_window(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 async def test_zombie_campaign(fresh_server: EmbeddedNats, tmp_path: Path) -> None:
     rounds = int(os.environ.get("JETMESH_ZOMBIE_ROUNDS", "50"))
     check(await campaign(fresh_server, tmp_path, rounds), rounds)
