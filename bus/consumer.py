@@ -196,12 +196,7 @@ class PullRunner:
 
     async def _settle(self, msg: Msg) -> None:
         try:
-            deliveries = int(msg.metadata.num_delivered)
-            if deliveries > self.max_deliver:
-                await self._dead_letter(
-                    msg, f"gave up after {self.max_deliver} deliveries (each attempt "
-                    "failed, crashed or timed out)")
-                return
+            # What the edge refuses is refused on any delivery, with its own reason.
             if len(msg.data) > self.max_bytes:
                 await self._dead_letter(
                     msg, f"message of {len(msg.data)} bytes exceeds {self.max_bytes}")
@@ -212,6 +207,12 @@ class PullRunner:
                 except WireError as w:
                     await self._dead_letter(msg, f"rejected at the edge: {w.reason}")
                     return
+            deliveries = int(msg.metadata.num_delivered)
+            if deliveries > self.max_deliver:
+                await self._dead_letter(
+                    msg, f"gave up after {self.max_deliver} deliveries (each attempt "
+                    "failed, crashed or timed out)")
+                return
             await self.handler(msg)
             with contextlib.suppress(MsgAlreadyAckdError):  # a handler may settle it
                 await msg.ack()

@@ -168,17 +168,21 @@ def dlq(stream: str, consumer: str) -> str:
 
 
 def task_id_of(subject: str) -> str | None:
-    """The task id in a ledger subject, or None."""
+    """The task id in a ledger subject, or None (also when the token there is not a
+    valid id: anyone may publish on a wildcard's subjects, and an id taken from one must
+    be as safe as one that passed `check_id`)."""
     parts = subject.split(".")
-    if len(parts) >= 4 and parts[0] == PREFIX and parts[1] == "task":
+    if len(parts) >= 4 and parts[0] == PREFIX and parts[1] == "task" \
+            and _ID.fullmatch(parts[2]):
         return parts[2]
     return None
 
 
 def step_id_of(subject: str) -> str | None:
-    """The step id in a step's line or log subject, or None."""
+    """The step id in a step's line or log subject, or None (or if it is not a valid id)."""
     parts = subject.split(".")
-    if (len(parts) == 5 or (len(parts) == 6 and parts[5] == "log")) and parts[3] == "step":
+    if (len(parts) == 5 or (len(parts) == 6 and parts[5] == "log")) and parts[3] == "step" \
+            and _ID.fullmatch(parts[4]):
         return parts[4]
     return None
 

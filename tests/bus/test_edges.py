@@ -148,6 +148,15 @@ def test_check_id_refuses_anything_but_one_safe_token(bad: str) -> None:
         subjects.check_id(bad)
 
 
+@pytest.mark.parametrize("subject", ["jm.task.a\u00e9.events", "jm.task.\ud800.control",
+                                     "jm.task..events", "jm.task.a\n.step.s1"])
+def test_an_id_read_from_a_subject_is_a_valid_id_or_none(subject: str) -> None:
+    assert subjects.task_id_of(subject) is None
+    assert subjects.step_id_of("jm.task.t1.step.b\u00e9") is None
+    assert subjects.task_id_of("jm.task.t-1.step.s1") == "t-1"
+    assert subjects.step_id_of("jm.task.t-1.step.s_1.log") == "s_1"
+
+
 def test_check_id_refuses_a_non_string_with_invalid_id_error() -> None:
     with pytest.raises(subjects.InvalidIdError):
         subjects.check_id(5)  # type: ignore[arg-type]
