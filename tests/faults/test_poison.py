@@ -43,6 +43,7 @@ from jetmesh.bus.wire import (
     decode_json,
     depth_of,
 )
+from jetmesh.orchestrator.projection import all_tasks
 
 PROPS = settings(max_examples=120, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -417,4 +418,7 @@ async def test_a_task_with_garbage_on_its_control_and_step_subjects_reads_back(
     # The bad messages are still in the ledger, for inspection.
     raw = await ledger.read_raw(subjects.task_all(task))
     assert {seq for seq, _, _ in raw} == set(good) | set(bad.values())
+    # And the listing of every task (`jetmesh tasks`) passes over them too.
+    listed = {st.task_id: st for st in await all_tasks(ledger)}
+    assert listed[task].last_seq == good[-1]
 
