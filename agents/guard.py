@@ -140,7 +140,8 @@ class RuntimeGuard:
     async def _approval(self, tool: Tool, arguments: dict[str, Any], h: str, reason: str
                         ) -> str | None:
         """Wait for a human decision bound to this step, tool and argument hash."""
-        control = subjects.task_control(self.cmd.task_id)
+        # Approvals have a subject of their own, which only the approver role may write.
+        control = subjects.task_approval(self.cmd.task_id)
         got = asyncio.Event()
 
         async def on_msg(_msg: Any) -> None:
@@ -162,7 +163,7 @@ class RuntimeGuard:
                     left = (expires - datetime.now(UTC)).total_seconds()
                     if left <= 0:
                         # Expiry is recorded on the step's own subject (an agent may not
-                        # write a task's control subject, where approvals live).
+                        # write a task's approval subject).
                         await self.append(ev.PolicyDecided(
                             subject=self.cmd.task_id, source=self.source,
                             data=ev.PolicyDecidedData(

@@ -494,12 +494,12 @@ class Worker:
             final: ev.Event = ev.StepCompleted(
                 subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
                     step_id=cmd.step_id, agent=self.spec.name, output=outcome.output or {},
-                    attempt=cmd.attempt))
+                    attempt=cmd.attempt, worker=self.replica))
         else:
             final = ev.StepFailed(subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
                 step_id=cmd.step_id, agent=self.spec.name, code=outcome.code or "error",
                 reason=outcome.reason or "failed", retryable=outcome.retryable,
-                attempt=cmd.attempt))
+                attempt=cmd.attempt, worker=self.replica))
         await recorder.finish(final)
         self.steps_done += 1
 

@@ -214,6 +214,8 @@ class StepCompletedData(_Strict):
     agent: str
     output: dict[str, Any]
     attempt: int = 1
+    worker: str | None = None
+    """The replica that wrote it: the result counts only from the step's holder."""
 
 
 class StepFailedData(_Strict):
@@ -225,6 +227,8 @@ class StepFailedData(_Strict):
     reason: str
     retryable: bool = False
     attempt: int = 1
+    worker: str | None = None
+    """The replica that wrote it (None: the orchestrator, or a dead-letter hook)."""
 
 
 class TaskCompletedData(_Strict):

@@ -153,7 +153,9 @@ def subject_for(event: Event) -> str:
         return subjects.step_events(task, event.data.step_id)
     if isinstance(event, BudgetExceeded) and event.data.step_id:
         return subjects.step_events(task, event.data.step_id)
-    if isinstance(event, CancelRequested | ApprovalGranted | ApprovalDenied):
+    if isinstance(event, ApprovalGranted | ApprovalDenied):
+        return subjects.task_approval(task)
+    if isinstance(event, CancelRequested):
         return subjects.task_control(task)
     return subjects.task_events(task)
 

@@ -1,37 +1,47 @@
 """Least privilege on the bus: one NATS user per role, each allowed only its own subjects.
 
 Pure functions: from the agents and their skill ids they compute every role's publish /
-subscribe allow lists and render the nats-server `authorization { users = [...] }`
-section (plus an env file with each role's NATS_USER / NATS_PASSWORD). Nothing here
-talks to a server.
+subscribe allow (and deny) lists and render the nats-server `authorization { users =
+[...] }` section (plus an env file with each role's NATS_USER / NATS_PASSWORD /
+NATS_INBOX_PREFIX). Nothing here talks to a server.
 
 Roles:
 
-- **admin**: everything (the operator's CLI: declares streams and buckets, `jetmesh
-  dlq redrive`, `approve`/`deny`, inspection).
-- **orchestrator**: its three durable consumers, the ledger (task, step and control
-  subjects), every skill's work subject, the budgets bucket, a read of the agent
-  registry; it may declare the streams and buckets.
-- **agent-<name>** (one per agent, shared by its replicas): pulls and acks only its own
-  skills' work consumers (`work-<skill>` on JM_WORK), appends to step subjects, reads the
-  ledger (direct get) and listens to control subjects (cancellation, approvals), writes
-  only its own registry keys (`$KV.jm-agents.<agent>.>`), reads/writes the budgets
-  bucket, dead-letters only its own consumers, sends memory requests.
+- **admin**: the operator's CLI (`jetmesh up` itself, `dlq redrive`, inspection): every
+  subject and every `$JS.API` verb (the only role that may update, purge or delete a
+  stream, delete a message or another role's consumer), except approvals.
+- **approver**: a human's approvals: appends ApprovalGranted / ApprovalDenied on
+  `jm.task.<id>.approval` and reads the ledger (the CLI's `approve` / `deny`). No other
+  role may write that subject.
+- **orchestrator**: its four durable consumers (submit, steps, control, approvals), the
+  task events, step lines (its timeouts' failures), control (deadline cancels), every
+  skill's work subject, the budgets bucket, a read of the agent registry. It may CREATE
+  the streams and buckets when they do not exist, never update, purge or delete them (a
+  create with a different configuration on an existing stream is refused by the server).
+- **agent-<name>** (one per agent, shared by its replicas): creates (bound by name and
+  filter), pulls and acks only its own skills' work consumers (`work-<skill>` on
+  JM_WORK), appends to step lines and logs, reads the ledger (direct get), listens to
+  control (cancellation) and approval subjects, writes only its own registry keys
+  (`$KV.jm-agents.<agent>.>`), reads/writes the budgets bucket, dead-letters only its own
+  consumers, sends memory requests.
+- **bridge**: the A2A bridge worker, whose skills (external agents') are known only at
+  run time: an agent's permissions over every skill (see LIMITS).
 - **memory**: answers `jm.memory.*`, its `memory-episodes` consumer on the ledger.
 - **gateway**: submits tasks, cancels them, reads and follows the ledger, reads the
-  registry.
+  registry. It cannot approve.
 
 JetStream is spoken over core NATS subjects, so every JetStream operation is a subject
 here: a publish to a stream is a request (the ack comes back on the caller's inbox), a
 KV put is a publish to `$KV.<bucket>.<key>`, a pull is a publish to
 `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` whose messages come back on the inbox, an
 ack is a publish to the message's reply subject `$JS.ACK.<stream>.<consumer>.…`.
+Consumers are created only with the extended subject
+`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>` (the server checks that the body's
+name and filter are the subject's), never `CONSUMER.DURABLE.CREATE.<stream>.<name>`
+(filter in the body) and, on the work stream, never the unnamed
+`CONSUMER.CREATE.<stream>` (an "ephemeral" may carry any name and filter).
 
-What subjects cannot express (see the notes in `LIMITS`): a ledger direct get names the
-stream, not the subject (the filter is in the body), so a role that reads the ledger
-reads all of it; step subjects carry task and step ids, not the agent, so an agent may
-append to any step subject; budget keys are task ids, so an agent may change any task's
-counter.
+What subjects cannot express is in `LIMITS`, each with the reader that enforces it.
 """
 
 from __future__ import annotations
@@ -49,10 +59,14 @@ FLOW_CONTROL = subjects.JS_FLOW_CONTROL
 SHARED_INBOX = subjects.INBOX
 
 ROLE_ADMIN = "admin"
+ROLE_APPROVER = "approver"
 ROLE_ORCHESTRATOR = "orchestrator"
 ROLE_AGENT = "agent"
+ROLE_BRIDGE = "bridge"
 ROLE_MEMORY = "memory"
 ROLE_GATEWAY = "gateway"
+ROLES = (ROLE_ADMIN, ROLE_APPROVER, ROLE_ORCHESTRATOR, ROLE_AGENT, ROLE_BRIDGE, ROLE_MEMORY,
+         ROLE_GATEWAY)
 
 JM_STREAMS = (subjects.STREAM_TASKS, subjects.STREAM_LEDGER, subjects.STREAM_WORK,
               subjects.STREAM_DLQ)
@@ -60,13 +74,35 @@ BUCKETS = (subjects.BUCKET_AGENTS, subjects.BUCKET_BUDGETS)
 
 LIMITS = (
     "Ledger reads are a direct get on $JS.API.DIRECT.GET.JM_LEDGER with the subject filter "
-    "in the request body: a role allowed to read the ledger can read every task's events.",
-    "Step subjects (jm.task.<task>.step.<step>) do not name the agent: an agent may append "
-    "to any step subject (appends are still fenced and validated).",
-    "Budget counters are keyed by task id: an agent may update any task's counter.",
+    "in the request body: a role allowed to read the ledger (every role) can read every "
+    "task's events. Enforced by nobody: the ledger holds no secrets beyond task data.",
+    "Step lines (jm.task.<task>.step.<step>) do not name the agent (the skill's agent is "
+    "chosen at dispatch): an agent may append to any task's step subject. Its appends are "
+    "fenced (Nats-Expected-Last-Subject-Sequence) and validated; the orchestrator's fold "
+    "ignores step events not written by the agent holding the step (its claim), so a "
+    "forged result or garbage on another agent's step does not complete or break it.",
+    "Budget counters are keyed by task id in jm-budgets ($KV.jm-budgets.<task>): every "
+    "agent shares one compare-and-set counter per task (that is what keeps replicas of "
+    "different agents from overspending together), so an agent may change any task's "
+    "counter, or delete it. Keys per agent slice (<task>.<agent>) would scope the writes "
+    "but need the orchestrator to split every budget into slices first; not done. The "
+    "ledger's ModelCalled events remain the record of what was spent.",
+    "Roles that follow a stream with ordered consumers (the gateway on JM_LEDGER; every "
+    "registry reader on KV_jm-agents) need the unnamed $JS.API.CONSUMER.CREATE.<stream>, "
+    "whose body may name the consumer and its filter: such a role can create an "
+    "ephemeral consumer with any name on that stream. It cannot pull or delete another "
+    "role's durable (MSG.NEXT and DELETE are not allowed), but could take a durable's "
+    "name before its owner first creates it; JM_WORK never allows the unnamed form.",
+    "The memory service's episode consumer has several filters, which the create "
+    "subject cannot carry ($JS.API.CONSUMER.CREATE.JM_LEDGER.memory-episodes): memory may "
+    "set that consumer's filters to any ledger subjects (it reads the ledger anyway).",
+    "The bridge serves skills known only at run time (the external agents added with "
+    "`jetmesh agents-add`): it may create, pull and ack any skill's work consumer "
+    "(work-*) and write any registry key. Run it only where external agents are used.",
     "Legacy consumer creation ($JS.API.CONSUMER.DURABLE.CREATE.<stream>.<durable>) carries "
-    "the filter in the body, so it cannot be bound to the skill's subject; allow it only "
-    "until the runtime creates consumers by name (legacy_consumer_create=False).",
+    "the filter in the body, so it cannot be bound to the skill's subject: a role holding "
+    "it could create its own durable on another skill's subject. It is withheld unless "
+    "Options(legacy_consumer_create=True) (`jetmesh nats-config --legacy-consumers`).",
 )
 
 
@@ -76,22 +112,23 @@ kv_subject = subjects.kv_subject
 
 @dataclass(frozen=True)
 class Options:
-    """Choices that trade compatibility with the current runtime for tighter permissions."""
+    """Choices that trade compatibility with older clients for tighter permissions."""
 
     private_inboxes: bool = True
     """Each user gets its own inbox prefix (`_INBOX_<user>`) and may subscribe only there.
     With the shared `_INBOX.>` any user could subscribe to another's inbox and read the
     replies to its pulls (its work). Needs clients connected with `inbox_prefix`."""
     agents_write_control: bool = False
-    """Let agents publish on `jm.task.*.control` (the worker appends the timeout denial of
-    an approval there). Off: an agent's credentials cannot grant its own approvals."""
-    legacy_consumer_create: bool = True
+    """Let agents publish on `jm.task.*.control` (cancel tasks). Never approvals: those
+    are on `jm.task.*.approval`, which only the approver writes."""
+    legacy_consumer_create: bool = False
     """Allow `$JS.API.CONSUMER.DURABLE.CREATE.<stream>.<durable>` for each role's own
-    durables (nats-py uses it for a config with only `durable_name`). Off: only the
-    filter-bound `$JS.API.CONSUMER.CREATE.<stream>.<durable>.<filter>` is allowed."""
+    durables (clients that create consumers by durable name only). Off (the default):
+    only the filter-bound `$JS.API.CONSUMER.CREATE.<stream>.<durable>.<filter>`."""
     workers_declare: bool = False
-    """Let agents create/update the JM_* streams and buckets (normally the orchestrator's
-    or the admin's job; a worker then only reads their info)."""
+    """Let agents create the JM_* streams and buckets when they are missing (normally the
+    orchestrator's or the admin's job; a worker then only reads their info). Never
+    update, purge or delete."""
 
 
 @dataclass(frozen=True)
@@ -100,15 +137,29 @@ class Permissions:
     subscribe: tuple[str, ...]
     allow_responses: bool = False
     """Also publish to the reply subject of requests received (request/reply services)."""
+    publish_deny: tuple[str, ...] = ()
+    """Refused even when `publish` allows them (nats-server applies deny after allow)."""
 
     def as_dict(self) -> dict[str, object]:
+        pub: dict[str, object] = {"allow": list(self.publish)}
+        if self.publish_deny:
+            pub["deny"] = list(self.publish_deny)
         out: dict[str, object] = {
-            "publish": {"allow": list(self.publish)},
+            "publish": pub,
             "subscribe": {"allow": list(self.subscribe)},
         }
         if self.allow_responses:
             out["allow_responses"] = True
         return out
+
+    def may_publish(self, subject: str) -> bool:
+        """What the server decides for a publish to the concrete `subject`."""
+        return allowed(self.publish, subject) and not allowed(self.publish_deny, subject)
+
+    def may_subscribe(self, subject: str) -> bool:
+        """What the server decides for a subscription to `subject` (wildcards allowed):
+        it must lie within one allowed pattern."""
+        return any(covers(p, subject) for p in self.subscribe)
 
 
 @dataclass(frozen=True)
@@ -118,8 +169,7 @@ class RoleUser:
     role: str
     user: str
     inbox_prefix: str
-    permissions: Permissions | None
-    """None: unrestricted (the admin)."""
+    permissions: Permissions
     agent: str | None = None
     skills: tuple[str, ...] = ()
 
@@ -137,7 +187,7 @@ def user_name(role: str, agent: str | None = None) -> str:
         if agent is None:
             raise ValueError("an agent user needs the agent's name")
         return f"agent-{subjects.check_id(agent, 'agent name')}"
-    if role not in (ROLE_ADMIN, ROLE_ORCHESTRATOR, ROLE_MEMORY, ROLE_GATEWAY):
+    if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
     return role
 
@@ -165,10 +215,11 @@ def stream_info(streams: Iterable[str]) -> list[str]:
 
 
 def stream_declare(streams: Iterable[str]) -> list[str]:
+    """Read and create (when missing). Never STREAM.UPDATE / DELETE / PURGE: those are the
+    admin's, and the server refuses a create that differs from an existing stream."""
     out = []
     for s in streams:
-        out += [_api("STREAM", "INFO", s), _api("STREAM", "CREATE", s),
-                _api("STREAM", "UPDATE", s)]
+        out += [_api("STREAM", "INFO", s), _api("STREAM", "CREATE", s)]
     return out
 
 
@@ -194,13 +245,13 @@ def pull_consumer(stream: str, durable: str, filter_subject: str | None, opts: O
 
 
 def ordered_reader(stream: str) -> list[str]:
-    """Ephemeral ordered consumers (ledger follow, KV watch): create, info, delete, flow
-    control replies. nats-py creates them with the unnamed `CONSUMER.CREATE.<stream>`."""
+    """Ephemeral ordered consumers (ledger follow, KV watch): create, info, flow control
+    replies. nats-py creates them with the unnamed `CONSUMER.CREATE.<stream>` and never
+    deletes them (they go when inactive), so no CONSUMER.DELETE: with it a reader could
+    delete another role's durable."""
     return [
         _api("CONSUMER", "CREATE", stream),
-        _api("CONSUMER", "CREATE", stream, ">"),
         _api("CONSUMER", "INFO", stream, "*"),
-        _api("CONSUMER", "DELETE", stream, "*"),
         f"{FLOW_CONTROL}.{stream}.>",
     ]
 
@@ -228,11 +279,25 @@ def _common(user: str, opts: Options) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- roles
 
 
-def agent_permissions(agent: str, skills: Sequence[str], options: Options | None = None
-                      ) -> Permissions:
-    """An agent's replicas: only their own skills' work, step appends, their registry keys."""
+def admin_permissions() -> Permissions:
+    """Everything but approvals (a human approves as the approver, not as the operator's
+    superuser: the audit trail then says an approval came from an approver's login)."""
+    return Permissions((">",), (">",), publish_deny=(subjects.ALL_APPROVALS,))
+
+
+def approver_permissions(options: Options | None = None) -> Permissions:
+    """A human's approvals: read the task (its pending approval), write the decision."""
     opts = options or Options()
-    user = user_name(ROLE_AGENT, agent)
+    pub, sub = _common(ROLE_APPROVER, opts)
+    pub += stream_info(JM_STREAMS)  # Client.connect declares (reads) the streams
+    pub += direct_get(subjects.STREAM_LEDGER)
+    pub.append(subjects.ALL_APPROVALS)
+    return Permissions(_dedupe(pub), _dedupe(sub))
+
+
+def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opts: Options
+                        ) -> tuple[list[str], list[str]]:
+    """An agent's (or, with agent None and skills ["*"], the bridge's) lists."""
     pub, sub = _common(user, opts)
     if opts.workers_declare:
         pub += stream_declare([*JM_STREAMS, *(kv_stream(b) for b in BUCKETS)])
@@ -241,20 +306,41 @@ def agent_permissions(agent: str, skills: Sequence[str], options: Options | None
         # their info. Buckets: KeyValue lookups read the bucket's stream info.
         pub += stream_info([*JM_STREAMS, *(kv_stream(b) for b in BUCKETS)])
     for skill in skills:
-        pub += pull_consumer(subjects.STREAM_WORK, subjects.work_consumer(skill),
-                             subjects.work(skill), opts)
+        durable = "*" if skill == "*" else subjects.work_consumer(skill)
+        filt = f"{subjects.PREFIX}.work.*" if skill == "*" else subjects.work(skill)
+        pub += pull_consumer(subjects.STREAM_WORK, durable, filt, opts)
     pub += [subjects.ALL_STEP_EVENTS, subjects.ALL_STEP_LOGS]
     if opts.agents_write_control:
         pub.append(subjects.ALL_CONTROL)
     pub += direct_get(subjects.STREAM_LEDGER)
     # The registry: write only its own replicas' keys; read it (public cards; the
     # worker health check watches `<agent>.>`).
-    pub += kv_write(subjects.BUCKET_AGENTS, f"{agent}.>")
+    pub += kv_write(subjects.BUCKET_AGENTS, f"{agent}.>" if agent else ">")
     pub += kv_read(subjects.BUCKET_AGENTS)
     pub += ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     pub += kv_read(subjects.BUCKET_BUDGETS) + kv_write(subjects.BUCKET_BUDGETS)
     pub.append(subjects.MEMORY_ALL)
-    sub.append(subjects.ALL_CONTROL)  # cancellation, approval decisions
+    sub.append(subjects.ALL_CONTROL)  # cancellation
+    sub.append(subjects.ALL_APPROVALS)  # approval decisions (the guard waits for them)
+    return pub, sub
+
+
+def agent_permissions(agent: str, skills: Sequence[str], options: Options | None = None
+                      ) -> Permissions:
+    """An agent's replicas: only their own skills' work, step appends, their registry keys."""
+    opts = options or Options()
+    for s in skills:
+        subjects.check_id(s, "skill")
+    pub, sub = _worker_permissions(user_name(ROLE_AGENT, agent), agent, skills, opts)
+    return Permissions(_dedupe(pub), _dedupe(sub))
+
+
+def bridge_permissions(options: Options | None = None) -> Permissions:
+    """The A2A bridge: an agent over every skill (its skills are known at run time)."""
+    opts = options or Options()
+    pub, sub = _worker_permissions(ROLE_BRIDGE, None, ["*"], opts)
+    ext = kv_stream(subjects.BUCKET_EXTERNAL)
+    pub += kv_read(subjects.BUCKET_EXTERNAL) + stream_declare([ext])
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 
@@ -268,9 +354,14 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
                          subjects.ALL_STEP_EVENTS, opts)
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL,
                          subjects.ALL_CONTROL, opts)
+    pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_APPROVALS,
+                         subjects.ALL_APPROVALS, opts)
     pub.append(f"{subjects.PREFIX}.work.*")  # step commands of every skill
-    pub += [subjects.ALL_TASK_EVENTS, subjects.ALL_STEP_EVENTS, subjects.ALL_STEP_LOGS,
-            subjects.ALL_CONTROL]
+    # A refused submission is answered on the submitter's inbox (its Jm-Reply-To
+    # header): the inboxes of the roles that submit (the gateway, the operator's CLI).
+    pub += [_inbox_sub(r, opts) for r in (ROLE_GATEWAY, ROLE_ADMIN)]
+    # Its own events, a step's failure on timeout (the step's line), deadline cancels.
+    pub += [subjects.ALL_TASK_EVENTS, subjects.ALL_STEP_EVENTS, subjects.ALL_CONTROL]
     pub += direct_get(subjects.STREAM_LEDGER)
     pub += kv_read(subjects.BUCKET_AGENTS) + ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     pub += kv_read(subjects.BUCKET_BUDGETS) + kv_write(subjects.BUCKET_BUDGETS)
@@ -296,7 +387,7 @@ def gateway_permissions(options: Options | None = None) -> Permissions:
     pub, sub = _common(ROLE_GATEWAY, opts)
     pub += stream_info(JM_STREAMS)  # Client.connect declares (reads) the streams
     pub.append(subjects.SUBMIT)
-    pub.append(subjects.ALL_CONTROL)  # cancel over A2A
+    pub.append(subjects.ALL_CONTROL)  # cancel over A2A (never approvals)
     pub += direct_get(subjects.STREAM_LEDGER) + ordered_reader(subjects.STREAM_LEDGER)
     pub += kv_read(subjects.BUCKET_AGENTS) + ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     return Permissions(_dedupe(pub), _dedupe(sub))
@@ -304,21 +395,23 @@ def gateway_permissions(options: Options | None = None) -> Permissions:
 
 def plan(agents: Mapping[str, Sequence[str]], options: Options | None = None
          ) -> list[RoleUser]:
-    """Every user of a deployment: admin, orchestrator, memory, gateway, one per agent."""
+    """Every user of a deployment: admin, approver, orchestrator, memory, gateway, bridge,
+    one per agent."""
     opts = options or Options()
+
+    def fixed(role: str, perms: Permissions) -> RoleUser:
+        return RoleUser(role, role, inbox_prefix(role, opts), perms)
+
     users = [
-        RoleUser(ROLE_ADMIN, ROLE_ADMIN, inbox_prefix(ROLE_ADMIN, opts), None),
-        RoleUser(ROLE_ORCHESTRATOR, ROLE_ORCHESTRATOR, inbox_prefix(ROLE_ORCHESTRATOR, opts),
-                 orchestrator_permissions(opts)),
-        RoleUser(ROLE_MEMORY, ROLE_MEMORY, inbox_prefix(ROLE_MEMORY, opts),
-                 memory_permissions(opts)),
-        RoleUser(ROLE_GATEWAY, ROLE_GATEWAY, inbox_prefix(ROLE_GATEWAY, opts),
-                 gateway_permissions(opts)),
+        fixed(ROLE_ADMIN, admin_permissions()),
+        fixed(ROLE_APPROVER, approver_permissions(opts)),
+        fixed(ROLE_ORCHESTRATOR, orchestrator_permissions(opts)),
+        fixed(ROLE_MEMORY, memory_permissions(opts)),
+        fixed(ROLE_GATEWAY, gateway_permissions(opts)),
+        fixed(ROLE_BRIDGE, bridge_permissions(opts)),
     ]
     for agent in sorted(agents):
         skills = tuple(agents[agent])
-        for s in skills:
-            subjects.check_id(s, "skill")
         user = user_name(ROLE_AGENT, agent)
         users.append(RoleUser(ROLE_AGENT, user, inbox_prefix(user, opts),
                               agent_permissions(agent, skills, opts), agent, skills))
@@ -388,18 +481,23 @@ def render_authorization(users: Sequence[RoleUser], passwords: Mapping[str, str]
                                               f"{', '.join(u.skills)}" if u.agent else ""))
         lines.append(f"      user: {_q(u.user)}")
         lines.append(f"      password: {_q(passwords[u.user])}")
-        if u.permissions is not None:
-            p = u.permissions
-            lines.append("      permissions: {")
-            lines.append("        publish: { allow: [")
-            lines += [f"          {_q(s)}," for s in p.publish]
-            lines.append("        ] }")
-            lines.append("        subscribe: { allow: [")
-            lines += [f"          {_q(s)}," for s in p.subscribe]
-            lines.append("        ] }")
-            if p.allow_responses:
-                lines.append("        allow_responses: true")
-            lines.append("      }")
+        p = u.permissions
+        lines.append("      permissions: {")
+        lines.append("        publish: {")
+        lines.append("          allow: [")
+        lines += [f"            {_q(x)}," for x in p.publish]
+        lines.append("          ]")
+        if p.publish_deny:
+            lines.append("          deny: [")
+            lines += [f"            {_q(x)}," for x in p.publish_deny]
+            lines.append("          ]")
+        lines.append("        }")
+        lines.append("        subscribe: { allow: [")
+        lines += [f"          {_q(x)}," for x in p.subscribe]
+        lines.append("        ] }")
+        if p.allow_responses:
+            lines.append("        allow_responses: true")
+        lines.append("      }")
         lines.append("    }")
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
@@ -433,3 +531,17 @@ def allowed(patterns: Iterable[str], subject: str) -> bool:
         if ok:
             return True
     return False
+
+
+def covers(pattern: str, subject: str) -> bool:
+    """True when every subject `subject` (which may hold wildcards) can match also matches
+    `pattern`: how nats-server judges a subscription against an allow pattern."""
+    p, t = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(t) > i
+        if i >= len(t) or t[i] == ">":
+            return False
+        if tok != "*" and (tok != t[i]):
+            return False
+    return len(t) == len(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -71,7 +72,10 @@ def _differs(want: StreamConfig, have: StreamConfig) -> list[str]:
 async def declare_streams(
     js: JetStreamContext, settings: BusSettings | None = None
 ) -> DeclareReport:
-    """Create missing streams, update drifted ones, raise StreamConfigConflict otherwise."""
+    """Create missing streams, update drifted ones, raise StreamConfigConflict otherwise.
+
+    Only the admin may update a stream (bus/permissions): for every other role a drifted
+    stream is a StreamConfigConflict that names it."""
     created, updated, unchanged = [], [], []
     for want in stream_configs(settings):
         assert want.name
@@ -91,6 +95,13 @@ async def declare_streams(
             raise StreamConfigConflict(
                 want.name, f"cannot update ({'; '.join(diff)}): {e.description}"
             ) from e
+        except NatsTimeoutError as e:
+            # Only the admin role may update a stream: the server drops the request of
+            # any other user (a permissions violation), so it times out.
+            raise StreamConfigConflict(
+                want.name, f"needs an update ({'; '.join(diff)}) that this user may not "
+                           "make (no reply: only the admin role may update streams); "
+                           "run `jetmesh up` or declare the streams as admin") from e
         log.warning("stream %s updated: %s", want.name, "; ".join(diff))
         updated.append(want.name)
     return DeclareReport(created, updated, unchanged)
@@ -132,3 +143,15 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
         raise StreamConfigConflict(
             f"{stream}/{config.durable_name}", str(e.description)
         ) from e
+
+
+async def declare_buckets(js: JetStreamContext, settings: BusSettings | None = None) -> None:
+    """Create the KV buckets when missing, as their users would (agents registry,
+    budgets, external agents). Run it as a role that may create streams (the admin:
+    `jetmesh up`), so the roles that only read them find them there."""
+    from jetmesh.bus.presence import ensure_bucket
+
+    s = settings or BusSettings()
+    await ensure_bucket(js, subjects.BUCKET_AGENTS, replicas=s.replicas)
+    await ensure_bucket(js, subjects.BUCKET_BUDGETS, replicas=s.replicas, max_age_s=7 * 86400)
+    await ensure_bucket(js, subjects.BUCKET_EXTERNAL, replicas=s.replicas, max_age_s=0.0)

@@ -24,7 +24,8 @@ STREAM_DLQ = "JM_DLQ"
 SUBMIT = f"{PREFIX}.task.submit"
 TASKS_SUBJECTS = [SUBMIT]
 LEDGER_SUBJECTS = [f"{PREFIX}.task.*.events", f"{PREFIX}.task.*.step.*",
-                   f"{PREFIX}.task.*.step.*.log", f"{PREFIX}.task.*.control"]
+                   f"{PREFIX}.task.*.step.*.log", f"{PREFIX}.task.*.control",
+                   f"{PREFIX}.task.*.approval"]
 WORK_SUBJECTS = [f"{PREFIX}.work.>"]
 DLQ_SUBJECTS = [f"{PREFIX}.dlq.>"]
 ALL_LEDGER = f"{PREFIX}.task.*.>"
@@ -34,12 +35,18 @@ ALL_STEP_EVENTS = f"{PREFIX}.task.*.step.*"
 ALL_STEP_LOGS = f"{PREFIX}.task.*.step.*.log"
 """Every step's log: its model calls and read-only tool calls."""
 ALL_CONTROL = f"{PREFIX}.task.*.control"
+"""Every task's control subject: cancellation (anyone who may submit may cancel)."""
+ALL_APPROVALS = f"{PREFIX}.task.*.approval"
+"""Every task's approval subject: human decisions on gated tool calls. A subject of its
+own so that NATS permissions give it to the approver role alone (the gateway, which may
+cancel, cannot approve)."""
 ALL_DLQ = f"{PREFIX}.dlq.>"
 
 # Durable consumer names
 CONSUMER_ORCH_SUBMIT = "orchestrator-submit"
 CONSUMER_ORCH_STEPS = "orchestrator-steps"
 CONSUMER_ORCH_CONTROL = "orchestrator-control"
+CONSUMER_ORCH_APPROVALS = "orchestrator-approvals"
 
 # Memory service (core request/reply)
 MEMORY_PREFIX = f"{PREFIX}.memory"
@@ -131,8 +138,13 @@ def step_log(task_id: str, step_id: str) -> str:
 
 
 def task_control(task_id: str) -> str:
-    """Cancel / approve / deny / answer for one task."""
+    """Cancellation of one task."""
     return f"{PREFIX}.task.{check_id(task_id, 'task id')}.control"
+
+
+def task_approval(task_id: str) -> str:
+    """Approve / deny decisions for one task's gated tool calls (the approver writes)."""
+    return f"{PREFIX}.task.{check_id(task_id, 'task id')}.approval"
 
 
 def task_all(task_id: str) -> str:
@@ -142,7 +154,8 @@ def task_all(task_id: str) -> str:
 
 def task_decisions(task_id: str) -> list[str]:
     """Wildcards over a task's ledger subjects except its steps' logs: its own events,
-    its control subject and its steps' fenced lines (claims, side effects, results)."""
+    its control and approval subjects and its steps' fenced lines (claims, side effects,
+    results)."""
     t = check_id(task_id, "task id")
     return [f"{PREFIX}.task.{t}.*", f"{PREFIX}.task.{t}.step.*"]
 

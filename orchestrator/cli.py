@@ -55,10 +55,13 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("nats").setLevel(logging.WARNING)
 
 
-def resolve_url(url: str | None, data_dir: Path) -> str:
-    """--url / NATS_URL, else the embedded server running from `data_dir`."""
+def resolve_url(url: str | None, data_dir: Path, user: str = "admin") -> str:
+    """--url / NATS_URL, else the embedded server running from `data_dir`. With no
+    credentials in the environment, `user`'s from `data_dir` (a `jetmesh up` mesh)."""
     from jetmesh.bus.server import discover_url
+    from jetmesh.orchestrator.nats_config import use_data_dir_credentials
 
+    use_data_dir_credentials(data_dir, user)
     if url:
         return url
     found = discover_url(data_dir)
@@ -428,6 +431,7 @@ def show_cmd(
         async with Client(target) as c:
             entries = await c.events(task_id)
             state = await c.state(task_id)
+            waiting = await c.waiting_for_agents(state)
         if not entries:
             err.print(f"[red]no task {task_id}[/]")
             raise typer.Exit(1)
@@ -452,6 +456,17 @@ def show_cmd(
             dt = (entry.event.time - t0).total_seconds() * 1000
             console.print(f"[dim]{entry.seq:>7} +{dt:>8.1f}ms[/] {escape(describe(entry.event))}",
                           highlight=False)
+        for step_id, skill, since in waiting:
+            console.print(f"[yellow]waiting for an agent offering skill {skill}[/] since "
+                          f"{since.isoformat(timespec='seconds') if since else '?'} "
+                          f"(step {step_id}, queued in its work stream)")
+        for ign in state.ignored:
+            console.print(f"[dim]ignored {ign.seq} {ign.type}"
+                          f"{' step ' + ign.step_id if ign.step_id else ''}: "
+                          f"{escape(ign.reason)}[/]", highlight=False)
+        if state.ignored_count > len(state.ignored):
+            console.print(f"[dim]... {state.ignored_count - len(state.ignored)} more "
+                          "ignored[/]")
         for p in state.pending_approvals.values():
             console.print(f"[yellow]waiting for approval[/]: step {p.step_id} "
                           f"{p.tool}({escape(json.dumps(p.arguments))}) - {escape(p.reason)}; "
@@ -475,13 +490,29 @@ def cancel_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> None:
-        from jetmesh.orchestrator.client import Client
+        from jetmesh.orchestrator.client import Client, ControlRefused
 
         async with Client(target) as c:
-            await c.cancel(task_id, reason)
+            try:
+                await c.cancel(task_id, reason)
+            except ControlRefused as e:
+                _refused(e)
         console.print(f"cancel requested for {task_id}")
 
     run(main)
+
+
+def _refused(e: Exception) -> None:
+    """A control the client refused (the task is unknown or over, nothing pending)."""
+    from jetmesh.orchestrator.client import AmbiguousApproval
+
+    err.print(f"[red]{escape(str(e))}[/]", soft_wrap=True)
+    if isinstance(e, AmbiguousApproval):
+        for p in e.pending:
+            err.print(f"  step {p.step_id} tool {p.tool} args {json.dumps(p.arguments)}",
+                      soft_wrap=True)
+        raise typer.Exit(2)
+    raise typer.Exit(1)
 
 
 @app.command("agents")
@@ -531,38 +562,21 @@ def main() -> None:
     app()
 
 
-def _pending_one(state: Any, step: str | None, tool: str | None) -> Any:
-    pending = [p for p in state.pending_approvals.values()
-               if (step is None or p.step_id == step) and (tool is None or p.tool == tool)]
-    if not pending:
-        err.print(f"[red]no pending approval on task {state.task_id}"
-                  f"{' for step ' + step if step else ''}[/]")
-        raise typer.Exit(1)
-    if len(pending) > 1:
-        err.print("[red]several approvals are pending; choose one with --step/--tool:[/]")
-        for p in pending:
-            err.print(f"  step {p.step_id} tool {p.tool} args {json.dumps(p.arguments)}")
-        raise typer.Exit(2)
-    return pending[0]
-
-
 def _decide_approval(task_id: str, granted: bool, step: str | None, tool: str | None,
                      reason: str, by: str, url: str | None, data_dir: Path) -> None:
-    target = resolve_url(url, data_dir)
+    target = resolve_url(url, data_dir, user="approver")  # only the approver approves
 
     async def main() -> None:
-        from jetmesh.orchestrator.client import Client
+        from jetmesh.orchestrator.client import Client, ControlRefused
 
         async with Client(target) as c:
-            state = await c.state(task_id)
-            p = _pending_one(state, step, tool)
-            data = ev.ApprovalDecisionData(step_id=p.step_id, tool=p.tool,
-                                           args_hash=p.args_hash, by=by, reason=reason)
-            event: ev.Event = (ev.ApprovalGranted(subject=task_id, source="jetmesh/cli",
-                                                  data=data) if granted else
-                               ev.ApprovalDenied(subject=task_id, source="jetmesh/cli",
-                                                 data=data))
-            await c.ledger.append(event)
+            try:
+                if granted:
+                    p = await c.approve(task_id, step=step, tool=tool, by=by)
+                else:
+                    p = await c.deny(task_id, reason=reason, step=step, tool=tool, by=by)
+            except ControlRefused as e:
+                _refused(e)
         verb = "approved" if granted else "denied"
         console.print(f"{verb}: step {p.step_id} {p.tool}({json.dumps(p.arguments)})")
 
@@ -691,8 +705,13 @@ def up_cmd(
     live: Annotated[bool | None, typer.Option("--live/--plain", help="Live view (default "
                                                   "when on a terminal).")] = None,
     gateway_port: Annotated[int, typer.Option(help="A2A HTTP gateway port (0: none).")] = 8080,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth", help="Run NATS without users (anyone on this machine may do anything "
+                          "on the bus). Default: one user per role, least privilege, "
+                          "credentials in <data-dir>/nats-auth.env (mode 0600).")] = False,
 ) -> None:
-    """Run the whole mesh here: NATS, the orchestrator and the built-in agents."""
+    """Run the whole mesh here: NATS, the orchestrator and the built-in agents, each role
+    as its own NATS user (see --no-auth)."""
     from jetmesh.agents.builtin import builtin_names
     from jetmesh.agents.models.factory import describe_default_model
     from jetmesh.orchestrator.up import run_up
@@ -712,7 +731,8 @@ def up_cmd(
     gw: int | None = None
     if gateway_port:
         gw = gateway_port if _port_free(gateway_port) else _free_port()
-    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw))
+    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw,
+                       auth=not no_auth))
 
 
 def _free_port() -> int:

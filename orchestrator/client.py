@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -15,6 +16,63 @@ from jetmesh.bus.ledger import Ledger, LedgerEntry
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams
 from jetmesh.orchestrator.state import TaskState, fold
+
+
+class ControlRefused(Exception):
+    """A control (cancel, approve, deny) was not sent: nothing changed."""
+
+    def __init__(self, task_id: str, message: str) -> None:
+        self.task_id = task_id
+        super().__init__(message)
+
+
+class NoSuchTask(ControlRefused):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id, f"no task {task_id}")
+
+
+class TaskFinished(ControlRefused):
+    """The task has ended: a control cannot change it any more."""
+
+    def __init__(self, task_id: str, status: str) -> None:
+        self.status = status
+        super().__init__(task_id, f"task {task_id} is {status}: nothing changed")
+
+
+class NoPendingApproval(ControlRefused):
+    def __init__(self, task_id: str, step: str | None = None) -> None:
+        super().__init__(task_id, f"no pending approval on task {task_id}"
+                                  + (f" for step {step}" if step else ""))
+
+
+class AmbiguousApproval(ControlRefused):
+    """Several gated calls wait: name one with step and/or tool."""
+
+    def __init__(self, task_id: str, pending: list[ev.ApprovalRequestedData]) -> None:
+        self.pending = pending
+        super().__init__(task_id, f"{len(pending)} approvals are pending on task {task_id}; "
+                                  "choose one by step and tool")
+
+
+def open_state(state: TaskState) -> TaskState:
+    """`state` if the task exists and has not ended, else the ControlRefused why not."""
+    if state.last_seq == 0:
+        raise NoSuchTask(state.task_id)
+    if state.terminal:
+        raise TaskFinished(state.task_id, state.status.value)
+    return state
+
+
+def pending_one(state: TaskState, step: str | None = None, tool: str | None = None
+                ) -> ev.ApprovalRequestedData:
+    """The one pending approval matching `step`/`tool` (ControlRefused otherwise)."""
+    pending = [p for p in state.pending_approvals.values()
+               if (step is None or p.step_id == step) and (tool is None or p.tool == tool)]
+    if not pending:
+        raise NoPendingApproval(state.task_id, step)
+    if len(pending) > 1:
+        raise AmbiguousApproval(state.task_id, pending)
+    return pending[0]
 
 
 class Client:
@@ -82,6 +140,47 @@ class Client:
         return await asyncio.wait_for(wait(), timeout)
 
     async def cancel(self, task_id: str, reason: str = "canceled by request") -> None:
+        """Ask for the task to be canceled. Refused (ControlRefused: NoSuchTask,
+        TaskFinished) if it does not exist or has ended; a cancel that races past this
+        check with the task's end changes nothing (the fold ignores controls after it)."""
+        open_state(await self.state(task_id))
         await self.ledger.append(ev.CancelRequested(
             subject=task_id, source="jetmesh/client",
             data=ev.CancelRequestedData(reason=reason)))
+
+    async def approve(self, task_id: str, *, step: str | None = None,
+                      tool: str | None = None, by: str = "operator"
+                      ) -> ev.ApprovalRequestedData:
+        """Approve the task's pending gated call (exactly its arguments); returns it.
+        ControlRefused if the task does not exist or has ended, or none (or several)
+        is pending."""
+        return await self._decide(task_id, True, step, tool, by, "")
+
+    async def deny(self, task_id: str, *, reason: str = "denied", step: str | None = None,
+                   tool: str | None = None, by: str = "operator") -> ev.ApprovalRequestedData:
+        """Deny the task's pending gated call; the agent is told and it never runs."""
+        return await self._decide(task_id, False, step, tool, by, reason)
+
+    async def _decide(self, task_id: str, granted: bool, step: str | None, tool: str | None,
+                      by: str, reason: str) -> ev.ApprovalRequestedData:
+        p = pending_one(open_state(await self.state(task_id)), step, tool)
+        data = ev.ApprovalDecisionData(step_id=p.step_id, tool=p.tool, args_hash=p.args_hash,
+                                       by=by, reason=reason)
+        event: ev.Event = (
+            ev.ApprovalGranted(subject=task_id, source="jetmesh/client", data=data) if granted
+            else ev.ApprovalDenied(subject=task_id, source="jetmesh/client", data=data))
+        await self.ledger.append(event)
+        return p
+
+    async def waiting_for_agents(self, state: TaskState
+                                 ) -> list[tuple[str, str, datetime | None]]:
+        """The task's steps queued for a skill no live agent offers: (step, skill, since)."""
+        from jetmesh.orchestrator.decide import waiting_for_agents
+
+        if not waiting_for_agents(state, set()):
+            return []  # nothing queued: no need to look at the registry
+        from jetmesh.a2a.registry import snapshot
+        from jetmesh.a2a.signing import verifier_from_env
+
+        agents, _ = await snapshot(self.js, verifier=verifier_from_env())
+        return waiting_for_agents(state, {s for a in agents for s in a.skill_ids})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -67,6 +68,10 @@ class Wait:
 
 Action = Plan | Dispatch | FailStep | Merge | Complete | Fail | Cancel | Wait
 
+NO_AGENT_WAIT_S = 3600.0
+"""How long a dispatched step waits in the work stream for an agent offering its skill
+when the task has no deadline and no explicit wait is set (JETMESH_NO_AGENT_WAIT_S)."""
+
 
 def final_result(state: TaskState) -> dict[str, Any]:
     """Without a merge: every step's output, and the output of the last step(s)."""
@@ -79,11 +84,29 @@ def final_result(state: TaskState) -> dict[str, Any]:
     return result
 
 
+def waiting_for_agents(state: TaskState, live_skills: set[str] | None
+                       ) -> list[tuple[str, str, datetime | None]]:
+    """Steps queued in the work stream that no live agent offers: (step, skill, since)."""
+    if live_skills is None or state.terminal:
+        return []
+    return [(st.id, st.skill, st.dispatched_at) for st in state.steps.values()
+            if st.status is StepStatus.DISPATCHED and st.skill not in live_skills]
+
+
 def decide(
     state: TaskState, now: datetime, *, live_skills: set[str] | None = None,
-    no_agent_wait_s: float = 30.0,
+    no_agent_wait_s: float | None = None, live_since: Mapping[str, datetime] | None = None,
 ) -> list[Action]:
-    """The actions that move `state` forward. Empty: the task is terminal."""
+    """The actions that move `state` forward. Empty: the task is terminal.
+
+    A ready step is dispatched whether or not an agent offering its skill is live: its
+    command waits in the skill's durable work stream until one comes. While none is
+    live (`live_skills`, None: not checked) the step has no timeout; it waits until the
+    task's deadline, or `no_agent_wait_s` after its dispatch if that is set, or
+    NO_AGENT_WAIT_S with neither, and then the task fails `no_agent`. A step's timeout
+    counts from its dispatch, or from when its skill came (back) to life
+    (`live_since`), whichever is later.
+    """
     if state.terminal or state.submitted is None:
         return []
     if state.cancel_requested is not None:
@@ -113,16 +136,6 @@ def decide(
         if st.status is StepStatus.PENDING:
             if not all(d in outputs for d in p.depends_on):
                 continue
-            if live_skills is not None and p.skill not in live_skills:
-                finished = [f for f in (state.steps[dep].finished_at for dep in p.depends_on)
-                            if f is not None]
-                ready_since = max(finished) if finished else (state.planned_at or now)
-                give_up = ready_since + timedelta(seconds=no_agent_wait_s)
-                if now >= give_up:
-                    return [Fail("no_agent", f"no live agent offers skill '{p.skill}' "
-                                             f"(waited {no_agent_wait_s:g}s)")]
-                waits.append(give_up)
-                continue
             try:
                 step_input = resolve_input(
                     p.input, goal=state.submitted.goal, task_input=state.submitted.input,
@@ -133,7 +146,23 @@ def decide(
         elif st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING) and st.dispatched_at \
                 and not any(a.step_id == p.id for a in state.pending_approvals.values()):
             # (A step waiting for a human has the approval's own expiry instead.)
-            timeout_at = st.dispatched_at + timedelta(seconds=p.timeout_s)
+            if live_skills is not None and p.skill not in live_skills:
+                if no_agent_wait_s is not None:
+                    give_up = st.dispatched_at + timedelta(seconds=no_agent_wait_s)
+                    waited = f"{no_agent_wait_s:g}s"
+                else:
+                    give_up = deadline or st.dispatched_at + timedelta(seconds=NO_AGENT_WAIT_S)
+                    waited = f"{(give_up - st.dispatched_at).total_seconds():g}s"
+                if now >= give_up:
+                    return [Fail("no_agent", f"no live agent offers skill '{p.skill}' "
+                                             f"(step {p.id} waited {waited})")]
+                waits.append(give_up)
+                continue
+            since = st.dispatched_at
+            back = (live_since or {}).get(p.skill)
+            if back is not None and back > since:
+                since = back
+            timeout_at = since + timedelta(seconds=p.timeout_s)
             if now >= timeout_at:
                 actions.append(FailStep(p.id, "timeout",
                                         f"no result within {p.timeout_s:g}s", True,

@@ -189,7 +189,8 @@ async def _check_nats_role(role: str, agent: str | None, skills: list[str], url:
         if role in ("orchestrator", "up"):
             consumers = [(subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT),
                          (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS),
-                         (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL)]
+                         (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL),
+                         (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_APPROVALS)]
         elif role == "worker":
             consumers = [(subjects.STREAM_WORK, subjects.work_consumer(s)) for s in skills]
         for stream, durable in consumers:
@@ -306,6 +307,10 @@ def register(app: typer.Typer) -> None:
         except UsageError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(USAGE) from None
+        from jetmesh.orchestrator.nats_config import use_data_dir_credentials
+
+        # Against a `jetmesh up` mesh with no credentials set: the admin's (read only).
+        use_data_dir_credentials(data_dir)
         target = url or discover_url(data_dir)
         try:
             result = asyncio.run(check(r, a, url=target, timeout_s=timeout,

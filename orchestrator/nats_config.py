@@ -1,7 +1,12 @@
 """`jetmesh nats-config`: a nats-server configuration with one user per role.
 
 The permissions come from `jetmesh.bus.permissions`; this module only resolves the
-agents, keeps passwords stable across regenerations and writes the files.
+agents, keeps passwords stable across regenerations and writes the files (mode 0600).
+
+`jetmesh up` uses the same files in its data directory (`write_data_dir_auth`): the
+server includes `nats-auth.conf`, each child gets its role's block of `nats-auth.env`,
+and the CLI's commands run against that mesh find their credentials there
+(`use_data_dir_credentials`: admin for most, approver for `approve` / `deny`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from jetmesh.bus.permissions import AuthConfig, Options
+from jetmesh.bus.permissions import ROLE_ADMIN, AuthConfig, Options
 
 err = Console(stderr=True)
 
 _ENV_LINE = re.compile(r"^(NATS_USER|NATS_PASSWORD)=(.*)$")
+_ANY_ENV_LINE = re.compile(r"^(NATS_[A-Z_]+)=(.*)$")
+
+AUTH_CONF = "nats-auth.conf"
+"""In a data directory: the server's `authorization` section (`jetmesh up`)."""
+AUTH_ENV = "nats-auth.env"
+"""In a data directory: every role's NATS_USER / NATS_PASSWORD / NATS_INBOX_PREFIX."""
+CREDENTIAL_VARS = ("NATS_USER", "NATS_PASSWORD", "NATS_INBOX_PREFIX")
 
 
 def resolve_agents(items: Sequence[str] | None) -> dict[str, list[str]]:
@@ -71,6 +83,56 @@ def read_passwords(env_file: Path) -> dict[str, str]:
     return found
 
 
+def read_env_blocks(env_file: Path) -> dict[str, dict[str, str]]:
+    """User -> its block's NATS_* variables, from an env file this module wrote."""
+    blocks: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    if not env_file.exists():
+        return blocks
+    for line in env_file.read_text().splitlines():
+        m = _ANY_ENV_LINE.match(line.strip())
+        if not m:
+            continue
+        name, value = m.group(1), m.group(2)
+        if name == "NATS_USER":
+            current = {}
+            blocks[value] = current
+        current[name] = value
+    return blocks
+
+
+def write_data_dir_auth(data_dir: Path, agents: dict[str, list[str]],
+                        options: Options | None = None) -> tuple[AuthConfig, Path, Path]:
+    """The users of a `jetmesh up` mesh in `data_dir` (passwords kept from an earlier run,
+    so children restarted alone still log in): (auth, config path, env path), both files
+    mode 0600."""
+    conf, env = data_dir / AUTH_CONF, data_dir / AUTH_ENV
+    auth = AuthConfig.create(agents, options, passwords=read_passwords(env))
+    _write_secret(conf, auth.server_config())
+    _write_secret(env, auth.env_file())
+    return auth, conf, env
+
+
+def credentials_in(data_dir: Path, user: str) -> dict[str, str] | None:
+    """The NATS_* variables of `user` from a `jetmesh up` data directory, if it has them."""
+    return read_env_blocks(data_dir / AUTH_ENV).get(user)
+
+
+def use_data_dir_credentials(data_dir: Path, user: str = ROLE_ADMIN) -> bool:
+    """For the CLI run against a `jetmesh up` mesh: when no credentials are set in the
+    environment (NATS_USER, NATS_CREDS), take `user`'s from the data directory. True when
+    it set them."""
+    if any(os.environ.get(v) for v in ("NATS_USER", "NATS_CREDS", "JETMESH_NATS_CREDS")):
+        return False
+    found = credentials_in(data_dir, user)
+    if not found:
+        return False
+    for name in CREDENTIAL_VARS:
+        if name in found:
+            os.environ[name] = found[name]
+    return True
+
+
 def _write_secret(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -96,8 +158,9 @@ Or a standalone nats-server: add `include "{conf}"` to its configuration.
 
 Then start each role with its block of {env}
 (NATS_USER, NATS_PASSWORD, NATS_INBOX_PREFIX): the admin block for `jetmesh`
-operator commands, `orchestrator` for `jetmesh orchestrator`, `agent-<name>` for
-`jetmesh worker <name>`, `memory`, `gateway`. Declare the streams and buckets
+operator commands, `approver` for `jetmesh approve` / `deny`, `orchestrator` for
+`jetmesh orchestrator`, `agent-<name>` for `jetmesh worker <name>`, `bridge`,
+`memory`, `gateway`. Declare the streams and buckets
 as admin (or start the orchestrator) before the agents: agents only read them.
 """
 
@@ -127,22 +190,24 @@ def register(app: typer.Typer) -> None:
                                    "each other's replies).")] = False,
         agents_write_control: Annotated[bool, typer.Option(
             "--agents-write-control", help="Let agents append to task control subjects "
-                                           "(approval-timeout denials; also lets them "
-                                           "write approvals).")] = False,
-        strict_consumers: Annotated[bool, typer.Option(
-            "--strict-consumers", help="Only filter-bound consumer creation "
-                                       "(CONSUMER.CREATE.<stream>.<name>.<filter>); needs "
-                                       "consumers created by name.")] = False,
+                                           "(cancel tasks; approvals stay the approver's).")
+        ] = False,
+        legacy_consumers: Annotated[bool, typer.Option(
+            "--legacy-consumers", help="Also allow consumer creation by durable name "
+                                       "(CONSUMER.DURABLE.CREATE, filter in the body) for "
+                                       "older clients; lets a role re-point its own durable "
+                                       "at another subject.")] = False,
         embedded: Annotated[bool, typer.Option(
             "--embedded", help="Also print how to run the embedded server with it.")
         ] = False,
     ) -> None:
-        """Write a nats-server configuration with one user per role (orchestrator, each
-        agent, memory, gateway, admin), each allowed only its own subjects."""
+        """Write a nats-server configuration with one user per role (admin, approver,
+        orchestrator, each agent, bridge, memory, gateway), each allowed only its own
+        subjects."""
         resolved = resolve_agents(agents.split(",") if agents else None)
         options = Options(private_inboxes=not shared_inbox,
                           agents_write_control=agents_write_control,
-                          legacy_consumer_create=not strict_consumers)
+                          legacy_consumer_create=legacy_consumers)
         env_path = env_out or (out.with_name(out.name + ".env") if out else None)
         keep = {} if rotate or env_path is None else read_passwords(env_path)
         try:

@@ -48,14 +48,19 @@ from jetmesh.orchestrator.workflows import WorkflowRegistry, builtin_registry
 log = logging.getLogger("jetmesh.orchestrator")
 
 SOURCE = "jetmesh/orchestrator"
+REPLY_HEADER = "Jm-Reply-To"
+"""A submission's own reply inbox: a refusal is answered there (the message the submit
+consumer delivers has JetStream's ack subject as its reply, not the submitter's)."""
 TERMINAL_STEP_TYPES = frozenset({"jetmesh.step.completed.v1", "jetmesh.step.failed.v1"})
 
 
 class OrchestratorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JETMESH_", extra="ignore")
 
-    no_agent_wait_s: float = 30.0
-    """How long a ready step waits for a live agent offering its skill before the task fails."""
+    no_agent_wait_s: float | None = None
+    """How long a dispatched step waits in its work stream for a live agent offering its
+    skill before the task fails `no_agent`. None (the default): until the task's
+    deadline, or an hour (decide.NO_AGENT_WAIT_S) if it has none."""
     tick_s: float = 0.5
     """How often timers (step timeouts, deadlines, waiting for agents) are checked."""
     planner_provider: str | None = None
@@ -187,6 +192,21 @@ def _fold_delivered(cached: _Cached, delivered: list[_Delivered]) -> bool:
     return True
 
 
+def end_id(task_id: str) -> str:
+    """The id of a task's terminal event, whichever it is: of two ends decided at once
+    (two replicas, a stale fold) JetStream stores only the first."""
+    return f"{task_id}-end"
+
+
+def _reply_subject(msg: Msg) -> str | None:
+    """Where to answer a submission: an inbox, never a jetmesh or system subject."""
+    reply = (msg.headers or {}).get(REPLY_HEADER, "")
+    if not reply or reply.startswith((f"{subjects.PREFIX}.", "$")) or \
+            any(c in reply for c in "*> \t\r\n"):
+        return None
+    return reply
+
+
 def _consume_exception(fut: asyncio.Future[Any]) -> None:
     """A coalesced drive's failure is raised to its own caller; riders, if any, get it
     from the future, and if there are none it must not be reported as never retrieved."""
@@ -227,6 +247,9 @@ class Orchestrator:
             self.registry = Registry(self.presence, verifier=verifier_from_env())
         self._skills: dict[str, SkillSpec] | None = None
         self._skills_at = 0.0
+        self._live_since: dict[str, datetime] = {}
+        self._timer_drives: set[asyncio.Task[None]] = set()
+        self._timer_sem = asyncio.Semaphore(32)
         self._clock: Callable[[], float] = time.monotonic
         self.now = now
         self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
@@ -253,6 +276,8 @@ class Orchestrator:
              self._on_step_event, True),
             (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL, subjects.ALL_CONTROL,
              self._on_control, True),
+            (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_APPROVALS, subjects.ALL_APPROVALS,
+             self._on_control, True),
         ]
         for stream, durable, filt, handler, new_only in specs:
             runner = PullRunner(self.js, stream,
@@ -267,7 +292,7 @@ class Orchestrator:
                  self.model.name, ", ".join(self.workflows.names()))
 
     async def stop(self) -> None:
-        await cancel_and_wait(*self._tasks)
+        await cancel_and_wait(*self._tasks, *self._timer_drives)
         for r in self._runners:
             await r.stop()
         if self.presence:
@@ -276,6 +301,14 @@ class Orchestrator:
     # ------------------------------------------------------------------ handlers
 
     async def _on_submit(self, msg: Msg) -> None:
+        """A submission starts a new task and never touches an existing one.
+
+        Cheap on bad input: a body that is not a JSON object or has no usable task id is
+        dead-lettered with no ledger access; one with a usable id but bad fields gets a
+        `rejected` event on its (new) task, appended only if the task's events subject
+        is empty (fenced, no read). A submission for an existing task is a no-op if it
+        is identical to the one stored, else it is refused: dead-lettered "task exists"
+        (and answered on its REPLY_HEADER inbox), nothing appended to the task."""
         try:
             raw = json.loads(msg.data)
         except ValueError as e:
@@ -292,9 +325,13 @@ class Orchestrator:
             except ValidationError:
                 raise Reject("invalid submission (and no usable task_id)", errors) from e
             assert isinstance(task_id, str)
-            await self.ledger.append(ev.TaskRejected(
-                id=f"{task_id}-rejected", subject=task_id, source=SOURCE,
-                data=ev.TaskRejectedData(reason="invalid submission", errors=errors)))
+            try:
+                await self.ledger.append(ev.TaskRejected(
+                    id=end_id(task_id), subject=task_id, source=SOURCE,
+                    data=ev.TaskRejectedData(reason="invalid submission", errors=errors)),
+                    expected_last_subject_seq=0, validate=False)
+            except AppendConflict:
+                await self._refuse(msg, task_id, errors)
             return
         submitted = ev.TaskSubmitted(
             id=f"{sub.task_id}-submitted", subject=sub.task_id, source=SOURCE,
@@ -305,11 +342,26 @@ class Orchestrator:
         first: list[ev.Event] = [submitted]
         if sub.workflow and self.workflows.get(sub.workflow) is None:
             first.append(ev.TaskRejected(
-                id=f"{sub.task_id}-rejected", subject=sub.task_id, source=SOURCE,
+                id=end_id(sub.task_id), subject=sub.task_id, source=SOURCE,
                 data=ev.TaskRejectedData(
                     reason=f"unknown workflow '{sub.workflow}'; known: "
                            + ", ".join(self.workflows.names()))))
-        await self.drive(sub.task_id, first=first)
+        state = await self.drive(sub.task_id, first=first)
+        if state.submitted != submitted.data:
+            await self._refuse(msg, sub.task_id)
+
+    async def _refuse(self, msg: Msg, task_id: str,
+                      errors: list[dict[str, Any]] | None = None) -> None:
+        """Refuse a submission for an existing task: not on the task, but a dead letter
+        (and an answer on the submission's reply inbox, if it named one)."""
+        reply = _reply_subject(msg)
+        if reply is not None:
+            try:
+                await self.nc.publish(reply, json.dumps(
+                    {"task_id": task_id, "error": "task exists"}).encode())
+            except Exception as e:  # the dead letter still says it
+                log.debug("task %s: reply to %s failed: %s", task_id, reply, e)
+        raise Reject("task exists", errors)
 
     async def _on_step_event(self, msg: Msg) -> None:
         self._observe(msg)
@@ -403,6 +455,13 @@ class Orchestrator:
         if self._skills is None or now - self._skills_at > 0.2 or \
                 self.presence.changed.is_set():
             self._skills, self._skills_at = self.registry.skills(), now
+            wall = self.now()
+            for sid in self._skills:
+                # When each skill was first seen live by this process (or came back):
+                # a step's timeout does not count the time it waited for an agent.
+                self._live_since.setdefault(sid, wall)
+            for sid in [k for k in self._live_since if k not in self._skills]:
+                del self._live_since[sid]
         return self._skills
 
     async def drive(self, task_id: str, *, first: list[ev.Event] | None = None) -> TaskState:
@@ -452,17 +511,25 @@ class Orchestrator:
             try:
                 state = await self.load(task_id, delivered)
                 carried: list[ev.Event] = []
-                if first and state.submitted is None:
-                    # Folded in now, appended with the first decisions (the plan and its
-                    # dispatches) in one batch: one disk round trip fewer per task.
-                    carried = _prefold(state, first)
+                if first:
+                    if state.submitted is None:
+                        began = await self._begin(task_id, state, first)
+                        if began is None:
+                            return state  # the task exists (rejected, or another won)
+                        state, carried = began
+                    elif state.submitted != first[0].data:
+                        return state  # a different submission: not touched (refused)
                 if fresh:
                     await self._republish_dispatched(state)
+                confirmed: set[str] = set()
                 for _ in range(50):
-                    live = self.live_skills()
-                    actions = d.decide(state, self.now(),
-                                       live_skills=set(live) if live is not None else None,
-                                       no_agent_wait_s=self.settings.no_agent_wait_s)
+                    live = self._live_set(confirmed)
+                    actions = d.decide(state, self.now(), live_skills=live,
+                                       no_agent_wait_s=self.settings.no_agent_wait_s,
+                                       live_since=self._live_since)
+                    stale = await self._stale_no_agent(state, actions, confirmed)
+                    if stale:
+                        continue  # the view was stale: an agent offers the skill
                     if not actions or isinstance(actions[0], d.Wait):
                         if carried:
                             state = await self._flush(state, [], [], carried)
@@ -496,6 +563,62 @@ class Orchestrator:
                 # unstarted steps.
                 self._cache.pop(task_id, None)
                 raise
+
+    async def _begin(self, task_id: str, state: TaskState, first: list[ev.Event]
+                     ) -> tuple[TaskState, list[ev.Event]] | None:
+        """Store a new task's submission, only if the task's events subject is empty
+        (fenced): of two submissions of one new id (or a submission and a rejection of
+        an invalid one) exactly one lands. Returns the state with it folded in and the
+        rest of `first` folded in and carried (appended with the first decisions), or
+        None if the task exists."""
+        cached = self._cache.get(task_id)
+        if state.last_seq or cached is None or cached.state is not state:
+            return None  # the task has events but no submission: it exists
+        try:
+            seq = await self.ledger.append(first[0], expected_last_subject_seq=0,
+                                           validate=False)
+        except AppendConflict:
+            await self.load(task_id)
+            return None
+        apply(state, LedgerEntry(seq, subject_for(first[0]), first[0]), check_seq=False)
+        if seq > cached.cursor:
+            cached.local.add(seq)
+        return state, _prefold(state, first[1:])
+
+    def _live_set(self, confirmed: set[str]) -> set[str] | None:
+        live = self.live_skills()
+        return None if live is None else set(live) | confirmed
+
+    async def _stale_no_agent(self, state: TaskState, actions: list[d.Action],
+                              confirmed: set[str]) -> bool:
+        """A `no_agent` failure is decided on the registry view, which lags when the
+        loop is saturated: before it is carried out, the registry itself is read. True:
+        the skill is live after all (added to `confirmed`), decide again."""
+        if len(actions) != 1 or not isinstance(actions[0], d.Fail) or \
+                actions[0].code != "no_agent" or self.registry is None:
+            return False
+        waiting = {skill for _, skill, _ in d.waiting_for_agents(state, self._live_set(
+            confirmed))}
+        if not waiting:
+            return False
+        from jetmesh.a2a.registry import snapshot
+        from jetmesh.a2a.signing import verifier_from_env
+
+        try:
+            agents, _ = await snapshot(self.js, ttl_s=self.settings.agent_ttl_s,
+                                       verifier=verifier_from_env())
+        except Exception as e:  # no second opinion: the view decides
+            log.warning("task %s: registry read before no_agent failed: %s",
+                        state.task_id, e)
+            return False
+        found = {sid for a in agents for sid in a.skill_ids} & waiting
+        if not found:
+            return False
+        log.info("task %s: the registry view was stale (skills %s are live)", state.task_id,
+                 ", ".join(sorted(found)))
+        confirmed |= found
+        self._skills = None  # recompute the view at the next look
+        return True
 
     async def _flush(self, state: TaskState, events: list[ev.Event],
                      commands: list[tuple[str, bytes, dict[str, str]]],
@@ -565,16 +688,16 @@ class Orchestrator:
                 events += await self._merge(state)
             elif isinstance(a, d.Complete):
                 events.append(ev.TaskCompleted(
-                    id=f"{tid}-completed", subject=tid, source=SOURCE,
+                    id=end_id(tid), subject=tid, source=SOURCE,
                     data=ev.TaskCompletedData(result=a.result)))
             elif isinstance(a, d.Fail):
                 events += self._cascade_cancel(state, a.reason)
                 events.append(ev.TaskFailed(
-                    id=f"{tid}-failed", subject=tid, source=SOURCE,
+                    id=end_id(tid), subject=tid, source=SOURCE,
                     data=ev.TaskFailedData(code=a.code, reason=a.reason)))
             elif isinstance(a, d.Cancel):
                 events.append(ev.TaskCanceled(
-                    id=f"{tid}-canceled", subject=tid, source=SOURCE,
+                    id=end_id(tid), subject=tid, source=SOURCE,
                     data=ev.TaskCanceledData(reason=a.reason)))
             elif isinstance(a, d.Dispatch):
                 evs, cmds = self._dispatch(state, a)
@@ -592,7 +715,8 @@ class Orchestrator:
         events: list[ev.Event] = []
         commands: list[tuple[str, bytes, dict[str, str]]] = []
         for a in d.decide(state, self.now(), live_skills=set(live) if live is not None else None,
-                          no_agent_wait_s=self.settings.no_agent_wait_s):
+                          no_agent_wait_s=self.settings.no_agent_wait_s,
+                          live_since=self._live_since):
             if isinstance(a, d.Dispatch):
                 evs, cmds = self._dispatch(state, a)
                 events += evs
@@ -690,7 +814,7 @@ class Orchestrator:
             wf = self.workflows.get(sub.workflow)
             if wf is None:  # registry changed since submission
                 return [ev.TaskFailed(
-                    id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                    id=end_id(tid), subject=tid, source=SOURCE, data=ev.TaskFailedData(
                         code="unknown_workflow", reason=f"unknown workflow '{sub.workflow}'"))]
             return [ev.TaskPlanned(
                 id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
@@ -704,12 +828,12 @@ class Orchestrator:
                                                  recorder)
         except BudgetRefused as e:
             return self._calls(state, recorder) + [ev.TaskFailed(
-                id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                id=end_id(tid), subject=tid, source=SOURCE, data=ev.TaskFailedData(
                     code="budget_exceeded", reason=f"planning: {e}"))]
         except PlanError as e:
             detail = ("; ".join(str(x) for x in e.errors[:5])) if e.errors else ""
             return self._calls(state, recorder) + [ev.TaskFailed(
-                id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                id=end_id(tid), subject=tid, source=SOURCE, data=ev.TaskFailedData(
                     code="plan_failed", reason=f"{e.reason}{': ' + detail if detail else ''}"))]
         return self._calls(state, recorder) + [ev.TaskPlanned(
             id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
@@ -728,10 +852,10 @@ class Orchestrator:
             result = await merge_with_model(self.model, sub.goal, outputs, recorder)
         except BudgetRefused as e:
             return [ev.TaskFailed(
-                id=f"{tid}-failed", subject=tid, source=SOURCE, data=ev.TaskFailedData(
+                id=end_id(tid), subject=tid, source=SOURCE, data=ev.TaskFailedData(
                     code="budget_exceeded", reason=f"merging: {e}"))]
         return self._calls(state, recorder) + [ev.TaskCompleted(
-            id=f"{tid}-completed", subject=tid, source=SOURCE,
+            id=end_id(tid), subject=tid, source=SOURCE,
             data=ev.TaskCompletedData(result=result))]
 
     # ------------------------------------------------------------------ timers, recovery
@@ -743,7 +867,9 @@ class Orchestrator:
 
     async def _tick(self) -> None:
         """Drive the tasks whose timer is due, or all waiting ones if an agent came or
-        went."""
+        went. Each drive runs on its own (at most 32 at once), so a slow one never holds
+        up the next tick, and a task whose timer drive is still running is not driven
+        again."""
         now = self.now()
         if self.presence and self.presence.changed.is_set():
             # An agent came or went: tasks waiting for one may move now. The skills
@@ -755,25 +881,45 @@ class Orchestrator:
         else:
             due = [t for t, until in list(self._waiting.items())
                    if until is not None and until <= now]
+        busy = {t.get_name() for t in self._timer_drives}
         for task_id in due:
+            if task_id in busy:
+                continue
+            t = asyncio.create_task(self._timer_drive(task_id), name=task_id)
+            self._timer_drives.add(t)
+            t.add_done_callback(self._timer_drives.discard)
+
+    async def _timer_drive(self, task_id: str) -> None:
+        async with self._timer_sem:
             try:
                 await self.drive(task_id)
             except Exception as e:
                 log.warning("task %s: timer drive failed: %s", task_id, e)
 
     async def _recover(self) -> None:
-        """Find unfinished tasks in the ledger and drive them (after a restart)."""
+        """Find unfinished tasks in the ledger and drive them (after a restart). A message
+        on a task's events subject that is not an event is logged and skipped."""
         pending: set[str] = set()
-        for _seq, subject, data in await self.ledger.read_raw(subjects.ALL_TASK_EVENTS):
+        ended: set[str] = set()
+        for seq, subject, data in await self.ledger.read_raw(subjects.ALL_TASK_EVENTS):
             tid = subjects.task_id_of(subject)
             if tid is None:
                 continue
-            etype = json.loads(data).get("type", "")
+            try:
+                event = json.loads(data)
+                etype = event.get("type", "") if isinstance(event, dict) else None
+            except ValueError:
+                etype = None
+            if not isinstance(etype, str):
+                log.warning("recovery: ledger message %d on %s is not an event; skipped",
+                            seq, subject)
+                continue
             if etype in {"jetmesh.task.completed.v1", "jetmesh.task.failed.v1",
                          "jetmesh.task.canceled.v1", "jetmesh.task.rejected.v1"}:
-                pending.discard(tid)
+                ended.add(tid)
             else:
                 pending.add(tid)
+        pending -= ended  # nothing after a task's end counts
         if pending:
             log.info("recovering %d unfinished task(s)", len(pending))
         sem = asyncio.Semaphore(32)

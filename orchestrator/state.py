@@ -71,6 +71,29 @@ class StepState(BaseModel):
     last_seq: int = 0
     """Last stream sequence on this step's line (for fenced appends; its log of model
     and read-only tool calls does not count)."""
+    holder: str | None = None
+    """The worker holding the step's line: the one of its latest claim (a StepStarted on
+    the line), or, on a line not claimed yet, the writer of its first fenced append (a
+    first delivery's claim); `orchestrator` once the orchestrator failed the attempt."""
+    logged: str | None = None
+    """The worker of a first delivery's logged start (not a claim), while the line has
+    no holder yet."""
+
+
+class IgnoredEvent(BaseModel):
+    """An event the fold did not count, and why (shown by `jetmesh show`)."""
+
+    seq: int
+    type: str
+    step_id: str | None = None
+    reason: str
+
+
+MAX_IGNORED = 100
+"""Ignored events kept in a fold (all are counted in `ignored_count`)."""
+
+ORCHESTRATOR = "orchestrator"
+"""The `agent` of the orchestrator's own step failures, and the holder they leave."""
 
 
 class TaskState(BaseModel):
@@ -104,6 +127,10 @@ class TaskState(BaseModel):
     budget_exceeded: list[ev.BudgetExceededData] = Field(default_factory=list)
     orchestrator_calls: list[ev.ModelCalledData] = Field(default_factory=list)
     """The orchestrator's own model calls (plan, merge), for replay."""
+    ignored: list[IgnoredEvent] = Field(default_factory=list)
+    """Events that did not count (the first MAX_IGNORED): step events not written by the
+    step's holder, events of steps never dispatched, step events off their subject."""
+    ignored_count: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -115,18 +142,55 @@ def approval_key(step_id: str, tool: str, args_hash: str) -> str:
     return f"{step_id}/{tool}/{args_hash}"
 
 
-def _step(state: TaskState, step_id: str, skill: str = "?") -> StepState:
-    st = state.steps.get(step_id)
-    if st is None:
-        st = state.steps[step_id] = StepState(id=step_id, skill=skill)
-    return st
+def _ignore(state: TaskState, entry: LedgerEntry, step_id: str | None, reason: str
+            ) -> TaskState:
+    state.ignored_count += 1
+    if len(state.ignored) < MAX_IGNORED:
+        state.ignored.append(IgnoredEvent(seq=entry.seq, type=entry.event.type,
+                                          step_id=step_id, reason=reason))
+    return state
+
+
+def _end(state: TaskState, status: TaskStatus, code: str | None, reason: str | None) -> None:
+    """The task's end: nothing is pending any more (a gated call of a finished task
+    waits for nobody)."""
+    state.status, state.code, state.reason = status, code, reason
+    state.pending_approvals.clear()
+
+
+def _not_holder(st: StepState, worker: str | None) -> str | None:
+    """Why a record written by `worker` does not count on this step now (None: it does).
+
+    The holder at this point of the step's line: the worker of its latest claim, else
+    the writer of its first fenced append, else (nothing on the line yet) the worker of
+    a first delivery's logged start. Records that name no worker (the orchestrator's,
+    or written before records named one) count."""
+    if worker is None:
+        return None
+    holder = st.holder if st.holder is not None else st.logged
+    if holder is None or holder == worker:
+        return None
+    return f"written by {worker}, not the step's holder {holder}"
+
+
+def _by_orchestrator(e: ev.Event) -> bool:
+    return isinstance(e, ev.StepFailed) and e.data.agent == ORCHESTRATOR
+
+
+_STEP_EVENTS = (ev.StepStarted, ev.ToolCalled, ev.StepCompleted, ev.StepFailed,
+                ev.PolicyDecided, ev.ApprovalRequested)
 
 
 def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> TaskState:
     """Fold one event into `state` (mutates and returns it). Never raises on valid events.
 
-    Terminal states stay terminal: later events still count toward usage and step
-    records (a late step result is audit history) but never change the task's status.
+    Terminal states stay terminal: later step events still count toward usage and step
+    records (a late step result is audit history) but never change the task's status,
+    and control messages after the end (a cancel, an approval) change nothing.
+
+    A step's events count only from its subject, for a step that was dispatched, and
+    (results, model and tool calls) only when written by the step's holder at that
+    point of its line (see `_not_holder`); the others are listed in `ignored`.
     """
     e = entry.event
     if check_seq and entry.seq <= state.last_seq:
@@ -134,6 +198,9 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
     state.last_seq = max(state.last_seq, entry.seq)
     if e.time and (state.updated_at is None or e.time > state.updated_at):
         state.updated_at = e.time
+    step_id = subjects.step_id_of(entry.subject)
+    if step_id is not None:
+        return _apply_step(state, entry, step_id)
     terminal = state.terminal
 
     match e:
@@ -143,19 +210,21 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
                 state.created_at = e.time
         case ev.TaskRejected():
             if not terminal:
-                state.status, state.code, state.reason = TaskStatus.REJECTED, "rejected", \
-                    e.data.reason
+                _end(state, TaskStatus.REJECTED, "rejected", e.data.reason)
         case ev.TaskPlanned():
             if not state.plan:
                 state.planner, state.plan, state.merge = e.data.planner, e.data.steps, \
                     e.data.merge
                 state.planned_at = e.time
                 for p in e.data.steps:
-                    _step(state, p.id, p.skill)
+                    if p.id not in state.steps:
+                        state.steps[p.id] = StepState(id=p.id, skill=p.skill)
             if not terminal:
                 state.status = TaskStatus.WORKING
         case ev.StepDispatched():
-            st = _step(state, e.data.step_id, e.data.skill)
+            st = state.steps.get(e.data.step_id)
+            if st is None:
+                return _ignore(state, entry, e.data.step_id, "step not in the plan")
             if e.data.attempt >= st.attempt:
                 st.attempt = e.data.attempt
                 st.input = e.data.input
@@ -163,53 +232,115 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
                 if not st.status.terminal or st.status == StepStatus.FAILED:
                     st.status = StepStatus.DISPATCHED
                     st.code = st.reason = None
+        case ev.ModelCalled() if e.data.step_id is None:
+            _count_model(state, None, e.data)
+            state.orchestrator_calls.append(e.data)
+        case ev.CancelRequested():
+            if not terminal and state.cancel_requested is None:
+                state.cancel_requested = e.data.reason
+        case ev.ApprovalGranted() | ev.ApprovalDenied():
+            key = approval_key(e.data.step_id, e.data.tool, e.data.args_hash)
+            if not terminal and key not in state.decisions:
+                state.decisions[key] = (
+                    "granted" if isinstance(e, ev.ApprovalGranted) else "denied")
+                state.pending_approvals.pop(key, None)
+                if not state.pending_approvals and state.status is TaskStatus.INPUT_REQUIRED:
+                    state.status = TaskStatus.WORKING
+        case ev.BudgetExceeded() if e.data.step_id is None:
+            state.budget_exceeded.append(e.data)
+        case ev.TaskCompleted():
+            if not terminal:
+                _end(state, TaskStatus.COMPLETED, None, None)
+                state.result = e.data.result
+        case ev.TaskFailed():
+            if not terminal:
+                _end(state, TaskStatus.FAILED, e.data.code, e.data.reason)
+        case ev.TaskCanceled():
+            if not terminal:
+                _end(state, TaskStatus.CANCELED, "canceled", e.data.reason)
+        case _:
+            data_step = getattr(e.data, "step_id", None)
+            return _ignore(state, entry, data_step if isinstance(data_step, str) else None,
+                           "a step's event off its step's subject")
+    return state
+
+
+def _count_model(state: TaskState, st: StepState | None, d: ev.ModelCalledData) -> None:
+    state.model_calls += 1
+    state.cost_usd += d.cost_usd
+    state.input_tokens += d.input_tokens
+    state.output_tokens += d.output_tokens
+    if st is not None:
+        st.model_calls += 1
+        st.cost_usd += d.cost_usd
+        st.input_tokens += d.input_tokens
+        st.output_tokens += d.output_tokens
+
+
+def _apply_step(state: TaskState, entry: LedgerEntry, step_id: str) -> TaskState:
+    """An event on a step's line or log (see `apply`)."""
+    e = entry.event
+    on_line = not subjects.is_step_log(entry.subject)
+    known = isinstance(e, (*_STEP_EVENTS, ev.ModelCalled, ev.BudgetExceeded)) \
+        or e.type in _OTHER_STEP_TYPES
+    if not known or getattr(e.data, "step_id", None) != step_id:
+        return _ignore(state, entry, step_id, "not an event of this step's subject")
+    st = state.steps.get(step_id)
+    if st is None:
+        return _ignore(state, entry, step_id, "step never dispatched")
+    if on_line:
+        st.last_seq = entry.seq  # the line's last sequence, whatever counts
+    if st.attempt == 0 and not _by_orchestrator(e):
+        return _ignore(state, entry, step_id, "step never dispatched")
+    terminal = state.terminal
+    worker = getattr(e.data, "worker", None)
+    worker = worker if isinstance(worker, str) else None
+
+    match e:
         case ev.StepStarted():
-            st = _step(state, e.data.step_id)
-            if not subjects.is_step_log(entry.subject):  # a claim, not a logged start
-                st.last_seq = entry.seq
+            if on_line:  # a claim: the line is this worker's from here
+                st.holder, st.logged = e.data.worker, None
+            elif st.holder is None:
+                st.logged = e.data.worker
+            else:
+                return _ignore(state, entry, step_id,
+                               f"a start logged by {e.data.worker} after {st.holder} "
+                               "claimed the step")
             if not st.status.terminal:
                 st.status = StepStatus.RUNNING
                 st.agent, st.worker, st.started_at = e.data.agent, e.data.worker, e.time
         case ev.ModelCalled():
-            d = e.data
-            state.model_calls += 1
-            state.cost_usd += d.cost_usd
-            state.input_tokens += d.input_tokens
-            state.output_tokens += d.output_tokens
-            if d.step_id:
-                st = _step(state, d.step_id)
-                if not subjects.is_step_log(entry.subject):
-                    st.last_seq = entry.seq
-                st.model_calls += 1
-                st.cost_usd += d.cost_usd
-                st.input_tokens += d.input_tokens
-                st.output_tokens += d.output_tokens
-            else:
-                state.orchestrator_calls.append(d)
+            why = _not_holder(st, worker)
+            if why:
+                return _ignore(state, entry, step_id, why)
+            _count_model(state, st, e.data)
         case ev.ToolCalled():
+            if on_line and st.holder is None and worker is not None:
+                st.holder = worker  # its first fenced append claims the line
+            why = _not_holder(st, worker)
+            if why:
+                return _ignore(state, entry, step_id, why)
             state.tool_calls += 1
-            st = _step(state, e.data.step_id)
-            if not subjects.is_step_log(entry.subject):
-                st.last_seq = entry.seq
             st.tool_calls += 1
-        case ev.StepCompleted():
-            st = _step(state, e.data.step_id)
-            st.last_seq = entry.seq
-            if not st.status.terminal:
-                st.status, st.output, st.finished_at = StepStatus.COMPLETED, e.data.output, e.time
-                st.agent = e.data.agent
-        case ev.StepFailed():
-            st = _step(state, e.data.step_id)
-            st.last_seq = entry.seq
-            if not st.status.terminal and e.data.attempt >= st.attempt:
+        case ev.StepCompleted() | ev.StepFailed():
+            if _by_orchestrator(e):
+                st.holder, st.logged = ORCHESTRATOR, None  # that attempt's holding ends
+            else:
+                if st.holder is None and worker is not None:
+                    st.holder = worker
+                why = _not_holder(st, worker)
+                if why:
+                    return _ignore(state, entry, step_id, why)
+            if isinstance(e, ev.StepCompleted):
+                if not st.status.terminal:
+                    st.status, st.output, st.finished_at = StepStatus.COMPLETED, \
+                        e.data.output, e.time
+                    st.agent = e.data.agent
+            elif not st.status.terminal and e.data.attempt >= st.attempt:
                 st.status, st.finished_at = StepStatus.FAILED, e.time
-                st.code, st.reason, st.retryable = e.data.code, e.data.reason, e.data.retryable
-        case ev.CancelRequested():
-            if state.cancel_requested is None:
-                state.cancel_requested = e.data.reason
+                st.code, st.reason, st.retryable = e.data.code, e.data.reason, \
+                    e.data.retryable
         case ev.PolicyDecided():
-            st = _step(state, e.data.step_id)
-            st.last_seq = entry.seq
             if e.data.rule == "approval-timeout":  # the wait expired: a denial
                 key = approval_key(e.data.step_id, e.data.tool, e.data.args_hash)
                 if key not in state.decisions:
@@ -219,38 +350,20 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
                             state.status is TaskStatus.INPUT_REQUIRED:
                         state.status = TaskStatus.WORKING
         case ev.ApprovalRequested():
-            st = _step(state, e.data.step_id)
-            st.last_seq = entry.seq
             key = approval_key(e.data.step_id, e.data.tool, e.data.args_hash)
-            if key not in state.decisions:
+            if not terminal and key not in state.decisions:
                 state.pending_approvals[key] = e.data
-                if not terminal:
-                    state.status = TaskStatus.INPUT_REQUIRED
-        case ev.ApprovalGranted() | ev.ApprovalDenied():
-            key = approval_key(e.data.step_id, e.data.tool, e.data.args_hash)
-            if key not in state.decisions:
-                state.decisions[key] = (
-                    "granted" if isinstance(e, ev.ApprovalGranted) else "denied")
-                state.pending_approvals.pop(key, None)
-                if not terminal and not state.pending_approvals and \
-                        state.status is TaskStatus.INPUT_REQUIRED:
-                    state.status = TaskStatus.WORKING
+                state.status = TaskStatus.INPUT_REQUIRED
         case ev.BudgetExceeded():
             state.budget_exceeded.append(e.data)
-            if e.data.step_id:
-                _step(state, e.data.step_id).last_seq = entry.seq
-        case ev.TaskCompleted():
-            if not terminal:
-                state.status, state.result = TaskStatus.COMPLETED, e.data.result
-        case ev.TaskFailed():
-            if not terminal:
-                state.status, state.code, state.reason = TaskStatus.FAILED, e.data.code, \
-                    e.data.reason
-        case ev.TaskCanceled():
-            if not terminal:
-                state.status, state.code, state.reason = TaskStatus.CANCELED, "canceled", \
-                    e.data.reason
+        case _:  # another record of the step's line (a claim check before an effect)
+            if on_line and st.holder is None and worker is not None:
+                st.holder = worker
     return state
+
+
+_OTHER_STEP_TYPES = frozenset({"jetmesh.tool.effect_started.v1"})
+"""Step events this fold keeps the line's sequence of but does not otherwise use."""
 
 
 def fold(task_id: str, entries: Iterable[LedgerEntry], state: TaskState | None = None

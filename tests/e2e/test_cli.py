@@ -12,18 +12,21 @@ from pathlib import Path
 
 from jetmesh.bus.server import discover_url
 
+CREDENTIALS = ("NATS_URL", "NATS_USER", "NATS_PASSWORD", "NATS_INBOX_PREFIX", "NATS_CREDS")
+ENV = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
+
 
 def jetmesh(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "jetmesh.orchestrator.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+                          env={**ENV, "COLUMNS": "200"})
 
 
 def test_up_then_submit_wait_then_ctrl_c(tmp_path: Path) -> None:
     up = subprocess.Popen(
         [sys.executable, "-m", "jetmesh.orchestrator.cli", "up", "--port", "0", "--plain"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        env={**ENV, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
         assert up.stdout is not None
         lines = []
@@ -49,6 +52,14 @@ def test_up_then_submit_wait_then_ctrl_c(tmp_path: Path) -> None:
         assert show.returncode == 0 and "reviewer" in show.stdout and "timeline" in show.stdout
         tasks = jetmesh("tasks", cwd=tmp_path)
         assert tid[:12] in tasks.stdout and "completed" in tasks.stdout
+        # `approve` logs in as the approver (from the data directory) and reads the task.
+        approve = jetmesh("approve", tid, cwd=tmp_path)
+        assert approve.returncode == 1 and tid in approve.stderr, approve  # nothing to do
+        # Every role ran as its own user (the default) and nothing it did was refused.
+        log = (tmp_path / ".jetmesh" / "nats" / "nats-server.log").read_text(errors="replace")
+        refused = [x for x in log.splitlines() if "Violation" in x]
+        assert refused == [], refused[:5]
+        assert (tmp_path / ".jetmesh" / "nats-auth.env").exists()
     finally:
         os.killpg(up.pid, signal.SIGINT)
         out, _ = up.communicate(timeout=60)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,14 @@ from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
+from pydantic import BaseModel
 
 from jetmesh.agents.builtin import get_agent
-from jetmesh.agents.models.sim import SimModel
+from jetmesh.agents.builtin.support import issue_refund, refunds_file
+from jetmesh.agents.models.sim import FunctionModel, SimModel, tool_call
+from jetmesh.agents.models.types import ModelRequest, ToolCall
+from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.agents.worker import Worker
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -34,7 +39,12 @@ from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.permissions import AuthConfig, Options, allowed
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.server import EmbeddedNats
-from jetmesh.bus.streams import declare_streams, ensure_consumer, work_consumer_config
+from jetmesh.bus.streams import (
+    declare_streams,
+    ensure_consumer,
+    stream_configs,
+    work_consumer_config,
+)
 from jetmesh.memory import MemorySettings, MemoryStore
 from jetmesh.memory.client import MemoryClient
 from jetmesh.memory.service import MemoryService
@@ -43,7 +53,18 @@ from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
 from jetmesh.orchestrator.state import TaskStatus
 from jetmesh.orchestrator.workflows import Workflow, WorkflowRegistry
 
-AGENTS = ("orders", "triage")
+
+class Ask(BaseModel):
+    question: str
+
+
+REFUNDER = AgentSpec(
+    name="refunder", description="Refunds what it is asked to.", instructions="Refund.",
+    tools=[issue_refund],
+    skills=[SkillSpec.from_models("refund", "Refund", "Refunds.", input_model=Ask)])
+AGENTS = {"orders": [s.id for s in get_agent("orders").skills],
+          "triage": [s.id for s in get_agent("triage").skills],
+          "refunder": ["refund"]}
 
 
 @dataclass
@@ -85,8 +106,7 @@ class Secure:
 async def secure(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Secure]:
     """A server run with the generated users (options: `request.param`, if parametrized)."""
     options = getattr(request, "param", None) or Options()
-    auth = AuthConfig.create({a: [s.id for s in get_agent(a).skills] for a in AGENTS},
-                             options)
+    auth = AuthConfig.create(AGENTS, options)
     server = EmbeddedNats(data_dir=tmp_path / "nats", extra_config=auth.server_config())
     server.start()
     env = Secure(server, auth, None, None)  # type: ignore[arg-type]
@@ -154,8 +174,24 @@ def test_the_generated_lists_keep_agents_to_their_own_skills() -> None:
                     "$JS.API.STREAM.MSG.GET.JM_WORK", "$JS.API.DIRECT.GET.JM_WORK",
                     "$JS.API.STREAM.CREATE.JM_WORK", "$JS.API.STREAM.PURGE.JM_WORK",
                     "$KV.jm-agents.triage.host-1", "jm.dlq.JM_WORK.work-triage",
-                    "jm.task.t1.control", "jm.task.submit"):
+                    "jm.task.t1.control", "jm.task.t1.approval", "jm.task.submit",
+                    # Its own durable by the legacy subject (filter in the body) or by
+                    # name with another skill's filter; deleting a registry watcher.
+                    "$JS.API.CONSUMER.DURABLE.CREATE.JM_WORK.work-lookup_order",
+                    "$JS.API.CONSUMER.CREATE.JM_WORK.work-lookup_order.jm.work.triage",
+                    "$JS.API.CONSUMER.CREATE.JM_WORK.work-lookup_order",
+                    "$JS.API.CONSUMER.DELETE.KV_jm-agents.x"):
         assert not allowed(orders.publish, subject), subject
+    # Approvals are the approver's alone; streams are updated only by the admin.
+    for role in ("gateway", "orchestrator", "memory", "bridge", "admin"):
+        assert not auth.user(role).permissions.may_publish("jm.task.t1.approval"), role
+    assert auth.user("approver").permissions.may_publish("jm.task.t1.approval")
+    orch = auth.user("orchestrator").permissions
+    assert orch.may_publish("$JS.API.STREAM.CREATE.JM_LEDGER")
+    for verb in ("UPDATE", "PURGE", "DELETE", "MSG.DELETE"):
+        assert not orch.may_publish(f"$JS.API.STREAM.{verb}.JM_LEDGER"), verb
+    assert not auth.user("gateway").permissions.may_publish(
+        "$JS.API.CONSUMER.DELETE.JM_LEDGER.orchestrator-steps")
     assert not allowed(orders.subscribe, "_INBOX.x")
     assert not allowed(orders.subscribe, "_INBOX_agent-triage.x.y")
     assert not allowed(orders.subscribe, "jm.work.triage")
@@ -169,6 +205,12 @@ async def test_an_agent_serves_its_own_skill_with_its_own_credentials(secure: Se
                     heartbeat_s=0.5)
     await worker.start()
     try:
+        # A worker runs only a step the ledger shows dispatched (the orchestrator's job).
+        await secure.ledger.append(ev.TaskSubmitted(
+            subject="perm-ok", data=ev.TaskSubmittedData(goal="x")))
+        await secure.ledger.append(ev.StepDispatched(
+            subject="perm-ok", data=ev.StepDispatchedData(
+                step_id="s1", skill="lookup_order", input={"order_id": "A1001"})))
         await secure.admin.js.publish(subjects.work("lookup_order"),
                                       command("perm-ok", "lookup_order", {"order_id": "A1001"}))
         subject = subjects.step_events("perm-ok", "s1")
@@ -275,33 +317,27 @@ async def test_an_agent_cannot_publish_to_or_pull_another_agents_work(secure: Se
     assert not triage.violations("work-triage")
 
 
+def gateway_client(secure: Secure, conn: Conn) -> Client:
+    """A Client on `conn` (Client.connect reads its credentials from the environment)."""
+    client = Client(secure.server.url)
+    client._nc, client.js = conn.nc, conn.js
+    client.ledger = Ledger(conn.nc, conn.js)
+    return client
+
+
 LOOKUP = Workflow(name="lookup", steps=[PlanStep(id="only", skill="lookup_order",
                                                  input={"order_id": {"$ref": "task.goal"}})])
 
 
-def _create_by_name(create: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    async def by_name(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
-        await create(js, stream, dataclasses.replace(config, name=config.durable_name))
-    return by_name
-
-
 @pytest.mark.parametrize("secure", [
     Options(),
-    # With consumers created by name (the runtime change that makes the create subject
-    # carry the filter), the legacy create subject can be withheld.
-    Options(legacy_consumer_create=False),
-], indirect=True, ids=["as-is", "name-bound-consumers"])
+    # Older clients that create consumers by durable name only.
+    Options(legacy_consumer_create=True),
+], indirect=True, ids=["default", "legacy-consumers"])
 async def test_a_task_runs_end_to_end_with_every_role_on_its_own_user(
-        secure: Secure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        secure: Secure, tmp_path: Path) -> None:
     """Orchestrator, memory service, gateway client and the agent, each on its own user:
     nothing any of them does in a task's life is refused."""
-    agent_perms = secure.auth.agent("orders").permissions
-    assert agent_perms is not None
-    if "$JS.API.CONSUMER.DURABLE.CREATE.JM_WORK.work-lookup_order" not in agent_perms.publish:
-        import jetmesh.bus.consumer as consumer_mod
-
-        monkeypatch.setattr(consumer_mod, "ensure_consumer",
-                            _create_by_name(consumer_mod.ensure_consumer))
     orch_conn = await secure.connect("orchestrator")
     orch = Orchestrator(orch_conn.nc, orch_conn.js, model=SimModel(),
                         settings=OrchestratorSettings(tick_s=0.1),
@@ -314,11 +350,7 @@ async def test_a_task_runs_end_to_end_with_every_role_on_its_own_user(
     worker = Worker(get_agent("orders"), None, agent_conn.nc, agent_conn.js,
                     replica="orders-e2e", heartbeat_s=0.5)
     gw_conn = await secure.connect("gateway")
-    # Client.connect() cannot pass an inbox prefix yet: hand it the gateway's connection.
-    client = Client(secure.server.url)
-    client._nc, client.js = gw_conn.nc, gw_conn.js
-    await declare_streams(client.js)  # what Client.connect does: only reads stream info
-    client.ledger = Ledger(gw_conn.nc, gw_conn.js)
+    client = gateway_client(secure, gw_conn)
     await orch.start()
     await memory.start()
     await worker.start()
@@ -337,3 +369,163 @@ async def test_a_task_runs_end_to_end_with_every_role_on_its_own_user(
         await memory.stop(grace_s=1.0)
         await orch.stop()
         await store.close()
+
+
+# ----------------------------------------------------------------------------- the holes
+
+
+async def test_the_orchestrator_cannot_shrink_purge_or_delete_the_ledger(
+        secure: Secure) -> None:
+    """Only the admin changes a stream: the orchestrator's credentials may create the
+    streams when they are missing, and a create that differs from the existing stream
+    is refused by the server, so the ledger keeps every message."""
+    for i in range(5):
+        await secure.ledger.append(ev.TaskSubmitted(
+            subject=f"keep-{i}", data=ev.TaskSubmittedData(goal="x")))
+    before = (await secure.admin.js.stream_info(subjects.STREAM_LEDGER)).state.messages
+    orch = await secure.connect("orchestrator")
+    ledger_cfg = next(c for c in stream_configs() if c.name == subjects.STREAM_LEDGER)
+    shrunk = dataclasses.replace(ledger_cfg, max_msgs=1)
+    attempts: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: orch.js.update_stream(shrunk), "$JS.API.STREAM.UPDATE.JM_LEDGER"),
+        (lambda: orch.js.purge_stream(subjects.STREAM_LEDGER),
+         "$JS.API.STREAM.PURGE.JM_LEDGER"),
+        (lambda: orch.js.delete_msg(subjects.STREAM_LEDGER, 1),
+         "$JS.API.STREAM.MSG.DELETE.JM_LEDGER"),
+        (lambda: orch.js.delete_stream(subjects.STREAM_LEDGER),
+         "$JS.API.STREAM.DELETE.JM_LEDGER"),
+        (lambda: orch.js.delete_consumer(subjects.STREAM_WORK, "work-triage"),
+         "$JS.API.CONSUMER.DELETE.JM_WORK.work-triage"),
+    ]
+    for attempt, subject in attempts:
+        with pytest.raises(Exception):  # noqa: B017 (no reply: nats-py times out)
+            await asyncio.wait_for(attempt(), 1.0)
+        await refused(orch, subject)
+    # Create is allowed, but not as an update in disguise.
+    with pytest.raises(APIError, match="different configuration"):
+        await orch.js.add_stream(shrunk)
+    info = await secure.admin.js.stream_info(subjects.STREAM_LEDGER)
+    assert info.state.messages == before and info.config.max_msgs in (None, -1)
+    # declare_streams as the orchestrator names a drift it may not fix.
+    from jetmesh.bus.errors import StreamConfigConflict
+    from jetmesh.bus.settings import BusSettings
+
+    # (A ledger from before approvals had their own subject.)
+    old_subjects = [x for x in subjects.LEDGER_SUBJECTS if x != subjects.ALL_APPROVALS]
+    await secure.admin.js.update_stream(dataclasses.replace(ledger_cfg, subjects=old_subjects))
+    with pytest.raises(StreamConfigConflict, match="only the admin"):
+        await declare_streams(orch.js, BusSettings(request_timeout_s=1.0))
+    await declare_streams(secure.admin.js)  # the admin puts it back
+
+
+async def test_an_agent_cannot_create_a_consumer_on_another_skills_subject(
+        secure: Secure) -> None:
+    """Before its own durable exists, an agent could create it (or an "ephemeral" of the
+    same name) on another skill's subject and pull that work through its own pull
+    permission. Only the create subject naming the consumer and its own filter is
+    allowed, and the server checks the body against it."""
+    admin = secure.admin
+    orders = await secure.connect("agent-orders")
+    durable = subjects.work_consumer("lookup_order")
+    stolen = subjects.work("triage")
+    legacy = ConsumerConfig(durable_name=durable, filter_subject=stolen)
+    ephemeral = ConsumerConfig(name=durable, filter_subject=stolen)
+    req = {"stream_name": subjects.STREAM_WORK, "config": ephemeral.as_dict()}
+
+    attempts: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: orders.js.add_consumer(subjects.STREAM_WORK, legacy),
+         f"$JS.API.CONSUMER.DURABLE.CREATE.JM_WORK.{durable}"),
+        (lambda: orders.nc.request(f"$JS.API.CONSUMER.CREATE.{subjects.STREAM_WORK}",
+                                   json.dumps(req).encode(), timeout=0.5),
+         "$JS.API.CONSUMER.CREATE.JM_WORK"),
+        (lambda: orders.nc.request(
+            f"$JS.API.CONSUMER.CREATE.{subjects.STREAM_WORK}.{durable}.{stolen}",
+            json.dumps(req).encode(), timeout=0.5),
+         f"$JS.API.CONSUMER.CREATE.JM_WORK.{durable}.{stolen}"),
+    ]
+    for attempt, subject in attempts:
+        with pytest.raises(Exception):  # noqa: B017
+            await asyncio.wait_for(attempt(), 1.0)
+        await refused(orders, subject)
+    with pytest.raises(NotFoundError):
+        await admin.js.consumer_info(subjects.STREAM_WORK, durable)
+    # The allowed subject with a body that names another filter: the server refuses it.
+    own = f"$JS.API.CONSUMER.CREATE.{subjects.STREAM_WORK}.{durable}.jm.work.lookup_order"
+    resp = await orders.nc.request(own, json.dumps(
+        {"stream_name": subjects.STREAM_WORK,
+         "config": ConsumerConfig(name=durable, durable_name=durable,
+                                  filter_subject=stolen).as_dict()}).encode(), timeout=2)
+    assert "error" in json.loads(resp.data)
+    with pytest.raises(NotFoundError):
+        await admin.js.consumer_info(subjects.STREAM_WORK, durable)
+    # Its own consumer, as the runtime creates it, is fine.
+    await ensure_consumer(orders.js, subjects.STREAM_WORK, work_consumer_config("lookup_order"))
+    info = await admin.js.consumer_info(subjects.STREAM_WORK, durable)
+    assert info.config.filter_subject == subjects.work("lookup_order")
+
+
+def refund_model(request: ModelRequest) -> list[ToolCall] | str:
+    if not any(m.role == "tool" for m in request.messages):
+        return [tool_call("issue_refund", order_id="A1029", amount_usd=210,
+                          reason="customer asked")]
+    return "done"
+
+
+REFUND = Workflow(name="refund", steps=[PlanStep(id="only", skill="refund",
+                                                 input={"question": {"$ref": "task.goal"}})])
+
+
+async def test_only_the_approver_can_approve_a_gated_refund(
+        secure: Secure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A $210 refund waits for a human. The gateway (which may submit and cancel) cannot
+    approve it: its ApprovalGranted is refused and never stored, and the refund does not
+    run. The approver's credentials approve it, and it runs once."""
+    monkeypatch.setenv("JETMESH_DATA_DIR", str(tmp_path))
+    orch_conn = await secure.connect("orchestrator")
+    orch = Orchestrator(orch_conn.nc, orch_conn.js, model=SimModel(),
+                        settings=OrchestratorSettings(tick_s=0.1),
+                        workflows=WorkflowRegistry([REFUND]))
+    agent_conn = await secure.connect("agent-refunder")
+    worker = Worker(REFUNDER, FunctionModel(refund_model), agent_conn.nc, agent_conn.js,
+                    replica="refunder-test", heartbeat_s=0.5)
+    gw_conn = await secure.connect("gateway")
+    gateway = gateway_client(secure, gw_conn)
+    ap_conn = await secure.connect("approver")
+    approver = gateway_client(secure, ap_conn)
+    await orch.start()
+    await worker.start()
+    try:
+        tid = await gateway.submit("refund A1029", workflow="refund")
+        asked: ev.ApprovalRequested | None = None
+        async for entry in gateway.follow(tid):
+            if isinstance(entry.event, ev.ApprovalRequested):
+                asked = entry.event
+                break
+        assert asked is not None and asked.data.arguments["amount_usd"] == 210
+        decision = ev.ApprovalDecisionData(step_id=asked.data.step_id, tool=asked.data.tool,
+                                           args_hash=asked.data.args_hash, by="gateway")
+        with pytest.raises(Exception):  # noqa: B017 (refused: no ack)
+            await asyncio.wait_for(gateway.ledger.append(
+                ev.ApprovalGranted(subject=tid, data=decision)), 1.0)
+        await refused(gw_conn, subjects.task_approval(tid))
+        assert not [e for e in await secure.ledger.read(tid)
+                    if isinstance(e.event, ev.ApprovalGranted)]
+        assert (await gateway.state(tid)).status is TaskStatus.INPUT_REQUIRED
+        assert not refunds_file().exists()
+
+        await approver.ledger.append(ev.ApprovalGranted(
+            subject=tid, data=decision.model_copy(update={"by": "a human"})))
+        state = await gateway.result(tid, timeout=20)
+        assert state.status is TaskStatus.COMPLETED, state
+        made = [json.loads(x) for x in refunds_file().read_text().splitlines()]
+        assert [(m["order_id"], m["amount_usd"]) for m in made] == [("A1029", 210)]
+        granted = [e for e in await secure.ledger.read(tid)
+                   if isinstance(e.event, ev.ApprovalGranted)]
+        assert [e.subject for e in granted] == [subjects.task_approval(tid)]
+        assert granted[0].event.data.by == "a human"
+        for conn, role in ((orch_conn, "orchestrator"), (agent_conn, "agent-refunder"),
+                           (ap_conn, "approver")):
+            assert not [e for e in conn.errors if "permissions" in e.lower()], (role, conn.errors)
+    finally:
+        await worker.stop(grace_s=1.0)
+        await orch.stop()

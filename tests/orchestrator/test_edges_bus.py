@@ -1,0 +1,266 @@
+"""Trust at the edges, on a real nats-server (issue 14): a resubmission never touches an
+existing task, nothing changes a task after its end, a garbage ledger message does not
+stop recovery, and an invalid and a valid submission of one new id never both land."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from edge_agents import ECHO, ECHO_FLOW, unserved_flow
+from mesh_fixtures import Mesh, make_mesh  # noqa: F401
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from jetmesh.agents.models.sim import SimModel
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.dlq import DeadLetter
+from jetmesh.orchestrator.client import NoPendingApproval, NoSuchTask, TaskFinished
+from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
+from jetmesh.orchestrator.state import TaskStatus, fold
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
+    """Wait for a condition on the bus, with a deadline (no fixed sleeps)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    pause = 0.01
+    while not await check():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+async def submit_consumer_idle(js) -> bool:
+    info = await js.consumer_info(subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def raw_submit(js, body: object, *, headers: dict[str, str] | None = None) -> None:
+    """A submission as any NATS client may send it: no Nats-Msg-Id, so JetStream's
+    duplicate window does not stand in for the orchestrator's own check."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    await js.publish(subjects.SUBMIT, data, headers=headers)
+
+
+@pytest.fixture
+async def letters(bus):
+    """Dead letters of the submit consumer from now on, decoded."""
+    got: list[DeadLetter] = []
+
+    async def take(msg) -> None:
+        got.append(DeadLetter.model_validate_json(msg.data))
+
+    sub = await bus.js.subscribe(
+        subjects.dlq(subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT),
+        ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+        cb=take)
+    yield got
+    await sub.unsubscribe()
+
+
+def about(letters: list[DeadLetter], task_id: str) -> list[DeadLetter]:
+    out = []
+    for x in letters:
+        try:
+            body = json.loads(x.data)
+        except ValueError:
+            continue
+        if isinstance(body, dict) and body.get("task_id") == task_id:
+            out.append(x)
+    return out
+
+
+async def echo_mesh(make_mesh) -> Mesh:  # noqa: F811
+    mesh = await make_mesh([ECHO])
+    mesh.orchestrator.workflows.add(ECHO_FLOW)
+    return mesh
+
+
+# ---------------------------------------------------------------- (2) resubmission
+
+
+async def test_a_resubmission_never_touches_an_existing_task(make_mesh, bus,  # noqa: F811
+                                                             letters) -> None:
+    mesh = await echo_mesh(make_mesh)
+    done = await mesh.client.submit("hello", workflow="edge-echo")
+    assert (await mesh.client.result(done, timeout=20)).status is TaskStatus.COMPLETED
+    skill = "resub" + ev.new_id()[:8]
+    mesh.orchestrator.workflows.add(unserved_flow(skill))
+    running = await mesh.client.submit("x", workflow=skill)
+    await until(lambda: _dispatched(mesh, running), "the open task's dispatch")
+    before = {t: len(await mesh.client.events(t)) for t in (done, running)}
+
+    for tid in (done, running):
+        await raw_submit(bus.js, {"task_id": tid, "goal": 5, "input": "no"})  # invalid
+        await raw_submit(bus.js, {"task_id": tid, "goal": "other", "workflow": "edge-echo"})
+    await until(lambda: _letters_for(letters, [done, running], 2), "the refusals")
+    await until(lambda: submit_consumer_idle(bus.js), "the submit consumer to settle")
+
+    for tid in (done, running):
+        assert len(await mesh.client.events(tid)) == before[tid], "the task was touched"
+        assert [x.reason for x in about(letters, tid)] == ["task exists"] * 2
+    assert (await mesh.client.state(done)).status is TaskStatus.COMPLETED
+    assert (await mesh.client.state(running)).status is TaskStatus.WORKING
+
+
+async def test_an_identical_resubmission_is_a_quiet_no_op(make_mesh, bus,  # noqa: F811
+                                                          letters) -> None:
+    mesh = await echo_mesh(make_mesh)
+    body = {"task_id": ev.new_id(), "goal": "same", "workflow": "edge-echo"}
+    await raw_submit(bus.js, body)
+    tid = str(body["task_id"])
+    assert (await mesh.client.result(tid, timeout=20)).status is TaskStatus.COMPLETED
+    n = len(await mesh.client.events(tid))
+    await raw_submit(bus.js, body)
+    await until(lambda: submit_consumer_idle(bus.js), "the submit consumer to settle")
+    assert len(await mesh.client.events(tid)) == n
+    assert about(letters, tid) == []
+
+
+async def test_a_refused_resubmission_is_answered_on_its_reply_inbox(make_mesh,  # noqa: F811
+                                                                     bus) -> None:
+    mesh = await echo_mesh(make_mesh)
+    tid = await mesh.client.submit("hello", workflow="edge-echo")
+    await mesh.client.result(tid, timeout=20)
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    try:
+        await raw_submit(bus.js, {"task_id": tid, "goal": "hijack"},
+                         headers={"Jm-Reply-To": inbox})
+        reply = json.loads((await sub.next_msg(timeout=20)).data)
+    finally:
+        await sub.unsubscribe()
+    assert reply == {"task_id": tid, "error": "task exists"}
+
+
+async def test_an_invalid_and_a_valid_submission_of_one_new_id_never_both_land(
+        make_mesh, bus, letters) -> None:  # noqa: F811
+    mesh = await echo_mesh(make_mesh)
+    ids = [f"race-{ev.new_id()[:12]}" for _ in range(30)]
+    for i, tid in enumerate(ids):
+        bad = {"task_id": tid, "goal": 5}
+        good = {"task_id": tid, "goal": "g", "workflow": "edge-echo"}
+        for body in ((bad, good) if i % 2 else (good, bad)):
+            await raw_submit(bus.js, body)
+    states = await asyncio.gather(*(mesh.client.result(t, timeout=30) for t in ids))
+    await until(lambda: submit_consumer_idle(bus.js), "the submit consumer to settle")
+    for tid, st in zip(ids, states, strict=True):
+        events = [e.event for e in await mesh.client.events(tid)]
+        ends = [e for e in events if isinstance(e, ev.TERMINAL_TASK_EVENTS)]
+        assert len(ends) == 1, (tid, [e.type for e in events])
+        if st.status is TaskStatus.REJECTED:
+            assert [e.type for e in events] == ["jetmesh.task.rejected.v1"]
+        else:
+            assert st.status is TaskStatus.COMPLETED
+        assert [x.reason for x in about(letters, tid)] == ["task exists"]
+
+
+async def _dispatched(mesh: Mesh, tid: str) -> bool:
+    """Planned, and its step dispatched (queued for an agent) or waiting for one."""
+    return any(isinstance(e.event, ev.TaskPlanned) for e in await mesh.client.events(tid))
+
+
+async def _letters_for(letters: list[DeadLetter], ids: list[str], n: int) -> bool:
+    return all(len(about(letters, t)) >= n for t in ids)
+
+
+# ---------------------------------------------------------------- (6) after the end
+
+
+async def test_controls_on_a_finished_task_are_refused(make_mesh) -> None:  # noqa: F811
+    mesh = await echo_mesh(make_mesh)
+    tid = await mesh.client.submit("hello", workflow="edge-echo")
+    await mesh.client.result(tid, timeout=20)
+    n = len(await mesh.client.events(tid))
+    with pytest.raises(TaskFinished):
+        await mesh.client.cancel(tid)
+    with pytest.raises(TaskFinished):
+        await mesh.client.approve(tid)
+    with pytest.raises(TaskFinished):
+        await mesh.client.deny(tid, reason="no")
+    assert len(await mesh.client.events(tid)) == n
+    with pytest.raises(NoSuchTask):
+        await mesh.client.cancel("never-" + ev.new_id()[:8])
+    skill = "noappr" + ev.new_id()[:8]
+    mesh.orchestrator.workflows.add(unserved_flow(skill))
+    open_task = await mesh.client.submit("x", workflow=skill)
+    await until(lambda: _dispatched(mesh, open_task), "the open task's dispatch")
+    with pytest.raises(NoPendingApproval):
+        await mesh.client.approve(open_task)
+
+
+async def test_a_cancel_raced_past_the_check_changes_nothing(make_mesh, bus) -> None:  # noqa: F811
+    """A cancel appended after the end (it passed the client's check, or came from any
+    NATS client): the fold ignores it and the orchestrator appends nothing after it."""
+    mesh = await echo_mesh(make_mesh)
+    tid = await mesh.client.submit("hello", workflow="edge-echo")
+    await mesh.client.result(tid, timeout=20)
+    await mesh.client.ledger.append(ev.CancelRequested(
+        subject=tid, source="test", data=ev.CancelRequestedData(reason="late")))
+    mark = await mesh.client.submit("marker", workflow="edge-echo")  # after it in the stream
+    await mesh.client.result(mark, timeout=20)
+    await until(lambda: _control_idle(bus.js), "the control consumer to settle")
+    events = [e.event for e in await mesh.client.events(tid)]
+    assert isinstance(events[-1], ev.CancelRequested)
+    state = await mesh.client.state(tid)
+    assert state.status is TaskStatus.COMPLETED and state.cancel_requested is None
+
+
+async def _control_idle(js) -> bool:
+    info = await js.consumer_info(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+def _cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NATS_URL": url}
+    return subprocess.run([str(Path(sys.executable).parent / "jetmesh"), *args],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+async def test_the_cli_refuses_controls_on_a_finished_task(make_mesh, bus) -> None:  # noqa: F811
+    mesh = await echo_mesh(make_mesh)
+    tid = await mesh.client.submit("hello", workflow="edge-echo")
+    await mesh.client.result(tid, timeout=20)
+    n = len(await mesh.client.events(tid))
+    for args in (["cancel", tid], ["approve", tid], ["deny", tid, "--reason", "no"]):
+        out = await asyncio.to_thread(_cli, *args, url=bus.url)
+        assert out.returncode != 0, (args, out.stdout, out.stderr)
+        assert "completed" in out.stderr and "nothing changed" in out.stderr, out.stderr
+    assert len(await mesh.client.events(tid)) == n
+
+
+# ---------------------------------------------------------------- recovery
+
+
+async def test_recovery_skips_a_garbage_ledger_message(bus) -> None:
+    """Recovery read raw bytes and json.loads'ed them: one garbage message on any
+    task's events subject stopped the recovery of every other task."""
+    junk = "junk-" + ev.new_id()[:8]
+    await bus.js.publish(subjects.task_events(junk), b"\xff not json")
+    await bus.js.publish(subjects.task_events(junk), b"[1, 2]")
+    tid, skill = ev.new_id(), "recover" + ev.new_id()[:8]
+    await bus.ledger.append(ev.TaskSubmitted(
+        id=f"{tid}-submitted", subject=tid, data=ev.TaskSubmittedData(goal="x",
+                                                                     workflow=skill)))
+    nc = await connect(bus.url)
+    orch = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
+                        settings=OrchestratorSettings(tick_s=3600))
+    orch.workflows.add(unserved_flow(skill))
+    await orch.start()
+    try:
+        async def planned() -> bool:
+            return any(isinstance(e.event, ev.TaskPlanned) for e in await bus.ledger.read(tid))
+        await until(planned, "the unfinished task to be recovered", timeout=30)
+    finally:
+        await orch.stop()
+        await nc.close()
+    assert fold(tid, await bus.ledger.read(tid)).status is TaskStatus.WORKING
