@@ -207,6 +207,19 @@ def _reply_subject(msg: Msg) -> str | None:
     return reply
 
 
+def _report_ignored(state: TaskState, before: int) -> None:
+    """Log the events the fold just ignored (not the step holder's, steps never
+    dispatched): they are kept in the ledger, and listed by `jetmesh show`."""
+    if state.ignored_count <= before:
+        return
+    for ign in state.ignored[before:before + 3]:
+        log.warning("task %s: ignored ledger event %d (%s%s): %s", state.task_id, ign.seq,
+                    ign.type, f", step {ign.step_id}" if ign.step_id else "", ign.reason)
+    if state.ignored_count - before > 3:
+        log.warning("task %s: %d more ignored events", state.task_id,
+                    state.ignored_count - before - 3)
+
+
 def _consume_exception(fut: asyncio.Future[Any]) -> None:
     """A coalesced drive's failure is raised to its own caller; riders, if any, get it
     from the future, and if there are none it must not be reported as never retrieved."""
@@ -416,13 +429,16 @@ class Orchestrator:
             self._cache.move_to_end(task_id)
             if cached.state.terminal:
                 return cached.state
+            before = cached.state.ignored_count
             if delivered and _logs_unused(cached.state) and \
                     _fold_delivered(cached, delivered):
                 cached.unread = True
+                _report_ignored(cached.state, before)
                 return cached.state
         new = await self.ledger.read(task_id, from_seq=cached.cursor + 1,
                                      without_logs=_logs_unused(cached.state))
         control = subjects.task_control(task_id)
+        ignored = cached.state.ignored_count
         for entry in new:
             if entry.seq not in cached.local:
                 apply(cached.state, entry, check_seq=False)
@@ -431,6 +447,7 @@ class Orchestrator:
             cached.cursor = entry.seq
         cached.unread = False
         cached.local = {s for s in cached.local if s > cached.cursor}
+        _report_ignored(cached.state, ignored)
         return cached.state
 
     def _remember(self, task_id: str, cached: _Cached) -> None:

@@ -38,7 +38,7 @@ def describe(e: ev.Event, *, detail: bool = True) -> str:
         case ev.PolicyDecided():
             return f"policy {e.data.decision} {e.data.tool} ({e.data.rule}): {e.data.reason}"
         case ev.ApprovalRequested():
-            return (f"waiting for approval: {e.data.tool}({_clip(e.data.arguments, 80)}) - "
+            return (f"approval requested: {e.data.tool}({_clip(e.data.arguments, 80)}) - "
                     f"{e.data.reason}")
         case ev.ApprovalGranted():
             return f"approved {e.data.tool} by {e.data.by}"

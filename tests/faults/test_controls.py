@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +215,32 @@ async def test_deadline_fails_the_task_and_stops_its_steps(make_mesh) -> None:
     assert state.status is TaskStatus.FAILED and state.code == "deadline"
     failed = await asyncio.wait_for(wait_step_failed(mesh, tid), 20)
     assert failed.data.code in ("canceled", "timeout", "deadline")
+
+
+async def test_a_canceled_task_waits_for_no_approval_and_takes_none(make_mesh, gated_env: Path,
+                                                                   bus) -> None:
+    """`jetmesh show` said "waiting for approval" after a cancel, and `approve` appended
+    an approval to the canceled task."""
+    from jetmesh.orchestrator.client import TaskFinished
+
+    mesh = await make_mesh([ASSISTANT], worker_model=FunctionModel(obeys_injections))
+    mesh.orchestrator.workflows.add(one_step("assist3", "assist"))
+    tid = await mesh.client.submit("refund please", workflow="assist3")
+    await asyncio.wait_for(wait_for(mesh, tid, ev.ApprovalRequested), 20)
+    await mesh.client.cancel(tid, "changed my mind")
+    state = await mesh.client.result(tid, timeout=20)
+    assert state.status is TaskStatus.CANCELED and state.pending_approvals == {}
+    with pytest.raises(TaskFinished):
+        await mesh.client.approve(tid)
+    out = await asyncio.to_thread(_cli, "show", tid, url=bus.url)
+    assert out.returncode == 0 and "canceled" in out.stdout
+    assert "waiting for approval" not in out.stdout
+    assert not any(isinstance(e.event, ev.ApprovalGranted)
+                   for e in await mesh.client.events(tid))
+    assert refunds(gated_env) == []
+
+
+def _cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NATS_URL": url}
+    return subprocess.run([str(Path(sys.executable).parent / "jetmesh"), *args],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)

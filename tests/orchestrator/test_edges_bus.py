@@ -264,3 +264,104 @@ async def test_recovery_skips_a_garbage_ledger_message(bus) -> None:
         await orch.stop()
         await nc.close()
     assert fold(tid, await bus.ledger.read(tid)).status is TaskStatus.WORKING
+
+
+async def test_show_says_which_steps_wait_for_an_agent(make_mesh, bus) -> None:  # noqa: F811
+    mesh = await echo_mesh(make_mesh)
+    skill = "showwait" + ev.new_id()[:8]
+    mesh.orchestrator.workflows.add(unserved_flow(skill))
+    tid = await mesh.client.submit("x", workflow=skill)
+
+    async def queued() -> bool:
+        state = await mesh.client.state(tid)
+        return "only" in state.steps and state.steps["only"].dispatched_at is not None
+    await until(queued, "the step to be queued")
+    out = await asyncio.to_thread(_cli, "show", tid, url=bus.url)
+    assert out.returncode == 0, out.stderr
+    assert f"waiting for an agent offering skill {skill} since" in " ".join(out.stdout.split())
+
+
+# ---------------------------------------------------------------- (9) cheap and timely
+
+
+async def test_rejecting_an_invalid_submission_reads_nothing(make_mesh, bus) -> None:  # noqa: F811
+    mesh = await echo_mesh(make_mesh)
+    reads: list[str] = []
+    real = mesh.orchestrator.ledger.read
+
+    async def read(task_id, *args, **kwargs):
+        reads.append(task_id)
+        return await real(task_id, *args, **kwargs)
+
+    mesh.orchestrator.ledger.read = read  # type: ignore[method-assign]
+    ids = [f"cheap-{ev.new_id()[:12]}" for _ in range(5)]
+    for tid in ids:
+        await raw_submit(bus.js, {"task_id": tid, "goal": 5})
+    await raw_submit(bus.js, b"not json")
+    states = await asyncio.gather(*(mesh.client.result(t, timeout=20) for t in ids))
+    assert all(st.status is TaskStatus.REJECTED for st in states)
+    await until(lambda: submit_consumer_idle(bus.js), "the submit consumer to settle")
+    assert reads == []
+
+
+async def test_a_slow_timer_drive_does_not_hold_up_the_others(bus) -> None:
+    """Timers ran late under load: the ticker drove due tasks one after another, so one
+    slow drive held up every timer behind it."""
+    nc = await connect(bus.url)
+    orch = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
+                        settings=OrchestratorSettings(tick_s=3600))
+    stuck, driven = asyncio.Event(), asyncio.Event()
+
+    async def drive(task_id: str, **kwargs: object):
+        if task_id == "slow":
+            await stuck.wait()
+        else:
+            driven.set()
+
+    orch.drive = drive  # type: ignore[method-assign,assignment]
+    past = ev.utcnow()
+    orch._waiting = {"slow": past, "quick": past}
+    ticking = asyncio.create_task(orch._tick())
+    try:
+        await asyncio.wait_for(driven.wait(), 5)
+    finally:
+        stuck.set()
+        await ticking
+        await orch.stop()
+        await nc.close()
+
+
+# ---------------------------------------------------------------- (7) the step's holder
+
+
+async def test_the_orchestrator_ignores_a_result_not_written_by_the_steps_holder(bus) -> None:
+    """w2 claimed the step; w1's result, appended around the fence (unfenced), is
+    delivered to the orchestrator, which must not complete the task with it."""
+    nc = await connect(bus.url)
+    orch = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
+                        settings=OrchestratorSettings(tick_s=3600))
+    try:
+        tid, skill = ev.new_id(), "holder" + ev.new_id()[:8]
+        orch.workflows.add(unserved_flow(skill))
+        await orch.ledger.append(ev.TaskSubmitted(
+            id=f"{tid}-submitted", subject=tid,
+            data=ev.TaskSubmittedData(goal="x", workflow=skill)))
+        await orch.drive(tid)
+        claim = await orch.ledger.append(ev.StepStarted(subject=tid, data=ev.StepStartedData(
+            step_id="only", agent="w", worker="w2", delivery=2)), expected_last_subject_seq=0)
+        await orch.ledger.append(ev.StepCompleted(subject=tid, data=ev.StepCompletedData(
+            step_id="only", agent="w", worker="w1", output={"by": "zombie"})))
+        state = await orch.drive(tid)
+        assert state.status is TaskStatus.WORKING
+        assert [i.reason for i in state.ignored] == ["written by w1, not the step's holder w2"]
+        last = state.steps["only"].last_seq
+        assert last > claim
+        await orch.ledger.append(ev.StepCompleted(subject=tid, data=ev.StepCompletedData(
+            step_id="only", agent="w", worker="w2", output={"by": "holder"})),
+            expected_last_subject_seq=last)
+        state = await orch.drive(tid)
+        assert state.status is TaskStatus.COMPLETED
+        assert state.result == {"steps": {"only": {"by": "holder"}}, "output": {"by": "holder"}}
+    finally:
+        await orch.stop()
+        await nc.close()
