@@ -289,6 +289,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
     children: list[Child] = []
     tasks: list[asyncio.Task[None]] = []
     view: PresenceView | None = None
+    view_started = False
     nc = None
     await asyncio.to_thread(nats.start)
     try:
@@ -339,8 +340,21 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
                     await asyncio.wait_for(stop.wait(), 1.0)
 
         view = PresenceView(js, subjects.BUCKET_AGENTS)
-        await view.start()
-        tasks.append(asyncio.create_task(follow_tasks(), name="up-board"))
+
+        async def show() -> None:
+            """The live view's sources, in the background: supervision never waits on
+            the server (it may be the one that died)."""
+            nonlocal view_started
+            assert view is not None
+            while not view_started:
+                try:
+                    await asyncio.wait_for(view.start(), 10.0)
+                    view_started = True
+                except Exception as e:
+                    log.debug("agents view: %s; trying again", e)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
+            await follow_tasks()
 
         def render() -> Group:
             procs = Table("process", "pid", "status", "restarts", title="processes")
@@ -349,7 +363,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
                 procs.add_row(c.name, str(c.pid or "-"), c.status(), str(c.restarts))
             agents_t = Table("agent", "replicas", "skills", "model", title="live agents")
             grouped: dict[str, LiveAgent] = {}
-            for e in view.live() if view else []:
+            for e in view.live() if view is not None and view_started else []:
                 v = e.value
                 a = grouped.setdefault(v.get("agent", "?"), LiveAgent(
                     v.get("agent", "?"), v.get("version", ""), v.get("model"),
@@ -403,22 +417,21 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)
 
+        sup = asyncio.create_task(supervise(), name="up-supervise")
+        tasks.append(asyncio.create_task(show(), name="up-view"))
         if live_view:
             with Live(render(), console=console, refresh_per_second=2) as live:
-                sup = asyncio.create_task(supervise())
                 while not stop.is_set() and not sup.done():
                     live.update(render())
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.5)
-                await sup
-        else:
-            await supervise()
+        await sup
     finally:
         # Whatever happened (Ctrl-C, a dead server, an exception): every child stops.
         console.print("stopping...")
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(cancel_and_wait(*tasks), 5.0)
-        if view is not None:
+        if view is not None and view_started:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(view.stop(), 5.0)
         if nc is not None:
