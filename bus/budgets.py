@@ -4,6 +4,13 @@ One KV entry per task in the `jm-budgets` bucket holds what the task has spent a
 is reserved by calls in flight. Every change is a compare-and-set on the entry's
 revision, so replicas of any agent, on any machine, draw from the same budget: a call
 whose upper-bound estimate does not fit in what is left is refused before it is made.
+
+Trust: the counter is one key per task (`$KV.jm-budgets.<task>`) shared by every agent
+of the task, so NATS permissions cannot keep an agent to its own task's counter (see
+`LIMITS` in bus/permissions). Keys per agent slice (`<task>.<agent>`, writable only by
+that agent) would need the orchestrator to split each budget into slices up front, and
+give up drawing one budget across agents; not done. The ledger's ModelCalled events are
+the record of what was spent, whatever a counter says.
 """
 
 from __future__ import annotations

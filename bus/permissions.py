@@ -99,6 +99,9 @@ LIMITS = (
     "The bridge serves skills known only at run time (the external agents added with "
     "`jetmesh agents-add`): it may create, pull and ack any skill's work consumer "
     "(work-*) and write any registry key. Run it only where external agents are used.",
+    "The orchestrator answers a refused submission on the submitter's inbox (its "
+    "Jm-Reply-To header), so it may publish to the gateway's and the admin's inboxes; "
+    "it could send them forged replies. Trusted: it writes the task's events anyway.",
     "Legacy consumer creation ($JS.API.CONSUMER.DURABLE.CREATE.<stream>.<durable>) carries "
     "the filter in the body, so it cannot be bound to the skill's subject: a role holding "
     "it could create its own durable on another skill's subject. It is withheld unless "
