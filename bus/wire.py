@@ -9,9 +9,9 @@ in the message, and rejects with one error, `WireError`, whose `reason` says why
 - not UTF-8 (invalid bytes, or an encoded surrogate);
 - a lone UTF-16 surrogate in a `\\uXXXX` escape (Python's json accepts it, the string
   then cannot be encoded again, so whatever holds it can never be stored);
-- a `NaN` / `Infinity` token, or a number out of float range or longer than
-  `MAX_NUMBER_CHARS` (parsers turn these into values that serialize as `null` or not
-  at all);
+- a `NaN` / `Infinity` token, or a number out of float range or with more than
+  `MAX_NUMBER_CHARS` digits in a row (parsers turn these into values that serialize as
+  `null`, or cannot convert them at all);
 - nesting deeper than `MAX_JSON_DEPTH`.
 
 It does not check that the bytes are JSON: the parser after it does, and says so.
@@ -26,6 +26,7 @@ and read back: the ledger refuses to write a document the check would refuse to 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -46,7 +47,7 @@ half the limit, so the events that carry it (and the step inputs, outputs and re
 made from it) stay within MAX_JSON_DEPTH."""
 
 MAX_NUMBER_CHARS = 320
-"""Longest number literal accepted (1e308, the largest float, needs 309 digits)."""
+"""Longest run of digits accepted in a number (1e308, the largest float, has 309)."""
 
 MAX_REASON_CHARS = 2_000
 """Longest reason string kept in a dead letter or a skipped-message report."""
@@ -60,18 +61,39 @@ class WireError(BusError, ValueError):
         super().__init__(reason)
 
 
-# A JSON string literal (the unrolled form of "(?:[^"\\]|\\.)*": linear, no
-# backtracking). Removing every one leaves only structure, numbers and literals.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-# Bytes that are not a bracket, for bytes.translate(None, delete=...).
+# Brackets as signed steps (+1 open, -1 close), every other byte deleted: the depth is
+# max(accumulate(...)), at C speed.
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_OPEN = frozenset(b"[{")
-_NON_FINITE = re.compile(rb"NaN|Infinity")
-# A number with an exponent (may overflow), or a run of digits longer than allowed.
-_RISKY_NUMBER = re.compile(
-    rb"-?[0-9]+(?:\.[0-9]+)?[eE][-+]?[0-9]+|[-0-9.eE+]{%d,}" % (MAX_NUMBER_CHARS + 1))
-_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
-_ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
+# A number's shape at C speed: digits -> "0"; e, E, "+" and the other hex letters -> "e";
+# what may end a number (",", "}", "]", whitespace) -> "d"; anything else -> " ". A float
+# can overflow only with an exponent of 3 digits or more ("1e400", "1E+309": a run
+# e000...d) or with over 200 digits before its exponent. A hex id inside a string
+# (often "e123...") never ends in a "d": strings end with a quote.
+_NUMERIC = bytes(ord("0") if 48 <= b <= 57
+                 else ord("e") if b in b"eE+abcdfABCDF"
+                 else ord("d") if b in b",}] \t\n\r"
+                 else ord(" ") for b in range(256))
+_BIG_EXPONENT = re.compile(rb"e000+(?:d|\Z)")
+_MANY_DIGITS = b"0" * 200
+_LONG_DIGITS = b"0" * (MAX_NUMBER_CHARS + 1)
+_NUMBER = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?[eE][-+]?[0-9]+")
+_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_HIGH_OR_LOW = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _unescaped(data: bytes) -> bytes:
+    """`data` with every escaped backslash replaced by `__`: each `\\` left then starts a
+    real escape (pairs of backslashes are read from the left, as a JSON parser does), and
+    what stood on either side of an escaped backslash does not become adjacent."""
+    return data.replace(b"\\\\", b"__")
+
+
+def _outside_strings(plain: bytes) -> bytes:
+    """What lies outside string literals in `_unescaped` bytes: structure, numbers and
+    literals. (For invalid JSON an approximation; the parser after us stops at the first
+    invalid token, and everything before it is split exactly as it reads it.)"""
+    return b" ".join(plain.replace(b'\\"', b"").split(b'"')[0::2])
 
 
 def _as_bytes(raw: bytes | bytearray | memoryview | str) -> bytes:
@@ -87,7 +109,12 @@ def check_json(raw: bytes | bytearray | memoryview | str, *,
                max_bytes: int = MAX_MESSAGE_BYTES,
                max_depth: int = MAX_JSON_DEPTH) -> bytes:
     """Return `raw` as bytes if it is safe to parse (see the module doc), else raise
-    WireError with the reason. Never raises anything else."""
+    WireError with the reason. Never raises anything else.
+
+    Each check looks at the raw bytes first, where a match inside a string can only make
+    it look closer; strings are set aside (with bytes methods, no regex, no recursion)
+    only when the raw bytes hold more brackets than `max_depth`, a `NaN`/`Infinity`, an
+    exponent or a long run of digits. A typical event costs a few microseconds."""
     data = _as_bytes(raw)
     if len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds {max_bytes}")
@@ -95,56 +122,41 @@ def check_json(raw: bytes | bytearray | memoryview | str, *,
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise WireError(f"not UTF-8: invalid byte at offset {e.start}") from None
-    if b"\\u" in data and _MAYBE_SURROGATE.search(data):
-        _check_surrogates(data)
-    bare = _STRING.sub(b'""', data)
-    if _NON_FINITE.search(bare):
-        raise WireError("NaN and Infinity are not JSON numbers")
-    for m in _RISKY_NUMBER.finditer(bare):
-        token = m.group()
-        if len(token) > MAX_NUMBER_CHARS:
-            raise WireError(f"number literal longer than {MAX_NUMBER_CHARS} characters")
-        try:
-            finite = math.isfinite(float(token))
-        except ValueError:
-            continue  # not a number: the parser will say so
-        if not finite:
-            raise WireError(f"number {token.decode()[:40]} is out of float range")
-    brackets = bare.translate(None, delete=_NOT_BRACKET)
-    if brackets.count(b"[") + brackets.count(b"{") <= max_depth:
-        return data  # cannot nest deeper than it has brackets
-    depth = deepest = 0
-    for b in brackets:
-        if b in _OPEN:
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > max_depth:
-                    raise WireError(f"JSON nested deeper than {max_depth} levels")
-        else:
-            depth -= 1
+    plain: bytes | None = None
+    if b"\\u" in data:
+        plain = _unescaped(data)
+        if b"\\u" in plain:
+            pairs = len(_PAIR.findall(plain))
+            if pairs * 2 != len(_HIGH_OR_LOW.findall(plain)):
+                raise WireError("lone surrogate escape in a JSON string")
+    numeric = data.translate(_NUMERIC)
+    odd = (b"NaN" in data or b"Infinity" in data or _MANY_DIGITS in numeric
+           or _BIG_EXPONENT.search(numeric) is not None)
+    brackets = data.translate(None, delete=_NOT_BRACKET)
+    deep = len(brackets) > max_depth
+    if not deep and not odd:
+        return data
+    bare = _outside_strings(_unescaped(data) if plain is None else plain)
+    if odd:
+        _check_numbers(bare)
+    if deep:
+        steps = memoryview(bare.translate(_STEPS, delete=_NOT_BRACKET)).cast("b")
+        if len(steps) > max_depth and max(itertools.accumulate(steps)) > max_depth:
+            raise WireError(f"JSON nested deeper than {max_depth} levels")
     return data
 
 
-def _check_surrogates(data: bytes) -> None:
-    """A high surrogate escape must be followed at once by a low one, and a low one
-    must follow a high one. Every escape is matched whole, so `\\\\ud800` (an escaped
-    backslash, then text) is not mistaken for one."""
-    pending: int | None = None  # where the escape after a high surrogate must start
-    for m in _ESCAPE.finditer(data):
-        hexa = m.group(1)
-        code = int(hexa, 16) if hexa is not None else -1
-        if pending is not None:
-            if m.start() != pending or not 0xDC00 <= code <= 0xDFFF:
-                raise WireError("lone surrogate escape in a JSON string")
-            pending = None
-            continue
-        if 0xD800 <= code <= 0xDBFF:
-            pending = m.end()
-        elif 0xDC00 <= code <= 0xDFFF:
-            raise WireError("lone surrogate escape in a JSON string")
-    if pending is not None:
-        raise WireError("lone surrogate escape in a JSON string")
+def _check_numbers(bare: bytes) -> None:
+    """NaN, infinities, overflowing or overlong numbers, outside strings."""
+    if b"NaN" in bare or b"Infinity" in bare:
+        raise WireError("NaN and Infinity are not JSON numbers")
+    numeric = bare.translate(_NUMERIC)
+    if _LONG_DIGITS in numeric:
+        raise WireError(f"number literal longer than {MAX_NUMBER_CHARS} digits")
+    if _MANY_DIGITS in numeric or _BIG_EXPONENT.search(numeric) is not None:
+        for m in _NUMBER.finditer(bare):
+            if not math.isfinite(float(m.group())):
+                raise WireError(f"number {m.group().decode()[:40]} is out of float range")
 
 
 def _no_constant(name: str) -> Any:

@@ -20,6 +20,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.dlq import DeadLetter, list_dead_letters, make_dead_letter
 from jetmesh.bus.errors import InvalidEventError
 from jetmesh.bus.ledger import validate_event
+from jetmesh.bus.wire import WireError, check_json, decode_json
 
 
 def nested(depth: int, leaf: str = "1") -> str:
@@ -179,6 +180,34 @@ def test_every_command_model_decodes_poison_with_a_validation_error(data: bytes)
     for model in (ev.TaskSubmission, ev.StepCommand):
         with pytest.raises(ValidationError):
             model.model_validate_json(data)
+
+
+@pytest.mark.parametrize(("raw", "ok"), [
+    (rb'"\ud83d\ude00"', True),              # a pair
+    (rb'"\uD83D\uDE00"', True),              # a pair, upper case
+    (rb'"\\\ud83d\ude00"', True),          # an escaped backslash, then a pair
+    (rb'"\\ud800"', True),                   # an escaped backslash, then text
+    (rb'"\ud800"', False),
+    (rb'"\udc00\ud800"', False),             # low then high
+    (rb'"\\ud83d\ude00"', False),           # text, then a lone low
+    (rb'"\ud800\\ude00"', False),           # a lone high, then text
+    (rb'"\ud83d\\\ude00"', False),         # high, escaped backslash, low: not a pair
+    (b'"' + "\ud800".encode("utf-8", "surrogatepass") + b'"', False),  # encoded
+    (b"1e308", True), (b"[1.5e300, -2e-400]", True), (b'"1e400 NaN"', True),
+    (b"1e400", False), (b"[1E+309 ]", False), (b'{"a":-1e4000}', False),
+    (b"1" * 250 + b".0e99", False), (b"[NaN]", False), (b"-Infinity", False),
+    (b"9" * 321, False), (b"[" * 64 + b"]" * 64, True), (b"[" * 65 + b"]" * 65, False),
+    (b'["' + b"[" * 100 + b'"]', True),        # brackets inside a string do not nest
+    (rb'["\\"' + b"[" * 100 + b"]" * 100 + b"]", False),  # ...but after one they do
+])
+def test_the_edge_check_reads_escapes_numbers_and_nesting_as_a_parser_does(
+        raw: bytes, ok: bool) -> None:
+    if ok:
+        assert check_json(raw) == raw
+        json.dumps(decode_json(raw), ensure_ascii=False, allow_nan=False).encode()
+    else:
+        with pytest.raises(WireError):
+            check_json(raw)
 
 
 # ---------------------------------------------------------------- hole 5: readers

@@ -97,8 +97,9 @@ def big_strings(draw: st.DrawFn) -> str:
 
 @st.composite
 def surrogate_documents(draw: st.DrawFn) -> str:
-    esc = draw(st.sampled_from(["\\ud800", "\\udfff", "\\ud83d\\ude00", "\\\\ud800",
-                                "\\ud800\\u0041", "\\udc00\\ud800", "\\ud800x"]))
+    esc = draw(st.lists(st.sampled_from(["\\ud800", "\\udfff", "\\ud83d\\ude00", "\\\\",
+                                         "\\u0041", "\\ude00", "x", "\\\""]),
+                        min_size=1, max_size=6).map("".join))
     key = draw(st.sampled_from(["task_id", "subject", "goal", "x"]))
     return json.dumps({key: "PLACE"}).replace("PLACE", esc)
 
