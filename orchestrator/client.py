@@ -107,7 +107,9 @@ class Client:
         budget: ev.Budget | None = None, task_id: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> str:
-        """Publish a task; returns its id. Resubmitting the same task_id is a no-op."""
+        """Publish a task; returns its id. Resubmitting the same task_id with the same
+        submission is a no-op; any other submission for an existing task_id is refused
+        by the orchestrator (dead-lettered "task exists"; the task is not touched)."""
         sub = ev.TaskSubmission(
             goal=goal, input=input or {}, workflow=workflow, user_id=user_id, budget=budget,
             metadata=metadata or {}, **({"task_id": task_id} if task_id else {}))

@@ -13,6 +13,7 @@ TASK = "t1"
 steps = st.sampled_from(["a", "b", "c"])
 skills = st.sampled_from(["triage", "research"])
 text = st.text(max_size=20)
+workers = st.sampled_from(["w1", "w2"])
 
 
 def _events() -> st.SearchStrategy[ev.Event]:
@@ -26,16 +27,17 @@ def _events() -> st.SearchStrategy[ev.Event]:
             st.lists(steps, unique=True, max_size=3), skills),
         st.builds(lambda s, sk, a: ev.StepDispatched(subject=TASK, data=ev.StepDispatchedData(
             step_id=s, skill=sk, input={}, attempt=a)), steps, skills, st.integers(1, 3)),
-        st.builds(lambda s: ev.StepStarted(subject=TASK, data=ev.StepStartedData(
-            step_id=s, agent="x", worker="w")), steps),
-        st.builds(lambda s, c: ev.ModelCalled(subject=TASK, data=ev.ModelCalledData(
-            step_id=s, agent="x", provider="sim", model="m", cost_usd=c, input_tokens=3,
-            response={})), st.one_of(st.none(), steps),
-            st.floats(0, 1, allow_nan=False)),
+        st.builds(lambda s, w, c: ev.StepStarted(subject=TASK, data=ev.StepStartedData(
+            step_id=s, agent="x", worker=w, claim=c)), steps, workers, st.booleans()),
+        st.builds(lambda s, c, w: ev.ModelCalled(subject=TASK, data=ev.ModelCalledData(
+            step_id=s, agent="x", worker=w, provider="sim", model="m", cost_usd=c,
+            input_tokens=3, response={})), st.one_of(st.none(), steps),
+            st.floats(0, 1, allow_nan=False), st.one_of(st.none(), workers)),
         st.builds(lambda s: ev.ToolCalled(subject=TASK, data=ev.ToolCalledData(
             step_id=s, agent="x", tool="t", call_id="c", idempotency_key="k")), steps),
-        st.builds(lambda s: ev.StepCompleted(subject=TASK, data=ev.StepCompletedData(
-            step_id=s, agent="x", output={"text": "ok"})), steps),
+        st.builds(lambda s, w: ev.StepCompleted(subject=TASK, data=ev.StepCompletedData(
+            step_id=s, agent="x", output={"text": "ok"}, worker=w)), steps,
+            st.one_of(st.none(), workers)),
         st.builds(lambda s, r: ev.StepFailed(subject=TASK, data=ev.StepFailedData(
             step_id=s, code="error", reason="boom", retryable=r)), steps, st.booleans()),
         st.just(ev.TaskCompleted(subject=TASK, data=ev.TaskCompletedData(result={"a": 1}))),
@@ -78,6 +80,11 @@ def test_fold_never_raises_and_terminal_states_stay_terminal(evs: list[ev.Event]
     assert state.last_seq == len(log)
     if state.status is TaskStatus.INPUT_REQUIRED:
         assert state.pending_approvals, "input-required with nothing pending"
+    if state.status in TERMINAL:
+        assert not state.pending_approvals, "a finished task waits for an approval"
+    # Usage counts only what was not ignored, and every step's usage is in the task's.
+    assert state.model_calls >= sum(s.model_calls for s in state.steps.values())
+    assert set(state.steps) <= {p.id for p in state.plan}, "a step not in the plan"
 
 
 @settings(max_examples=200, deadline=None)
