@@ -28,13 +28,21 @@ import pytest
 from jetmesh.agents.builtin import BUILTIN_AGENTS
 from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
-from jetmesh.bus.permissions import JM_STREAMS, AuthConfig, RoleUser
+from jetmesh.bus.permissions import JM_STREAMS, AuthConfig, Options, RoleUser
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.server import EmbeddedNats
 from jetmesh.bus.streams import declare_streams
 
 AGENTS = {name: [s.id for s in spec.skills] for name, spec in BUILTIN_AGENTS.items()}
-AUTH = AuthConfig.create(AGENTS)
+VARIANTS = {
+    "default": Options(),
+    # Every compatibility switch on: each widens the table, none may open a hole the
+    # table does not show.
+    "compat": Options(private_inboxes=False, legacy_consumer_create=True,
+                      agents_write_control=True, workers_declare=True),
+}
+AUTHS = {name: AuthConfig.create(AGENTS, opts) for name, opts in VARIANTS.items()}
+AUTH = AUTHS["default"]
 USERS = [u.user for u in AUTH.users]
 API = subjects.JS_API
 BUCKETS = (subjects.BUCKET_AGENTS, subjects.BUCKET_BUDGETS, subjects.BUCKET_EXTERNAL)
@@ -65,13 +73,13 @@ def durables() -> list[tuple[str, str, str]]:
     return out
 
 
-def publish_universe() -> list[str]:
+def publish_universe(auth: AuthConfig) -> list[str]:
     found: dict[str, None] = {}
 
     def add(s: str) -> None:
         found.setdefault(s, None)
 
-    for u in AUTH.users:
+    for u in auth.users:
         for p in (*u.permissions.publish, *u.permissions.publish_deny,
                   *u.permissions.subscribe):
             add(concrete(p))
@@ -116,9 +124,9 @@ def publish_universe() -> list[str]:
     return list(found)
 
 
-def subscribe_universe() -> list[str]:
-    found: dict[str, None] = dict.fromkeys(publish_universe())
-    for u in AUTH.users:
+def subscribe_universe(auth: AuthConfig) -> list[str]:
+    found: dict[str, None] = dict.fromkeys(publish_universe(auth))
+    for u in auth.users:
         for p in u.permissions.subscribe:
             found.setdefault(p, None)
         found.setdefault(f"{u.inbox_prefix}.>", None)
@@ -129,24 +137,32 @@ def subscribe_universe() -> list[str]:
     return list(found)
 
 
-PUBLISH = publish_universe()
-SUBSCRIBE = subscribe_universe()
+@dataclass(frozen=True)
+class Probes:
+    """One variant's table and the probes generated from it."""
+
+    auth: AuthConfig
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    @classmethod
+    def of(cls, auth: AuthConfig) -> Probes:
+        return cls(auth, tuple(publish_universe(auth)), tuple(subscribe_universe(auth)))
+
+    def forbidden_publish(self, u: RoleUser) -> list[str]:
+        return [s for s in self.publish if not u.permissions.may_publish(s)]
+
+    def forbidden_subscribe(self, u: RoleUser) -> list[str]:
+        return [s for s in self.subscribe if not u.permissions.may_subscribe(s)]
+
+    def allowed_publish(self, u: RoleUser) -> list[str]:
+        return [s for s in self.publish if u.permissions.may_publish(s)]
+
+    def allowed_subscribe(self, u: RoleUser) -> list[str]:
+        return [s for s in self.subscribe if u.permissions.may_subscribe(s)]
 
 
-def forbidden_publish(u: RoleUser) -> list[str]:
-    return [s for s in PUBLISH if not u.permissions.may_publish(s)]
-
-
-def forbidden_subscribe(u: RoleUser) -> list[str]:
-    return [s for s in SUBSCRIBE if not u.permissions.may_subscribe(s)]
-
-
-def allowed_publish(u: RoleUser) -> list[str]:
-    return [s for s in PUBLISH if u.permissions.may_publish(s)]
-
-
-def allowed_subscribe(u: RoleUser) -> list[str]:
-    return [s for s in SUBSCRIBE if u.permissions.may_subscribe(s)]
+PROBES = {name: Probes.of(auth) for name, auth in AUTHS.items()}
 
 
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"',
@@ -156,6 +172,11 @@ _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "(
 @dataclass
 class Matrix:
     server: EmbeddedNats
+    probes: Probes
+
+    @property
+    def auth(self) -> AuthConfig:
+        return self.probes.auth
 
     async def verdicts(self, user: str, kind: str, probes: list[str]) -> set[str]:
         """Send every probe as `user` (publish or subscribe); the lower-cased subjects the
@@ -165,9 +186,9 @@ class Matrix:
         async def on_error(e: Exception) -> None:
             errors.append(str(e))
 
-        u = AUTH.user(user)
+        u = self.auth.user(user)
         nc = await connect(self.server.url, name=f"matrix-{user}", user=user,
-                           password=AUTH.passwords[user], inbox_prefix=u.inbox_prefix,
+                           password=self.auth.passwords[user], inbox_prefix=u.inbox_prefix,
                            error_cb=on_error, allow_reconnect=False)
         try:
             for s in probes:
@@ -197,21 +218,25 @@ class Matrix:
         return refused
 
 
-@pytest.fixture(scope="module")
-async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Matrix]:
+@pytest.fixture(scope="module", params=list(VARIANTS))
+async def matrix(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> AsyncIterator[Matrix]:
+    """One server per variant, run with that variant's generated users."""
+    probes = PROBES[request.param]
+    auth = probes.auth
     server = EmbeddedNats(data_dir=Path(tmp_path_factory.mktemp("matrix")) / "nats",
-                          extra_config=AUTH.server_config())
+                          extra_config=auth.server_config())
     server.start()
     try:
-        u = AUTH.user("admin")
-        nc = await connect(server.url, user="admin", password=AUTH.passwords["admin"],
+        u = auth.user("admin")
+        nc = await connect(server.url, user="admin", password=auth.passwords["admin"],
                            inbox_prefix=u.inbox_prefix)
         js = jetstream(nc)
         await declare_streams(js)
         for b in BUCKETS:
             await ensure_bucket(js, b)
         await nc.close()
-        yield Matrix(server)
+        yield Matrix(server, probes)
     finally:
         server.stop()
 
@@ -219,6 +244,10 @@ async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Matr
 def test_the_probes_are_generated_from_the_table() -> None:
     """Every role has something it must not touch, and the admin role, which may do
     anything else, may not approve; the numbers are printed (`pytest -s`)."""
+    pr = PROBES["default"]
+    forbidden_publish, forbidden_subscribe = pr.forbidden_publish, pr.forbidden_subscribe
+    allowed_publish, allowed_subscribe = pr.allowed_publish, pr.allowed_subscribe
+    n_pub, n_sub = len(pr.publish), len(pr.subscribe)
     total = 0
     for u in AUTH.users:
         fp, fs = forbidden_publish(u), forbidden_subscribe(u)
@@ -226,7 +255,7 @@ def test_the_probes_are_generated_from_the_table() -> None:
         print(f"{u.user}: {len(fp)} forbidden publishes, {len(fs)} forbidden subscriptions, "
               f"{len(allowed_publish(u))} + {len(allowed_subscribe(u))} allowed")
         assert fp, u.user
-    print(f"{len(AUTH.users)} roles, {len(PUBLISH)} publish and {len(SUBSCRIBE)} "
+    print(f"{len(AUTH.users)} roles, {n_pub} publish and {n_sub} "
           f"subscribe probes, {total} role x subject checks that must be refused")
     admin = AUTH.user("admin")
     assert forbidden_publish(admin) == [concrete(subjects.ALL_APPROVALS),
@@ -249,7 +278,7 @@ def test_the_probes_are_generated_from_the_table() -> None:
 
 @pytest.mark.parametrize("user", USERS)
 async def test_every_forbidden_publish_is_refused(matrix: Matrix, user: str) -> None:
-    probes = forbidden_publish(AUTH.user(user))
+    probes = matrix.probes.forbidden_publish(matrix.auth.user(user))
     refused = await matrix.verdicts(user, "publish", probes)
     allowed = [s for s in probes if s.lower() not in refused]
     assert allowed == [], f"{user} may publish to {len(allowed)} forbidden subjects"
@@ -257,7 +286,7 @@ async def test_every_forbidden_publish_is_refused(matrix: Matrix, user: str) -> 
 
 @pytest.mark.parametrize("user", USERS)
 async def test_every_forbidden_subscription_is_refused(matrix: Matrix, user: str) -> None:
-    probes = forbidden_subscribe(AUTH.user(user))
+    probes = matrix.probes.forbidden_subscribe(matrix.auth.user(user))
     refused = await matrix.verdicts(user, "subscribe", probes)
     allowed = [s for s in probes if s.lower() not in refused]
     assert allowed == [], f"{user} may subscribe to {len(allowed)} forbidden subjects"
@@ -267,7 +296,7 @@ async def test_every_forbidden_subscription_is_refused(matrix: Matrix, user: str
 async def test_every_allowed_subject_is_accepted(matrix: Matrix, user: str) -> None:
     """The other half: the table and the server agree on what each role may do (the end
     to end tests show that it is enough for each role's job)."""
-    u = AUTH.user(user)
-    pub = await matrix.verdicts(user, "publish", allowed_publish(u))
-    sub = await matrix.verdicts(user, "subscribe", allowed_subscribe(u))
+    u = matrix.auth.user(user)
+    pub = await matrix.verdicts(user, "publish", matrix.probes.allowed_publish(u))
+    sub = await matrix.verdicts(user, "subscribe", matrix.probes.allowed_subscribe(u))
     assert (sorted(pub), sorted(sub)) == ([], [])
