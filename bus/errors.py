@@ -5,6 +5,7 @@
     ├── ServerStartError        the embedded nats-server did not come up
     ├── StreamConfigConflict    a declared stream/consumer differs and could not be updated
     ├── InvalidEventError       an event failed validation and was not appended
+    ├── WireError               bytes refused at the edge (bus.wire.check_json), with why
     ├── AppendConflict          expected-sequence append lost the race (stale writer)
     └── LedgerReadError         reading a task's events failed
 """
@@ -43,6 +44,14 @@ class InvalidEventError(BusError):
     def __init__(self, reason: str, errors: list[dict[str, Any]] | None = None) -> None:
         self.reason = reason
         self.errors = errors or []
+        super().__init__(reason)
+
+
+class WireError(BusError, ValueError):
+    """Bytes refused at the edge (bus.wire); `reason` says why (safe to log and store)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
         super().__init__(reason)
 
 

@@ -32,7 +32,7 @@ import math
 import re
 from typing import Any
 
-from jetmesh.bus.errors import BusError
+from jetmesh.bus.errors import WireError as WireError
 
 MAX_MESSAGE_BYTES = 1_000_000
 """Largest message jetmesh accepts on any subject (the server's default max_payload)."""
@@ -42,7 +42,7 @@ MAX_JSON_DEPTH = 64
 object or array is one level; a scalar at the top is depth 0)."""
 
 MAX_PAYLOAD_DEPTH = MAX_JSON_DEPTH // 2
-"""How deep a client's free-form data (a submission's `input` and `metadata`) may nest:
+"""How deep a client's free-form data (a task submission's `input`) may nest:
 half the limit, so the events that carry it (and the step inputs, outputs and results
 made from it) stay within MAX_JSON_DEPTH."""
 
@@ -51,14 +51,6 @@ MAX_NUMBER_CHARS = 320
 
 MAX_REASON_CHARS = 2_000
 """Longest reason string kept in a dead letter or a skipped-message report."""
-
-
-class WireError(BusError, ValueError):
-    """Bytes refused at the edge; `reason` says why (safe to log and to store)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 # Brackets as signed steps (+1 open, -1 close), every other byte deleted: the depth is
