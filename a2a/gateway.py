@@ -71,7 +71,7 @@ from starlette.types import Receive, Scope, Send
 
 from jetmesh.bus import events as ev
 from jetmesh.bus.subjects import InvalidIdError
-from jetmesh.orchestrator.client import Client
+from jetmesh.orchestrator.client import Client, ControlRefused
 from jetmesh.orchestrator.projection import all_tasks
 from jetmesh.orchestrator.state import TaskState, fold
 
@@ -287,7 +287,10 @@ class MeshRequestHandler(RequestHandler):
         if state.terminal:
             raise TaskNotCancelableError(
                 message=f"task {params.id} is already {state.status.value}")
-        await self.client.cancel(params.id, "canceled over A2A")
+        try:
+            await self.client.cancel(params.id, "canceled over A2A")
+        except ControlRefused as e:  # it ended since the look above
+            raise TaskNotCancelableError(message=str(e)) from e
         state = await self._wait_terminal(params.id, self.settings.cancel_wait_s)
         return task_from_state(state)
 
