@@ -126,7 +126,8 @@ def decode_entry(seq: int, subject: str, data: bytes) -> LedgerEntry | Skipped:
         return LedgerEntry(seq, subject, decode_event(data))
     except ValidationError as e:
         errs = e.errors()
-        first = f"{'.'.join(str(x) for x in errs[0]['loc'])}: {errs[0]['msg']}" if errs else ""
+        where = ".".join(str(x) for x in errs[0]["loc"]) if errs else ""
+        first = (f"{where}: " if where else "") + (errs[0]["msg"] if errs else "")
         reason = f"not an event ({e.error_count()} error(s)): {first}"
     except Exception as e:  # decode_event raises only ValidationError; total anyway
         reason = f"not an event: {type(e).__name__}: {e}"
