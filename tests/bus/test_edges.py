@@ -232,3 +232,20 @@ async def test_list_dead_letters_skips_and_reports_a_malformed_entry(bus) -> Non
 def test_dead_letter_data_is_base64_of_the_bytes() -> None:
     dl = make_dead_letter(fake("jm.work.x", b"\x00\xff"), "S", "c", "r")
     assert base64.b64decode(dl.data_b64) == b"\x00\xff"
+
+
+async def test_the_ledger_refuses_to_store_what_it_could_not_read_back(bus) -> None:
+    task = ev.new_id()
+    too_deep = ev.TaskCompleted(subject=task, data=ev.TaskCompletedData(
+        result=nested_value(ev.MAX_JSON_DEPTH + 10)))
+    for validate in (True, False):
+        with pytest.raises(InvalidEventError, match="deeper than"):
+            await bus.ledger.append(too_deep, validate=validate)
+        with pytest.raises(InvalidEventError):
+            await bus.ledger.append_pipelined([too_deep], validate=validate)
+    assert await bus.ledger.read(task) == []
+    fits = ev.TaskCompleted(subject=task, data=ev.TaskCompletedData(
+        result=nested_value(ev.MAX_JSON_DEPTH - 3)))
+    seq = await bus.ledger.append(fits)
+    [entry] = await bus.ledger.read(task)
+    assert (entry.seq, entry.event) == (seq, fits)
