@@ -55,9 +55,10 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("nats").setLevel(logging.WARNING)
 
 
-def resolve_url(url: str | None, data_dir: Path, user: str = "admin") -> str:
+def resolve_url(url: str | None, data_dir: Path, user: str | None = None) -> str:
     """--url / NATS_URL, else the embedded server running from `data_dir`. With no
-    credentials in the environment, `user`'s from `data_dir` (a `jetmesh up` mesh)."""
+    credentials in the environment, `user`'s from `data_dir` (a `jetmesh up` mesh;
+    default: the running command's role, see nats_config.user_for_command)."""
     from jetmesh.bus.server import discover_url
     from jetmesh.orchestrator.nats_config import use_data_dir_credentials
 

@@ -118,13 +118,32 @@ def credentials_in(data_dir: Path, user: str) -> dict[str, str] | None:
     return read_env_blocks(data_dir / AUTH_ENV).get(user)
 
 
-def use_data_dir_credentials(data_dir: Path, user: str = ROLE_ADMIN) -> bool:
+ROLE_COMMANDS = {"orchestrator": "orchestrator", "memory": "memory", "gateway": "gateway",
+                 "bridge": "bridge", "approve": "approver", "deny": "approver"}
+"""CLI commands that run as a role of their own (the rest run as the admin)."""
+
+
+def user_for_command() -> str:
+    """The user the running CLI command should log in as: a role's own (`jetmesh worker
+    orders` as agent-orders, `jetmesh orchestrator` as orchestrator...), the approver for
+    approve / deny, else the admin (the operator's commands)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    name = ctx.info_name if ctx is not None else None
+    if name == "worker" and ctx is not None:
+        agent = str(ctx.params.get("agent") or "")
+        return f"agent-{agent}"  # module:attr has no user of its own: none is found
+    return ROLE_COMMANDS.get(name or "", ROLE_ADMIN)
+
+
+def use_data_dir_credentials(data_dir: Path, user: str | None = None) -> bool:
     """For the CLI run against a `jetmesh up` mesh: when no credentials are set in the
-    environment (NATS_USER, NATS_CREDS), take `user`'s from the data directory. True when
-    it set them."""
+    environment (NATS_USER, NATS_CREDS), take `user`'s (default: `user_for_command()`)
+    from the data directory. True when it set them."""
     if any(os.environ.get(v) for v in ("NATS_USER", "NATS_CREDS", "JETMESH_NATS_CREDS")):
         return False
-    found = credentials_in(data_dir, user)
+    found = credentials_in(data_dir, user or user_for_command())
     if not found:
         return False
     for name in CREDENTIAL_VARS:

@@ -243,3 +243,36 @@ def test_shutdown_after_nats_died_leaves_no_child_running(up: Up) -> None:
     assert processes_of(up.data_dir) == [], out[-2000:]
     assert not (up.data_dir / "up.json").exists()
     assert not (up.data_dir / "nats" / "url").exists()
+
+
+# ----------------------------------------------------------------------------- credentials
+
+
+def test_cli_commands_find_their_own_roles_credentials_in_the_data_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command run against a `jetmesh up` mesh logs in as its own role: the operator's
+    commands as admin, approve/deny as the approver, a role's process as that role."""
+    import click
+
+    from jetmesh.orchestrator.nats_config import use_data_dir_credentials, write_data_dir_auth
+
+    auth, conf, env = write_data_dir_auth(tmp_path, {"orders": ["lookup_order"]})
+    assert stat.S_IMODE(conf.stat().st_mode) == stat.S_IMODE(env.stat().st_mode) == 0o600
+    again, _, _ = write_data_dir_auth(tmp_path, {"orders": ["lookup_order"]})
+    assert again.passwords == auth.passwords  # kept across runs: restarted children log in
+    cases = [("submit", {}, "admin"), ("approve", {}, "approver"), ("deny", {}, "approver"),
+             ("orchestrator", {}, "orchestrator"), ("gateway", {}, "gateway"),
+             ("worker", {"agent": "orders"}, "agent-orders")]
+    for command, params, user in cases:
+        for var in ("NATS_USER", "NATS_PASSWORD", "NATS_INBOX_PREFIX", "NATS_CREDS"):
+            monkeypatch.delenv(var, raising=False)
+        with click.Context(click.Command(command), info_name=command) as ctx:
+            ctx.params = dict(params)
+            assert use_data_dir_credentials(tmp_path)
+        assert os.environ["NATS_USER"] == user, command
+        assert os.environ["NATS_PASSWORD"] == auth.passwords[user]
+        assert os.environ["NATS_INBOX_PREFIX"] == auth.user(user).inbox_prefix
+    # Credentials already in the environment win.
+    monkeypatch.setenv("NATS_USER", "someone")
+    assert not use_data_dir_credentials(tmp_path, "admin")
+    assert os.environ["NATS_USER"] == "someone"
