@@ -618,17 +618,10 @@ class Orchestrator:
             confirmed))}
         if not waiting:
             return False
-        from jetmesh.a2a.registry import snapshot
-        from jetmesh.a2a.signing import verifier_from_env
-
-        try:
-            agents, _ = await snapshot(self.js, ttl_s=self.settings.agent_ttl_s,
-                                       verifier=verifier_from_env())
-        except Exception as e:  # no second opinion: the view decides
-            log.warning("task %s: registry read before no_agent failed: %s",
-                        state.task_id, e)
-            return False
-        found = {sid for a in agents for sid in a.skill_ids} & waiting
+        fresh = await self._fresh_skills()
+        if fresh is None:
+            return False  # no second opinion: the view decides
+        found = set(fresh) & waiting
         if not found:
             return False
         log.info("task %s: the registry view was stale (skills %s are live)", state.task_id,
@@ -636,6 +629,25 @@ class Orchestrator:
         confirmed |= found
         self._skills = None  # recompute the view at the next look
         return True
+
+    async def _fresh_skills(self) -> dict[str, SkillSpec] | None:
+        """The live skills read from the registry bucket now, not from the view (which
+        lags when the loop is saturated); None if the read failed."""
+        if self.registry is None:
+            return None
+        from jetmesh.a2a.registry import Registry
+
+        try:
+            reg = await Registry.open(self.js, ttl_s=self.settings.agent_ttl_s,
+                                      verifier=self.registry.verifier,
+                                      replicas=self.bus_settings.replicas, wait_s=2.0)
+            try:
+                return reg.skills()
+            finally:
+                await reg.close()
+        except Exception as e:
+            log.warning("registry read failed: %s", e)
+            return None
 
     async def _flush(self, state: TaskState, events: list[ev.Event],
                      commands: list[tuple[str, bytes, dict[str, str]]],
@@ -837,6 +849,10 @@ class Orchestrator:
                 id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
                     planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge))]
         live = self.live_skills()
+        if live is not None:
+            # A model call follows: one read of the registry itself is cheap beside it,
+            # and a stale view (a saturated loop) must not leave skills out of the plan.
+            live = {**(await self._fresh_skills() or {}), **live}
         skills = sorted((live or {}).values(), key=lambda s: (s.id != "triage", s.id))
         recorder = Recorder("plan", [c for c in state.orchestrator_calls if c.purpose == "plan"],
                             self._guard(state))

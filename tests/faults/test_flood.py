@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "orchestrator"))
 
-from edge_agents import ECHO, ECHO_FLOW
+from edge_agents import ECHO, ECHO_FLOW, stale_view
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -36,18 +36,6 @@ def bad_body(i: int, marker: str) -> bytes:
     if kind == 2:
         return json.dumps({"goal": 5, "input": "no", "n": i}).encode()
     return json.dumps({"task_id": f"bad-{marker}-{i}", "goal": 5}).encode()
-
-
-async def stale_view(orch) -> None:
-    """Freeze the orchestrator's registry view, as a saturated loop does (its KV watch is
-    not read): the agent's entries age past their TTL and it looks gone, alive as it is."""
-    await orch.presence.stop()
-    orch.presence.ttl_s = 1.0
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while "edge_echo" in (orch.live_skills() or {}):
-        assert loop.time() < end, "the view never went stale"
-        await asyncio.sleep(0.05)
 
 
 async def flood(make_mesh, bus, n_bad: int, n_good: int, timeout: float) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from pydantic import BaseModel
 
 from jetmesh.agents.spec import AgentSpec, SkillSpec
@@ -37,3 +40,15 @@ ECHO_FLOW = Workflow(name="edge-echo", steps=[
 def unserved_flow(skill: str) -> Workflow:
     """One step of a skill nobody serves: the task stays open, its step queued."""
     return Workflow(name=skill, steps=[PlanStep(id="only", skill=skill, input={})])
+
+
+async def stale_view(orch: Any, skill: str = "edge_echo") -> None:
+    """Freeze the orchestrator's registry view, as a saturated loop does (its KV watch is
+    not read): the agent's entries age past their TTL and it looks gone, alive as it is."""
+    await orch.presence.stop()
+    orch.presence.ttl_s = 1.0
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while skill in (orch.live_skills() or {}):
+        assert loop.time() < end, "the view never went stale"
+        await asyncio.sleep(0.05)

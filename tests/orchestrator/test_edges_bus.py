@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from edge_agents import ECHO, ECHO_FLOW, unserved_flow
+from edge_agents import ECHO, ECHO_FLOW, stale_view, unserved_flow
 from mesh_fixtures import Mesh, make_mesh  # noqa: F401
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from jetmesh.agents.models.sim import SimModel
+from jetmesh.agents.models.sim import FunctionModel, SimModel
+from jetmesh.agents.models.types import ModelRequest
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
@@ -365,3 +366,22 @@ async def test_the_orchestrator_ignores_a_result_not_written_by_the_steps_holder
     finally:
         await orch.stop()
         await nc.close()
+
+
+def plan_echo(request: ModelRequest) -> str:
+    """A scripted planner: one echo step."""
+    if request.output_schema is not None:
+        return json.dumps({"steps": [{"id": "e", "skill": "edge_echo",
+                                      "input": {"text": "planned"}}], "merge": False})
+    return "merged"
+
+
+async def test_a_stale_view_does_not_leave_skills_out_of_an_llm_plan(make_mesh) -> None:  # noqa: F811
+    """With the view stale, the planner was told no skill is live: "no live agent offers
+    any skill to plan with", and the task failed with its agent alive."""
+    mesh = await make_mesh([ECHO], planner=FunctionModel(plan_echo, name="edge-planner"))
+    await stale_view(mesh.orchestrator)
+    tid = await mesh.client.submit("echo something")
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED, (state.code, state.reason)
+    assert state.steps["e"].output == {"echoed": "planned"}
