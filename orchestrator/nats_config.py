@@ -216,6 +216,9 @@ def register(app: typer.Typer) -> None:
                                        "(CONSUMER.DURABLE.CREATE, filter in the body) for "
                                        "older clients; lets a role re-point its own durable "
                                        "at another subject.")] = False,
+        _strict_consumers: Annotated[bool, typer.Option(
+            "--strict-consumers", hidden=True,
+            help="The default now; kept so that existing scripts still run.")] = False,
         embedded: Annotated[bool, typer.Option(
             "--embedded", help="Also print how to run the embedded server with it.")
         ] = False,
