@@ -59,6 +59,15 @@ class Fenced(Exception):
 Handler = Callable[[Msg], Awaitable[None]]
 
 
+def _describe(e: BaseException) -> str:
+    """An exception as bounded, storable text, even if its own str() raises."""
+    try:
+        text = str(e) or repr(e)
+    except Exception:
+        text = f"<unprintable {type(e).__name__}>"
+    return safe_text(text, 1_000)
+
+
 @dataclass
 class PullRunner:
     """Runs one durable pull consumer with bounded concurrency until stopped.
@@ -186,11 +195,18 @@ class PullRunner:
             await self._settle(msg)
         except asyncio.CancelledError:
             raise
-        except BaseException as e:  # a bug in settling: never lose the message silently
-            log.error("%s: %s could not be settled (%s); handed back", self.durable,
-                      safe_text(msg.subject, 300), safe_text(repr(e), 500), exc_info=True)
+        except BaseException as e:  # a bug in settling: never lose the message silently,
+            try:                    # and never hand it back for ever either
+                deliveries = int(msg.metadata.num_delivered)
+            except Exception:
+                deliveries = 0
+            give_up = deliveries > self.max_deliver + self.dlq_retries
+            log.error("%s: %s could not be settled (%s); %s", self.durable,
+                      safe_text(msg.subject, 300), _describe(e),
+                      f"DROPPED after {deliveries} deliveries" if give_up
+                      else "handed back", exc_info=True)
             with contextlib.suppress(Exception):
-                await msg.nak(delay=self.backoff_s[-1])
+                await (msg.term() if give_up else msg.nak(delay=self.backoff_s[-1]))
             if not isinstance(e, Exception):
                 raise
 
@@ -229,7 +245,7 @@ class PullRunner:
         except Exception as e:
             deliveries = int(msg.metadata.num_delivered)
             delay = self.backoff_s[min(deliveries - 1, len(self.backoff_s) - 1)]
-            error = safe_text(str(e) or repr(e), 1_000)
+            error = _describe(e)
             log.warning("%s: %s failed (delivery %d), retry in %.1fs: %s", self.durable,
                         msg.subject, deliveries, delay, error,
                         exc_info=log.isEnabledFor(10))

@@ -245,7 +245,8 @@ async def list_dead_letters(reader: object, *, stream: str | None = None,
         try:
             dl = DeadLetter.model_validate_json(check_json(data))
         except Exception as e:
-            reason = e.reason if isinstance(e, WireError) else f"not a dead letter: {e}"
+            reason = e.reason if isinstance(e, WireError) else \
+                f"not a dead letter: {safe_text(e, 400)}"
             bad = Skipped(seq, safe_text(subject, 512), safe_text(reason, 500))
             reader.report_bad(bad, subjects.STREAM_DLQ)
             out.skipped.append(bad)

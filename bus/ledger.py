@@ -130,7 +130,7 @@ def decode_entry(seq: int, subject: str, data: bytes) -> LedgerEntry | Skipped:
         first = (f"{where}: " if where else "") + (errs[0]["msg"] if errs else "")
         reason = f"not an event ({e.error_count()} error(s)): {first}"
     except Exception as e:  # decode_event raises only ValidationError; total anyway
-        reason = f"not an event: {type(e).__name__}: {e}"
+        reason = f"not an event: {type(e).__name__}: {safe_text(e, 400)}"
     return Skipped(seq, safe_text(subject, 512), safe_text(reason, 500))
 
 

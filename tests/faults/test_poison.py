@@ -423,3 +423,41 @@ async def test_a_task_with_garbage_on_its_control_and_step_subjects_reads_back(
     listed = {st.task_id: st for st in await all_tasks(ledger)}
     assert listed[task].last_seq == good[-1]
 
+
+
+class Nasty(Exception):
+    """An exception that cannot even be printed."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+    __repr__ = __str__
+
+
+async def test_a_handler_error_that_cannot_be_printed_still_ends_in_the_dlq(bus) -> None:
+    skill = "nasty" + ev.new_id()[:8]
+    durable = subjects.work_consumer(skill)
+    attempts = 0
+
+    async def handler(msg: Msg) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise Nasty()
+
+    runner = PullRunner(bus.js, subjects.STREAM_WORK,
+                        pull_consumer_config(durable, subjects.work(skill)), handler,
+                        max_deliver=2, backoff_s=(0.05,))
+    await runner.start()
+    try:
+        await bus.js.publish(subjects.work(skill), b'{"ok": true}')
+        [letter] = await _until("the letter", lambda: _letters_if(bus.ledger, durable, 1))
+
+        async def settled() -> bool:
+            info = await bus.js.consumer_info(subjects.STREAM_WORK, durable)
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await _until("the consumer to have nothing pending", settled)
+    finally:
+        await runner.stop()
+    assert attempts == 2
+    assert letter.reason == "failed 2 times; last error: <unprintable Nasty>"
