@@ -276,3 +276,36 @@ def test_cli_commands_find_their_own_roles_credentials_in_the_data_dir(
     monkeypatch.setenv("NATS_USER", "someone")
     assert not use_data_dir_credentials(tmp_path, "admin")
     assert os.environ["NATS_USER"] == "someone"
+
+
+def test_up_that_fails_to_start_leaves_nothing_running(tmp_path: Path) -> None:
+    """An exception after nats-server started (here: a JM_WORK stream from elsewhere whose
+    retention cannot be changed) still stops the server: `up` exits non-zero, with the
+    reason, and nothing of it runs on."""
+    import asyncio
+
+    from nats.js.api import RetentionPolicy, StreamConfig
+
+    from jetmesh.bus.connection import connect, jetstream
+    from jetmesh.bus.server import EmbeddedNats
+
+    data = tmp_path / ".jetmesh"
+    server = EmbeddedNats(data_dir=data / "nats").start()
+
+    async def conflicting() -> None:
+        nc = await connect(server.url)
+        await jetstream(nc).add_stream(StreamConfig(
+            name="JM_WORK", subjects=["jm.work.>"], retention=RetentionPolicy.LIMITS))
+        await nc.close()
+
+    asyncio.run(conflicting())
+    server.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    res = subprocess.run(
+        [sys.executable, "-m", "jetmesh.orchestrator.cli", "up", "--port", "0", "--plain",
+         "--agents", "orders", "--gateway-port", "0"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60, env=env)
+    assert res.returncode != 0 and "JM_WORK" in res.stdout + res.stderr, res
+    assert "stopped" in res.stdout
+    assert processes_of(data) == []
+    assert not (data / "nats" / "url").exists()
