@@ -505,7 +505,11 @@ class Ledger:
             done.set_exception(LedgerReadError(
                 f"direct get: {status} {hdrs.get('Description', '')}"))
         else:
-            out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
+            try:
+                out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
+            except (KeyError, ValueError):  # not a direct-get reply: not ours to read
+                log.warning("direct get reply without sequence or subject on %s, ignored",
+                            safe_text(msg.subject, 200))
 
     # ------------------------------------------------------------------ follow
 

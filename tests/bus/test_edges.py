@@ -249,3 +249,23 @@ async def test_the_ledger_refuses_to_store_what_it_could_not_read_back(bus) -> N
     seq = await bus.ledger.append(fits)
     [entry] = await bus.ledger.read(task)
     assert (entry.seq, entry.event) == (seq, fits)
+
+
+async def test_a_stray_message_on_the_ledgers_reply_inbox_is_ignored(bus) -> None:
+    """Anyone who can publish to the inbox could send a reply without the direct-get
+    headers; the callback raised KeyError on it (and the read then timed out)."""
+    import asyncio
+
+    from jetmesh.bus.ledger import Ledger
+
+    ledger = Ledger(bus.nc, bus.js)
+    done: asyncio.Future[list[tuple[int, str, bytes]]] = \
+        asyncio.get_running_loop().create_future()
+    ledger._pending["7"] = ([], done)
+    for headers in (None, {}, {"Nats-Sequence": "x", "Nats-Subject": "s"}):
+        await ledger._on_reply(fake("_INBOX.p.7", b"junk", headers))
+    assert ledger._pending["7"][0] == [] and not done.done()
+    await ledger._on_reply(fake("_INBOX.p.7", b"ok", {"Nats-Sequence": "3",
+                                                      "Nats-Subject": "jm.task.t.events"}))
+    await ledger._on_reply(fake("_INBOX.p.7", b"", {"Status": "204"}))
+    assert done.result() == [(3, "jm.task.t.events", b"ok")]
