@@ -168,7 +168,7 @@ def make_dead_letter(
         data_truncated=len(kept) < len(data),
         data_bytes=len(data) if len(kept) < len(data) else None)
     try:
-        if len(letter.model_dump_json()) <= MAX_MESSAGE_BYTES:
+        if len(letter.model_dump_json().encode()) <= MAX_MESSAGE_BYTES:
             return letter
     except Exception:
         pass

@@ -269,3 +269,16 @@ async def test_a_stray_message_on_the_ledgers_reply_inbox_is_ignored(bus) -> Non
                                                       "Nats-Subject": "jm.task.t.events"}))
     await ledger._on_reply(fake("_INBOX.p.7", b"", {"Status": "204"}))
     assert done.result() == [(3, "jm.task.t.events", b"ok")]
+
+
+def test_a_letter_with_huge_errors_and_headers_still_fits_with_its_data() -> None:
+    # Sized so that the letter is under the limit in characters but over it in bytes.
+    data = b"x" * 900_000
+    headers = {f"H-{i}": "é" * 5_000 for i in range(10)}
+    errors = [{"msg": "é" * 5_000} for _ in range(100)]
+    dl = make_dead_letter(fake("jm.work.x", data, headers), "S", "c", "\x03" * 50_000, errors)
+    dumped = dl.model_dump_json().encode()
+    assert len(dumped) <= ev.MAX_MESSAGE_BYTES
+    back = DeadLetter.model_validate_json(dumped)
+    assert data.startswith(back.data) and len(back.data) > 600_000
+    assert back.reason.startswith("\x03")
