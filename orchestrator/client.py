@@ -18,6 +18,15 @@ from jetmesh.bus.streams import declare_streams
 from jetmesh.orchestrator.state import TaskState, fold
 
 
+class TaskExists(ValueError):
+    """A submission for an existing task id, different from the one it was created by:
+    refused, the task is not touched."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id} exists with another submission: nothing changed")
+
+
 class ControlRefused(Exception):
     """A control (cancel, approve, deny) was not sent: nothing changed."""
 
@@ -109,13 +118,32 @@ class Client:
     ) -> str:
         """Publish a task; returns its id. Resubmitting the same task_id with the same
         submission is a no-op; any other submission for an existing task_id is refused
-        by the orchestrator (dead-lettered "task exists"; the task is not touched)."""
+        (the task is not touched): TaskExists when JetStream drops it as a duplicate of a
+        different one with the same id (its duplicate window, 2 minutes by default), else
+        the orchestrator dead-letters it ("task exists")."""
         sub = ev.TaskSubmission(
             goal=goal, input=input or {}, workflow=workflow, user_id=user_id, budget=budget,
             metadata=metadata or {}, **({"task_id": task_id} if task_id else {}))
-        await self.js.publish(subjects.SUBMIT, sub.model_dump_json(exclude_none=True).encode(),
-                              headers={"Nats-Msg-Id": sub.task_id})
+        ack = await self.js.publish(subjects.SUBMIT,
+                                    sub.model_dump_json(exclude_none=True).encode(),
+                                    headers={"Nats-Msg-Id": sub.task_id})
+        if ack.duplicate:
+            await self._same_as_stored(sub, int(ack.seq))
         return sub.task_id
+
+    async def _same_as_stored(self, sub: ev.TaskSubmission, seq: int) -> None:
+        """JetStream kept the submission with this id stored at `seq` instead of ours:
+        TaskExists if it differs (best effort: an unreadable original is let be)."""
+        try:
+            original = await self.js.get_msg(subjects.STREAM_TASKS, seq)
+        except Exception:
+            return
+        try:
+            theirs = ev.TaskSubmission.model_validate_json(original.data or b"")
+        except ValueError:
+            raise TaskExists(sub.task_id) from None
+        if theirs.model_dump() != sub.model_dump():
+            raise TaskExists(sub.task_id)
 
     async def state(self, task_id: str) -> TaskState:
         """The task's current state (a fold of its events)."""

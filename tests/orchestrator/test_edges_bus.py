@@ -385,3 +385,16 @@ async def test_a_stale_view_does_not_leave_skills_out_of_an_llm_plan(make_mesh) 
     state = await mesh.client.result(tid, timeout=30)
     assert state.status is TaskStatus.COMPLETED, (state.code, state.reason)
     assert state.steps["e"].output == {"echoed": "planned"}
+
+
+async def test_a_different_resubmission_through_the_client_is_refused(bus) -> None:
+    """Client.submit sets Nats-Msg-Id to the task id, so within JetStream's duplicate
+    window a different submission with the same id never reached the orchestrator: it
+    was dropped silently."""
+    from jetmesh.orchestrator.client import Client, TaskExists
+
+    async with Client(bus.url) as client:
+        tid = await client.submit("first", workflow="edge-echo", task_id=ev.new_id())
+        assert await client.submit("first", workflow="edge-echo", task_id=tid) == tid
+        with pytest.raises(TaskExists):
+            await client.submit("second", workflow="edge-echo", task_id=tid)
