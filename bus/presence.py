@@ -22,6 +22,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from jetmesh.bus.tasks import cancel_and_wait
+from jetmesh.bus.wire import WireError, decode_json
 
 log = logging.getLogger("jetmesh.bus")
 
@@ -103,10 +104,15 @@ class PresenceView:
             else:
                 if entry.key not in self._entries:
                     self.changed.set()
-                try:
-                    value = json.loads(entry.value)
-                except ValueError:
-                    log.warning("presence %s: unreadable value for %s", self.bucket, entry.key)
+                try:  # bounded parse (bus.wire): a deep value must not kill this loop
+                    value = decode_json(entry.value)
+                except WireError as e:
+                    log.warning("presence %s: unreadable value for %s: %s", self.bucket,
+                                entry.key, e.reason)
+                    continue
+                if not isinstance(value, dict):
+                    log.warning("presence %s: value for %s is not an object", self.bucket,
+                                entry.key)
                     continue
                 created = entry.created if isinstance(entry.created, datetime) else None
                 self._entries[entry.key] = PresenceEntry(

@@ -282,3 +282,30 @@ def test_a_letter_with_huge_errors_and_headers_still_fits_with_its_data() -> Non
     back = DeadLetter.model_validate_json(dumped)
     assert data.startswith(back.data) and len(back.data) > 600_000
     assert back.reason.startswith("\x03")
+
+
+async def test_a_poisoned_registry_value_does_not_stop_the_presence_view(bus) -> None:
+    """json.loads raised RecursionError on a deep value and the watcher loop died: every
+    later heartbeat was missed, so all agents looked gone."""
+    import asyncio
+
+    from jetmesh.bus.presence import PresenceView, ensure_bucket
+
+    bucket = "edge-" + ev.new_id()[:8]
+    view = PresenceView(bus.js, bucket, ttl_s=60)
+    await view.start()
+    try:
+        kv = await ensure_bucket(bus.js, bucket)
+        await kv.put("a.deep", nested(5000).encode())
+        await kv.put("a.list", b"[1, 2]")
+        await kv.put("a.surrogate", b'{"name": "\\ud800"}')
+        await kv.put("a.good", b'{"name": "a"}')
+        async with asyncio.timeout(10):
+            while "a.good" not in {e.key for e in view.live()}:
+                view.changed.clear()
+                await view.changed.wait()
+        assert {e.key for e in view.live()} == {"a.good"}
+        assert view._task is not None and not view._task.done()
+    finally:
+        await view.stop()
+        await bus.js.delete_key_value(bucket)
