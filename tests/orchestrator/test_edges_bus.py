@@ -398,3 +398,34 @@ async def test_a_different_resubmission_through_the_client_is_refused(bus) -> No
         assert await client.submit("first", workflow="edge-echo", task_id=tid) == tid
         with pytest.raises(TaskExists):
             await client.submit("second", workflow="edge-echo", task_id=tid)
+
+
+async def test_two_ends_decided_at_once_store_one(bus) -> None:
+    """Two replicas (or a stale fold) decide different ends of one task at the same
+    time: the second is dropped (one id for every end), the task has one terminal event."""
+    from jetmesh.orchestrator import decide as d
+    from jetmesh.orchestrator.service import end_id
+
+    nc = await connect(bus.url)
+    orch = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
+                        settings=OrchestratorSettings(tick_s=3600))
+    try:
+        tid, skill = ev.new_id(), "ends" + ev.new_id()[:8]
+        orch.workflows.add(unserved_flow(skill))
+        await orch.ledger.append(ev.TaskSubmitted(
+            id=f"{tid}-submitted", subject=tid,
+            data=ev.TaskSubmittedData(goal="x", workflow=skill)))
+        stale = await orch.drive(tid)
+        assert stale.status is TaskStatus.WORKING
+        # Another replica cancels it meanwhile; this one, not knowing, fails it.
+        await orch.ledger.append(ev.TaskCanceled(
+            id=end_id(tid), subject=tid, source="jetmesh/orchestrator",
+            data=ev.TaskCanceledData(reason="by the other replica")))
+        await orch._execute(stale, [d.Fail("step_failed", "this replica's view")])
+        ends = [e.event for e in await orch.ledger.read(tid)
+                if isinstance(e.event, ev.TERMINAL_TASK_EVENTS)]
+        assert [e.type for e in ends] == ["jetmesh.task.canceled.v1"]
+        assert orch._cache[tid].state.status is TaskStatus.CANCELED
+    finally:
+        await orch.stop()
+        await nc.close()
