@@ -706,13 +706,11 @@ def up_cmd(
     live: Annotated[bool | None, typer.Option("--live/--plain", help="Live view (default "
                                                   "when on a terminal).")] = None,
     gateway_port: Annotated[int, typer.Option(help="A2A HTTP gateway port (0: none).")] = 8080,
-    no_auth: Annotated[bool, typer.Option(
-        "--no-auth", help="Run NATS without users (anyone on this machine may do anything "
-                          "on the bus). Default: one user per role, least privilege, "
-                          "credentials in <data-dir>/nats-auth.env (mode 0600).")] = False,
 ) -> None:
     """Run the whole mesh here: NATS, the orchestrator and the built-in agents, each role
-    as its own NATS user (see --no-auth)."""
+    as its own NATS user (least privilege; the users and passwords are in
+    <data-dir>/nats-auth.conf and nats-auth.env, mode 0600, and the other commands find
+    their credentials there)."""
     from jetmesh.agents.builtin import builtin_names
     from jetmesh.agents.models.factory import describe_default_model
     from jetmesh.orchestrator.up import run_up
@@ -732,8 +730,7 @@ def up_cmd(
     gw: int | None = None
     if gateway_port:
         gw = gateway_port if _port_free(gateway_port) else _free_port()
-    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw,
-                       auth=not no_auth))
+    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw))
 
 
 def _free_port() -> int:

@@ -10,7 +10,8 @@ then the server. Shutdown always stops every child, whatever died first.
 By default every role runs as its own NATS user (bus/permissions): the users, with
 passwords kept across runs, are in `<data-dir>/nats-auth.conf` (the server includes it)
 and `<data-dir>/nats-auth.env` (each child gets its role's block; the CLI's commands run
-against this mesh read theirs from it), both mode 0600. `--no-auth` runs anonymous.
+against this mesh read theirs from it), both mode 0600. (`run_up(auth=False)`, for code
+that embeds it, runs the server without users; the command has no such switch.)
 
 `<data-dir>/up.json` holds the pids of `up`, the server and every child while it runs.
 """
