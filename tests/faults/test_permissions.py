@@ -1,5 +1,8 @@
 """Least privilege on the bus, against a real nats-server run with `jetmesh nats-config`'s
-users: an agent's credentials serve its own skills and nothing else.
+users: an agent's credentials serve its own skills and nothing else; the orchestrator's
+cannot update, purge or delete a stream; an agent cannot create a consumer on another
+skill's subject; only the approver's credentials approve a gated call (not the
+gateway's). Every role against every subject: test_permission_matrix.py.
 
 The server refuses a publish or subscription outside a user's allow list with a
 "Permissions Violation" protocol error: nats-py hands it to the error callback, the
