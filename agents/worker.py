@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jetmesh.agents.errors import ClaimLost
+from jetmesh.agents.errors import ClaimLost, StepStopped
 from jetmesh.agents.guard import RuntimeGuard
 from jetmesh.agents.loop import StepOutcome, StepReplay, run_step
 from jetmesh.agents.models.types import Model
@@ -41,8 +41,8 @@ from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
-from jetmesh.bus.errors import AppendConflict
-from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
+from jetmesh.bus.errors import AppendConflict, InvalidEventError
+from jetmesh.bus.ledger import Entries, Ledger, LedgerEntry, subject_for
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, work_consumer_config
@@ -145,7 +145,7 @@ class FencedRecorder:
         sent = time.monotonic()
         line = await self.ledger.read(self.task_id,
                                       subject=subjects.step_events(self.task_id, self.step_id))
-        last = max((e.seq for e in line), default=0)
+        last = line.last_seq()
         if last != self.last_seq:
             raise ClaimLost(f"the step's line moved to sequence {last} (this replica's "
                             f"last append was {self.last_seq})")
@@ -177,17 +177,31 @@ class FencedRecorder:
         await self._pipeline(event)
 
     async def record_model_call(self, data: ev.ModelCalledData) -> None:
+        """A model call, on the step's log. A response the ledger cannot store (nested
+        past the edge's depth limit) ends the step: it could never be replayed."""
         if data.worker != self.worker:  # the loop sets it when its ToolContext has it
             data = data.model_copy(update={"worker": self.worker})
-        await self._pipeline(ev.ModelCalled(subject=self.task_id, source=self.source,
-                                            data=data))
+        try:
+            await self._pipeline(ev.ModelCalled(subject=self.task_id, source=self.source,
+                                                data=data))
+        except InvalidEventError as e:
+            raise StepStopped("invalid_output",
+                              f"the model's response cannot be recorded: {e.reason}") from e
 
     async def record_tool_call(self, data: ev.ToolCalledData) -> None:
+        """A tool call: a side effect on the fenced line (durable before the step goes
+        on), a read-only call on the log. An output the ledger cannot store is recorded
+        as the tool's error instead, so the step goes on and its replay stays whole."""
         if data.worker != self.worker:
             data = data.model_copy(update={"worker": self.worker})
         event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data)
+        try:
+            ev.encode_event(event)
+        except InvalidEventError as e:
+            event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data.model_copy(
+                update={"output": None, "error": f"tool output cannot be recorded: {e.reason}"}))
         if data.side_effects:
-            await self._append(event)  # durable before the step goes on
+            await self._append(event)
         else:
             await self._pipeline(event)
 
@@ -221,8 +235,14 @@ def replay_from(entries: list[LedgerEntry]) -> StepReplay:
 
 
 def line_last(entries: list[LedgerEntry]) -> int:
-    """The last sequence on the step's fenced line among a step's entries (0: none)."""
-    return max((e.seq for e in entries if not subjects.is_step_log(e.subject)), default=0)
+    """The last sequence on the step's fenced line among a step's entries (0: none),
+    counting a message the read skipped (not an event): the fence counts it too."""
+    def on_line(subject: str) -> bool:
+        return not subjects.is_step_log(subject)
+
+    if isinstance(entries, Entries):
+        return entries.last_seq(on_line)
+    return max((e.seq for e in entries if on_line(e.subject)), default=0)
 
 
 def finished(entries: list[LedgerEntry], attempt: int) -> bool:
@@ -500,7 +520,16 @@ class Worker:
                 step_id=cmd.step_id, agent=self.spec.name, code=outcome.code or "error",
                 reason=outcome.reason or "failed", retryable=outcome.retryable,
                 attempt=cmd.attempt, worker=self.replica))
-        await recorder.finish(final)
+        try:
+            await recorder.finish(final)
+        except InvalidEventError as e:  # an output the ledger cannot store
+            if not isinstance(final, ev.StepCompleted):
+                raise
+            await recorder.finish(ev.StepFailed(
+                subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
+                    step_id=cmd.step_id, agent=self.spec.name, code="invalid_output",
+                    reason=f"the step's output cannot be stored: {e.reason}",
+                    retryable=False, attempt=cmd.attempt, worker=self.replica)))
         self.steps_done += 1
 
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,

@@ -370,6 +370,13 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     pub += kv_read(subjects.BUCKET_BUDGETS) + kv_write(subjects.BUCKET_BUDGETS)
     # Health of the workers' consumers (`jetmesh health`, dashboards).
     pub.append(_api("CONSUMER", "INFO", subjects.STREAM_WORK, "*"))
+    # The sweep of work no consumer takes (bus.sweep): list the work stream's consumers,
+    # read such a message, keep it as a dead letter, then delete it from the work stream
+    # (the only stream it may delete from).
+    pub += [_api("CONSUMER", "LIST", subjects.STREAM_WORK),
+            _api("STREAM", "MSG", "GET", subjects.STREAM_WORK),
+            _api("STREAM", "MSG", "DELETE", subjects.STREAM_WORK),
+            subjects.dlq(subjects.STREAM_WORK, "unconsumed")]
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 

@@ -38,6 +38,7 @@ from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, Ledger, LedgerEntry, subject_f
 from jetmesh.bus.presence import PresenceView
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, pull_consumer_config
+from jetmesh.bus.sweep import sweep_unconsumed
 from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.orchestrator import decide as d
 from jetmesh.orchestrator.errors import PlanError
@@ -63,6 +64,10 @@ class OrchestratorSettings(BaseSettings):
     deadline, or an hour (decide.NO_AGENT_WAIT_S) if it has none."""
     tick_s: float = 0.5
     """How often timers (step timeouts, deadlines, waiting for agents) are checked."""
+    sweep_s: float = 30.0
+    """How often work no consumer takes is looked for (JETMESH_SWEEP_S; 0: never)."""
+    sweep_after_s: float = 60.0
+    """Age at which a step command on a subject with no consumer is dead-lettered."""
     planner_provider: str | None = None
     """Model provider for planning and merging (default: the model layer's default)."""
     planner_model: str | None = None
@@ -301,6 +306,8 @@ class Orchestrator:
             self._runners.append(runner)
         self._tasks.append(asyncio.create_task(self._recover(), name="orchestrator-recover"))
         self._tasks.append(asyncio.create_task(self._ticker(), name="orchestrator-tick"))
+        if self.settings.sweep_s > 0:
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="orchestrator-sweep"))
         log.info("orchestrator ready (model %s/%s, workflows: %s)", self.model.provider,
                  self.model.name, ", ".join(self.workflows.names()))
 
@@ -892,6 +899,15 @@ class Orchestrator:
             data=ev.TaskCompletedData(result=result))]
 
     # ------------------------------------------------------------------ timers, recovery
+
+    async def _sweeper(self) -> None:
+        """Dead-letter work no consumer takes (bus.sweep), so it is seen, not kept."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_s)
+            try:
+                await sweep_unconsumed(self.js, older_than_s=self.settings.sweep_after_s)
+            except Exception as e:  # a blip; the next sweep tries again
+                log.warning("sweep of unconsumed work failed: %s", e)
 
     async def _ticker(self) -> None:
         while True:

@@ -532,3 +532,16 @@ async def test_only_the_approver_can_approve_a_gated_refund(
     finally:
         await worker.stop(grace_s=1.0)
         await orch.stop()
+
+
+async def test_the_orchestrator_sweeps_unconsumed_work_with_its_own_user(
+        secure: Secure) -> None:
+    """The sweep (bus.sweep) needs exactly the work stream's consumer list, message get
+    and delete, and its own dead-letter subject: all in the orchestrator's table."""
+    from jetmesh.bus.sweep import sweep_unconsumed
+
+    ack = await secure.admin.js.publish(subjects.work("nobody_serves_this"), b"{}")
+    orch = await secure.connect("orchestrator")
+    moved = await sweep_unconsumed(orch.js, older_than_s=0)
+    assert [m.seq for m in moved] == [ack.seq]
+    assert orch.errors == [] and server_violations(secure.server) == []
