@@ -281,15 +281,15 @@ def _apply_step(state: TaskState, entry: LedgerEntry, step_id: str) -> TaskState
     """An event on a step's line or log (see `apply`)."""
     e = entry.event
     on_line = not subjects.is_step_log(entry.subject)
+    st = state.steps.get(step_id)
+    if st is not None and on_line:
+        st.last_seq = entry.seq  # the line's last sequence (fences), whatever counts
     known = isinstance(e, (*_STEP_EVENTS, ev.ModelCalled, ev.BudgetExceeded)) \
         or e.type in _OTHER_STEP_TYPES
     if not known or getattr(e.data, "step_id", None) != step_id:
         return _ignore(state, entry, step_id, "not an event of this step's subject")
-    st = state.steps.get(step_id)
     if st is None:
         return _ignore(state, entry, step_id, "step never dispatched")
-    if on_line:
-        st.last_seq = entry.seq  # the line's last sequence, whatever counts
     if st.attempt == 0 and not _by_orchestrator(e):
         return _ignore(state, entry, step_id, "step never dispatched")
     terminal = state.terminal

@@ -206,3 +206,16 @@ def test_waiting_for_an_agent_is_visible() -> None:
     assert d.waiting_for_agents(state, set()) == [("a", "think", at)]
     assert d.waiting_for_agents(state, {"think"}) == []
     assert subjects.work("think") == "jm.work.think"
+
+
+def test_an_ignored_event_on_a_steps_line_still_moves_its_fence() -> None:
+    """The orchestrator fences its own step failures (timeouts) on the line's last
+    sequence: an event it does not count is on the line all the same."""
+    off = ev.TaskCompleted(subject=TASK, data=ev.TaskCompletedData(result={"forged": 1}))
+    evs = [*head(["a"], ["a"]), started("a", "w1")]
+    log = entries(evs)
+    log.append(LedgerEntry(len(log) + 1, subjects.step_events(TASK, "a"), off))
+    state = fold(TASK, log)
+    assert state.status is TaskStatus.WORKING and state.result is None
+    assert state.steps["a"].last_seq == len(log)
+    assert state.ignored[0].reason == "not an event of this step's subject"
