@@ -373,6 +373,9 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     # The sweep of work no consumer takes (bus.sweep): list the work stream's consumers,
     # read such a message, keep it as a dead letter, then delete it from the work stream
     # (the only stream it may delete from).
+    # Each skill's work consumer, made before its first dispatch (so a step waits for
+    # agents not up yet): by name, filtered on a work subject, never another form.
+    pub.append(_api("CONSUMER", "CREATE", subjects.STREAM_WORK, "*", f"{subjects.PREFIX}.work.*"))
     pub += [_api("CONSUMER", "LIST", subjects.STREAM_WORK),
             _api("STREAM", "MSG", "GET", subjects.STREAM_WORK),
             _api("STREAM", "MSG", "DELETE", subjects.STREAM_WORK),

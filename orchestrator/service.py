@@ -37,7 +37,12 @@ from jetmesh.bus.errors import AppendConflict
 from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, Ledger, LedgerEntry, subject_for
 from jetmesh.bus.presence import PresenceView
 from jetmesh.bus.settings import BusSettings
-from jetmesh.bus.streams import declare_streams, pull_consumer_config
+from jetmesh.bus.streams import (
+    declare_streams,
+    ensure_consumer,
+    pull_consumer_config,
+    work_consumer_config,
+)
 from jetmesh.bus.sweep import sweep_unconsumed
 from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.orchestrator import decide as d
@@ -279,6 +284,8 @@ class Orchestrator:
         self._waiting: dict[str, datetime | None] = {}
         self._runners: list[PullRunner] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self._work_consumers: set[str] = set()
+        """Skills whose work consumer this process made sure of (`_ensure_work_consumers`)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -669,6 +676,7 @@ class Orchestrator:
         carried = carried or []
         if not events and not commands and not carried:
             return state
+        await self._ensure_work_consumers(commands)
         batch = [*carried, *events]
         expect = [guard if isinstance(e, ev.TaskCompleted) else None for e in batch] \
             if guard else []
@@ -899,6 +907,20 @@ class Orchestrator:
             data=ev.TaskCompletedData(result=result))]
 
     # ------------------------------------------------------------------ timers, recovery
+
+    async def _ensure_work_consumers(self, commands: list[tuple[str, bytes, dict[str, str]]]
+                                     ) -> None:
+        """Before a skill's first command from this process: its durable work consumer
+        exists (created as its workers create it), so a step for a skill whose agents
+        are not up yet waits in the work queue for them rather than being swept as work
+        nobody takes (bus.sweep)."""
+        for subject, _, _ in commands:
+            skill = subject.rsplit(".", 1)[-1]
+            if skill in self._work_consumers:
+                continue
+            await ensure_consumer(self.js, subjects.STREAM_WORK,
+                                  work_consumer_config(skill, self.bus_settings))
+            self._work_consumers.add(skill)
 
     async def _sweeper(self) -> None:
         """Dead-letter work no consumer takes (bus.sweep), so it is seen, not kept."""

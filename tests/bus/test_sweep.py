@@ -70,3 +70,52 @@ async def test_the_orchestrator_sweeps_unconsumed_work(bus) -> None:
         await dlq.unsubscribe()
         await orch.stop()
         await nc.close()
+
+
+async def test_a_step_for_a_skill_whose_agents_are_not_up_yet_waits_and_is_not_swept(
+        bus) -> None:
+    import asyncio
+
+    from jetmesh.agents.builtin import get_agent
+    from jetmesh.agents.models.sim import SimModel
+    from jetmesh.agents.spec import AgentSpec
+    from jetmesh.agents.worker import Worker
+    from jetmesh.bus.connection import connect, jetstream
+    from jetmesh.orchestrator.client import Client
+    from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
+    from jetmesh.orchestrator.state import TaskStatus
+
+    skill = "late" + ev.new_id()[:8]
+    orders = get_agent("orders")
+    spec = AgentSpec(name=skill, description="Comes up late.", tools=orders.tools,
+                     skills=[orders.skills[0].model_copy(update={"id": skill})],
+                     direct={skill: orders.direct[orders.skills[0].id]})
+    nc = await connect(bus.url)
+    orch = Orchestrator(nc, jetstream(nc), model=SimModel(),
+                        settings=OrchestratorSettings(tick_s=0.1, sweep_s=0))
+    await orch.start()
+    client = Client(bus.url)
+    await client.connect()
+    worker = None
+    try:
+        tid = await client.submit("look it up", workflow=f"skill:{skill}",
+                                  input={"order_id": "A1001"})
+        async with asyncio.timeout(20):
+            async for entry in client.follow(tid, until_done=False):
+                if isinstance(entry.event, ev.StepDispatched):
+                    break
+        # Nobody serves the skill yet, but its consumer exists: the sweep leaves it.
+        assert [m for m in await sweep_unconsumed(bus.js, older_than_s=0)
+                if m.subject == subjects.work(skill)] == []
+        wnc = await connect(bus.url)
+        worker = Worker(spec, None, wnc, jetstream(wnc), replica="late")
+        await worker.start()
+        state = await client.result(tid, timeout=30)
+        assert state.status is TaskStatus.COMPLETED, (state.status, state.reason)
+    finally:
+        if worker is not None:
+            await worker.stop()
+            await worker.nc.close()
+        await orch.stop()
+        await nc.close()
+        await client.close()
