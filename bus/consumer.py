@@ -5,10 +5,14 @@ This is the one place where a handler's result becomes ack / nak / term:
 - handler returns               -> ack (unless it settled the message itself)
 - raises `Reject(reason)`       -> dead letter with the reason, term (permanent)
 - raises `Fenced`               -> nothing: another delivery owns the message now
-- raises anything else          -> nak with exponential backoff (transient); on the
-                                   delivery after `max_deliver` the message is dead-lettered
-                                   before the handler runs, so a poison message that
-                                   crashes its process still ends in the DLQ.
+- raises anything else          -> nak with exponential backoff; on the delivery after
+                                   `max_deliver` the message is dead-lettered before the
+                                   handler runs, so a poison message that crashes its
+                                   process still ends in the DLQ. A failure of the bus
+                                   itself (`is_transient`: timeouts, a lost connection,
+                                   a server restarting) does not count toward
+                                   `max_deliver`, up to `transient_limit` deliveries, so
+                                   valid work is not dead-lettered while NATS restarts.
 
 Before the handler, every message must pass `bus.wire.check_json` (size, UTF-8, lone
 surrogates, NaN, nesting depth): one that does not is dead-lettered at once ("rejected
@@ -29,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats import errors as nats_errors
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 from nats.js import JetStreamContext
@@ -36,6 +41,7 @@ from nats.js.api import ConsumerConfig
 
 from jetmesh.bus import subjects
 from jetmesh.bus.dlq import dead_letter
+from jetmesh.bus.errors import LedgerReadError, LedgerWriteError
 from jetmesh.bus.streams import ensure_consumer
 from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.bus.wire import MAX_MESSAGE_BYTES, WireError, check_json, safe_text
@@ -50,6 +56,16 @@ class Reject(Exception):
         self.reason = reason
         self.errors = errors or []
         super().__init__(reason)
+
+
+def is_transient(e: BaseException) -> bool:
+    """An error of the bus, not of the message: a timeout, a connection lost or not yet
+    back, no responders while a server restarts. Such a failure says nothing about the
+    message, so it does not count toward max_deliver."""
+    return isinstance(e, TimeoutError | ConnectionError | LedgerReadError | LedgerWriteError
+                      | nats_errors.ConnectionClosedError | nats_errors.NoServersError
+                      | nats_errors.NoRespondersError | nats_errors.ConnectionReconnectingError
+                      | nats_errors.StaleConnectionError | nats_errors.OutboundBufferLimitError)
 
 
 class Fenced(Exception):
@@ -107,6 +123,12 @@ class PullRunner:
     """Open pull requests: reply token -> [messages still due, when it lapses]."""
     _pause_until: float = field(default=0.0, init=False)
     _n: int = field(default=0, init=False)
+    transient_limit: int = 50
+    """Deliveries a message may take when the failures beyond max_deliver were transient
+    (`is_transient`: the bus, not the message). Counted in this process only: a process
+    that restarts counts the deliveries before it as real failures."""
+    _transient: dict[int, int] = field(default_factory=dict, init=False)
+    """Stream sequence -> deliveries of it that failed transiently in this process."""
 
     @property
     def durable(self) -> str:
@@ -224,12 +246,18 @@ class PullRunner:
                     await self._dead_letter(msg, f"rejected at the edge: {w.reason}")
                     return
             deliveries = int(msg.metadata.num_delivered)
-            if deliveries > self.max_deliver:
+            seq = int(msg.metadata.sequence.stream)
+            # Deliveries that ended in a transient error (the bus was unreachable) do not
+            # count toward max_deliver, up to transient_limit in all.
+            if deliveries - self._transient.get(seq, 0) > self.max_deliver \
+                    or deliveries > self.transient_limit:
+                self._transient.pop(seq, None)
                 await self._dead_letter(
-                    msg, f"gave up after {self.max_deliver} deliveries (each attempt "
+                    msg, f"gave up after {deliveries} deliveries (each attempt "
                     "failed, crashed or timed out)")
                 return
             await self.handler(msg)
+            self._transient.pop(seq, None)
             with contextlib.suppress(MsgAlreadyAckdError):  # a handler may settle it
                 await msg.ack()
         except Reject as r:
@@ -244,12 +272,19 @@ class PullRunner:
             raise
         except Exception as e:
             deliveries = int(msg.metadata.num_delivered)
-            delay = self.backoff_s[min(deliveries - 1, len(self.backoff_s) - 1)]
+            seq = int(msg.metadata.sequence.stream)
+            if is_transient(e):
+                self._transient[seq] = self._transient.get(seq, 0) + 1
+                while len(self._transient) > 100_000:
+                    self._transient.pop(next(iter(self._transient)))
+            counted = deliveries - self._transient.get(seq, 0)
+            delay = self.backoff_s[min(max(counted, 1) - 1, len(self.backoff_s) - 1)]
             error = _describe(e)
             log.warning("%s: %s failed (delivery %d), retry in %.1fs: %s", self.durable,
                         msg.subject, deliveries, delay, error,
                         exc_info=log.isEnabledFor(10))
-            if deliveries >= self.max_deliver:
+            if counted >= self.max_deliver or deliveries >= self.transient_limit:
+                self._transient.pop(seq, None)
                 await self._dead_letter(msg, f"failed {deliveries} times; last error: {error}")
             else:
                 with contextlib.suppress(Exception):

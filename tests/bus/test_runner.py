@@ -143,3 +143,40 @@ async def test_stop_returns_even_if_the_inbox_never_drains(bus) -> None:
         await asyncio.wait_for(runner.stop(grace_s=0.5), 5)
     finally:
         await real.unsubscribe()
+
+
+async def test_transient_bus_failures_do_not_dead_letter_valid_work(bus) -> None:
+    """A handler that times out on the bus 7 times (a server restarting) and then
+    succeeds: past max_deliver=3, but transient failures do not count, so the message is
+    handled, not dead-lettered. The same count of real errors dead-letters it."""
+    import nats.errors
+
+    flaky = "flaky" + ev.new_id()[:8]
+    calls: dict[bytes, int] = {}
+    handled: list[bytes] = []
+    dead: list[tuple[bytes, str]] = []
+
+    async def handler(msg: Msg) -> None:
+        calls[msg.data] = calls.get(msg.data, 0) + 1
+        if calls[msg.data] <= 7:
+            if msg.data == b"bus":
+                raise nats.errors.TimeoutError
+            raise ValueError("a bug")
+        handled.append(msg.data)
+
+    async def on_dead(msg: Msg, reason: str) -> None:
+        dead.append((msg.data, reason))
+
+    runner = PullRunner(bus.js, subjects.STREAM_WORK,
+                        pull_consumer_config(subjects.work_consumer(flaky), subjects.work(flaky)),
+                        handler, on_dead_letter=on_dead, max_deliver=3,
+                        backoff_s=(0.01,))
+    await runner.start()
+    try:
+        await bus.js.publish(subjects.work(flaky), b"bus")
+        await bus.js.publish(subjects.work(flaky), b"bug")
+        await until(lambda: handled and dead, timeout=20)
+    finally:
+        await runner.stop()
+    assert handled == [b"bus"] and calls[b"bus"] == 8
+    assert [d for d, _ in dead] == [b"bug"] and calls[b"bug"] == 3
