@@ -45,6 +45,7 @@ from jetmesh.bus.streams import (
 )
 from jetmesh.bus.sweep import sweep_unconsumed
 from jetmesh.bus.tasks import cancel_and_wait
+from jetmesh.bus.wire import WireError, decode_json
 from jetmesh.orchestrator import decide as d
 from jetmesh.orchestrator.errors import PlanError
 from jetmesh.orchestrator.planner import Recorder, merge_with_model, plan_with_model
@@ -970,16 +971,26 @@ class Orchestrator:
     async def _recover(self) -> None:
         """Find unfinished tasks in the ledger and drive them (after a restart). A message
         on a task's events subject that is not an event is logged and skipped."""
+        pause = 0.5
+        while True:  # the server may be restarting too: read until it answers
+            try:
+                raw = await self.ledger.read_raw(subjects.ALL_TASK_EVENTS)
+                break
+            except Exception as e:
+                log.warning("recovery: reading the ledger failed (%s); again in %.1fs",
+                            e, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
         pending: set[str] = set()
         ended: set[str] = set()
-        for seq, subject, data in await self.ledger.read_raw(subjects.ALL_TASK_EVENTS):
+        for seq, subject, data in raw:
             tid = subjects.task_id_of(subject)
             if tid is None:
                 continue
             try:
-                event = json.loads(data)
+                event = decode_json(data)
                 etype = event.get("type", "") if isinstance(event, dict) else None
-            except ValueError:
+            except WireError:
                 etype = None
             if not isinstance(etype, str):
                 log.warning("recovery: ledger message %d on %s is not an event; skipped",
@@ -996,10 +1007,19 @@ class Orchestrator:
         sem = asyncio.Semaphore(32)
 
         async def one(tid: str) -> None:
-            async with sem:
-                try:
-                    await self.drive(tid)
-                except Exception as e:
-                    log.warning("task %s: recovery failed: %s", tid, e)
+            """Drive `tid` until a drive goes through: a task that failed to load now
+            (the bus restarting, a timeout) would otherwise wait for an event that may
+            never come."""
+            pause = 0.5
+            while True:
+                async with sem:
+                    try:
+                        await self.drive(tid)
+                        return
+                    except Exception as e:
+                        log.warning("task %s: recovery failed (%s); again in %.1fs",
+                                    tid, e, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
 
         await asyncio.gather(*(one(t) for t in pending))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import wait_for_entry
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -238,3 +239,36 @@ async def test_a_task_completed_from_deliveries_is_not_completed_over_an_unseen_
     entries = await orch.ledger.read(tid)
     assert fold(tid, entries).status is TaskStatus.CANCELED
     assert not any(isinstance(e.event, ev.TaskCompleted) for e in entries)
+
+
+async def test_recovery_drives_again_a_task_whose_first_drive_failed(bus) -> None:
+    """After a restart the bus may still be coming back: a task whose recovery drive
+    fails is driven again until it goes through (before, it waited for an event that
+    might never come)."""
+    tid = ev.new_id()
+    await bus.ledger.append(ev.TaskSubmitted(
+        id=f"{tid}-submitted", subject=tid,
+        data=ev.TaskSubmittedData(goal="x", workflow="no-such-workflow-" + tid)))
+    nc = await connect(bus.url)
+    o = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
+                     settings=OrchestratorSettings(tick_s=3600, sweep_s=0))
+    failures = 0
+    real = o.ledger.read
+
+    async def read(task_id, *args, **kwargs):
+        nonlocal failures
+        if task_id == tid and failures < 2:
+            failures += 1
+            raise LedgerReadError("the server is restarting")
+        return await real(task_id, *args, **kwargs)
+
+    o.ledger.read = read  # type: ignore[method-assign]
+    await o.start()
+    try:
+        ended = await wait_for_entry(bus.ledger, tid, lambda e: isinstance(
+            e.event, ev.TERMINAL_TASK_EVENTS), timeout=30)
+    finally:
+        await o.stop()
+        await nc.close()
+    assert failures == 2
+    assert isinstance(ended.event, ev.TaskRejected | ev.TaskFailed), ended.event
