@@ -60,13 +60,20 @@ class Backoff:
     `max_s`)."""
 
     base_s: float = 0.5
-    max_s: float = 30.0
-    healthy_s: float = 10.0
+    max_s: float = 10.0
+    """At most this long down: a role in a crash loop still comes back often enough that
+    its queued work waits, not fails (measured by the kill campaign under `up`)."""
+    healthy_s: float = 5.0
 
     def after_exit(self, crashes_in_a_row: int, ran_s: float) -> tuple[float, int]:
         """(seconds to wait before the restart, crashes in a row counting this one)."""
         streak = 0 if ran_s >= self.healthy_s else crashes_in_a_row
         return min(self.max_s, self.base_s * 2 ** min(streak, 16)), streak + 1
+
+
+SERVER_BACKOFF = Backoff(base_s=0.2, max_s=2.0)
+"""The nats-server's: every role waits on it, and a start that fails (its port taken)
+costs nothing to try again every 2 s."""
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -381,7 +388,8 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
         def due(p: Child | NatsChild, now: float) -> bool:
             """Whether a dead process should start now (schedules it when just dead)."""
             if p.next_start == 0.0:  # just died: schedule a restart with backoff
-                delay, p.crashes = policy.after_exit(p.crashes, now - p.started_at)
+                rule = SERVER_BACKOFF if isinstance(p, NatsChild) else policy
+                delay, p.crashes = rule.after_exit(p.crashes, now - p.started_at)
                 p.next_start = now + delay
                 if not live_view:
                     where = f" (log: {p.log_path})" if isinstance(p, Child) else ""

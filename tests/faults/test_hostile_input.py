@@ -180,7 +180,10 @@ async def test_no_dead_letter_was_delivered_past_max_deliver(bus, mesh) -> None:
         except Exception:
             break
         seq = m.seq
-        letters.append(DeadLetter.model_validate_json(m.data))
+        try:  # (other tests leave malformed letters on purpose)
+            letters.append(DeadLetter.model_validate_json(m.data))
+        except ValueError:
+            continue
     assert letters, "the hostile input left no dead letters at all"
     limit = mesh.worker.bus_settings.max_deliver
     over = [dl for dl in letters if dl.deliveries > limit + 1]
