@@ -375,12 +375,16 @@ def submit_cmd(
                            max_tool_calls=max_tool_calls, deadline_s=deadline)
 
     async def main() -> int:
-        from jetmesh.orchestrator.client import Client
+        from jetmesh.orchestrator.client import Client, TaskExists
         from jetmesh.orchestrator.state import TaskState, TaskStatus, fold
 
         async with Client(target) as c:
-            tid = await c.submit(goal, input=task_input, workflow=workflow, user_id=user,
-                                 budget=budget, task_id=task_id)
+            try:
+                tid = await c.submit(goal, input=task_input, workflow=workflow, user_id=user,
+                                     budget=budget, task_id=task_id)
+            except TaskExists as e:
+                err.print(f"[red]{escape(str(e))}[/]")
+                return 1
             console.print(f"task [bold]{tid}[/] submitted")
             if not wait:
                 console.print(f"  follow it: jetmesh tail {tid}")
@@ -658,7 +662,14 @@ def dlq_show_cmd(
             msg = await js.get_msg(subjects.STREAM_DLQ, seq, direct=True)
         finally:
             await nc.close()
-        dl = DeadLetter.model_validate_json(msg.data or b"{}")
+        try:
+            dl = DeadLetter.model_validate_json(msg.data or b"{}")
+        except ValueError as e:  # not a letter jetmesh wrote: show its bytes as they are
+            err.print(f"[yellow]DLQ message {seq} is not a dead letter ({escape(str(e)[:200])});"
+                      " its bytes:[/]")
+            console.print(escape((msg.data or b"").decode("utf-8", errors="replace")),
+                          highlight=False)
+            return
         console.print_json(dl.model_dump_json(exclude={"data_b64"}))
         console.print("[bold]original bytes:[/]")
         console.print(escape(dl.data.decode("utf-8", errors="replace")), highlight=False)
