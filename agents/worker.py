@@ -51,6 +51,15 @@ from jetmesh.bus.tasks import cancel_and_wait
 log = logging.getLogger("jetmesh.worker")
 
 
+DISPATCH_CHECKS = 3
+"""Deliveries of a step command whose dispatch the ledger does not show before it is
+refused as forged or orphaned (a lagging replica answers the first ones)."""
+
+
+class NotDispatchedYet(Exception):
+    """The ledger does not show this command's dispatch (yet): retried, then refused."""
+
+
 def replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -386,8 +395,8 @@ class Worker:
                     attempt=cmd.attempt)),
                 expected_last_subject_seq=line_last(entries), validate=False)
 
-    async def _dispatched(self, cmd: ev.StepCommand, wait_s: float = 1.0
-                          ) -> ev.StepCommand | None:
+    async def _dispatched(self, cmd: ev.StepCommand, wait_s: float = 1.0, *,
+                          final: bool = True) -> ev.StepCommand | None:
         """The command as the ledger vouches for it, None if its task has ended.
 
         A worker runs only a step the orchestrator recorded as dispatched: same step,
@@ -395,7 +404,10 @@ class Worker:
         budget come from the task's submission, not from the command (a forged command
         cannot raise its own budget). The dispatch is stored before its command is sent,
         but a lagging replica may answer the read, so a miss is read again for a moment
-        before the command is refused as forged or orphaned (dead-lettered)."""
+        before the command is refused as forged or orphaned (dead-lettered). Not
+        `final` (the command's first deliveries), a miss is `NotDispatchedYet`, a failure
+        the runner retries with backoff: during a failover a replica may lag for
+        seconds."""
         subject = subjects.task_events(cmd.task_id)
         give_up = time.monotonic() + wait_s
         pause = 0.02
@@ -417,8 +429,9 @@ class Worker:
                 break
             if time.monotonic() > give_up:
                 what = "task" if submitted is None else f"dispatch of step {cmd.step_id}"
-                raise Reject(f"no {what} (attempt {cmd.attempt}) in the ledger for task "
-                             f"{cmd.task_id}: a forged or orphaned step command")
+                reason = (f"no {what} (attempt {cmd.attempt}) in the ledger for task "
+                          f"{cmd.task_id}: a forged or orphaned step command")
+                raise Reject(reason) if final else NotDispatchedYet(reason)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
         if dispatch.skill != cmd.skill or dispatch.input != cmd.input:
@@ -470,11 +483,11 @@ class Worker:
         if msg.subject != subjects.work(cmd.skill):
             raise Reject(f"a command for skill '{cmd.skill}' arrived on {msg.subject}: a "
                          "step runs only from its own skill's work subject")
-        checked = await self._dispatched(cmd)
+        delivery = int(msg.metadata.num_delivered)
+        checked = await self._dispatched(cmd, final=delivery >= DISPATCH_CHECKS)
         if checked is None:
             return  # the task has ended: nothing to run, nothing to report
         cmd = checked
-        delivery = int(msg.metadata.num_delivered)
         resent = bool((msg.headers or {}).get(ev.RESENT_HEADER))
         # First delivery of a first attempt: nobody has touched the step, so no claim
         # round trip. The start is logged (pipelined) and the step's first fenced

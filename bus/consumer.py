@@ -249,12 +249,13 @@ class PullRunner:
             seq = int(msg.metadata.sequence.stream)
             # Deliveries that ended in a transient error (the bus was unreachable) do not
             # count toward max_deliver, up to transient_limit in all.
-            if deliveries - self._transient.get(seq, 0) > self.max_deliver \
-                    or deliveries > self.transient_limit:
+            transient = self._transient.get(seq, 0)
+            if deliveries - transient > self.max_deliver or deliveries > self.transient_limit:
                 self._transient.pop(seq, None)
+                also = f", {transient} more failed on the bus" if transient else ""
                 await self._dead_letter(
-                    msg, f"gave up after {deliveries} deliveries (each attempt "
-                    "failed, crashed or timed out)")
+                    msg, f"gave up after {min(deliveries - 1 - transient, self.max_deliver)} "
+                    f"deliveries{also} (each attempt failed, crashed or timed out)")
                 return
             await self.handler(msg)
             self._transient.pop(seq, None)
