@@ -29,6 +29,8 @@ Roles:
 - **memory**: answers `jm.memory.*`, its `memory-episodes` consumer on the ledger.
 - **gateway**: submits tasks, cancels them, reads and follows the ledger, reads the
   registry. It cannot approve.
+- **telemetry**: reads the ledger and pulls its own `telemetry` durable on the task
+  events (traces derived from the ledger); writes nothing.
 
 JetStream is spoken over core NATS subjects, so every JetStream operation is a subject
 here: a publish to a stream is a request (the ack comes back on the caller's inbox), a
@@ -65,8 +67,9 @@ ROLE_AGENT = "agent"
 ROLE_BRIDGE = "bridge"
 ROLE_MEMORY = "memory"
 ROLE_GATEWAY = "gateway"
+ROLE_TELEMETRY = "telemetry"
 ROLES = (ROLE_ADMIN, ROLE_APPROVER, ROLE_ORCHESTRATOR, ROLE_AGENT, ROLE_BRIDGE, ROLE_MEMORY,
-         ROLE_GATEWAY)
+         ROLE_GATEWAY, ROLE_TELEMETRY)
 
 JM_STREAMS = (subjects.STREAM_TASKS, subjects.STREAM_LEDGER, subjects.STREAM_WORK,
               subjects.STREAM_DLQ)
@@ -395,6 +398,18 @@ def memory_permissions(options: Options | None = None) -> Permissions:
     return Permissions(_dedupe(pub), _dedupe(sub), allow_responses=True)
 
 
+def telemetry_permissions(options: Options | None = None) -> Permissions:
+    """The telemetry role: reads the ledger (direct get) and pulls its own durable over
+    the task events subject. It writes nothing to any stream but its dead letters."""
+    opts = options or Options()
+    pub, sub = _common(ROLE_TELEMETRY, opts)
+    pub += stream_info(JM_STREAMS)
+    pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY,
+                         subjects.TELEMETRY_SUBJECT, opts)
+    pub += direct_get(subjects.STREAM_LEDGER)
+    return Permissions(_dedupe(pub), _dedupe(sub))
+
+
 def gateway_permissions(options: Options | None = None) -> Permissions:
     opts = options or Options()
     pub, sub = _common(ROLE_GATEWAY, opts)
@@ -422,6 +437,7 @@ def plan(agents: Mapping[str, Sequence[str]], options: Options | None = None
         fixed(ROLE_MEMORY, memory_permissions(opts)),
         fixed(ROLE_GATEWAY, gateway_permissions(opts)),
         fixed(ROLE_BRIDGE, bridge_permissions(opts)),
+        fixed(ROLE_TELEMETRY, telemetry_permissions(opts)),
     ]
     for agent in sorted(agents):
         skills = tuple(agents[agent])

@@ -59,6 +59,12 @@ MEMORY_QUEUE = "memory-service"
 MEMORY_EPISODE_SUBJECTS = [ALL_TASK_EVENTS, ALL_STEP_EVENTS]
 """Ledger subjects the memory service follows to record episodes."""
 
+# Telemetry (traces derived from the ledger)
+CONSUMER_TELEMETRY = "telemetry"
+"""The telemetry role's durable consumer over every task's own events (their ends)."""
+TELEMETRY_SUBJECT = ALL_TASK_EVENTS
+"""What the telemetry role follows: a task's end is on its own events subject."""
+
 # KV buckets
 BUCKET_AGENTS = "jm-agents"
 BUCKET_BUDGETS = "jm-budgets"

@@ -119,7 +119,8 @@ def credentials_in(data_dir: Path, user: str) -> dict[str, str] | None:
 
 
 ROLE_COMMANDS = {"orchestrator": "orchestrator", "memory": "memory", "gateway": "gateway",
-                 "bridge": "bridge", "approve": "approver", "deny": "approver"}
+                 "bridge": "bridge", "approve": "approver", "deny": "approver",
+                 "telemetry": "telemetry"}
 """CLI commands that run as a role of their own (the rest run as the admin)."""
 
 

@@ -1,0 +1,147 @@
+"""`jetmesh telemetry` (the role) and `jetmesh trace TASK` (a task's span tree)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.tree import Tree
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
+                                            help="NATS server URL (default: NATS_URL, "
+                                                 "else the embedded server in --data-dir).")]
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
+                                          help="Where jetmesh keeps its data.")]
+DEFAULT_DATA = Path(".jetmesh")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("telemetry")(telemetry_cmd)
+    app.command("trace")(trace_cmd)
+
+
+def telemetry_cmd(
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    durable: Annotated[str | None, typer.Option(
+        "--durable", envvar="JETMESH_TELEMETRY_DURABLE",
+        help="Name of the ledger consumer (default: telemetry).")] = None,
+    new_only: Annotated[bool, typer.Option(
+        "--new-only", help="A consumer created now starts at new events (no backfill of "
+                           "tasks already in the ledger).")] = False,
+    verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the telemetry role: one OTLP trace per finished task (OTEL_* variables)."""
+    from jetmesh.orchestrator.cli import _setup_logging, resolve_url, run
+    from jetmesh.orchestrator.telemetry import run_telemetry
+
+    _setup_logging(verbose)
+    target = resolve_url(url, data_dir)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_telemetry(target, stop=stop, durable=durable, deliver_new=new_only)
+
+    run(main)
+
+
+def _ms(span: Any) -> float:
+    return float((span.end_time or 0) - (span.start_time or 0)) / 1e6
+
+
+def _label(span: Any) -> str:
+    a = span.attributes or {}
+    bits = [f"[bold]{escape(span.name)}[/]", f"{_ms(span):.0f} ms"]
+    tin, tout = a.get("gen_ai.usage.input_tokens"), a.get("gen_ai.usage.output_tokens")
+    if tin is not None or tout is not None:
+        bits.append(f"tokens {tin or 0}/{tout or 0}")
+    cost = a.get("gen_ai.usage.cost.total")
+    if cost:
+        bits.append(f"${float(cost):.6f}")
+    if a.get("jetmesh.worker"):
+        bits.append(f"[dim]{escape(str(a['jetmesh.worker']))}[/]")
+    code = span.status.status_code.name
+    if code == "ERROR":
+        bits.append(f"[red]error: {escape(span.status.description or '')}[/]")
+    elif code == "OK":
+        bits.append("[green]ok[/]")
+    for e in span.events:
+        bits.append(f"[yellow]•{escape(e.name)}[/]")
+    return "  ".join(bits)
+
+
+def render_tree(spans: list[Any]) -> Tree:
+    """The span tree of one trace (root first in `spans`)."""
+    by_parent: dict[int | None, list[Any]] = {}
+    ids = {s.context.span_id for s in spans}
+    for s in spans:
+        parent = s.parent.span_id if s.parent is not None and s.parent.span_id in ids else None
+        by_parent.setdefault(parent, []).append(s)
+    roots = by_parent.get(None, [])
+    tree = Tree(f"trace {spans[0].context.trace_id:032x}" if spans else "no spans")
+
+    def add(node: Tree, span: Any) -> None:
+        child = node.add(_label(span))
+        for c in sorted(by_parent.get(span.context.span_id, []), key=lambda x: x.start_time):
+            add(child, c)
+
+    for r in roots:
+        add(tree, r)
+    return tree
+
+
+def trace_cmd(
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    export: Annotated[bool, typer.Option(
+        "--export", help="Also send the trace to OTLP (OTEL_* variables); the span ids "
+                         "are the telemetry role's, so a backend shows the same spans.")
+    ] = False,
+) -> None:
+    """Draw a finished task's trace (the spans the telemetry role exports)."""
+    from jetmesh.orchestrator.cli import _open, resolve_url, run
+    from jetmesh.orchestrator.telemetry import build_spans, make_exporter
+
+    target = resolve_url(url, data_dir)
+
+    async def main() -> int:
+        nc, _js, ledger = await _open(target)
+        try:
+            entries = await ledger.read(task_id)
+        finally:
+            await nc.close()
+        if not entries:
+            err.print(f"[red]no events for task {escape(task_id)}[/]")
+            return 1
+        spans = build_spans(task_id, entries)
+        if not spans:
+            err.print(f"task {escape(task_id)} has not ended: its trace is exported when "
+                      "it does")
+            return 1
+        console.print(render_tree(spans))
+        if export:
+            exporter = make_exporter()
+            if exporter is None:
+                err.print("OTEL_TRACES_EXPORTER=none: nothing exported")
+                return 1
+            ok = exporter.export(spans).name == "SUCCESS"
+            exporter.shutdown()
+            if not ok:
+                err.print("[red]export failed[/]")
+                return 1
+            console.print(f"exported {len(spans)} spans")
+        return 0
+
+    code = run(main)
+    if code:
+        raise typer.Exit(code)

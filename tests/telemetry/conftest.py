@@ -1,0 +1,64 @@
+"""A real OTLP receiver process per test (tests/telemetry/otlp_receiver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mesh_fixtures import make_mesh  # noqa: F401
+
+RECEIVER = Path(__file__).parent / "otlp_receiver.py"
+
+
+@dataclass
+class Receiver:
+    proc: subprocess.Popen[str]
+    port: int
+    out: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def spans(self) -> list[dict[str, Any]]:
+        if not self.out.exists():
+            return []
+        lines = self.out.read_text(encoding="utf-8").splitlines()
+        return [json.loads(x) for x in lines if x.strip()]
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]]:
+        return [s for s in self.spans() if s["trace_id"] == trace_id]
+
+    async def wait_for(self, pred: Any, timeout: float = 30.0, what: str = "spans") -> Any:
+        """Poll the receiver's file until `pred(spans)` is truthy (its value)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = pred(self.spans())
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(f"receiver never got {what}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    out = tmp_path / "spans.jsonl"
+    proc = subprocess.Popen([sys.executable, str(RECEIVER), "--port", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), line
+    rec = Receiver(proc, int(line.split()[1]), out)
+    yield rec
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()

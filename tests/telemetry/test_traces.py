@@ -1,0 +1,158 @@
+"""Traces derived from the ledger, received by a real OTLP receiver process."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from jetmesh.bus import subjects
+from jetmesh.bus.connection import connect, jetstream
+from jetmesh.orchestrator.state import TaskStatus
+from jetmesh.orchestrator.telemetry import (
+    GENAI_SEMCONV_VERSION,
+    TelemetryService,
+    task_trace_id,
+)
+
+ORDERS = ["A1001", "A1002", "A1003"]
+CLIENT, INTERNAL = 3, 1  # OTLP span kinds
+OK, ERROR = 1, 2
+
+
+@pytest.fixture
+async def telemetry(bus, receiver, monkeypatch) -> AsyncIterator[TelemetryService]:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "jetmesh-test")
+    nc = await connect(bus.url)
+    svc = TelemetryService(nc, jetstream(nc), durable=f"telemetry-t-{uuid.uuid4().hex[:8]}",
+                           deliver_new=True)
+    await svc.start()
+    yield svc
+    await svc.stop()
+    await svc.js.delete_consumer(subjects.STREAM_LEDGER, svc.durable)
+    await nc.close()
+
+
+def by_id(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s["span_id"]: s for s in spans}
+
+
+def children(spans: list[dict[str, Any]], parent: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in spans if s["parent_span_id"] == parent["span_id"]]
+
+
+def has_root(trace_id: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda spans: any(s["trace_id"] == trace_id and
+                             s["name"].startswith("invoke_workflow") for s in spans)
+
+
+def check_fanout_trace(spans: list[dict[str, Any]], task_id: str) -> dict[str, Any]:
+    """The fan-out task's one trace, checked against the GenAI conventions; its root."""
+    assert len({s["trace_id"] for s in spans}) == 1
+    counts = Counter(s["span_id"] for s in spans)
+    assert max(counts.values()) == 1, "a span was received twice"
+    roots = [s for s in spans if s["name"] == "invoke_workflow fanout"]
+    assert len(roots) == 1
+    root = roots[0]
+    ids = by_id(spans)
+    for s in spans:  # every parent link resolves inside the trace, except the root's
+        if s is not root:
+            assert s["parent_span_id"] in ids, s["name"]
+        assert s["start"] <= s["end"]
+        assert s["attributes"]["gen_ai.conversation.id"] == task_id
+        assert s["scope"] == "jetmesh.telemetry" and s["service"] == "jetmesh-test"
+    ra = root["attributes"]
+    assert ra["gen_ai.operation.name"] == "invoke_workflow"
+    assert ra["gen_ai.agent.name"] == "fanout"
+    assert root["status"] == OK
+    top = children(spans, root)
+    names = Counter(s["name"] for s in top)
+    assert sorted(names.elements()) == ["chat dry-run", "invoke_agent support",
+                                        "invoke_agent support", "invoke_agent support",
+                                        "plan"], names
+    plan = next(s for s in top if s["name"] == "plan")
+    assert plan["attributes"]["gen_ai.operation.name"] == "plan"
+    assert plan["attributes"]["jetmesh.planner"] == "workflow:fanout"
+    merges = [s for s in top if s["name"].startswith("chat ")]
+    assert len(merges) == 1 and merges[0]["attributes"]["jetmesh.purpose"] == "merge"
+    agents = [s for s in top if s["name"].startswith("invoke_agent ")]
+    assert len(agents) == 3
+    assert {a["attributes"]["jetmesh.step.id"] for a in agents} == {"order0", "order1",
+                                                                   "order2"}
+    total_cost = 0.0
+    total_in = 0
+    for a in agents:
+        aa = a["attributes"]
+        assert aa["gen_ai.operation.name"] == "invoke_agent"
+        assert aa["gen_ai.agent.name"] == "support"
+        assert a["kind"] == INTERNAL and a["status"] == OK
+        kids = children(spans, a)
+        chats = [k for k in kids if k["name"].startswith("chat ")]
+        tools = [k for k in kids if k["name"].startswith("execute_tool ")]
+        assert len(chats) == 2 and len(tools) == 1 and len(kids) == 3
+        for c in chats:
+            ca = c["attributes"]
+            assert c["kind"] == CLIENT
+            assert c["name"] == f"chat {ca['gen_ai.request.model']}"
+            for key in ("gen_ai.operation.name", "gen_ai.provider.name",
+                        "gen_ai.request.model", "gen_ai.response.model",
+                        "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
+                        "gen_ai.usage.cost.total"):
+                assert key in ca, key
+            assert ca["gen_ai.operation.name"] == "chat"
+            assert c["start"] >= a["start"] and c["end"] <= a["end"]
+            total_cost += ca["gen_ai.usage.cost.total"]
+            total_in += ca["gen_ai.usage.input_tokens"]
+        t = tools[0]
+        ta = t["attributes"]
+        assert ta["gen_ai.operation.name"] == "execute_tool"
+        assert t["name"] == f"execute_tool {ta['gen_ai.tool.name']}"
+        assert ta["gen_ai.tool.call.id"]
+        assert "gen_ai.tool.call.arguments" not in ta  # content capture is off
+        assert aa["gen_ai.usage.input_tokens"] == sum(
+            c["attributes"]["gen_ai.usage.input_tokens"] for c in chats)
+    m = merges[0]["attributes"]
+    total_cost += m["gen_ai.usage.cost.total"]
+    total_in += m["gen_ai.usage.input_tokens"]
+    assert ra["gen_ai.usage.cost.total"] == pytest.approx(total_cost)
+    assert ra["gen_ai.usage.input_tokens"] == total_in
+    assert len(spans) == 1 + 1 + 3 * 4 + 1
+    return root
+
+
+async def test_fanout_task_is_one_trace_with_genai_spans(make_mesh, telemetry, receiver
+                                                         ) -> None:
+    mesh = await make_mesh(["support"])
+    tid = await mesh.client.submit("status of my orders", workflow="fanout",
+                                   input={"order_ids": ORDERS})
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED, state.reason
+    trace_id = f"{task_trace_id(tid, None):032x}"
+    await receiver.wait_for(has_root(trace_id), what=f"the root of {tid}")
+    spans = receiver.trace(trace_id)
+    root = check_fanout_trace(spans, tid)
+    assert root["parent_span_id"] == ""
+    assert root["attributes"]["gen_ai.usage.cost.total"] == pytest.approx(state.cost_usd)
+    assert root["schema_url"].endswith("1.45.0") and GENAI_SEMCONV_VERSION == "0.1.0"
+
+
+async def test_a_submitters_traceparent_makes_the_task_its_child(make_mesh, telemetry,
+                                                                 receiver) -> None:
+    mesh = await make_mesh(["support"])
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    tid = f"tp-{uuid.uuid4().hex[:10]}"
+    body = {"task_id": tid, "goal": "status", "workflow": "fanout",
+            "input": {"order_ids": ORDERS}}
+    await mesh.client.js.publish(subjects.SUBMIT, json.dumps(body).encode(), headers={
+        "Nats-Msg-Id": tid, "traceparent": f"00-{trace_id}-{parent}-01"})
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED, state.reason
+    await receiver.wait_for(has_root(trace_id), what="the task's root in the given trace")
+    spans = receiver.trace(trace_id)
+    root = check_fanout_trace(spans, tid)
+    assert root["parent_span_id"] == parent
