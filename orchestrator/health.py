@@ -32,7 +32,7 @@ import typer
 
 from jetmesh.bus import subjects
 
-ROLES = ("orchestrator", "worker", "memory", "gateway", "nats", "up")
+ROLES = ("orchestrator", "worker", "memory", "gateway", "nats", "up", "telemetry")
 DEFAULT_GATEWAY_PORT = 8080
 HEALTHY, UNHEALTHY, USAGE = 0, 1, 2
 
@@ -193,6 +193,8 @@ async def _check_nats_role(role: str, agent: str | None, skills: list[str], url:
                          (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_APPROVALS)]
         elif role == "worker":
             consumers = [(subjects.STREAM_WORK, subjects.work_consumer(s)) for s in skills]
+        elif role == "telemetry":
+            consumers = [(subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY)]
         for stream, durable in consumers:
             try:
                 await js.consumer_info(stream, durable)
@@ -209,6 +211,8 @@ async def _check_nats_role(role: str, agent: str | None, skills: list[str], url:
             return await _check_memory(nc, timeout_s)
         if role == "nats":
             return Health(True, f"JetStream answers at {url}")
+        if role == "telemetry":
+            return Health(True, f"telemetry consumer present at {url}")
         return Health(True, f"orchestrator consumers present at {url}")
     finally:
         await nc.close()

@@ -82,6 +82,12 @@ SCHEMA_URL = "https://opentelemetry.io/schemas/1.45.0"
 """The core semantic conventions release semantic-conventions-genai v0.1.0 depends on."""
 SCOPE = InstrumentationScope("jetmesh.telemetry", "0.1.0", SCHEMA_URL)
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+OTEL_ENV = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_TRACES_EXPORTER",
+            "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_COMPRESSION", CAPTURE_ENV)
+"""The standard variables the telemetry role honours (the SDK and exporter read most)."""
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai", "azure": "azure.ai.openai",

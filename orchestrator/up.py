@@ -186,7 +186,8 @@ def default_children(url: str, data_dir: Path, agents: list[str], replicas: int,
             env.update(credentials[role_user(args)])
         return Child(name, args, logs / f"{name}.log", env)
 
-    children = [child("orchestrator", ["orchestrator"]), child("memory", ["memory"])]
+    children = [child("orchestrator", ["orchestrator"]), child("memory", ["memory"]),
+                child("telemetry", ["telemetry"])]
     if gateway_port is not None:
         children.append(child("gateway", ["gateway", "--port", str(gateway_port)]))
         children.append(child("bridge", ["bridge"]))

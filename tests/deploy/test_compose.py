@@ -375,7 +375,7 @@ def source_env() -> tuple[set[str], set[str]]:
     """(names the package sources mention as env vars, names read with no default)."""
     mentioned: set[str] = set()
     no_default: set[str] = set()
-    name = r"((?:JETMESH|NATS|QDRANT|ANTHROPIC|OPENAI|MEM0|FASTEMBED)_[A-Z0-9_]+)"
+    name = r"((?:JETMESH|NATS|QDRANT|ANTHROPIC|OPENAI|MEM0|FASTEMBED|OTEL)_[A-Z0-9_]+)"
     for d in PACKAGE_DIRS:
         for py in (ROOT / d).rglob("*.py"):
             text = py.read_text()
