@@ -235,6 +235,11 @@ class _Run:
     recorder: StepRecorder
     replay: StepReplay
     guard: StepGuard | None = None
+    replay_only: bool = False
+    """Every call must come from `replay`: an unrecorded one stops the step
+    (`replay_diverged`) before any model is called or any tool runs."""
+    dry_run_effects: bool = False
+    """Side-effecting tools are not run: a "would call" result is recorded instead."""
     model_calls: int = 0
     tool_calls: int = 0
     replayed_model_calls: int = 0
@@ -277,6 +282,10 @@ class _Run:
         if index < len(self.replay.model_responses):
             self.replayed_model_calls += 1
             return ModelResponse.model_validate(self.replay.model_responses[index].response)
+        if self.replay_only:
+            raise StepStopped("replay_diverged", f"model call #{index + 1} of the step is "
+                              f"not in the recording ({len(self.replay.model_responses)} "
+                              "recorded)")
         if before is not None:
             await before(request)
         token = await self.guard.before_model_call(request, model) if self.guard else None
@@ -333,7 +342,14 @@ class _Run:
                 error=recorded.error,
                 latency_ms=recorded.latency_ms,
             )
-        if tool is None:
+        if self.replay_only:
+            raise StepStopped("replay_diverged", f"tool call {name!r} with these arguments is "
+                              "not in the recording")
+        dry_run = tool is not None and tool.side_effects and self.dry_run_effects
+        if dry_run:
+            result = ToolResult(ok=True, output={"dry_run": True, "would_call": name,
+                                                 "arguments": arguments})
+        elif tool is None:
             known = ", ".join(t.name for t in offered or ()) or "none"
             result = ToolResult(
                 ok=False,
@@ -374,6 +390,7 @@ class _Run:
                 latency_ms=result.latency_ms,
                 side_effects=tool.side_effects if tool is not None else False,
                 idempotency_key=key,
+                dry_run=dry_run,
             )
         )
         return result
@@ -497,6 +514,8 @@ async def run_step(
     replay: StepReplay | None = None,
     before_model_call: BeforeModelCall | None = None,
     guard: StepGuard | None = None,
+    replay_only: bool = False,
+    dry_run_effects: bool = False,
 ) -> StepOutcome:
     """Run one step of ``spec``'s skill ``skill_id`` on ``step_input``.
 
@@ -505,6 +524,11 @@ async def run_step(
     ``limits.max_tool_calls`` first), until a final answer valid against the skill's
     output schema or a limit ends the step. ``limits.step_timeout_s`` bounds the whole
     step (code ``timeout``). Cancellation propagates.
+
+    ``replay_only``: every call is served from ``replay`` and an unrecorded one fails the
+    step ``replay_diverged`` (no model is called, no tool runs). ``dry_run_effects``:
+    side-effecting tools are not run; the call is recorded with ``dry_run`` and a
+    "would call" output.
     """
     unknown: UnknownSkill | None = None
     try:
@@ -518,6 +542,8 @@ async def run_step(
         recorder=recorder,
         replay=replay or StepReplay(),
         guard=guard,
+        replay_only=replay_only,
+        dry_run_effects=dry_run_effects,
     )
     if unknown is not None:
         return run.failed("invalid_input", str(unknown))

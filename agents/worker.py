@@ -414,10 +414,13 @@ class Worker:
         while True:
             submitted: ev.TaskSubmitted | None = None
             dispatch: ev.StepDispatchedData | None = None
+            plan: list[ev.PlanStep] | None = None
             for entry in await self.ledger.read(cmd.task_id, subject=subject):
                 event = entry.event
                 if isinstance(event, ev.TaskSubmitted) and submitted is None:
                     submitted = event
+                elif isinstance(event, ev.TaskPlanned) and plan is None:
+                    plan = event.data.steps
                 elif isinstance(event, ev.TERMINAL_TASK_EVENTS):
                     log.info("task %s has ended; step %s not run", cmd.task_id, cmd.step_id)
                     return None
@@ -446,8 +449,12 @@ class Worker:
             slice_usd = None
         elif slice_usd is not None:
             slice_usd = min(slice_usd, sub.budget.max_usd)
+        from jetmesh.agents.replay import step_source
+
+        replay = step_source(sub, plan, cmd.step_id, self.spec.name)  # the ledger's word
         return cmd.model_copy(update={"user_id": sub.user_id, "budget": sub.budget,
-                                      "deadline": deadline, "slice_usd": slice_usd})
+                                      "deadline": deadline, "slice_usd": slice_usd,
+                                      "replay": replay})
 
     async def _on_control(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Ce-Type") != "jetmesh.task.cancel_requested.v1":
@@ -520,7 +527,7 @@ class Worker:
 
         # (run_step checks the input against the skill's schema first.)
         try:
-            outcome = await self._run(cmd, msg, recorder, replay_from(entries))
+            outcome = await self._run(cmd, msg, recorder, await self._replay(cmd, entries))
         except ClaimLost as e:
             raise Fenced(str(e)) from e
         if outcome.ok:
@@ -545,6 +552,21 @@ class Worker:
                     retryable=False, attempt=cmd.attempt, worker=self.replica)))
         self.steps_done += 1
 
+    async def _replay(self, cmd: ev.StepCommand, entries: list[LedgerEntry]) -> StepReplay:
+        """What the step may reuse: its own records, or, a step of a replayed task that
+        does not run again, the original task's records of the same step."""
+        if cmd.replay is None or cmd.replay.rerun:
+            return replay_from(entries)
+        from jetmesh.agents.replay import rekey
+
+        dispatched = [e.event.data for e in await self.ledger.read(
+            cmd.replay.of, subject=subjects.task_events(cmd.replay.of))
+            if isinstance(e.event, ev.StepDispatched) and e.event.data.step_id == cmd.step_id]
+        if not dispatched or dispatched[-1].input != cmd.input:
+            return StepReplay()  # not the original's step: its first call diverges
+        original = await self.ledger.read_step(cmd.replay.of, cmd.step_id)
+        return rekey(replay_from(original), cmd.task_id, cmd.step_id)
+
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,
                    replay: StepReplay) -> StepOutcome:
         ctx = ToolContext(task_id=cmd.task_id, step_id=cmd.step_id, agent=self.spec.name,
@@ -558,6 +580,19 @@ class Worker:
                              effect_gate=recorder.begin_effect,
                              claim_check=recorder.check_claim)
         model = self.model
+        src = cmd.replay
+        if src is not None and src.rerun and src.model is not None:
+            from jetmesh.agents.replay import fork_model
+
+            try:
+                model = fork_model(src.model)
+            except Exception as e:
+                return StepOutcome(status="failed", code="invalid_input",
+                                   reason=f"fork model: {e}")
+        elif src is not None and not src.rerun:
+            from jetmesh.agents.replay import RecordingOnlyModel
+
+            model = RecordingOnlyModel()  # never a provider call in a replayed step
         if model is None:
             from jetmesh.agents.models.sim import SimModel
             model = SimModel()  # never called: every skill here is direct
@@ -571,8 +606,11 @@ class Worker:
             # The coroutine is created inside the task, so a step canceled before it
             # starts leaves no never-awaited coroutine behind.
             async with asyncio.timeout(timeout):
-                return await run_step(self.spec, cmd.skill, cmd.input, model, ctx=ctx,
-                                      recorder=recorder, replay=replay, guard=guard)
+                return await run_step(
+                    self.spec, cmd.skill, cmd.input, model, ctx=ctx, recorder=recorder,
+                    replay=replay, guard=guard,
+                    replay_only=src is not None and not src.rerun,
+                    dry_run_effects=src is not None and src.effects == "dry-run")
 
         step = asyncio.create_task(bounded())
         running = self._running.setdefault(cmd.task_id, set())

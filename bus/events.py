@@ -72,6 +72,19 @@ class Budget(_Strict):
     """Seconds from submission after which the task fails."""
 
 
+class ForkSpec(_Strict):
+    """How a replayed task departs from its original (`jetmesh fork`): the steps before
+    `from_step` are served from the original's recording, `from_step` and everything
+    downstream of it run again, with these changes."""
+
+    from_step: str
+    models: dict[str, str] = Field(default_factory=dict)
+    """Agent name -> `provider:model` for the steps that run again."""
+    effects: Literal["dry-run", "real"] = "dry-run"
+    """Side effects of the steps that run again: recorded as "would call" (dry-run,
+    never executed) or run for real."""
+
+
 class TaskSubmission(_Strict):
     """The command published on the submit subject by any client (plain JSON)."""
 
@@ -87,11 +100,21 @@ class TaskSubmission(_Strict):
     """Whom the task is for (scopes memory)."""
     budget: Budget | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    replay_of: str | None = None
+    """A replay (`jetmesh replay`) or fork of this finished task: its recorded model and
+    tool calls are served instead of calling again (see `fork`)."""
+    fork: ForkSpec | None = None
+    """With `replay_of`: where and how the fork departs; None: an exact replay."""
 
     @field_validator("task_id")
     @classmethod
     def _task_id_token(cls, v: str) -> str:
         return check_id(v, "task id")
+
+    @field_validator("replay_of")
+    @classmethod
+    def _replay_of_token(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "task id")
 
     @field_validator("input")
     @classmethod
@@ -125,6 +148,8 @@ class TaskSubmittedData(_Strict):
     user_id: str | None = None
     budget: Budget | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    replay_of: str | None = None
+    fork: ForkSpec | None = None
 
 
 class TaskRejectedData(_Strict):
@@ -195,6 +220,8 @@ class ToolCalledData(_Strict):
     latency_ms: float = 0.0
     side_effects: bool = False
     idempotency_key: str
+    dry_run: bool = False
+    """A fork's side effect that was not run: the call it would have made."""
 
 
 class EffectStartedData(_Strict):
@@ -460,6 +487,20 @@ by an orchestrator that restarted): the step may have run before, so the worker 
 its line and claims it before running it, even on the message's first delivery."""
 
 
+class StepReplaySource(_Strict):
+    """How one step of a replayed (or forked) task runs."""
+
+    of: str
+    """The original task, whose records of the same step are served."""
+    rerun: bool = False
+    """False: every model and tool call is served from the original's recording and an
+    unrecorded call fails the step (`replay_diverged`); True: the step runs again."""
+    effects: Literal["dry-run", "real"] = "dry-run"
+    """When it runs again: its side effects dry-run or real."""
+    model: str | None = None
+    """When it runs again: `provider:model` instead of the agent's own."""
+
+
 class StepCommand(_Strict):
     """What the orchestrator publishes on a skill's work subject."""
 
@@ -475,6 +516,9 @@ class StepCommand(_Strict):
     slice_usd: float | None = None
     """This step's share of the dollars left when it was dispatched."""
     traceparent: str | None = None
+    replay: StepReplaySource | None = None
+    """A step of a replayed or forked task: where its recording is and whether it runs
+    again (the worker derives it from the task's submission and plan in the ledger)."""
 
     @field_validator("task_id", "step_id", "skill")
     @classmethod

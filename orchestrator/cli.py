@@ -755,12 +755,14 @@ def _register_extensions() -> None:
     from jetmesh.memory.cli import register as register_memory
     from jetmesh.orchestrator.health import register as register_health
     from jetmesh.orchestrator.nats_config import register as register_nats_config
+    from jetmesh.orchestrator.replay_cli import register as register_replay
     from jetmesh.orchestrator.telemetry_cli import register as register_telemetry
 
     register_a2a(app)
     register_memory(app)
     register_health(app)
     register_nats_config(app)
+    register_replay(app)
     register_telemetry(app)
 
 

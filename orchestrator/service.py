@@ -855,6 +855,10 @@ class Orchestrator:
         tid = state.task_id
         sub = state.submitted
         assert sub is not None
+        if sub.replay_of is not None:
+            from jetmesh.orchestrator.replay import replayed_plan
+
+            return await replayed_plan(self.ledger, state)
         if sub.workflow:
             wf = self.workflows.get(sub.workflow)
             if wf is None:  # registry changed since submission
@@ -897,6 +901,10 @@ class Orchestrator:
         recorder = Recorder("merge",
                             [c for c in state.orchestrator_calls if c.purpose == "merge"],
                             self._guard(state))
+        if sub.replay_of is not None and sub.fork is None:
+            from jetmesh.orchestrator.replay import replayed_merge
+
+            return await replayed_merge(self.ledger, state, outputs)
         try:
             result = await merge_with_model(self.model, sub.goal, outputs, recorder)
         except BudgetRefused as e:

@@ -1,0 +1,109 @@
+"""Replaying and forking recorded tasks, on the worker's side (`jetmesh replay`, `fork`).
+
+A replayed task is a new task whose submission names the original (`replay_of`). Each of
+its steps either is served from the original's records of the same step (every model
+response and tool result; an unrecorded call fails the step `replay_diverged`, so no
+model is called and no side effect runs) or, in a fork, from `fork.from_step` on, runs
+again: with its own model if the fork names one for the agent, and with its side
+effects dry-run ("would call", recorded, never executed) unless the fork asks for real
+ones. What a step does is derived from the submission and the plan in the ledger, never
+taken from the step command alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from jetmesh.agents.loop import StepReplay
+from jetmesh.agents.models.errors import ModelError
+from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
+from jetmesh.agents.tools import idempotency_key
+from jetmesh.bus.events import PlanStep, StepReplaySource, TaskSubmittedData
+
+__all__ = [
+    "FORK_MODEL_MODULES_ENV",
+    "RecordingOnlyModel",
+    "downstream",
+    "fork_model",
+    "rekey",
+    "step_source",
+]
+
+FORK_MODEL_MODULES_ENV = "JETMESH_FORK_MODEL_MODULES"
+"""Comma-separated module prefixes a fork may name as `sim:<module>:<attr>` models (a
+fork's submission comes from any client; a worker imports only what this allows)."""
+
+
+def downstream(plan: Iterable[PlanStep], from_step: str) -> set[str]:
+    """`from_step` and every step that depends on it, directly or not."""
+    steps = list(plan)
+    found = {from_step}
+    grew = True
+    while grew:
+        grew = False
+        for p in steps:
+            if p.id not in found and found & set(p.depends_on):
+                found.add(p.id)
+                grew = True
+    return found
+
+
+def step_source(sub: TaskSubmittedData, plan: Iterable[PlanStep] | None, step_id: str,
+                agent: str | None = None) -> StepReplaySource | None:
+    """How `step_id` of a task with submission `sub` runs (None: not a replay)."""
+    if sub.replay_of is None:
+        return None
+    if sub.fork is None or step_id not in downstream(plan or [], sub.fork.from_step):
+        return StepReplaySource(of=sub.replay_of)
+    model = sub.fork.models.get(agent) if agent is not None else None
+    return StepReplaySource(of=sub.replay_of, rerun=True, effects=sub.fork.effects,
+                            model=model)
+
+
+def rekey(replay: StepReplay, task_id: str, step_id: str) -> StepReplay:
+    """The original task's step replay, its tool results keyed as the new task's calls
+    with the same arguments are (idempotency keys include the task id)."""
+    tools = {}
+    for t in replay.tool_results.values():
+        key = idempotency_key(task_id, step_id, t.tool, t.arguments)
+        tools[key] = t.model_copy(update={"idempotency_key": key})
+    return StepReplay(model_responses=list(replay.model_responses), tool_results=tools,
+                      in_doubt=set())
+
+
+def fork_model(target: str) -> Model:
+    """The model a fork names (`provider:model`, e.g. `anthropic:claude-...`,
+    `sim:dry-run`, `sim:pkg.mod:factory`); ValueError if it is not allowed."""
+    from jetmesh.agents.models.factory import create_model
+
+    provider, _, name = target.partition(":")
+    if not provider or not name:
+        raise ValueError(f"model {target!r}: expected provider:model")
+    if provider == "sim" and ":" in name:
+        allowed = [m.strip() for m in os.environ.get(FORK_MODEL_MODULES_ENV, "").split(",")
+                   if m.strip()]
+        module = name.partition(":")[0]
+        if not any(module == a or module.startswith(a + ".") for a in allowed):
+            raise ValueError(f"model {target!r}: module {module!r} is not allowed "
+                             f"({FORK_MODEL_MODULES_ENV})")
+    return create_model(provider, name)
+
+
+class RecordingOnlyModel:
+    """A model for replays: every call must be served from the recording, so being
+    asked is a divergence (ModelError), never a provider call."""
+
+    provider = "replay"
+    name = "recording-only"
+
+    def __init__(self) -> None:
+        self.requests: list[ModelRequest] = []
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        self.requests.append(request)
+        raise ModelError(self.provider, self.name,
+                         "replay diverged: a model call that is not in the recording")
+
+    async def aclose(self) -> None:
+        return None
