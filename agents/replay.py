@@ -14,18 +14,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-from jetmesh.agents.loop import StepReplay
+from jetmesh.agents.loop import StepOutcome, StepReplay
 from jetmesh.agents.models.errors import ModelError
 from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
 from jetmesh.agents.tools import idempotency_key
-from jetmesh.bus.events import PlanStep, StepReplaySource, TaskSubmittedData
+from jetmesh.bus.events import (
+    PlanStep,
+    StepFailed,
+    StepFailedData,
+    StepReplaySource,
+    TaskSubmittedData,
+)
+from jetmesh.bus.ledger import LedgerEntry
 
 __all__ = [
     "FORK_MODEL_MODULES_ENV",
+    "RecordedStep",
     "RecordingOnlyModel",
     "downstream",
     "fork_model",
+    "recorded_outcome",
     "rekey",
     "step_source",
 ]
@@ -61,15 +71,40 @@ def step_source(sub: TaskSubmittedData, plan: Iterable[PlanStep] | None, step_id
                             model=model)
 
 
-def rekey(replay: StepReplay, task_id: str, step_id: str) -> StepReplay:
+@dataclass
+class RecordedStep(StepReplay):
+    """A step's recording as a replay serves it: its calls, and how its attempts that
+    failed ended (a failure that no recorded response explains, such as a provider
+    error or a timeout, is served as recorded once the recording runs out)."""
+
+    failures: list[StepFailedData] = field(default_factory=list)
+
+
+def rekey(replay: StepReplay, task_id: str, step_id: str,
+          original: Iterable[LedgerEntry] = ()) -> RecordedStep:
     """The original task's step replay, its tool results keyed as the new task's calls
-    with the same arguments are (idempotency keys include the task id)."""
+    with the same arguments are (idempotency keys include the task id); `original`: the
+    original step's entries, for its failures."""
     tools = {}
     for t in replay.tool_results.values():
         key = idempotency_key(task_id, step_id, t.tool, t.arguments)
         tools[key] = t.model_copy(update={"idempotency_key": key})
-    return StepReplay(model_responses=list(replay.model_responses), tool_results=tools,
-                      in_doubt=set())
+    failures = [e.event.data for e in original if isinstance(e.event, StepFailed)]
+    return RecordedStep(model_responses=list(replay.model_responses), tool_results=tools,
+                        in_doubt=set(), failures=failures)
+
+
+def recorded_outcome(outcome: StepOutcome, replay: StepReplay, attempt: int) -> StepOutcome:
+    """A replayed step that ran out of its recording where the original step failed
+    ends as the original did (same code, reason, retryable); any other outcome stands."""
+    if outcome.code != "replay_diverged" or not isinstance(replay, RecordedStep) \
+            or not replay.failures \
+            or outcome.replayed_model_calls != len(replay.model_responses):
+        return outcome
+    same = [f for f in replay.failures if f.attempt == attempt]
+    failure = (same or replay.failures)[-1]
+    return outcome.model_copy(update={"code": failure.code, "reason": failure.reason,
+                                      "retryable": failure.retryable})
 
 
 def fork_model(target: str) -> Model:

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -54,6 +55,28 @@ log = logging.getLogger("jetmesh.worker")
 DISPATCH_CHECKS = 3
 """Deliveries of a step command whose dispatch the ledger does not show before it is
 refused as forged or orphaned (a lagging replica answers the first ones)."""
+
+
+@dataclass
+class _Vouched:
+    """What a worker has read of one task's events subject, for its dispatch checks."""
+
+    submitted: ev.TaskSubmitted | None = None
+    plan: list[ev.PlanStep] | None = None
+    dispatches: dict[tuple[str, int], ev.StepDispatchedData] = field(default_factory=dict)
+    ended: bool = False
+    next_seq: int = 1
+    """The ledger sequence to read the subject from next."""
+
+    def add(self, event: ev.Event) -> None:
+        if isinstance(event, ev.TaskSubmitted) and self.submitted is None:
+            self.submitted = event
+        elif isinstance(event, ev.TaskPlanned) and self.plan is None:
+            self.plan = event.data.steps
+        elif isinstance(event, ev.TERMINAL_TASK_EVENTS):
+            self.ended = True
+        elif isinstance(event, ev.StepDispatched):
+            self.dispatches.setdefault((event.data.step_id, event.data.attempt), event.data)
 
 
 class NotDispatchedYet(Exception):
@@ -316,6 +339,8 @@ class Worker:
         self._advertiser = Advertiser(self.spec, nats_url=url, signer=signer_from_env())
         self._running: dict[str, set[asyncio.Task[StepOutcome]]] = {}
         self._canceled: dict[str, str] = {}
+        self._vouched: OrderedDict[str, _Vouched] = OrderedDict()
+        """Per task, what its events subject showed (`_dispatched`), newest last."""
         self._in_flight: dict[int, Msg] = {}
         """Step messages being worked on (by id), for the in-progress acks."""
         self._keepalive: asyncio.Task[None] | None = None
@@ -411,32 +436,36 @@ class Worker:
         subject = subjects.task_events(cmd.task_id)
         give_up = time.monotonic() + wait_s
         pause = 0.02
+        known = self._vouched.pop(cmd.task_id, None) or _Vouched()
+        self._vouched[cmd.task_id] = known  # most recent last
+        while len(self._vouched) > 10_000:
+            self._vouched.popitem(last=False)
         while True:
-            submitted: ev.TaskSubmitted | None = None
-            dispatch: ev.StepDispatchedData | None = None
-            plan: list[ev.PlanStep] | None = None
-            for entry in await self.ledger.read(cmd.task_id, subject=subject):
-                event = entry.event
-                if isinstance(event, ev.TaskSubmitted) and submitted is None:
-                    submitted = event
-                elif isinstance(event, ev.TaskPlanned) and plan is None:
-                    plan = event.data.steps
-                elif isinstance(event, ev.TERMINAL_TASK_EVENTS):
-                    log.info("task %s has ended; step %s not run", cmd.task_id, cmd.step_id)
-                    return None
-                elif (isinstance(event, ev.StepDispatched)
-                      and event.data.step_id == cmd.step_id
-                      and event.data.attempt == cmd.attempt):
-                    dispatch = event.data
-            if submitted is not None and dispatch is not None:
+            dispatch = known.dispatches.get((cmd.step_id, cmd.attempt))
+            if known.ended:
+                log.info("task %s has ended; step %s not run", cmd.task_id, cmd.step_id)
+                return None
+            if known.submitted is not None and dispatch is not None:
                 break
+            # Only what this process has not read of the task's events yet: a task's steps
+            # are dispatched together, so its other steps usually find theirs here.
+            entries = await self.ledger.read(cmd.task_id, subject=subject,
+                                             from_seq=known.next_seq)
+            known.next_seq = max(known.next_seq, entries.last_seq() + 1)
+            for entry in entries:
+                known.add(entry.event)
+            if known.ended or (known.submitted is not None
+                               and (cmd.step_id, cmd.attempt) in known.dispatches):
+                continue
             if time.monotonic() > give_up:
-                what = "task" if submitted is None else f"dispatch of step {cmd.step_id}"
+                what = ("task" if known.submitted is None
+                        else f"dispatch of step {cmd.step_id}")
                 reason = (f"no {what} (attempt {cmd.attempt}) in the ledger for task "
                           f"{cmd.task_id}: a forged or orphaned step command")
                 raise Reject(reason) if final else NotDispatchedYet(reason)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
+        submitted, plan = known.submitted, known.plan
         if dispatch.skill != cmd.skill or dispatch.input != cmd.input:
             raise Reject(f"step command differs from its dispatch in the ledger (skill "
                          f"'{dispatch.skill}', recorded input): a forged step command")
@@ -526,10 +555,15 @@ class Worker:
             await recorder._append(started)  # the claim; Fenced if someone was quicker
 
         # (run_step checks the input against the skill's schema first.)
+        replay = await self._replay(cmd, entries)
         try:
-            outcome = await self._run(cmd, msg, recorder, await self._replay(cmd, entries))
+            outcome = await self._run(cmd, msg, recorder, replay)
         except ClaimLost as e:
             raise Fenced(str(e)) from e
+        if cmd.replay is not None and not cmd.replay.rerun:
+            from jetmesh.agents.replay import recorded_outcome
+
+            outcome = recorded_outcome(outcome, replay, cmd.attempt)
         if outcome.ok:
             final: ev.Event = ev.StepCompleted(
                 subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
@@ -565,7 +599,7 @@ class Worker:
         if not dispatched or dispatched[-1].input != cmd.input:
             return StepReplay()  # not the original's step: its first call diverges
         original = await self.ledger.read_step(cmd.replay.of, cmd.step_id)
-        return rekey(replay_from(original), cmd.task_id, cmd.step_id)
+        return rekey(replay_from(original), cmd.task_id, cmd.step_id, original)
 
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,
                    replay: StepReplay) -> StepOutcome:

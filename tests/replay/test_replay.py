@@ -4,14 +4,19 @@ re-run only the forked step and its downstream, and the original ledger stays as
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from jetmesh.agents.models.sim import SimModel
-from jetmesh.agents.models.types import ModelRequest, ModelResponse
+from jetmesh.agents.builtin.support import issue_refund, refunds_file
+from jetmesh.agents.models.errors import ModelError
+from jetmesh.agents.models.sim import FunctionModel, SimModel, tool_call
+from jetmesh.agents.models.types import ModelRequest, ModelResponse, ToolCall
+from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.bus import events as ev
 from jetmesh.orchestrator.replay import run_replay
 from jetmesh.orchestrator.state import TaskStatus
@@ -171,3 +176,77 @@ async def test_fork_of_an_unknown_step_is_refused(make_mesh, bad: str) -> None:
     assert (await mesh.client.result(tid, timeout=30)).status is TaskStatus.COMPLETED
     with pytest.raises(ValueError, match="no step"):
         await run_replay(mesh.client, tid, fork=ev.ForkSpec(from_step=bad))
+
+
+class Ask(BaseModel):
+    question: str
+
+
+def refunder(request: ModelRequest) -> list[ToolCall] | str:
+    """Asks for a refund over the approval threshold, then reports the receipt."""
+    if not any(m.role == "tool" for m in request.messages):
+        return [tool_call("issue_refund", order_id="A1029", amount_usd=230,
+                          reason="a damaged parcel")]
+    return "refunded: " + [m for m in request.messages if m.role == "tool"][-1].content
+
+
+REFUNDER = AgentSpec(
+    name="refunder", description="Refunds orders.", instructions="Refund.",
+    tools=[issue_refund],
+    skills=[SkillSpec.from_models("refund_it", "Refund", "Refunds.", input_model=Ask)])
+
+
+async def wait_for(mesh, tid: str, kind: type) -> ev.Event:
+    async for entry in mesh.client.follow(tid):
+        if isinstance(entry.event, kind):
+            return entry.event
+    raise AssertionError(f"task ended without {kind.__name__}")
+
+
+async def test_replay_of_a_refund_a_human_approved_refunds_nothing(make_mesh, tmp_path,
+                                                                  monkeypatch) -> None:
+    monkeypatch.setenv("JETMESH_DATA_DIR", str(tmp_path))
+    model = FunctionModel(refunder)
+    mesh = await make_mesh([REFUNDER], worker_model=model)
+    tid = await mesh.client.submit("refund please", workflow="skill:refund_it",
+                                   input={"question": "refund A1029"})
+    asked = await asyncio.wait_for(wait_for(mesh, tid, ev.ApprovalRequested), 20)
+    assert asked.data.tool == "issue_refund"
+    await mesh.client.approve(tid, by="test")
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED, state.reason
+    refunds = refunds_file().read_text().splitlines()
+    assert len(refunds) == 1
+    paid = len(model.requests)
+
+    cmp = await run_replay(mesh.client, tid, timeout=30)
+
+    assert cmp.identical, cmp.first_divergence
+    assert len(model.requests) == paid
+    assert refunds_file().read_text().splitlines() == refunds, "the replay refunded again"
+    replayed = await mesh.client.events(cmp.b)
+    assert not any(isinstance(e.event, ev.ApprovalRequested | ev.ToolCalled | ev.ModelCalled)
+                   for e in replayed)  # served from the recording: nothing to approve
+
+
+async def test_replay_of_a_failed_task_fails_the_same_way(make_mesh) -> None:
+    sim = SimModel()
+
+    async def flaky_on_a1003(request: ModelRequest) -> ModelResponse:
+        if "A1003" in request.messages[0].content:
+            raise ModelError("sim", "flaky", "the provider refused (scripted)")
+        return await sim.complete(request)
+
+    model = FunctionModel(flaky_on_a1003)
+    mesh = await make_mesh(["support"], worker_model=model)
+    tid = await mesh.client.submit("status", workflow="fanout", input={"order_ids": ORDERS})
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.FAILED and state.steps["order2"].code == "model_error"
+    paid = len(model.requests)
+
+    cmp = await run_replay(mesh.client, tid, timeout=30)
+
+    assert len(model.requests) == paid
+    assert cmp.b_status == "failed"
+    assert cmp.identical, cmp.first_divergence
+    assert cmp.b_state is not None and cmp.b_state.reason == state.reason
