@@ -29,10 +29,14 @@ and span ids are derived from the task's `traceparent` (the submitter's, when it
 one: the task's trace is then its child) and from event ids, so the same task always
 gives the same spans: a redelivered terminal event re-derives the same ids.
 
-Exactly once: a span is exported when its task has ended, and the ledger message is
-acked after the export succeeded (in-progress acks keep it while the export runs). A
-kill between the receiver's answer and the ack (a few microseconds) would send that
-task's spans again with the same ids; nothing else can.
+Exactly once, as stored: a span is exported when its task has ended, and the ledger
+message is acked after the export succeeded (in-progress acks keep it while the export
+runs). A process killed while an export is in flight (sent, not yet acked: at most
+`EXPORT_THREADS` tasks) cannot know whether the receiver took it, so the restarted role
+sends those traces again, with the same trace and span ids and the same content: a
+backend that keys spans by id (Phoenix, Tempo's compaction, a collector's dedup) holds
+each span once; a raw receiver sees those few twice. No span is ever lost, and no other
+span is sent twice (tests/telemetry/test_telemetry_kill.py measures both).
 
 Message content (tool arguments and results, model outputs) only when
 `OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT` is true.
@@ -93,6 +97,8 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai", "azure": "azure.ai.openai",
               "bedrock": "aws.bedrock", "gemini": "gcp.gemini", "mistral": "mistral_ai"}
 _TERMINAL = ev.TERMINAL_TASK_EVENTS
+EXPORT_THREADS = 4
+"""Exports in flight at once (one task's trace each): what a kill can leave unacked."""
 
 
 def default_resource() -> Resource:
@@ -596,20 +602,23 @@ class _Exporters:
         self.made: list[SpanExporter] = []
         self.lock = threading.Lock()
 
-    def _export(self, spans: Sequence[ReadableSpan]) -> bool:
+    def _export(self, build: Callable[[], list[ReadableSpan]]) -> int | None:
+        """Build the spans and export them (in a worker thread, so the event loop stays
+        free to ack the moment an export returns): how many, or None if it failed."""
+        spans = build()
         if not hasattr(self.local, "exporter"):
             self.local.exporter = self.factory()
             if self.local.exporter is not None:
                 with self.lock:
                     self.made.append(self.local.exporter)
         exporter: SpanExporter | None = self.local.exporter
-        if exporter is None:
-            return True
-        return exporter.export(spans) is SpanExportResult.SUCCESS
+        if exporter is None or not spans:
+            return len(spans)
+        return len(spans) if exporter.export(spans) is SpanExportResult.SUCCESS else None
 
-    async def export(self, spans: Sequence[ReadableSpan]) -> bool:
+    async def export(self, build: Callable[[], list[ReadableSpan]]) -> int | None:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._export, spans)
+        return await loop.run_in_executor(self.pool, self._export, build)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
@@ -645,7 +654,7 @@ class TelemetryService:
         self.durable, self.deliver_new = durable, deliver_new
         self.concurrency = concurrency
         self.capture = capture_content() if capture is None else capture
-        self.exporters = _Exporters(exporter_factory, min(concurrency, 4))
+        self.exporters = _Exporters(exporter_factory, min(concurrency, EXPORT_THREADS))
         self.traces_exported = 0
         self.spans_exported = 0
         self._runner: PullRunner | None = None
@@ -694,14 +703,15 @@ class TelemetryService:
                 raise RuntimeError(f"ledger read of task {task_id} did not reach seq {seq}")
             if end.seq != seq:
                 return  # a later terminal event: the task's trace went with the first
-            spans = build_spans(task_id, entries, resource=self.resource,
-                                capture=self.capture)
-            if not await self.exporters.export(spans):
-                raise ExportFailed(f"export of task {task_id}'s {len(spans)} spans failed")
-            self.traces_exported += 1
-            self.spans_exported += len(spans)
-            # The ack is sent (and confirmed) right after the export.
+            sent = await self.exporters.export(lambda: build_spans(
+                task_id, entries, resource=self.resource, capture=self.capture))
+            if sent is None:
+                raise ExportFailed(f"export of task {task_id}'s spans failed")
+            # Acked the moment the export returns (a kill before the ack reaches the
+            # server is the one way a trace is sent twice, with the same ids).
             await msg.ack_sync(timeout=self.bus_settings.request_timeout_s)
+            self.traces_exported += 1
+            self.spans_exported += sent
         finally:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -31,7 +31,8 @@ class Receiver:
     def spans(self) -> list[dict[str, Any]]:
         if not self.out.exists():
             return []
-        lines = self.out.read_text(encoding="utf-8").splitlines()
+        text = self.out.read_text(encoding="utf-8")
+        lines = text.split("\n")[:-1]  # the last piece may be a line still being written
         return [json.loads(x) for x in lines if x.strip()]
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:

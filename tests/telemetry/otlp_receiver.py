@@ -15,6 +15,7 @@ import gzip
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -81,7 +82,8 @@ def main() -> None:
             except Exception:
                 self.send_error(400)
                 return
-            lines = "".join(json.dumps(s) + "\n" for s in spans_of(req))
+            now = time.time()
+            lines = "".join(json.dumps({**s, "received": now}) + "\n" for s in spans_of(req))
             with lock:  # written before the answer: what was acked is on disk
                 out.write(lines)
                 out.flush()
