@@ -156,3 +156,81 @@ async def test_a_submitters_traceparent_makes_the_task_its_child(make_mesh, tele
     spans = receiver.trace(trace_id)
     root = check_fanout_trace(spans, tid)
     assert root["parent_span_id"] == parent
+
+
+async def test_jetmesh_trace_draws_the_span_tree(make_mesh, bus, tmp_path) -> None:
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    mesh = await make_mesh(["support"])
+    tid = await mesh.client.submit("status of my orders", workflow="fanout",
+                                   input={"order_ids": ORDERS})
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "jetmesh"), "trace", tid, "--url", bus.url,
+        "--data-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    out, errs = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, errs.decode()
+    text = out.decode()
+    assert text.count("invoke_agent support") == 3
+    assert text.count("execute_tool ") == 3
+    assert text.count("chat ") == 7 and "invoke_workflow fanout" in text
+    assert f"${state.cost_usd:.6f}" in text  # the root's total
+    assert " ms" in text and "tokens " in text
+
+
+def test_a_worker_killed_mid_step_gives_both_runs_and_one_side_effect() -> None:
+    """Two claims of one step (the first worker died after its side effect): two
+    invoke_agent spans in one trace, the first abandoned, the effect executed once."""
+    from datetime import UTC, datetime, timedelta
+
+    from jetmesh.bus import events as ev
+    from jetmesh.bus.ledger import LedgerEntry, subject_for
+    from jetmesh.orchestrator.telemetry import build_spans
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    tid = "killed-mid-step"
+
+    def at(s: float) -> datetime:
+        return t0 + timedelta(seconds=s)
+
+    events: list[ev.Event] = [
+        ev.TaskSubmitted(subject=tid, time=at(0), data=ev.TaskSubmittedData(workflow="w")),
+        ev.TaskPlanned(subject=tid, time=at(0.1), data=ev.TaskPlannedData(
+            planner="workflow:w", steps=[ev.PlanStep(id="s1", skill="refund")])),
+        ev.StepDispatched(subject=tid, time=at(0.2), data=ev.StepDispatchedData(
+            step_id="s1", skill="refund", input={})),
+        ev.StepStarted(subject=tid, time=at(0.3), data=ev.StepStartedData(
+            step_id="s1", agent="billing", worker="w1", claim=False)),
+        ev.ToolCalled(subject=tid, time=at(0.5), data=ev.ToolCalledData(
+            step_id="s1", agent="billing", worker="w1", tool="refund", call_id="c1",
+            side_effects=True, idempotency_key="k1", latency_ms=100)),
+        # w1 is killed; the step's message is redelivered to w2, which claims it and
+        # finds the effect on the line (it does not run it again).
+        ev.StepStarted(subject=tid, time=at(31), data=ev.StepStartedData(
+            step_id="s1", agent="billing", worker="w2", delivery=2)),
+        ev.StepCompleted(subject=tid, time=at(32), data=ev.StepCompletedData(
+            step_id="s1", agent="billing", worker="w2", output={"ok": True})),
+        ev.TaskCompleted(subject=tid, time=at(33), data=ev.TaskCompletedData(result={})),
+    ]
+    entries = [LedgerEntry(i + 1, subject_for(e), e) for i, e in enumerate(events)]
+    spans = build_spans(tid, entries)
+    assert len({s.context.trace_id for s in spans}) == 1
+    runs = [s for s in spans if s.name == "invoke_agent billing"]
+    assert len(runs) == 2
+    first, second = sorted(runs, key=lambda s: s.start_time or 0)
+    assert first.attributes["jetmesh.worker"] == "w1"
+    assert first.status.status_code.name == "ERROR" and "claimed by w2" in (
+        first.status.description or "")
+    assert second.attributes["jetmesh.step.delivery"] == 2
+    assert second.status.status_code.name == "OK"
+    tools = [s for s in spans if s.name == "execute_tool refund"]
+    assert len(tools) == 1 and tools[0].parent is not None
+    assert tools[0].parent.span_id == first.context.span_id
+    assert first.end_time == int(at(31).timestamp() * 1e9)
+    # Deterministic: the same entries give the same ids.
+    again = build_spans(tid, entries)
+    assert [s.context.span_id for s in again] == [s.context.span_id for s in spans]
