@@ -67,6 +67,8 @@ class _Vouched:
     ended: bool = False
     next_seq: int = 1
     """The ledger sequence to read the subject from next."""
+    reading: asyncio.Future[None] | None = None
+    """The read of the subject under way, which concurrent checks join."""
 
     def add(self, event: ev.Event) -> None:
         if isinstance(event, ev.TaskSubmitted) and self.submitted is None:
@@ -447,13 +449,9 @@ class Worker:
                 return None
             if known.submitted is not None and dispatch is not None:
                 break
-            # Only what this process has not read of the task's events yet: a task's steps
-            # are dispatched together, so its other steps usually find theirs here.
-            entries = await self.ledger.read(cmd.task_id, subject=subject,
-                                             from_seq=known.next_seq)
-            known.next_seq = max(known.next_seq, entries.last_seq() + 1)
-            for entry in entries:
-                known.add(entry.event)
+            # Only what this process has not read of the task's events yet, in one read
+            # shared by the task's steps that arrive together (dispatched together).
+            await self._read_vouched(cmd.task_id, subject, known)
             if known.ended or (known.submitted is not None
                                and (cmd.step_id, cmd.attempt) in known.dispatches):
                 continue
@@ -484,6 +482,28 @@ class Worker:
         return cmd.model_copy(update={"user_id": sub.user_id, "budget": sub.budget,
                                       "deadline": deadline, "slice_usd": slice_usd,
                                       "replay": replay})
+
+    async def _read_vouched(self, task_id: str, subject: str, known: _Vouched) -> None:
+        """Read what is new on the task's events subject into `known`; a read already
+        under way for the task is joined rather than repeated."""
+        running = known.reading
+        if running is not None and not running.done():
+            await asyncio.shield(running)
+            return
+
+        async def read() -> None:
+            entries = await self.ledger.read(task_id, subject=subject,
+                                             from_seq=known.next_seq)
+            known.next_seq = max(known.next_seq, entries.last_seq() + 1)
+            for entry in entries:
+                known.add(entry.event)
+
+        known.reading = asyncio.ensure_future(read())
+        try:
+            await asyncio.shield(known.reading)
+        finally:
+            if known.reading.done():
+                known.reading = None
 
     async def _on_control(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Ce-Type") != "jetmesh.task.cancel_requested.v1":
