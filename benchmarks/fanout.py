@@ -463,6 +463,15 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
         out = prof / f"orchestrator-{tag}.pstats" if prof else None
         procs["orchestrator"] = spawn(role_cmd(["orchestrator"], args.profile, out), env,
                                       tmp / "orchestrator.log")
+        if args.telemetry:  # the telemetry role exporting to a real OTLP receiver process
+            rport = free_port()
+            procs["otlp-receiver"] = spawn(
+                [sys.executable, str(Path(__file__).parent.parent / "tests" / "telemetry"
+                                     / "otlp_receiver.py"), "--port", str(rport),
+                 "--out", str(tmp / "spans.jsonl")], env, tmp / "otlp-receiver.log")
+            procs["telemetry"] = spawn(role_cmd(["telemetry"], None, None), {
+                **env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT":
+                f"http://127.0.0.1:{rport}/v1/traces"}, tmp / "telemetry.log")
         async with Client(server.url) as client:
             await wait_ready(client, cfg.replicas)
             for name, p in procs.items():
@@ -663,6 +672,8 @@ def main() -> None:
     p.add_argument("--profile-dir", default="benchmarks/profiles",
                    help="where profiles are written")
     p.add_argument("--logs", default=None, help="keep the children's logs in this folder")
+    p.add_argument("--telemetry", action="store_true",
+                   help="also run `jetmesh telemetry`, exporting to an OTLP receiver process")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each run wait up to this many seconds for other processes' "
                         "CPU use to fall under 20%% (shared machines)")

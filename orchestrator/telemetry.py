@@ -97,6 +97,7 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai", "azure": "azure.ai.openai",
               "bedrock": "aws.bedrock", "gemini": "gcp.gemini", "mistral": "mistral_ai"}
 _TERMINAL = ev.TERMINAL_TASK_EVENTS
+_TERMINAL_TYPES = frozenset(c.model_fields["type"].default for c in _TERMINAL)
 EXPORT_THREADS = 4
 """Exports in flight at once (one task's trace each): what a kill can leave unacked."""
 
@@ -646,7 +647,7 @@ class TelemetryService:
                  resource: Resource | None = None,
                  bus_settings: BusSettings | None = None,
                  durable: str = subjects.CONSUMER_TELEMETRY, deliver_new: bool = False,
-                 concurrency: int = 8, capture: bool | None = None) -> None:
+                 concurrency: int = 64, capture: bool | None = None) -> None:
         self.nc, self.js = nc, js
         self.bus_settings = bus_settings or BusSettings()
         self.ledger = Ledger(nc, js, timeout_s=self.bus_settings.request_timeout_s)
@@ -686,6 +687,9 @@ class TelemetryService:
                 await msg.in_progress()
 
     async def _on_event(self, msg: Msg) -> None:
+        kind = (msg.headers or {}).get("Ce-Type")
+        if kind is not None and kind not in _TERMINAL_TYPES:
+            return  # not a task's end (the ledger's appends name the type): acked, unread
         try:
             event = ev.decode_event(msg.data)
         except ValidationError as e:
