@@ -21,6 +21,7 @@ from jetmesh.agents.models.errors import ModelError
 from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
 from jetmesh.agents.tools import idempotency_key
 from jetmesh.bus.events import (
+    ForkSpec,
     PlanStep,
     StepFailed,
     StepFailedData,
@@ -37,6 +38,7 @@ __all__ = [
     "fork_model",
     "recorded_outcome",
     "rekey",
+    "rerun_steps",
     "step_source",
 ]
 
@@ -59,12 +61,21 @@ def downstream(plan: Iterable[PlanStep], from_step: str) -> set[str]:
     return found
 
 
+def rerun_steps(plan: Iterable[PlanStep], fork: ForkSpec) -> set[str]:
+    """The steps a fork runs again: `from_step`, `steps`, and everything downstream."""
+    steps = list(plan)
+    out: set[str] = set()
+    for start in [fork.from_step, *fork.steps]:
+        out |= downstream(steps, start)
+    return out
+
+
 def step_source(sub: TaskSubmittedData, plan: Iterable[PlanStep] | None, step_id: str,
                 agent: str | None = None) -> StepReplaySource | None:
     """How `step_id` of a task with submission `sub` runs (None: not a replay)."""
     if sub.replay_of is None:
         return None
-    if sub.fork is None or step_id not in downstream(plan or [], sub.fork.from_step):
+    if sub.fork is None or step_id not in rerun_steps(plan or [], sub.fork):
         return StepReplaySource(of=sub.replay_of)
     model = sub.fork.models.get(agent) if agent is not None else None
     return StepReplaySource(of=sub.replay_of, rerun=True, effects=sub.fork.effects,

@@ -78,6 +78,9 @@ class ForkSpec(_Strict):
     downstream of it run again, with these changes."""
 
     from_step: str
+    steps: list[str] = Field(default_factory=list)
+    """Further steps that run again, with their downstream (e.g. every step of an agent
+    whose model the fork replaces)."""
     models: dict[str, str] = Field(default_factory=dict)
     """Agent name -> `provider:model` for the steps that run again."""
     effects: Literal["dry-run", "real"] = "dry-run"

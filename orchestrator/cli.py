@@ -753,6 +753,7 @@ def _free_port() -> int:
 def _register_extensions() -> None:
     from jetmesh.a2a.cli import register as register_a2a
     from jetmesh.memory.cli import register as register_memory
+    from jetmesh.orchestrator.evals_cli import register as register_evals
     from jetmesh.orchestrator.health import register as register_health
     from jetmesh.orchestrator.nats_config import register as register_nats_config
     from jetmesh.orchestrator.replay_cli import register as register_replay
@@ -763,6 +764,7 @@ def _register_extensions() -> None:
     register_health(app)
     register_nats_config(app)
     register_replay(app)
+    register_evals(app)
     register_telemetry(app)
 
 

@@ -122,7 +122,10 @@ def fork_submission(orig: TaskState, from_step: str, *, models: dict[str, str] |
                          + ", ".join(p.id for p in orig.plan) + ")")
     if effects not in ("dry-run", "real"):
         raise ValueError("effects must be dry-run or real")
-    fork = ev.ForkSpec(from_step=from_step, models=models or {},
+    models = models or {}
+    also = [p.id for p in orig.plan if p.id != from_step
+            and (st := orig.steps.get(p.id)) is not None and st.agent in models]
+    fork = ev.ForkSpec(from_step=from_step, steps=also, models=models,
                        effects="real" if effects == "real" else "dry-run")
     return replay_submission(orig, task_id, fork, patch_input)
 

@@ -3,7 +3,9 @@ with `[sim]` turned into `[loud]`, counting its calls."""
 
 from __future__ import annotations
 
-from jetmesh.agents.models.sim import SimModel
+import json
+
+from jetmesh.agents.models.sim import FunctionModel, SimModel
 from jetmesh.agents.models.types import ModelRequest, ModelResponse
 
 CALLS: list[ModelRequest] = []
@@ -19,3 +21,16 @@ class LoudModel(SimModel):
 
 def loud() -> LoudModel:
     return LoudModel(name="loud")
+
+
+LAZY_CALLS: list[ModelRequest] = []
+
+
+def _lazy_turn(request: ModelRequest) -> str:
+    LAZY_CALLS.append(request)
+    return json.dumps({"answer": "I cannot tell.", "order": None})
+
+
+def lazy() -> FunctionModel:
+    """A support model of known (bad) behaviour: answers at once, never looks anything up."""
+    return FunctionModel(_lazy_turn, name="lazy")

@@ -1,0 +1,435 @@
+"""Evaluation suites (`evals/*.yaml`, schema in evals/README.md): cases run through a live
+mesh and scored on what the ledger recorded (`jetmesh eval run`, `jetmesh eval compare`).
+
+A case is one task (goal, workflow or skill, input, user, budget) and its checks: the
+task's final status, tools that must / must not be called (in any order, in order, or
+exactly), checks on the result (a dotted path, then equals / contains / regex / JSON
+Schema / min / max / exists), and limits (cost, tool calls, latency). A run's score is
+the share of its checks that hold; a case runs `runs` times and its median score puts it
+in a tier: pass above `pass_above`, fail below `fail_below`, soft in between.
+
+With models (`AGENT=provider:model`), each run first runs the case as it is, then forks
+it from the first step of an agent whose model is replaced (`jetmesh fork`, side effects
+dry-run): the steps before are not paid again, and the fork is what is scored (its tool
+calls and costs include the reused steps').
+
+Task ids are `ev-<run id>-<case>-<n>`: the same run id again (an eval restarted after a
+crash) submits nothing new for runs already submitted, so no case is paid twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jetmesh.agents.spec import schema_errors
+from jetmesh.bus import events as ev
+from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.bus.subjects import check_id
+from jetmesh.orchestrator.client import Client
+from jetmesh.orchestrator.state import TaskState, fold
+
+__all__ = [
+    "Case",
+    "CaseResult",
+    "RunResult",
+    "Suite",
+    "compare_reports",
+    "load_suite",
+    "run_suite",
+    "score_run",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolChecks(_Model):
+    must_call: list[str] = Field(default_factory=list)
+    """Tools that must run (a call that ran, or a fork's dry-run "would call")."""
+    must_not_call: list[str] = Field(default_factory=list)
+    """Tools that must not run (asked for but denied or left unapproved is not running)."""
+    order: Literal["any", "in_order", "exact"] = "any"
+    """`in_order`: must_call appear in this order among the calls; `exact`: the calls
+    that ran are exactly must_call, in order."""
+
+
+class ResultCheck(_Model):
+    path: str = ""
+    """Dotted path into the task's result (`output.answer`, `steps.order0.status`, a list
+    index as a number); empty: the whole result."""
+    equals: Any = None
+    contains: str | None = None
+    """A substring of the value's text (its JSON when not a string)."""
+    regex: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    min: float | None = None
+    max: float | None = None
+    exists: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Limits(_Model):
+    max_cost_usd: float | None = None
+    max_tool_calls: int | None = None
+    max_latency_s: float | None = None
+
+
+class Checks(_Model):
+    status: str | None = "completed"
+    """The task's final status (None: any)."""
+    tools: ToolChecks = Field(default_factory=ToolChecks)
+    result: list[ResultCheck] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+
+
+class Case(_Model):
+    id: str
+    description: str = ""
+    goal: str = ""
+    workflow: str | None = None
+    skill: str | None = None
+    """One skill on the input (the workflow `skill:<id>`)."""
+    input: dict[str, Any] = Field(default_factory=dict)
+    user: str | None = None
+    budget: ev.Budget | None = None
+    runs: int | None = Field(default=None, ge=1)
+    checks: Checks = Field(default_factory=Checks)
+
+    @field_validator("id")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        return check_id(v, "case id")
+
+    def target_workflow(self) -> str | None:
+        return f"skill:{self.skill}" if self.skill else self.workflow
+
+
+class Suite(_Model):
+    name: str
+    description: str = ""
+    runs: int = Field(default=3, ge=1)
+    pass_above: float = 0.8
+    fail_below: float = 0.5
+    cases: list[Case]
+
+
+def load_suite(path: Path) -> Suite:
+    """A suite from YAML (ValueError with the reason if it is not one)."""
+    try:
+        return Suite.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class Check(BaseModel):
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class RunResult(BaseModel):
+    task_id: str
+    status: str
+    score: float
+    checks: list[Check]
+    cost_usd: float
+    tokens: int
+    model_calls: int
+    tool_calls: list[str]
+    latency_s: float
+    forked_from: str | None = None
+
+
+class CaseResult(BaseModel):
+    id: str
+    tier: Literal["pass", "soft", "fail"]
+    score: float
+    runs: list[RunResult]
+
+
+def _lookup(value: Any, path: str) -> tuple[bool, Any]:
+    cur = value
+    for part in [p for p in path.split(".") if p]:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return False, None
+    return True, cur
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _result_checks(rc: ResultCheck, result: dict[str, Any] | None) -> list[Check]:
+    name = f"result.{rc.path}" if rc.path else "result"
+    found, value = _lookup(result, rc.path) if result is not None else (False, None)
+    out: list[Check] = []
+    if rc.exists is not None:
+        out.append(Check(name=f"{name} exists", ok=found == rc.exists))
+    if not found:
+        if rc.exists is None or rc.exists:
+            wanted = [k for k in ("equals", "contains", "regex", "schema_", "min", "max")
+                      if getattr(rc, k) is not None]
+            out += [Check(name=f"{name} {k.rstrip('_')}", ok=False, detail="no such path")
+                    for k in wanted]
+        return out
+    if rc.equals is not None:
+        out.append(Check(name=f"{name} equals", ok=value == rc.equals,
+                         detail="" if value == rc.equals else _text(value)[:80]))
+    if rc.contains is not None:
+        out.append(Check(name=f"{name} contains {rc.contains!r}", ok=rc.contains in _text(value)))
+    if rc.regex is not None:
+        out.append(Check(name=f"{name} matches /{rc.regex}/",
+                         ok=re.search(rc.regex, _text(value)) is not None))
+    if rc.schema_ is not None:
+        errors = schema_errors(rc.schema_, value)
+        out.append(Check(name=f"{name} schema", ok=not errors, detail="; ".join(errors[:3])))
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if rc.min is not None:
+        out.append(Check(name=f"{name} >= {rc.min:g}", ok=number is not None and number >= rc.min))
+    if rc.max is not None:
+        out.append(Check(name=f"{name} <= {rc.max:g}", ok=number is not None and number <= rc.max))
+    return out
+
+
+def _tool_checks(tc: ToolChecks, ran: list[str]) -> list[Check]:
+    out = [Check(name=f"calls {t}", ok=t in ran) for t in tc.must_call]
+    out += [Check(name=f"never calls {t}", ok=t not in ran) for t in tc.must_not_call]
+    if tc.order == "in_order" and tc.must_call:
+        it = iter(ran)
+        ok = all(any(t == r for r in it) for t in tc.must_call)
+        out.append(Check(name="calls in order", ok=ok, detail=",".join(ran)))
+    elif tc.order == "exact":
+        out.append(Check(name="calls exactly", ok=ran == tc.must_call, detail=",".join(ran)))
+    return out
+
+
+def _tools_ran(entries: list[LedgerEntry], state: TaskState,
+               steps: set[str] | None = None) -> list[tuple[int, str, str]]:
+    """(seq, step, tool) of tool calls that ran (no error), the step holder's, once per
+    idempotency key; `steps`: only these steps."""
+    ignored = {i.seq for i in state.ignored}
+    seen: set[str] = set()
+    out: list[tuple[int, str, str]] = []
+    for e in entries:
+        d = e.event.data
+        if not isinstance(e.event, ev.ToolCalled) or e.seq in ignored:
+            continue
+        assert isinstance(d, ev.ToolCalledData)
+        if d.idempotency_key in seen or d.error is not None:
+            continue
+        seen.add(d.idempotency_key)
+        if steps is None or d.step_id in steps:
+            out.append((e.seq, d.step_id, d.tool))
+    return out
+
+
+def score_run(case: Case, entries: list[LedgerEntry], *,
+              base: list[LedgerEntry] | None = None) -> RunResult:
+    """Score one run of `case` from its task's ledger entries. `base`: a fork's original,
+    whose steps the fork reused (their tool calls and costs count for the fork)."""
+    tid = entries[0].event.subject if entries else "?"
+    state = fold(tid, entries)
+    calls = _tools_ran(entries, state)
+    cost, tokens, model_calls = state.cost_usd, state.input_tokens + state.output_tokens, \
+        state.model_calls
+    forked_from = state.submitted.replay_of if state.submitted else None
+    fork = state.submitted.fork if state.submitted else None
+    if base is not None and forked_from is not None and fork is not None:
+        from jetmesh.agents.replay import rerun_steps
+
+        orig = fold(forked_from, base)
+        reused = set(orig.steps) - rerun_steps(orig.plan, fork)
+        calls += _tools_ran(base, orig, reused)
+        calls.sort(key=lambda c: [p.id for p in orig.plan].index(c[1])
+                   if c[1] in orig.steps else 0)
+        for sid in reused:
+            st = orig.steps[sid]
+            cost += st.cost_usd
+            tokens += st.input_tokens + st.output_tokens
+    ran = [c[2] for c in calls]
+    latency = ((state.updated_at - state.created_at).total_seconds()
+               if state.updated_at and state.created_at else 0.0)
+    chk: list[Check] = []
+    if case.checks.status is not None:
+        chk.append(Check(name=f"status {case.checks.status}",
+                         ok=state.status.value == case.checks.status,
+                         detail=state.reason or state.status.value))
+    chk += _tool_checks(case.checks.tools, ran)
+    for rc in case.checks.result:
+        chk += _result_checks(rc, state.result)
+    lim = case.checks.limits
+    if lim.max_cost_usd is not None:
+        chk.append(Check(name=f"cost <= ${lim.max_cost_usd:g}", ok=cost <= lim.max_cost_usd,
+                         detail=f"${cost:.5f}"))
+    if lim.max_tool_calls is not None:
+        chk.append(Check(name=f"tool calls <= {lim.max_tool_calls}",
+                         ok=len(ran) <= lim.max_tool_calls, detail=str(len(ran))))
+    if lim.max_latency_s is not None:
+        chk.append(Check(name=f"latency <= {lim.max_latency_s:g}s",
+                         ok=latency <= lim.max_latency_s, detail=f"{latency:.2f}s"))
+    score = sum(c.ok for c in chk) / len(chk) if chk else 1.0
+    return RunResult(task_id=tid, status=state.status.value, score=score, checks=chk,
+                     cost_usd=cost, tokens=tokens, model_calls=model_calls, tool_calls=ran,
+                     latency_s=latency, forked_from=forked_from)
+
+
+def tier(score: float, suite: Suite) -> Literal["pass", "soft", "fail"]:
+    if score > suite.pass_above or score == 1.0:
+        return "pass"
+    if score < suite.fail_below:
+        return "fail"
+    return "soft"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def task_id_for(run_id: str, case: Case, n: int, suffix: str = "") -> str:
+    return check_id(f"ev-{run_id}-{case.id}-{n}{suffix}"[:200], "task id")
+
+
+async def _submit_once(client: Client, sub: ev.TaskSubmission) -> str:
+    """Submit unless the ledger already has the task (a restarted eval run)."""
+    state = await client.state(sub.task_id)
+    if state.submitted is None:
+        from jetmesh.orchestrator.replay import submit
+
+        await submit(client, sub)
+    return sub.task_id
+
+
+def _fork_step(orig: TaskState, models: dict[str, str]) -> str | None:
+    """The first step (plan order) run by an agent whose model is replaced."""
+    for p in orig.plan:
+        st = orig.steps.get(p.id)
+        if st is not None and st.agent in models:
+            return p.id
+    return None
+
+
+async def run_case(client: Client, suite: Suite, case: Case, run_id: str, n: int, *,
+                   models: dict[str, str] | None = None, timeout: float = 120.0) -> RunResult:
+    sub = ev.TaskSubmission(
+        task_id=task_id_for(run_id, case, n), goal=case.goal, input=case.input,
+        workflow=case.target_workflow(), user_id=case.user, budget=case.budget,
+        metadata={"eval_suite": suite.name, "eval_case": case.id})
+    tid = await _submit_once(client, sub)
+    await client.result(tid, timeout=timeout)
+    entries = await client.events(tid)
+    if not models:
+        return score_run(case, entries)
+    from jetmesh.orchestrator.replay import fork_submission
+
+    orig = fold(tid, entries)
+    step = _fork_step(orig, models)
+    if step is None:  # no step of a replaced agent ran: the run is the run
+        return score_run(case, entries)
+    fork = fork_submission(orig, step, models=models, task_id=task_id_for(
+        run_id, case, n, "-" + "-".join(sorted(models))[:40].replace(".", "_")))
+    fid = await _submit_once(client, fork)
+    await client.result(fid, timeout=timeout)
+    return score_run(case, await client.events(fid), base=entries)
+
+
+async def run_suite(client: Client, suite: Suite, *, run_id: str,
+                    models: dict[str, str] | None = None, runs: int | None = None,
+                    concurrency: int = 8, timeout: float = 120.0) -> list[CaseResult]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(case: Case, n: int) -> RunResult:
+        async with sem:
+            return await run_case(client, suite, case, run_id, n, models=models,
+                                  timeout=timeout)
+
+    plan = [(case, n) for case in suite.cases for n in range(runs or case.runs or suite.runs)]
+    results = await asyncio.gather(*(one(c, n) for c, n in plan))
+    out: list[CaseResult] = []
+    for case in suite.cases:
+        mine = [r for (c, _), r in zip(plan, results, strict=True) if c is case]
+        score = statistics.median(r.score for r in mine)
+        out.append(CaseResult(id=case.id, tier=tier(score, suite), score=score, runs=mine))
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def summary(results: list[CaseResult]) -> dict[str, Any]:
+    runs = [r for c in results for r in c.runs]
+    tiers = {t: sum(c.tier == t for c in results) for t in ("pass", "soft", "fail")}
+    tool_checks = [k for r in runs for k in r.checks if k.name.startswith(("calls", "never"))]
+    cost = sum(r.cost_usd for r in runs)
+    lat = [r.latency_s for r in runs]
+    return {
+        "cases": len(results), **tiers,
+        "pass_rate": tiers["pass"] / len(results) if results else 0.0,
+        "tool_accuracy": (sum(k.ok for k in tool_checks) / len(tool_checks)
+                          if tool_checks else 1.0),
+        "cost_usd": cost,
+        "cost_per_case": cost / len(results) if results else 0.0,
+        "cost_per_pass": cost / tiers["pass"] if tiers["pass"] else None,
+        "tokens": sum(r.tokens for r in runs),
+        "latency_p50_s": _pct(lat, 0.5), "latency_p95_s": _pct(lat, 0.95),
+    }
+
+
+def report(suite: Suite, run_id: str, models: dict[str, str] | None,
+           results: list[CaseResult]) -> dict[str, Any]:
+    return {"suite": suite.name, "run_id": run_id, "models": models or {},
+            "summary": summary(results), "cases": [c.model_dump() for c in results]}
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    s = rep["summary"]
+    lines = [f"# Eval {rep['suite']} ({rep['run_id']})", "",
+             f"models: {json.dumps(rep['models'])}", "",
+             f"pass {s['pass']} · soft {s['soft']} · fail {s['fail']} of {s['cases']} · "
+             f"tool accuracy {s['tool_accuracy']:.0%} · ${s['cost_usd']:.5f} · "
+             f"p50 {s['latency_p50_s']:.2f}s · p95 {s['latency_p95_s']:.2f}s", "",
+             "| case | tier | score | cost | tokens | failed checks |",
+             "|---|---|---|---|---|---|"]
+    for c in rep["cases"]:
+        failed = sorted({k["name"] for r in c["runs"] for k in r["checks"] if not k["ok"]})
+        cost = sum(r["cost_usd"] for r in c["runs"]) / max(1, len(c["runs"]))
+        tokens = sum(r["tokens"] for r in c["runs"]) // max(1, len(c["runs"]))
+        lines.append(f"| {c['id']} | {c['tier']} | {c['score']:.2f} | ${cost:.5f} | {tokens} "
+                     f"| {'; '.join(failed)} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_reports(base: dict[str, Any], new: dict[str, Any], threshold: float = 0.0
+                    ) -> list[str]:
+    """Regressions of `new` against `base` (empty: none): a pass rate lower by more than
+    `threshold`, or a case whose tier got worse."""
+    out: list[str] = []
+    b, n = base["summary"]["pass_rate"], new["summary"]["pass_rate"]
+    if n < b - threshold:
+        out.append(f"pass rate {b:.0%} -> {n:.0%}")
+    rank = {"fail": 0, "soft": 1, "pass": 2}
+    old = {c["id"]: c["tier"] for c in base["cases"]}
+    for c in new["cases"]:
+        was = old.get(c["id"])
+        if was is not None and rank[c["tier"]] < rank[was]:
+            out.append(f"case {c['id']}: {was} -> {c['tier']}")
+    return out

@@ -1,0 +1,139 @@
+"""`jetmesh eval run` and `jetmesh eval compare` (see jetmesh.orchestrator.evals)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
+                                            help="NATS server URL (default: NATS_URL, "
+                                                 "else the embedded server in --data-dir).")]
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
+                                          help="Where jetmesh keeps its data.")]
+DEFAULT_DATA = Path(".jetmesh")
+
+
+def parse_models(values: list[str] | None) -> dict[str, str]:
+    """`AGENT=provider:model` items, each possibly a comma-separated list."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        for item in (x.strip() for x in v.split(",")):
+            if not item:
+                continue
+            agent, sep, target = item.partition("=")
+            if not sep or not agent or ":" not in target:
+                raise ValueError(f"{item!r}: expected AGENT=provider:model")
+            out[agent] = target
+    return out
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    from jetmesh.orchestrator.cli import console
+
+    table = Table(title=f"eval {rep['suite']} · models {json.dumps(rep['models'])}")
+    for col in ("case", "tier", "score", "runs", "cost/run", "tokens/run", "latency p50",
+                "failed checks"):
+        table.add_column(col)
+    colour = {"pass": "green", "soft": "yellow", "fail": "red"}
+    for c in rep["cases"]:
+        runs = c["runs"]
+        failed = sorted({k["name"] for r in runs for k in r["checks"] if not k["ok"]})
+        lat = sorted(r["latency_s"] for r in runs)
+        table.add_row(
+            c["id"], f"[{colour[c['tier']]}]{c['tier']}[/]", f"{c['score']:.2f}",
+            str(len(runs)), f"${sum(r['cost_usd'] for r in runs) / len(runs):.5f}",
+            str(sum(r["tokens"] for r in runs) // len(runs)),
+            f"{lat[len(lat) // 2]:.2f}s", escape("; ".join(failed)))
+    console.print(table)
+    s = rep["summary"]
+    per_pass = f"${s['cost_per_pass']:.5f}" if s["cost_per_pass"] is not None else "-"
+    console.print(f"pass {s['pass']} · soft {s['soft']} · fail {s['fail']} of {s['cases']} "
+                  f"· tool accuracy {s['tool_accuracy']:.0%} · cost ${s['cost_usd']:.5f} "
+                  f"(per case ${s['cost_per_case']:.5f}, per pass {per_pass}) · "
+                  f"tokens {s['tokens']} · latency p50 {s['latency_p50_s']:.2f}s "
+                  f"p95 {s['latency_p95_s']:.2f}s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `eval run` and `eval compare` to the jetmesh CLI."""
+    evals = typer.Typer(help="Evaluation suites (evals/*.yaml) run through the mesh.",
+                        no_args_is_help=True)
+    app.add_typer(evals, name="eval")
+
+    @evals.command("run")
+    def run_cmd(
+        suite_file: Annotated[Path, typer.Argument(help="A suite (evals/*.yaml).")],
+        models: Annotated[list[str] | None, typer.Option(
+            "--models", "--model",
+            help="AGENT=provider:model[,...]: fork each run from the first step of that "
+                 "agent with this model.")] = None,
+        runs: Annotated[int | None, typer.Option(help="Runs per case (default: the "
+                                                      "suite's, 3).")] = None,
+        run_id: Annotated[str | None, typer.Option(
+            help="Reuse a run id to resume an interrupted run (nothing is paid twice).")]
+        = None,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON "
+                                                                     "report here.")] = None,
+        md_out: Annotated[Path | None, typer.Option("--md", help="Write a Markdown "
+                                                                 "report here.")] = None,
+        timeout: Annotated[float, typer.Option(help="Seconds per task.")] = 120,
+        url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    ) -> None:
+        """Run a suite against the running mesh: a table per case, JSON (stdout unless
+        --json) and Markdown reports. Exit 1 if any case fails."""
+        from jetmesh.bus.events import new_id
+        from jetmesh.orchestrator.cli import console, err, resolve_url, run
+        from jetmesh.orchestrator.client import Client
+        from jetmesh.orchestrator.evals import load_suite, markdown, report, run_suite
+
+        try:
+            suite = load_suite(suite_file)
+            chosen = parse_models(models)
+        except ValueError as e:
+            err.print(f"[red]{escape(str(e))}[/]")
+            raise typer.Exit(2) from None
+        rid = run_id or new_id()[:10]
+        target = resolve_url(url, data_dir)
+
+        async def main() -> dict[str, Any]:
+            async with Client(target) as c:
+                results = await run_suite(c, suite, run_id=rid, models=chosen, runs=runs,
+                                          timeout=timeout)
+                return report(suite, rid, chosen, results)
+
+        rep = run(main)
+        print_report(rep)
+        text = json.dumps(rep, indent=2, default=str)
+        if json_out:
+            json_out.write_text(text)
+            console.print(f"JSON report: {json_out}")
+        else:
+            print(text)
+        if md_out:
+            md_out.write_text(markdown(rep))
+        raise typer.Exit(1 if rep["summary"]["fail"] else 0)
+
+    @evals.command("compare")
+    def compare_cmd(
+        base: Annotated[Path, typer.Argument(help="The baseline report (JSON).")],
+        new: Annotated[Path, typer.Argument(help="The new report (JSON).")],
+        threshold: Annotated[float, typer.Option(
+            help="Pass-rate drop tolerated (0.05: five points).")] = 0.0,
+    ) -> None:
+        """A CI gate: exit 1 if NEW regresses against BASE (a lower pass rate beyond the
+        threshold, or a case in a worse tier), else 0."""
+        from jetmesh.orchestrator.cli import console
+        from jetmesh.orchestrator.evals import compare_reports
+
+        regressions = compare_reports(json.loads(base.read_text()),
+                                      json.loads(new.read_text()), threshold)
+        for r in regressions:
+            console.print(f"[red]regression:[/] {escape(r)}")
+        if not regressions:
+            console.print("[green]no regression[/]")
+        raise typer.Exit(1 if regressions else 0)

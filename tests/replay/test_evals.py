@@ -1,0 +1,115 @@
+"""Evaluation suites through a real mesh: the bundled suite on the simulated model, exact
+scores from scripted models of known behaviour, the compare gate, resuming a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from jetmesh.agents.models.sim import SimModel
+from jetmesh.agents.models.types import ModelRequest, ModelResponse
+from jetmesh.orchestrator.cli import app
+from jetmesh.orchestrator.evals import compare_reports, load_suite, report, run_suite
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import replay_fork_models
+
+EVALS = Path(__file__).resolve().parents[2] / "evals"
+AGENTS = ["triage", "support", "writer", "reviewer", "researcher"]
+
+SUITE = """
+name: two-cases
+runs: 2
+cases:
+  - id: lookup
+    skill: order_status
+    input: {order_id: A1002, question: "has it shipped?"}
+    checks:
+      tools: {must_call: [lookup_order], order: exact}
+      result:
+        - {path: output.answer, contains: A1002}
+        - {path: output.answer, regex: "paid"}
+      limits: {max_tool_calls: 1}
+  - id: fanout
+    workflow: fanout
+    input: {order_ids: [A1001, A1002, A1003]}
+    checks:
+      tools: {must_call: [lookup_order]}
+      result:
+        - {path: answer, contains: A1003}
+"""
+
+
+class CountingSim(SimModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        self.calls += 1
+        return await super().complete(request)
+
+
+async def test_bundled_suite_passes_on_the_sim(make_mesh) -> None:
+    mesh = await make_mesh(AGENTS)
+    suite = load_suite(EVALS / "builtin.yaml")
+    results = await run_suite(mesh.client, suite, run_id="bundled", runs=1)
+    assert {c.id: (c.tier, c.score) for c in results} == \
+        {c.id: ("pass", 1.0) for c in suite.cases}, json.dumps(
+            [r.model_dump() for r in results], default=str)[:3000]
+
+
+async def test_known_models_score_exactly_and_the_gate_catches_the_worse(
+        make_mesh, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("JETMESH_FORK_MODEL_MODULES", "replay_fork_models")
+    (tmp_path / "s.yaml").write_text(SUITE)
+    suite = load_suite(tmp_path / "s.yaml")
+    workers = CountingSim()
+    mesh = await make_mesh(["support"], worker_model=workers)
+
+    base = report(suite, "base", None, await run_suite(mesh.client, suite, run_id="kb"))
+    assert base["summary"]["pass_rate"] == 1.0 and base["summary"]["pass"] == 2
+    paid = workers.calls
+    replay_fork_models.LAZY_CALLS.clear()
+
+    models = {"support": "sim:replay_fork_models:lazy"}
+    new = report(suite, "lazy", models,
+                 await run_suite(mesh.client, suite, run_id="kl", models=models))
+    by_id = {c["id"]: c for c in new["cases"]}
+    # lookup: status ok, the tool-count limit holds; no lookup, not exact, no A1002, no
+    # "paid": 2 of 6. fanout (all three steps re-run on the lazy model, then the merge):
+    # status ok; no lookup_order, no A1003 in the answer: 1 of 3.
+    assert by_id["lookup"]["score"] == 2 / 6 and by_id["lookup"]["tier"] == "fail"
+    assert by_id["fanout"]["score"] == 1 / 3 and by_id["fanout"]["tier"] == "fail"
+    assert new["summary"]["pass_rate"] == 0.0
+    # Each run was forked from the support step: the lazy model answered every step
+    # once (lookup: 1 step, fanout: the first support step and all after it).
+    assert len(replay_fork_models.LAZY_CALLS) == 2 * 1 + 2 * 3
+    assert workers.calls > paid  # the baselines of the "kl" run (the sim) were paid once
+
+    assert compare_reports(base, new) != []
+    assert compare_reports(new, base) == []
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    runner = CliRunner()
+    worse = runner.invoke(app, ["eval", "compare", str(tmp_path / "base.json"),
+                                str(tmp_path / "new.json")])
+    better = runner.invoke(app, ["eval", "compare", str(tmp_path / "new.json"),
+                                 str(tmp_path / "base.json")])
+    assert (worse.exit_code, better.exit_code) == (1, 0), (worse.output, better.output)
+
+
+async def test_a_resumed_run_pays_for_nothing_again(make_mesh, tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(SUITE)
+    suite = load_suite(tmp_path / "s.yaml")
+    workers = CountingSim()
+    mesh = await make_mesh(["support"], worker_model=workers)
+    first = await run_suite(mesh.client, suite, run_id="resume", runs=1)
+    paid = workers.calls
+    again = await run_suite(mesh.client, suite, run_id="resume", runs=1)
+    assert workers.calls == paid
+    assert [c.model_dump() for c in again] == [c.model_dump() for c in first]
