@@ -64,11 +64,13 @@ from a2a.utils.errors import (
 from google.protobuf.json_format import MessageToDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from jetmesh.a2a.edge import BodyCheck
 from jetmesh.bus import events as ev
 from jetmesh.bus.subjects import InvalidIdError
 from jetmesh.orchestrator.client import Client, ControlRefused
@@ -414,7 +416,7 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
         *create_jsonrpc_routes(handler, "/"),
         *create_rest_routes(handler),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(BodyCheck)])
 
 
 # ----------------------------------------------------------------------------- serving
