@@ -138,3 +138,22 @@ async def test_dimension_mismatch_is_a_clear_error_and_nothing_answers(
     assert not await client.available()
     with pytest.raises(MemoryServiceUnavailable, match="is `jetmesh memory` running"):
         await client.search("anything")
+
+
+async def test_hostile_requests_get_error_replies_and_the_service_stays(served: Served) -> None:
+    """The bus's edge rules on request/reply too: deep JSON, lone surrogates, NaN and
+    bytes that are not UTF-8 get an invalid_request reply with the reason."""
+    c = served.client
+    hostile = [
+        b'{"query": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+        b'{"kind": "note", "text": "\\ud800", "user_id": "u1"}',
+        b'{"query": "x", "limit": NaN}',
+        b'{"query": "\xff\xfe"}',
+        b"[" * 200_000,
+    ]
+    for op in ("add", "search"):
+        for raw in hostile:
+            reply = await c.raw(op, raw)
+            assert not reply.ok and reply.error is not None, (op, raw[:40])
+            assert reply.error.code == "invalid_request", (op, raw[:40], reply.error)
+    assert (await c.status()).following_ledger is False
