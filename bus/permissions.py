@@ -30,7 +30,7 @@ Roles:
 - **gateway**: submits tasks, cancels them, reads and follows the ledger, reads the
   registry. It cannot approve.
 - **telemetry**: reads the ledger and pulls its own `telemetry` durable on the task
-  events (traces derived from the ledger); writes nothing.
+  events (traces derived from the ledger); writes only its `jm-stats` projection.
 
 JetStream is spoken over core NATS subjects, so every JetStream operation is a subject
 here: a publish to a stream is a request (the ack comes back on the caller's inbox), a
@@ -400,13 +400,17 @@ def memory_permissions(options: Options | None = None) -> Permissions:
 
 def telemetry_permissions(options: Options | None = None) -> Permissions:
     """The telemetry role: reads the ledger (direct get) and pulls its own durable over
-    the task events subject. It writes nothing to any stream but its dead letters."""
+    the task events subject. It writes no ledger subject: only its dead letters and
+    the per-task records of the `jm-stats` bucket."""
     opts = options or Options()
     pub, sub = _common(ROLE_TELEMETRY, opts)
     pub += stream_info(JM_STREAMS)
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY,
                          subjects.TELEMETRY_SUBJECT, opts)
     pub += direct_get(subjects.STREAM_LEDGER)
+    # Its projection of finished tasks (`jetmesh stats`): created when missing, written.
+    pub += stream_declare([kv_stream(subjects.BUCKET_STATS)])
+    pub += kv_read(subjects.BUCKET_STATS) + kv_write(subjects.BUCKET_STATS, "task.*")
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 

@@ -68,6 +68,8 @@ TELEMETRY_SUBJECT = ALL_TASK_EVENTS
 # KV buckets
 BUCKET_AGENTS = "jm-agents"
 BUCKET_BUDGETS = "jm-budgets"
+BUCKET_STATS = "jm-stats"
+"""One record per finished task (`task.<task_id>`), written by the telemetry role."""
 BUCKET_EXTERNAL = "jm-external-agents"
 """External A2A agents added by URL (their fetched cards), served by the bridge worker."""
 

@@ -74,9 +74,11 @@ from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.ledger import Ledger, LedgerEntry
+from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import pull_consumer_config
 from jetmesh.orchestrator.state import ORCHESTRATOR, fold
+from jetmesh.orchestrator.stats import STATS_TTL_S, put_summary, task_summary
 
 log = logging.getLogger("jetmesh.telemetry")
 
@@ -647,7 +649,8 @@ class TelemetryService:
                  resource: Resource | None = None,
                  bus_settings: BusSettings | None = None,
                  durable: str = subjects.CONSUMER_TELEMETRY, deliver_new: bool = False,
-                 concurrency: int = 64, capture: bool | None = None) -> None:
+                 concurrency: int = 64, capture: bool | None = None,
+                 stats: bool = True) -> None:
         self.nc, self.js = nc, js
         self.bus_settings = bus_settings or BusSettings()
         self.ledger = Ledger(nc, js, timeout_s=self.bus_settings.request_timeout_s)
@@ -656,11 +659,16 @@ class TelemetryService:
         self.concurrency = concurrency
         self.capture = capture_content() if capture is None else capture
         self.exporters = _Exporters(exporter_factory, min(concurrency, EXPORT_THREADS))
+        self.stats = stats
+        """Also keep the `jm-stats` projection (one record per finished task)."""
         self.traces_exported = 0
         self.spans_exported = 0
         self._runner: PullRunner | None = None
 
     async def start(self) -> None:
+        if self.stats:
+            await ensure_bucket(self.js, subjects.BUCKET_STATS,
+                                replicas=self.bus_settings.replicas, max_age_s=STATS_TTL_S)
         self._runner = PullRunner(
             self.js, subjects.STREAM_LEDGER,
             telemetry_consumer_config(self.durable, self.bus_settings,
@@ -707,6 +715,10 @@ class TelemetryService:
                 raise RuntimeError(f"ledger read of task {task_id} did not reach seq {seq}")
             if end.seq != seq:
                 return  # a later terminal event: the task's trace went with the first
+            if self.stats:  # the same record again on a redelivery: counted once
+                summary = task_summary(task_id, entries)
+                if summary is not None:
+                    await put_summary(self.js, summary)
             sent = await self.exporters.export(lambda: build_spans(
                 task_id, entries, resource=self.resource, capture=self.capture))
             if sent is None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from rich.tree import Tree
 
 console = Console()
@@ -26,6 +29,7 @@ DEFAULT_DATA = Path(".jetmesh")
 def register(app: typer.Typer) -> None:
     app.command("telemetry")(telemetry_cmd)
     app.command("trace")(trace_cmd)
+    app.command("stats")(stats_cmd)
 
 
 def telemetry_cmd(
@@ -145,3 +149,96 @@ def trace_cmd(
     code = run(main)
     if code:
         raise typer.Exit(code)
+
+
+def parse_since(value: str | None) -> timedelta | None:
+    """`90s`, `30m`, `24h`, `7d` (None: all time)."""
+    if not value:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return timedelta(seconds=float(value[:-1]) * units[value[-1]])
+    except (KeyError, ValueError):
+        raise typer.BadParameter(f"--since {value!r}: a number and s, m, h or d") from None
+
+
+def _num(v: Any, fmt: str = "{:.3g}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def stats_cmd(
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    since: Annotated[str | None, typer.Option(help="Window: tasks ended within it "
+                                                   "(e.g. 24h, 7d; default all).")] = None,
+    by: Annotated[str | None, typer.Option(help="Also per workflow, agent or model.")
+                  ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Outcomes, cost per completed task, tokens, tool calls, approvals, latency: from
+    the telemetry role's projection of finished tasks (KV jm-stats)."""
+    from jetmesh.orchestrator.cli import _open, resolve_url, run
+    from jetmesh.orchestrator.stats import BY, aggregate, read_summaries
+
+    if by is not None and by not in BY:
+        raise typer.BadParameter(f"--by must be one of {', '.join(BY)}")
+    window = parse_since(since)
+    target = resolve_url(url, data_dir)
+
+    async def main() -> dict[str, Any]:
+        nc, js, _ = await _open(target)
+        try:
+            records = await read_summaries(js)
+        finally:
+            await nc.close()
+        start = datetime.now(UTC) - window if window else None
+        return aggregate(records, since=start, by=by)
+
+    out = run(main)
+    if as_json:
+        console.print_json(json.dumps(out))
+        return
+    a = out["all"]
+    t = Table(title=f"tasks ended {'in the last ' + since if since else 'so far'}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("tasks", str(a["tasks"]))
+    for k, v in sorted(a["by_outcome"].items()):
+        t.add_row(f"  {k}", str(v))
+    t.add_row("completion rate", _num(a["completion_rate"], "{:.1%}"))
+    t.add_row("cost (USD)", _num(a["cost_usd"], "{:.6f}"))
+    t.add_row("cost per completed task", _num(a["cost_per_completed_task"], "{:.6f}"))
+    t.add_row("tokens per task", _num(a["tokens_per_task"], "{:.1f}"))
+    t.add_row("tool calls per task", _num(a["tool_calls_per_task"], "{:.2f}"))
+    t.add_row("escalation (approval) rate", _num(a["escalation_rate"], "{:.1%}"))
+    ap = a["approvals"]
+    t.add_row("approvals requested/granted/denied",
+              f"{ap['requested']}/{ap['granted']}/{ap['denied']}")
+    t.add_row("budget refusals", str(a["budget_refusals"]))
+    t.add_row("retries", str(a["retries"]))
+    for k, v in sorted(a["failure_reasons"].items()):
+        t.add_row(f"  failed: {k}", str(v))
+    lat = a["latency_s"]
+    t.add_row("latency p50/p95/p99 (s)",
+              "/".join(_num(lat[q], "{:.2f}") for q in ("p50", "p95", "p99")))
+    console.print(t)
+    for key, groups in out.items():
+        if key == "all":
+            continue
+        g = Table(title=key.replace("_", " "))
+        g.add_column(key.removeprefix("by_"))
+        if key == "by_workflow":
+            for col in ("tasks", "completed", "cost/completed", "p95 s"):
+                g.add_column(col, justify="right")
+            for name, f in groups.items():
+                g.add_row(escape(name), str(f["tasks"]),
+                          str(f["by_outcome"].get("completed", 0)),
+                          _num(f["cost_per_completed_task"], "{:.6f}"),
+                          _num(f["latency_s"]["p95"], "{:.2f}"))
+        else:
+            for col in ("tasks", "completed", "cost", "model calls", "tool calls", "tokens"):
+                g.add_column(col, justify="right")
+            for name, f in groups.items():
+                g.add_row(escape(name), str(f["tasks"]), str(f["completed"]),
+                          f"{f['cost_usd']:.6f}", str(f["model_calls"]),
+                          str(f["tool_calls"]), str(f["tokens"]))
+        console.print(g)

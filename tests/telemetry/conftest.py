@@ -7,13 +7,18 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mesh_fixtures import make_mesh  # noqa: F401
+
+from jetmesh.bus import subjects
+from jetmesh.bus.connection import connect, jetstream
+from jetmesh.orchestrator.telemetry import TelemetryService
 
 RECEIVER = Path(__file__).parent / "otlp_receiver.py"
 
@@ -63,3 +68,19 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
     proc.kill()
     proc.wait()
     proc.stdout.close()
+
+
+@pytest.fixture
+async def telemetry(bus, receiver, monkeypatch) -> AsyncIterator[Any]:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "jetmesh-test")
+    nc = await connect(bus.url)
+    svc = TelemetryService(nc, jetstream(nc), durable=f"telemetry-t-{uuid.uuid4().hex[:8]}",
+                           deliver_new=True)
+    await svc.start()
+    yield svc
+    await svc.stop()
+    await svc.js.delete_consumer(subjects.STREAM_LEDGER, svc.durable)
+    await nc.close()
+
+

@@ -5,37 +5,21 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from jetmesh.bus import subjects
-from jetmesh.bus.connection import connect, jetstream
 from jetmesh.orchestrator.state import TaskStatus
 from jetmesh.orchestrator.telemetry import (
     GENAI_SEMCONV_VERSION,
-    TelemetryService,
     task_trace_id,
 )
 
 ORDERS = ["A1001", "A1002", "A1003"]
 CLIENT, INTERNAL = 3, 1  # OTLP span kinds
 OK, ERROR = 1, 2
-
-
-@pytest.fixture
-async def telemetry(bus, receiver, monkeypatch) -> AsyncIterator[TelemetryService]:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
-    monkeypatch.setenv("OTEL_SERVICE_NAME", "jetmesh-test")
-    nc = await connect(bus.url)
-    svc = TelemetryService(nc, jetstream(nc), durable=f"telemetry-t-{uuid.uuid4().hex[:8]}",
-                           deliver_new=True)
-    await svc.start()
-    yield svc
-    await svc.stop()
-    await svc.js.delete_consumer(subjects.STREAM_LEDGER, svc.durable)
-    await nc.close()
 
 
 def by_id(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

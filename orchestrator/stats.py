@@ -1,0 +1,194 @@
+"""Cost per outcome across tasks: a projection of finished tasks kept in NATS KV.
+
+The telemetry role writes one record per finished task (`task_summary`, pure, derived
+from the task's ledger entries) to the `jm-stats` bucket under `task.<task_id>`, before
+it exports the task's trace. The key is the task, so a redelivered end (a restart) puts
+the same value again: every task counts once. `jetmesh stats` reads the records (not
+the ledger) and aggregates them (`aggregate`, pure) over a time window, by workflow,
+agent or model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
+from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.orchestrator.state import fold
+
+STATS_TTL_S = 30 * 86400.0
+"""How long a task's record is kept in the projection."""
+BY = ("workflow", "agent", "model")
+
+
+def _key(task_id: str) -> str:
+    return f"task.{subjects.check_id(task_id, 'task id')}"
+
+
+def task_summary(task_id: str, entries: Sequence[LedgerEntry]) -> dict[str, Any] | None:
+    """One finished task's figures, from its ledger entries only (None: not finished)."""
+    state = fold(task_id, entries)
+    if not state.terminal:
+        return None
+    end = next(e for e in entries if isinstance(e.event, ev.TERMINAL_TASK_EVENTS))
+    start = state.created_at or entries[0].event.time
+    agents: dict[str, dict[str, float]] = {}
+    models: dict[str, dict[str, float]] = {}
+    approvals = {"requested": 0, "granted": 0, "denied": 0}
+    budget_refusals = retries = 0
+    wait_s = 0.0
+    asked: dict[str, datetime] = {}
+    for entry in entries:
+        e = entry.event
+        match e:
+            case ev.ModelCalled():
+                d = e.data
+                for table, name in ((agents, d.agent), (models, f"{d.provider}/{d.model}")):
+                    row = table.setdefault(name, {"cost_usd": 0.0, "model_calls": 0,
+                                                  "tool_calls": 0, "tokens": 0})
+                    row["cost_usd"] += d.cost_usd
+                    row["model_calls"] += 1
+                    row["tokens"] += d.input_tokens + d.output_tokens
+            case ev.ToolCalled():
+                row = agents.setdefault(e.data.agent, {"cost_usd": 0.0, "model_calls": 0,
+                                                       "tool_calls": 0, "tokens": 0})
+                row["tool_calls"] += 1
+            case ev.ApprovalRequested():
+                approvals["requested"] += 1
+                asked[f"{e.data.step_id}/{e.data.tool}/{e.data.args_hash}"] = e.time
+            case ev.ApprovalGranted() | ev.ApprovalDenied():
+                approvals["granted" if isinstance(e, ev.ApprovalGranted) else "denied"] += 1
+                at = asked.pop(f"{e.data.step_id}/{e.data.tool}/{e.data.args_hash}", None)
+                if at is not None:
+                    wait_s += (e.time - at).total_seconds()
+            case ev.BudgetExceeded():
+                budget_refusals += 1
+            case ev.StepDispatched() if e.data.attempt > 1:
+                retries += 1
+            case _:
+                pass
+    submitted = state.submitted
+    return {
+        "task_id": task_id,
+        "workflow": (submitted.workflow if submitted else None) or "(planned)",
+        "user_id": submitted.user_id if submitted else None,
+        "status": state.status.value,
+        "code": state.code,
+        "started_at": start.isoformat(),
+        "ended_at": end.event.time.isoformat(),
+        "duration_s": (end.event.time - start).total_seconds(),
+        "cost_usd": state.cost_usd,
+        "input_tokens": state.input_tokens,
+        "output_tokens": state.output_tokens,
+        "model_calls": state.model_calls,
+        "tool_calls": state.tool_calls,
+        "approvals": approvals,
+        "approval_wait_s": wait_s,
+        "budget_refusals": budget_refusals,
+        "retries": retries,
+        "agents": agents,
+        "models": models,
+    }
+
+
+async def put_summary(js: JetStreamContext, summary: dict[str, Any]) -> None:
+    """Store one task's record (the same value again for the same task: idempotent)."""
+    kv = await js.key_value(subjects.BUCKET_STATS)
+    await kv.put(_key(summary["task_id"]), json.dumps(summary, sort_keys=True).encode())
+
+
+async def read_summaries(js: JetStreamContext) -> list[dict[str, Any]]:
+    """Every task record in the projection."""
+    try:
+        kv = await js.key_value(subjects.BUCKET_STATS)
+    except (BucketNotFoundError, NotFoundError):
+        return []
+    out: list[dict[str, Any]] = []
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:  # the initial values are all delivered
+                break
+            if entry.value:
+                out.append(json.loads(entry.value))
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_status: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+        if r["status"] != "completed" and r.get("code"):
+            reasons[r["code"]] = reasons.get(r["code"], 0) + 1
+    n = len(rows)
+    done = [r for r in rows if r["status"] == "completed"]
+    asked = sum(1 for r in rows if r["approvals"]["requested"])
+    lat = sorted(r["duration_s"] for r in rows)
+    cost = sum(r["cost_usd"] for r in rows)
+    return {
+        "tasks": n,
+        "by_outcome": by_status,
+        "completion_rate": len(done) / n if n else None,
+        "cost_usd": cost,
+        "cost_per_completed_task": cost / len(done) if done else None,
+        "tokens_per_task": sum(r["input_tokens"] + r["output_tokens"] for r in rows) / n
+        if n else None,
+        "tool_calls_per_task": sum(r["tool_calls"] for r in rows) / n if n else None,
+        "escalation_rate": asked / n if n else None,
+        "approvals": {k: sum(r["approvals"][k] for r in rows)
+                      for k in ("requested", "granted", "denied")},
+        "approval_wait_s": sum(r["approval_wait_s"] for r in rows),
+        "budget_refusals": sum(r["budget_refusals"] for r in rows),
+        "retries": sum(r["retries"] for r in rows),
+        "failure_reasons": reasons,
+        "latency_s": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
+    }
+
+
+def aggregate(records: Iterable[dict[str, Any]], *, since: datetime | None = None,
+              by: str | None = None) -> dict[str, Any]:
+    """The figures over the records that ended at or after `since`; with `by`
+    (workflow, agent, model) also per group (a task counts in every agent's or model's
+    group it used; cost and calls there are that agent's or model's own)."""
+    rows = [r for r in records
+            if since is None or datetime.fromisoformat(r["ended_at"]) >= since]
+    out: dict[str, Any] = {"all": _figures(rows)}
+    if by == "workflow":
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault(r["workflow"], []).append(r)
+        out["by_workflow"] = {k: _figures(v) for k, v in sorted(groups.items())}
+    elif by in ("agent", "model"):
+        table = "agents" if by == "agent" else "models"
+        per: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            for name, row in r[table].items():
+                g = per.setdefault(name, {"tasks": 0, "completed": 0, "cost_usd": 0.0,
+                                          "model_calls": 0, "tool_calls": 0, "tokens": 0})
+                g["tasks"] += 1
+                g["completed"] += r["status"] == "completed"
+                for k in ("cost_usd", "model_calls", "tool_calls", "tokens"):
+                    g[k] += row[k]
+        out[f"by_{by}"] = dict(sorted(per.items()))
+    elif by is not None:
+        raise ValueError(f"--by must be one of {', '.join(BY)}")
+    return out
