@@ -20,15 +20,20 @@ from jetmesh.agents.loop import StepOutcome, StepReplay
 from jetmesh.agents.models.errors import ModelError
 from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
 from jetmesh.agents.tools import idempotency_key
+from jetmesh.bus import subjects
 from jetmesh.bus.events import (
     ForkSpec,
     PlanStep,
+    StepDispatched,
+    StepDispatchedData,
     StepFailed,
     StepFailedData,
     StepReplaySource,
+    TaskPlanned,
+    TaskSubmitted,
     TaskSubmittedData,
 )
-from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.bus.ledger import Ledger, LedgerEntry
 
 __all__ = [
     "FORK_MODEL_MODULES_ENV",
@@ -37,6 +42,7 @@ __all__ = [
     "downstream",
     "fork_model",
     "recorded_outcome",
+    "recording_of",
     "rekey",
     "rerun_steps",
     "step_source",
@@ -134,6 +140,35 @@ def fork_model(target: str) -> Model:
             raise ValueError(f"model {target!r}: module {module!r} is not allowed "
                              f"({FORK_MODEL_MODULES_ENV})")
     return create_model(provider, name)
+
+
+MAX_REPLAY_CHAIN = 16
+"""Replays of replays followed back to the recording at most this deep."""
+
+
+async def recording_of(ledger: Ledger, task_id: str, step_id: str
+                       ) -> tuple[str, StepDispatchedData | None]:
+    """Where step `step_id` of replay source `task_id` was really run: the task itself,
+    or, if it is a replay (or a fork that did not re-run the step) itself, its source,
+    and so on. Returns that task and the step's last dispatch there (None: never)."""
+    source = task_id
+    for _ in range(MAX_REPLAY_CHAIN):
+        sub: TaskSubmittedData | None = None
+        plan: list[PlanStep] | None = None
+        dispatched: StepDispatchedData | None = None
+        for entry in await ledger.read(source, subject=subjects.task_events(source)):
+            e = entry.event
+            if isinstance(e, TaskSubmitted) and sub is None:
+                sub = e.data
+            elif isinstance(e, TaskPlanned) and plan is None:
+                plan = e.data.steps
+            elif isinstance(e, StepDispatched) and e.data.step_id == step_id:
+                dispatched = e.data
+        how = step_source(sub, plan, step_id) if sub is not None else None
+        if how is None or how.rerun:
+            return source, dispatched
+        source = how.of
+    return source, None
 
 
 class RecordingOnlyModel:

@@ -611,14 +611,12 @@ class Worker:
         does not run again, the original task's records of the same step."""
         if cmd.replay is None or cmd.replay.rerun:
             return replay_from(entries)
-        from jetmesh.agents.replay import rekey
+        from jetmesh.agents.replay import recording_of, rekey
 
-        dispatched = [e.event.data for e in await self.ledger.read(
-            cmd.replay.of, subject=subjects.task_events(cmd.replay.of))
-            if isinstance(e.event, ev.StepDispatched) and e.event.data.step_id == cmd.step_id]
-        if not dispatched or dispatched[-1].input != cmd.input:
+        source, dispatched = await recording_of(self.ledger, cmd.replay.of, cmd.step_id)
+        if dispatched is None or dispatched.input != cmd.input:
             return StepReplay()  # not the original's step: its first call diverges
-        original = await self.ledger.read_step(cmd.replay.of, cmd.step_id)
+        original = await self.ledger.read_step(source, cmd.step_id)
         return rekey(replay_from(original), cmd.task_id, cmd.step_id, original)
 
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,
@@ -684,6 +682,9 @@ class Worker:
             running.discard(step)
             if not running:
                 self._running.pop(cmd.task_id, None)
+            if model is not self.model and step.done():
+                with contextlib.suppress(Exception):
+                    await model.aclose()  # a fork's model, made for this step
 
     async def _keep_alive(self) -> None:
         """In-progress acks, every third of ack_wait, for every step message being worked

@@ -250,3 +250,36 @@ async def test_replay_of_a_failed_task_fails_the_same_way(make_mesh) -> None:
     assert cmp.b_status == "failed"
     assert cmp.identical, cmp.first_divergence
     assert cmp.b_state is not None and cmp.b_state.reason == state.reason
+
+
+def planner_script(request: ModelRequest) -> str:
+    """A scripted LLM planner: one support step per order, then a merge."""
+    if request.output_schema is not None:  # the planning call
+        ids = json.loads(request.messages[0].content)["input"]["order_ids"]
+        return json.dumps({"steps": [
+            {"id": f"o{i}", "skill": "order_status", "input": {"order_id": oid}}
+            for i, oid in enumerate(ids)], "merge": True})
+    return "merged: " + request.messages[0].content
+
+
+async def test_replays_of_a_planned_task_and_of_replays_and_forks_call_nothing(
+        make_mesh) -> None:
+    planner, workers = FunctionModel(planner_script, name="planner"), CountingSim()
+    mesh = await make_mesh(["support"], planner=planner, worker_model=workers)
+    tid = await mesh.client.submit("where are my orders?", input={"order_ids": ORDERS[:2]})
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED, state.reason
+    assert state.planner == "llm:sim/planner"
+    fork = await run_replay(mesh.client, tid, fork=ev.ForkSpec(from_step="o1"), timeout=30)
+    assert fork.b_status == "completed" and {s.step_id for s in fork.steps} == {"o0", "o1"}
+    paid = (len(planner.requests), workers.calls)
+
+    first = await run_replay(mesh.client, tid, timeout=30)
+    second = await run_replay(mesh.client, first.b, timeout=30)  # a replay of a replay
+    of_fork = await run_replay(mesh.client, fork.b, timeout=30)  # a replay of a fork
+
+    assert (len(planner.requests), workers.calls) == paid
+    for cmp in (first, second, of_fork):
+        assert cmp.identical, (cmp.a, cmp.b, cmp.first_divergence)
+        assert model_calls(await mesh.client.events(cmp.b)) == 0
+    assert second.b_state is not None and second.b_state.result == state.result
