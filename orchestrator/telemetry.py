@@ -630,6 +630,89 @@ class _Exporters:
                 x.shutdown()
 
 
+# ----------------------------------------------------------------------------- metrics
+
+
+def metrics_wanted(env: dict[str, str] | None = None) -> bool:
+    """OTLP metrics are sent when asked for: OTEL_METRICS_EXPORTER set (not `none`), or
+    an OTLP endpoint for metrics (OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT) set."""
+    e = env if env is not None else os.environ
+    kind = e.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    if kind:
+        return kind != "none"
+    return bool(e.get("OTEL_EXPORTER_OTLP_ENDPOINT") or
+                e.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+
+
+class TaskMetrics:
+    """OTel metrics of finished tasks: `gen_ai.client.token.usage` and
+    `gen_ai.client.operation.duration` per model call, `jetmesh.tasks` (by outcome and
+    workflow), `jetmesh.task.cost` and `jetmesh.task.duration`. Recorded when a task's
+    trace was exported: a task in flight at a kill is counted again (the `jm-stats`
+    projection, keyed by task, is the exact count)."""
+
+    def __init__(self, resource: Resource) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import (
+            ConsoleMetricExporter,
+            MetricExporter,
+            PeriodicExportingMetricReader,
+        )
+
+        exporter: MetricExporter
+        if os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "console":
+            exporter = ConsoleMetricExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            exporter = OTLPMetricExporter()
+        self.provider = MeterProvider(resource=resource,
+                                      metric_readers=[PeriodicExportingMetricReader(exporter)])
+        meter = self.provider.get_meter("jetmesh.telemetry", "0.1.0", schema_url=SCHEMA_URL)
+        self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                             description="Tokens used per model call")
+        self.duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
+                                               description="Model call duration")
+        self.tasks = meter.create_counter("jetmesh.tasks", unit="{task}",
+                                          description="Finished tasks by outcome")
+        self.cost = meter.create_histogram("jetmesh.task.cost", unit="USD",
+                                           description="Model cost per finished task")
+        self.task_duration = meter.create_histogram(
+            "jetmesh.task.duration", unit="s", description="Submission to end per task")
+
+    def record(self, entries: Sequence[LedgerEntry]) -> None:
+        first = next((e.event for e in entries if isinstance(e.event, ev.TaskSubmitted)), None)
+        end = first_terminal(entries)
+        if end is None:
+            return
+        workflow = (first.data.workflow if isinstance(first, ev.TaskSubmitted) else None) \
+            or "(planned)"
+        cost = 0.0
+        for entry in entries:
+            e = entry.event
+            if isinstance(e, ev.ModelCalled):
+                d = e.data
+                attrs = {"gen_ai.operation.name": "chat",
+                         "gen_ai.provider.name": _PROVIDERS.get(d.provider, d.provider),
+                         "gen_ai.request.model": d.model, "gen_ai.agent.name": d.agent}
+                self.tokens.record(d.input_tokens, {**attrs, "gen_ai.token.type": "input"})
+                self.tokens.record(d.output_tokens, {**attrs, "gen_ai.token.type": "output"})
+                self.duration.record(d.latency_ms / 1000, attrs)
+                cost += d.cost_usd
+        status = end.event.type.split(".")[2]
+        attrs = {"jetmesh.task.status": status, "jetmesh.workflow": workflow}
+        self.tasks.add(1, attrs)
+        self.cost.record(cost, attrs)
+        if first is not None:
+            self.task_duration.record((end.event.time - first.time).total_seconds(), attrs)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.provider.shutdown()
+
+
 # ----------------------------------------------------------------------------- the role
 
 
@@ -650,7 +733,7 @@ class TelemetryService:
                  bus_settings: BusSettings | None = None,
                  durable: str = subjects.CONSUMER_TELEMETRY, deliver_new: bool = False,
                  concurrency: int = 64, capture: bool | None = None,
-                 stats: bool = True) -> None:
+                 stats: bool = True, metrics: bool | None = None) -> None:
         self.nc, self.js = nc, js
         self.bus_settings = bus_settings or BusSettings()
         self.ledger = Ledger(nc, js, timeout_s=self.bus_settings.request_timeout_s)
@@ -660,6 +743,8 @@ class TelemetryService:
         self.capture = capture_content() if capture is None else capture
         self.exporters = _Exporters(exporter_factory, min(concurrency, EXPORT_THREADS))
         self.stats = stats
+        self.metrics = TaskMetrics(self.resource) if (
+            metrics_wanted() if metrics is None else metrics) else None
         """Also keep the `jm-stats` projection (one record per finished task)."""
         self.traces_exported = 0
         self.spans_exported = 0
@@ -686,6 +771,8 @@ class TelemetryService:
             await self._runner.stop(grace_s)
             self._runner = None
         await asyncio.get_running_loop().run_in_executor(None, self.exporters.shutdown)
+        if self.metrics is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics.shutdown)
 
     async def _keep_alive(self, msg: Msg) -> None:
         every = max(0.2, self.bus_settings.ack_wait_s / 3)
@@ -728,6 +815,8 @@ class TelemetryService:
             await msg.ack_sync(timeout=self.bus_settings.request_timeout_s)
             self.traces_exported += 1
             self.spans_exported += sent
+            if self.metrics is not None:
+                self.metrics.record(entries)
         finally:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,6 +1,7 @@
 """A real OTLP/HTTP trace receiver, run as its own process by the tests.
 
-It serves `POST /v1/traces` (binary protobuf, optionally gzip), decodes each request with
+It serves `POST /v1/traces` and `POST /v1/metrics` (metric data points go to
+`<out>.metrics`) (binary protobuf, optionally gzip), decodes each request with
 the OTLP protocol's own classes (`opentelemetry-proto`), appends one JSON line per span
 received to `--out` (duplicates included: it never dedupes) and answers with an
 `ExportTraceServiceResponse`. It prints `PORT <n>` once listening.
@@ -19,6 +20,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -57,6 +62,26 @@ def spans_of(req: ExportTraceServiceRequest) -> list[dict[str, Any]]:
     return out
 
 
+def points_of(req: ExportMetricsServiceRequest) -> list[dict[str, Any]]:
+    """One line per data point: metric name, kind, attributes, sum / count / value."""
+    out = []
+    for rm in req.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                for p in getattr(m, kind).data_points:
+                    row: dict[str, Any] = {
+                        "metric": m.name, "kind": kind, "unit": m.unit,
+                        "attributes": {kv.key: value_of(kv.value) for kv in p.attributes},
+                        "time": int(p.time_unix_nano)}
+                    if kind == "histogram":
+                        row.update(sum=p.sum, count=int(p.count))
+                    else:
+                        row["value"] = p.as_double if p.HasField("as_double") else p.as_int
+                    out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
@@ -70,12 +95,20 @@ def main() -> None:
             pass
 
         def do_POST(self) -> None:
-            if self.path != "/v1/traces":
+            if self.path not in ("/v1/traces", "/v1/metrics"):
                 self.send_error(404)
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             if self.headers.get("Content-Encoding") == "gzip":
                 body = gzip.decompress(body)
+            if self.path == "/v1/metrics":
+                mreq = ExportMetricsServiceRequest()
+                mreq.ParseFromString(body)
+                rows = "".join(json.dumps(p) + "\n" for p in points_of(mreq))
+                with lock, open(args.out + ".metrics", "a", encoding="utf-8") as f:
+                    f.write(rows)
+                self.reply(ExportMetricsServiceResponse().SerializeToString())
+                return
             req = ExportTraceServiceRequest()
             try:
                 req.ParseFromString(body)
@@ -87,7 +120,9 @@ def main() -> None:
             with lock:  # written before the answer: what was acked is on disk
                 out.write(lines)
                 out.flush()
-            data = ExportTraceServiceResponse().SerializeToString()
+            self.reply(ExportTraceServiceResponse().SerializeToString())
+
+        def reply(self, data: bytes) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", str(len(data)))

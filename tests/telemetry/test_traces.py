@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections import Counter
@@ -11,9 +12,11 @@ from typing import Any
 import pytest
 
 from jetmesh.bus import subjects
+from jetmesh.bus.connection import connect, jetstream
 from jetmesh.orchestrator.state import TaskStatus
 from jetmesh.orchestrator.telemetry import (
     GENAI_SEMCONV_VERSION,
+    TelemetryService,
     task_trace_id,
 )
 
@@ -218,3 +221,61 @@ def test_a_worker_killed_mid_step_gives_both_runs_and_one_side_effect() -> None:
     # Deterministic: the same entries give the same ids.
     again = build_spans(tid, entries)
     assert [s.context.span_id for s in again] == [s.context.span_id for s in spans]
+
+
+async def test_otlp_metrics_of_a_finished_task(make_mesh, bus, receiver, monkeypatch) -> None:
+    """gen_ai.client.token.usage and jetmesh.tasks reach the receiver, equal to the
+    ledger's figures."""
+    from pathlib import Path
+
+    from jetmesh.bus import events as ev
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "300")
+    nc = await connect(bus.url)
+    svc = TelemetryService(nc, jetstream(nc), durable=f"telemetry-m-{uuid.uuid4().hex[:8]}",
+                           deliver_new=True, stats=False)
+    assert svc.metrics is not None
+    await svc.start()
+    try:
+        mesh = await make_mesh(["support"])
+        tid = await mesh.client.submit("orders", workflow="fanout",
+                                       input={"order_ids": ORDERS})
+        await mesh.client.result(tid, timeout=30)
+        entries = await mesh.client.events(tid)
+        tokens_in = sum(e.event.data.input_tokens for e in entries
+                        if isinstance(e.event, ev.ModelCalled))
+        calls = sum(isinstance(e.event, ev.ModelCalled) for e in entries)
+        path = Path(str(receiver.out) + ".metrics")
+
+        def latest() -> dict[tuple[str, str], dict]:
+            if not path.exists():
+                return {}
+            out: dict[tuple[str, str], dict] = {}
+            for line in path.read_text().split("\n")[:-1]:
+                p = json.loads(line)
+                out[(p["metric"], json.dumps(p["attributes"], sort_keys=True))] = p
+            return out
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            pts = latest()
+            usage_in = [p for (m, _), p in pts.items() if m == "gen_ai.client.token.usage"
+                        and p["attributes"]["gen_ai.token.type"] == "input"]
+            tasks = [p for (m, _), p in pts.items() if m == "jetmesh.tasks"]
+            if usage_in and tasks and sum(p["sum"] for p in usage_in) >= tokens_in:
+                break
+            assert asyncio.get_running_loop().time() < deadline, pts.keys()
+            await asyncio.sleep(0.1)
+        assert sum(p["sum"] for p in usage_in) == tokens_in
+        assert sum(p["count"] for p in usage_in) == calls
+        assert all(p["unit"] == "{token}" and p["kind"] == "histogram" for p in usage_in)
+        assert tasks[0]["attributes"] == {"jetmesh.task.status": "completed",
+                                          "jetmesh.workflow": "fanout"}
+        assert tasks[0]["value"] == 1
+        durations = [p for (m, _), p in pts.items() if m == "gen_ai.client.operation.duration"]
+        assert sum(p["count"] for p in durations) == calls
+    finally:
+        await svc.stop()
+        await svc.js.delete_consumer(subjects.STREAM_LEDGER, svc.durable)
+        await nc.close()
