@@ -266,6 +266,9 @@ class _Builder:
         })
         if workflow:
             root.attributes["gen_ai.agent.name"] = workflow
+        replay_of = getattr(sub, "replay_of", None) if sub is not None else None
+        if replay_of:  # a replay or fork: its served calls are the original's records
+            root.attributes["jetmesh.replay_of"] = replay_of
         if self.capture and sub is not None and sub.goal:
             root.attributes["jetmesh.task.goal"] = sub.goal
         plan: _Span | None = None
@@ -453,6 +456,8 @@ class _Builder:
         if self.capture:
             span.attributes["gen_ai.tool.call.arguments"] = _json(d.arguments)
             span.attributes["gen_ai.tool.call.result"] = _json(d.output)
+        if getattr(d, "dry_run", False):  # a fork's effect that was not run
+            span.attributes["jetmesh.tool.dry_run"] = True
         if d.error:
             span.error = d.error[:500]
             span.attributes["error.type"] = "tool_error"

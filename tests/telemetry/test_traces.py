@@ -279,3 +279,51 @@ async def test_otlp_metrics_of_a_finished_task(make_mesh, bus, receiver, monkeyp
         await svc.stop()
         await svc.js.delete_consumer(subjects.STREAM_LEDGER, svc.durable)
         await nc.close()
+
+
+def test_ids_and_content_capture() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from jetmesh.bus import events as ev
+    from jetmesh.bus.ledger import LedgerEntry, subject_for
+    from jetmesh.orchestrator.telemetry import build_spans, capture_content, parse_traceparent
+
+    assert parse_traceparent("00-" + "a" * 32 + "-" + "b" * 16 + "-01") == (
+        int("a" * 32, 16), int("b" * 16, 16), 1)
+    for bad in (None, "", "00-" + "0" * 32 + "-" + "b" * 16 + "-01", "garbage",
+                "ff-" + "a" * 32 + "-" + "b" * 16 + "-01"):
+        assert parse_traceparent(bad) is None
+    assert capture_content({"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"})
+    assert not capture_content({})
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    tid = "capture"
+    events: list[ev.Event] = [
+        ev.TaskSubmitted(subject=tid, time=t0, data=ev.TaskSubmittedData(goal="secret goal")),
+        ev.TaskPlanned(subject=tid, time=t0, data=ev.TaskPlannedData(
+            planner="llm:x/y", steps=[ev.PlanStep(id="s1", skill="k")])),
+        ev.StepDispatched(subject=tid, time=t0, data=ev.StepDispatchedData(
+            step_id="s1", skill="k", input={})),
+        ev.StepStarted(subject=tid, time=t0, data=ev.StepStartedData(
+            step_id="s1", agent="a", worker="w", claim=False)),
+        ev.ToolCalled(subject=tid, time=t0 + timedelta(seconds=1), data=ev.ToolCalledData(
+            step_id="s1", agent="a", worker="w", tool="t", call_id="c",
+            arguments={"card": "4111"}, output={"ok": 1}, idempotency_key="k")),
+        ev.StepFailed(subject=tid, time=t0 + timedelta(seconds=2), data=ev.StepFailedData(
+            step_id="s1", agent="a", worker="w", code="tool_limit", reason="too many")),
+        ev.TaskFailed(subject=tid, time=t0 + timedelta(seconds=3), data=ev.TaskFailedData(
+            code="step_failed", reason="s1 failed")),
+    ]
+    entries = [LedgerEntry(i + 1, subject_for(e), e) for i, e in enumerate(events)]
+    off = {s.name: s for s in build_spans(tid, entries, capture=False)}
+    on = {s.name: s for s in build_spans(tid, entries, capture=True)}
+    assert "gen_ai.tool.call.arguments" not in off["execute_tool t"].attributes
+    assert "jetmesh.task.goal" not in off["invoke_workflow"].attributes
+    assert "4111" in on["execute_tool t"].attributes["gen_ai.tool.call.arguments"]
+    root, agent = off["invoke_workflow"], off["invoke_agent a"]
+    assert root.status.status_code.name == "ERROR"
+    assert root.attributes["error.type"] == "step_failed"
+    assert agent.status.status_code.name == "ERROR"
+    assert agent.attributes["error.type"] == "tool_limit"
+    assert [s.context.span_id for s in build_spans(tid, entries)] == \
+        [s.context.span_id for s in build_spans(tid, entries)]
+    assert build_spans(tid, entries[:-1]) == []  # not finished: nothing to export
