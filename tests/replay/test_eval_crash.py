@@ -51,7 +51,9 @@ async def test_an_eval_run_finishes_through_kills_and_pays_no_case_twice(
             run = asyncio.create_task(run_suite(c, suite, run_id="crash", timeout=90))
             calls = kills = 0
             async for entry in c.ledger.follow(filter_subject="jm.task.*.step.*.log"):
-                calls += isinstance(entry.event, ev.ModelCalled)
+                if not isinstance(entry.event, ev.ModelCalled):
+                    continue
+                calls += 1
                 if calls == 4:
                     kills += 1
                     kill9(procs["w1"])
