@@ -20,9 +20,11 @@ crash) submits nothing new for runs already submitted, so no case is paid twice.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import statistics
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jetmesh.agents.spec import schema_errors
 from jetmesh.bus import events as ev
+from jetmesh.bus import subjects
 from jetmesh.bus.ledger import LedgerEntry
 from jetmesh.bus.subjects import check_id
 from jetmesh.orchestrator.client import Client
@@ -45,6 +48,7 @@ __all__ = [
     "load_suite",
     "run_suite",
     "score_run",
+    "suite_from_ledger",
 ]
 
 
@@ -416,6 +420,78 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(f"| {c['id']} | {c['tier']} | {c['score']:.2f} | ${cost:.5f} | {tokens} "
                      f"| {'; '.join(failed)} |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- from the ledger
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """`24h`, `30m`, `7d`, `90s` ago, or an ISO time (ValueError otherwise)."""
+    now = now or datetime.now(UTC)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return now - timedelta(seconds=float(m.group(1)) * unit)
+    t = datetime.fromisoformat(value)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _sampled(task_id: str, fraction: float) -> bool:
+    """A stable sample: the same tasks for the same fraction, run after run."""
+    digest = hashlib.sha256(task_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def case_from_task(state: TaskState, entries: list[LedgerEntry]) -> Case:
+    """A case that expects what the recorded task did: its status, the tools that ran
+    (exactly, in order) and its result."""
+    sub = state.submitted
+    assert sub is not None
+    ran = [t for _, _, t in _tools_ran(entries, state)]
+    checks = Checks(status=state.status.value,
+                    tools=ToolChecks(must_call=ran, order="exact"),
+                    result=[ResultCheck(path="", equals=state.result)]
+                    if state.result is not None else [])
+    return Case(id=f"t-{state.task_id}"[:120], description=f"recorded task {state.task_id}",
+                goal=sub.goal, workflow=sub.workflow, input=sub.input, user=sub.user_id,
+                budget=sub.budget, checks=checks)
+
+
+async def suite_from_ledger(client: Client, *, since: datetime, sample: float = 1.0,
+                            workflow: str | None = None, name: str = "recorded",
+                            limit: int = 1000) -> Suite:
+    """Finished tasks submitted since `since` (not replays, forks or eval runs), a stable
+    `sample` of them, as a suite whose references are their recorded outcomes."""
+    raw = await client.ledger.read_raw(subjects.ALL_TASK_EVENTS)
+    chosen: list[str] = []
+    for _, subject, data in raw:
+        try:
+            event = ev.decode_event(data)
+        except ValueError:
+            continue
+        if not isinstance(event, ev.TaskSubmitted) or event.time < since:
+            continue
+        d = event.data
+        if d.replay_of is not None or "eval_case" in d.metadata:
+            continue
+        if workflow is not None and d.workflow != workflow:
+            continue
+        tid = subjects.task_id_of(subject)
+        if tid is not None and _sampled(tid, sample):
+            chosen.append(tid)
+    cases: list[Case] = []
+    for tid in chosen[:limit]:
+        entries = await client.events(tid)
+        state = fold(tid, entries)
+        if state.terminal and state.status.value != "rejected":
+            cases.append(case_from_task(state, entries))
+    return Suite(name=name, description=f"{len(cases)} recorded tasks since "
+                                        f"{since.isoformat()}", runs=1, cases=cases)
+
+
+def suite_yaml(suite: Suite) -> str:
+    return yaml.safe_dump(suite.model_dump(mode="json", by_alias=True, exclude_defaults=True),
+                          sort_keys=False, allow_unicode=True)
 
 
 def compare_reports(base: dict[str, Any], new: dict[str, Any], threshold: float = 0.0

@@ -118,6 +118,45 @@ def register(app: typer.Typer) -> None:
             md_out.write_text(markdown(rep))
         raise typer.Exit(1 if rep["summary"]["fail"] else 0)
 
+    @evals.command("from-ledger")
+    def from_ledger_cmd(
+        since: Annotated[str, typer.Option(help="Tasks submitted since: 24h, 30m, 7d or "
+                                                "an ISO time.")] = "24h",
+        sample: Annotated[str, typer.Option(help="A stable sample: 10% or 0.1.")] = "100%",
+        workflow: Annotated[str | None, typer.Option(help="Only this workflow.")] = None,
+        name: Annotated[str, typer.Option(help="The suite's name.")] = "recorded",
+        out: Annotated[Path | None, typer.Option(help="Write the suite here (default: "
+                                                      "stdout).")] = None,
+        url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+    ) -> None:
+        """Turn recorded tasks into a suite whose references are their outcomes (status,
+        the tools that ran, the result)."""
+        from jetmesh.orchestrator.cli import console, err, resolve_url, run
+        from jetmesh.orchestrator.client import Client
+        from jetmesh.orchestrator.evals import Suite, parse_since, suite_from_ledger, suite_yaml
+
+        try:
+            start = parse_since(since)
+            fraction = (float(sample.rstrip("%")) / 100 if sample.endswith("%")
+                        else float(sample))
+        except ValueError as e:
+            err.print(f"[red]{escape(str(e))}[/]")
+            raise typer.Exit(2) from None
+        target = resolve_url(url, data_dir)
+
+        async def main() -> Suite:
+            async with Client(target) as c:
+                return await suite_from_ledger(c, since=start, sample=fraction,
+                                               workflow=workflow, name=name)
+
+        suite = run(main)
+        text = suite_yaml(suite)
+        if out:
+            out.write_text(text)
+            console.print(f"{len(suite.cases)} cases: {out}")
+        else:
+            print(text, end="")
+
     @evals.command("compare")
     def compare_cmd(
         base: Annotated[Path, typer.Argument(help="The baseline report (JSON).")],

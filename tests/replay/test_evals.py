@@ -113,3 +113,32 @@ async def test_a_resumed_run_pays_for_nothing_again(make_mesh, tmp_path: Path) -
     again = await run_suite(mesh.client, suite, run_id="resume", runs=1)
     assert workers.calls == paid
     assert [c.model_dump() for c in again] == [c.model_dump() for c in first]
+
+
+async def test_a_suite_from_the_ledger_expects_what_the_tasks_did(make_mesh, tmp_path) -> None:
+    from datetime import UTC, datetime
+
+    from jetmesh.orchestrator.evals import suite_from_ledger, suite_yaml
+
+    mesh = await make_mesh(["support"])
+    since = datetime.now(UTC)
+    ids = [await mesh.client.submit("status", workflow="fanout",
+                                    input={"order_ids": ["A1001", f"A100{i}", "A1003"]})
+           for i in (2, 4)]
+    for t in ids:
+        await mesh.client.result(t, timeout=30)
+    await run_suite(mesh.client, load_suite_text(tmp_path, SUITE), run_id="not-recorded",
+                    runs=1)  # eval runs are not turned into cases
+
+    suite = await suite_from_ledger(mesh.client, since=since, workflow="fanout")
+    assert sorted(c.id for c in suite.cases) == sorted(f"t-{t}" for t in ids)
+    assert all(c.checks.tools.must_call == ["lookup_order"] * 3 for c in suite.cases)
+    (tmp_path / "rec.yaml").write_text(suite_yaml(suite))
+    again = load_suite(tmp_path / "rec.yaml")
+    results = await run_suite(mesh.client, again, run_id="rec", runs=1)
+    assert [(r.tier, r.score) for r in results] == [("pass", 1.0)] * 2
+
+
+def load_suite_text(tmp_path: Path, text: str):
+    (tmp_path / "suite.yaml").write_text(text)
+    return load_suite(tmp_path / "suite.yaml")
