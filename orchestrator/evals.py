@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from jetmesh.agents.models.types import Model
 from jetmesh.agents.spec import schema_errors
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -88,12 +89,23 @@ class Limits(_Model):
     max_latency_s: float | None = None
 
 
+class JudgeCheck(_Model):
+    """An LLM-as-judge rubric: the judge model scores the value at `path` from 0 to 1."""
+
+    rubric: str
+    path: str = ""
+    """Dotted path into the result (empty: the whole result)."""
+    model: str | None = None
+    """`provider:model` of the judge (default: the suite's `judge_model`, else the run's)."""
+
+
 class Checks(_Model):
     status: str | None = "completed"
     """The task's final status (None: any)."""
     tools: ToolChecks = Field(default_factory=ToolChecks)
     result: list[ResultCheck] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
+    judge: list[JudgeCheck] = Field(default_factory=list)
 
 
 class Case(_Model):
@@ -124,6 +136,8 @@ class Suite(_Model):
     runs: int = Field(default=3, ge=1)
     pass_above: float = 0.8
     fail_below: float = 0.5
+    judge_model: str | None = None
+    """`provider:model` of the judge for rubrics that name none."""
     cases: list[Case]
 
 
@@ -142,6 +156,8 @@ class Check(BaseModel):
     name: str
     ok: bool
     detail: str = ""
+    value: float | None = None
+    """A judge's score (0..1), counted instead of ok."""
 
 
 class RunResult(BaseModel):
@@ -253,6 +269,11 @@ def score_run(case: Case, entries: list[LedgerEntry], *,
     calls = _tools_ran(entries, state)
     cost, tokens, model_calls = state.cost_usd, state.input_tokens + state.output_tokens, \
         state.model_calls
+    for c in state.orchestrator_calls:  # the eval's own judge calls are not the case's
+        if c.purpose.startswith("judge:"):
+            cost -= c.cost_usd
+            tokens -= c.input_tokens + c.output_tokens
+            model_calls -= 1
     forked_from = state.submitted.replay_of if state.submitted else None
     fork = state.submitted.fork if state.submitted else None
     if base is not None and forked_from is not None and fork is not None:
@@ -288,10 +309,96 @@ def score_run(case: Case, entries: list[LedgerEntry], *,
     if lim.max_latency_s is not None:
         chk.append(Check(name=f"latency <= {lim.max_latency_s:g}s",
                          ok=latency <= lim.max_latency_s, detail=f"{latency:.2f}s"))
-    score = sum(c.ok for c in chk) / len(chk) if chk else 1.0
+    score = _score(chk)
     return RunResult(task_id=tid, status=state.status.value, score=score, checks=chk,
                      cost_usd=cost, tokens=tokens, model_calls=model_calls, tool_calls=ran,
                      latency_s=latency, forked_from=forked_from)
+
+
+def _score(checks: list[Check]) -> float:
+    if not checks:
+        return 1.0
+    return sum(c.value if c.value is not None else float(c.ok) for c in checks) / len(checks)
+
+
+JUDGE_SYSTEM = (
+    "You are an evaluation judge. Score how well the answer meets the rubric, from 0 (not "
+    "at all) to 1 (fully). Judge only the answer given; answer with JSON only."
+)
+JUDGE_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "required": ["score", "reason"],
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1},
+                   "reason": {"type": "string"}},
+}
+
+
+def _judge_model(target: str) -> Model:
+    """The judge (`provider:model`), made in this process: the operator names it."""
+    from jetmesh.agents.models.factory import create_model
+
+    provider, _, name = target.partition(":")
+    return create_model(provider, name or None)
+
+
+def judge_purpose(rubric: str, value: Any, model: str) -> str:
+    """The `purpose` a judge call is recorded under: what was judged, by whom."""
+    key = hashlib.sha256(json.dumps([rubric, value, model], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:24]
+    return f"judge:{key}"
+
+
+async def judge_checks(client: Client, case: Case, task_id: str,
+                       result: dict[str, Any] | None, judge: Model | None,
+                       default_model: str | None) -> list[Check]:
+    """Score the case's rubrics. Each judge call is recorded on the task (a ModelCalled,
+    purpose `judge:<key>`), and a recorded one is reused: re-scoring makes no call."""
+    from jetmesh.agents.models.pricing import cost_usd
+    from jetmesh.agents.models.types import Message, ModelRequest, ModelResponse
+    out: list[Check] = []
+    if not case.checks.judge:
+        return out
+    recorded = {c.purpose: c for c in fold(task_id, await client.events(task_id))
+                .orchestrator_calls if c.purpose.startswith("judge:")}
+    for jc in case.checks.judge:
+        name = f"judge {jc.rubric[:40]}"
+        found, value = _lookup(result, jc.path) if result is not None else (False, None)
+        if not found:
+            out.append(Check(name=name, ok=False, detail="no such path", value=0.0))
+            continue
+        target = jc.model or default_model
+        model = judge if jc.model is None and judge is not None else \
+            _judge_model(target) if target else None
+        if model is None:
+            out.append(Check(name=name, ok=False, detail="no judge model", value=0.0))
+            continue
+        label = target or f"{model.provider}:{model.name}"
+        purpose = judge_purpose(jc.rubric, value, label)
+        rec = recorded.get(purpose)
+        if rec is not None:
+            response = ModelResponse.model_validate(rec.response)
+        else:
+            request = ModelRequest(system=JUDGE_SYSTEM, messages=[Message(
+                role="user", content=json.dumps({"rubric": jc.rubric, "answer": value},
+                                                ensure_ascii=False, default=str))],
+                output_schema=JUDGE_SCHEMA, max_tokens=512)
+            response = await model.complete(request)
+            await client.ledger.append(ev.ModelCalled(
+                subject=task_id, source="jetmesh/eval", data=ev.ModelCalledData(
+                    agent="eval-judge", purpose=purpose, provider=response.provider,
+                    model=response.model, input_tokens=response.usage.input_tokens,
+                    output_tokens=response.usage.output_tokens,
+                    cost_usd=cost_usd(response.provider, response.model, response.usage),
+                    response=response.model_dump(mode="json"))))
+        try:
+            verdict = json.loads(response.text)
+            score = min(1.0, max(0.0, float(verdict["score"])))
+            reason = str(verdict.get("reason", ""))
+        except (ValueError, KeyError, TypeError) as e:
+            out.append(Check(name=name, ok=False, detail=f"judge answer unreadable: {e}",
+                             value=0.0))
+            continue
+        out.append(Check(name=name, ok=score >= 0.5, detail=reason[:200], value=score))
+    return out
 
 
 def tier(score: float, suite: Suite) -> Literal["pass", "soft", "fail"]:
@@ -329,7 +436,21 @@ def _fork_step(orig: TaskState, models: dict[str, str]) -> str | None:
 
 
 async def run_case(client: Client, suite: Suite, case: Case, run_id: str, n: int, *,
-                   models: dict[str, str] | None = None, timeout: float = 120.0) -> RunResult:
+                   models: dict[str, str] | None = None, timeout: float = 120.0,
+                   judge: Model | None = None) -> RunResult:
+    run = await _run_case(client, suite, case, run_id, n, models=models, timeout=timeout)
+    if not case.checks.judge:
+        return run
+    state = await client.state(run.task_id)
+    extra = await judge_checks(client, case, run.task_id, state.result, judge,
+                               suite.judge_model)
+    checks = run.checks + extra
+    return run.model_copy(update={"checks": checks, "score": _score(checks)})
+
+
+async def _run_case(client: Client, suite: Suite, case: Case, run_id: str, n: int, *,
+                    models: dict[str, str] | None = None, timeout: float = 120.0
+                    ) -> RunResult:
     sub = ev.TaskSubmission(
         task_id=task_id_for(run_id, case, n), goal=case.goal, input=case.input,
         workflow=case.target_workflow(), user_id=case.user, budget=case.budget,
@@ -345,8 +466,9 @@ async def run_case(client: Client, suite: Suite, case: Case, run_id: str, n: int
     step = _fork_step(orig, models)
     if step is None:  # no step of a replaced agent ran: the run is the run
         return score_run(case, entries)
-    fork = fork_submission(orig, step, models=models, task_id=task_id_for(
-        run_id, case, n, "-" + "-".join(sorted(models))[:40].replace(".", "_")))
+    variant = hashlib.sha256(json.dumps(models, sort_keys=True).encode()).hexdigest()[:10]
+    fork = fork_submission(orig, step, models=models,
+                           task_id=task_id_for(run_id, case, n, f"-m{variant}"))
     fid = await _submit_once(client, fork)
     await client.result(fid, timeout=timeout)
     return score_run(case, await client.events(fid), base=entries)
@@ -354,13 +476,14 @@ async def run_case(client: Client, suite: Suite, case: Case, run_id: str, n: int
 
 async def run_suite(client: Client, suite: Suite, *, run_id: str,
                     models: dict[str, str] | None = None, runs: int | None = None,
-                    concurrency: int = 8, timeout: float = 120.0) -> list[CaseResult]:
+                    concurrency: int = 8, timeout: float = 120.0,
+                    judge: Model | None = None) -> list[CaseResult]:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(case: Case, n: int) -> RunResult:
         async with sem:
             return await run_case(client, suite, case, run_id, n, models=models,
-                                  timeout=timeout)
+                                  timeout=timeout, judge=judge)
 
     plan = [(case, n) for case in suite.cases for n in range(runs or case.runs or suite.runs)]
     results = await asyncio.gather(*(one(c, n) for c, n in plan))

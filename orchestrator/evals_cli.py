@@ -82,6 +82,9 @@ def register(app: typer.Typer) -> None:
         md_out: Annotated[Path | None, typer.Option("--md", help="Write a Markdown "
                                                                  "report here.")] = None,
         timeout: Annotated[float, typer.Option(help="Seconds per task.")] = 120,
+        judge_model: Annotated[str | None, typer.Option(
+            help="provider:model of the judge for rubrics that name none (default: the "
+                 "suite's judge_model).")] = None,
         url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
     ) -> None:
         """Run a suite against the running mesh: a table per case, JSON (stdout unless
@@ -98,6 +101,8 @@ def register(app: typer.Typer) -> None:
             err.print(f"[red]{escape(str(e))}[/]")
             raise typer.Exit(2) from None
         rid = run_id or new_id()[:10]
+        if judge_model:
+            suite = suite.model_copy(update={"judge_model": judge_model})
         target = resolve_url(url, data_dir)
 
         async def main() -> dict[str, Any]:

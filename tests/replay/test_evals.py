@@ -142,3 +142,48 @@ async def test_a_suite_from_the_ledger_expects_what_the_tasks_did(make_mesh, tmp
 def load_suite_text(tmp_path: Path, text: str):
     (tmp_path / "suite.yaml").write_text(text)
     return load_suite(tmp_path / "suite.yaml")
+
+
+JUDGED = """
+name: judged
+runs: 1
+cases:
+  - id: judged-lookup
+    skill: order_status
+    input: {order_id: A1002, question: "has it shipped?"}
+    checks:
+      tools: {must_call: [lookup_order]}
+      judge:
+        - {rubric: "Mentions the order id.", path: output.answer}
+        - {rubric: "Is polite.", path: output.answer}
+"""
+
+
+async def test_a_judge_is_recorded_and_rescoring_makes_no_call(make_mesh, tmp_path) -> None:
+    from jetmesh.agents.models.sim import FunctionModel
+    from jetmesh.bus import events as ev
+
+    def verdict(request: ModelRequest) -> str:  # a scripted judge of known opinions
+        asked = json.loads(request.messages[0].content)
+        score = 1.0 if "order id" in asked["rubric"] and "A1002" in asked["answer"] else 0.25
+        return json.dumps({"score": score, "reason": "scripted"})
+
+    judge = FunctionModel(verdict, name="judge")
+    mesh = await make_mesh(["support"])
+    suite = load_suite_text(tmp_path, JUDGED)
+
+    first = await run_suite(mesh.client, suite, run_id="judged", judge=judge)
+    assert len(judge.requests) == 2
+    run = first[0].runs[0]
+    assert [(c.name.split()[1], c.value) for c in run.checks if c.value is not None] == \
+        [("Mentions", 1.0), ("Is", 0.25)]
+    # status, lookup_order, and the two verdicts: (1 + 1 + 1.0 + 0.25) / 4
+    assert run.score == 3.25 / 4 and first[0].tier == "pass"
+    calls = [e.event.data for e in await mesh.client.events(run.task_id)
+             if isinstance(e.event, ev.ModelCalled) and e.event.data.purpose.startswith("judge:")]
+    assert len(calls) == 2 and all(c.agent == "eval-judge" for c in calls)
+
+    again = await run_suite(mesh.client, suite, run_id="judged", judge=judge)  # re-score
+    assert len(judge.requests) == 2, "re-scoring called the judge"
+    assert again[0].runs[0].score == run.score
+    assert again[0].runs[0].cost_usd == run.cost_usd  # the judge is not the case's cost
