@@ -114,19 +114,22 @@ class Client:
         self, goal: str = "", *, input: dict[str, Any] | None = None,
         workflow: str | None = None, user_id: str | None = None,
         budget: ev.Budget | None = None, task_id: str | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None, traceparent: str | None = None,
     ) -> str:
         """Publish a task; returns its id. Resubmitting the same task_id with the same
         submission is a no-op; any other submission for an existing task_id is refused
         (the task is not touched): TaskExists when JetStream drops it as a duplicate of a
         different one with the same id (its duplicate window, 2 minutes by default), else
-        the orchestrator dead-letters it ("task exists")."""
+        the orchestrator dead-letters it ("task exists"). `traceparent` (W3C): the
+        task's trace (`jetmesh telemetry`) continues it, as a child of that span."""
         sub = ev.TaskSubmission(
             goal=goal, input=input or {}, workflow=workflow, user_id=user_id, budget=budget,
             metadata=metadata or {}, **({"task_id": task_id} if task_id else {}))
         ack = await self.js.publish(subjects.SUBMIT,
                                     sub.model_dump_json(exclude_none=True).encode(),
-                                    headers={"Nats-Msg-Id": sub.task_id})
+                                    headers={"Nats-Msg-Id": sub.task_id,
+                                             **({"traceparent": traceparent}
+                                                if traceparent else {})})
         if ack.duplicate:
             await self._same_as_stored(sub, int(ack.seq))
         return sub.task_id

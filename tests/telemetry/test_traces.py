@@ -133,10 +133,8 @@ async def test_a_submitters_traceparent_makes_the_task_its_child(make_mesh, tele
     mesh = await make_mesh(["support"])
     trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     tid = f"tp-{uuid.uuid4().hex[:10]}"
-    body = {"task_id": tid, "goal": "status", "workflow": "fanout",
-            "input": {"order_ids": ORDERS}}
-    await mesh.client.js.publish(subjects.SUBMIT, json.dumps(body).encode(), headers={
-        "Nats-Msg-Id": tid, "traceparent": f"00-{trace_id}-{parent}-01"})
+    await mesh.client.submit("status", workflow="fanout", input={"order_ids": ORDERS},
+                             task_id=tid, traceparent=f"00-{trace_id}-{parent}-01")
     state = await mesh.client.result(tid, timeout=30)
     assert state.status is TaskStatus.COMPLETED, state.reason
     await receiver.wait_for(has_root(trace_id), what="the task's root in the given trace")
