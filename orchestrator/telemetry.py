@@ -20,7 +20,8 @@ genai v0.1.0** (`GENAI_SEMCONV_VERSION`; status Development):
   usage incl. cache reads, finish reasons, gen_ai.conversation.id, cost in the proposed
   `gen_ai.usage.cost.*` shape, USD), the merge call under the root;
 - one `execute_tool {tool}` per ToolCalled (a side effect is recorded once in the
-  ledger, so it is shown executed once, whatever was redelivered);
+  ledger, so it is shown executed once, whatever was redelivered); the memory tools as
+  `search_memory recall` / `create_memory remember` (the memory operations proposal);
 - policy decisions, approvals, budget refusals, claims before an effect, retries,
   cancellation as span events.
 
@@ -99,6 +100,9 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai", "azure": "azure.ai.openai",
               "bedrock": "aws.bedrock", "gemini": "gcp.gemini", "mistral": "mistral_ai"}
 _TERMINAL = ev.TERMINAL_TASK_EVENTS
+_MEMORY_OPS = {"recall": "search_memory", "remember": "create_memory"}
+"""The memory service's tools (jetmesh.memory.tools) as the GenAI memory operations
+(proposed after v0.1.0: their spans keep the execute_tool attributes too)."""
 _TERMINAL_TYPES = frozenset(c.model_fields["type"].default for c in _TERMINAL)
 EXPORT_THREADS = 4
 """Exports in flight at once (one task's trace each): what a kill can leave unacked."""
@@ -441,10 +445,11 @@ class _Builder:
         run = self._run_for(d.step_id, d.worker) or self._orphan_run(
             root, d.step_id, d.agent, e.time, e.id)
         start = e.time - timedelta(milliseconds=max(0.0, d.latency_ms))
-        span = run.span.add(_Span(f"tool/{e.id}", f"execute_tool {d.tool}", run.span,
-                                  start, e.time))
+        op = _MEMORY_OPS.get(d.tool)
+        span = run.span.add(_Span(f"tool/{e.id}", f"{op} {d.tool}" if op else
+                                  f"execute_tool {d.tool}", run.span, start, e.time))
         span.attributes.update({
-            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.operation.name": op or "execute_tool",
             "gen_ai.tool.name": d.tool,
             "gen_ai.tool.call.id": d.call_id,
             "gen_ai.tool.type": "function",

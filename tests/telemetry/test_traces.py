@@ -306,6 +306,9 @@ def test_ids_and_content_capture() -> None:
         ev.ToolCalled(subject=tid, time=t0 + timedelta(seconds=1), data=ev.ToolCalledData(
             step_id="s1", agent="a", worker="w", tool="t", call_id="c",
             arguments={"card": "4111"}, output={"ok": 1}, idempotency_key="k")),
+        ev.ToolCalled(subject=tid, time=t0 + timedelta(seconds=1), data=ev.ToolCalledData(
+            step_id="s1", agent="a", worker="w", tool="recall", call_id="m",
+            arguments={"query": "q"}, output=[], idempotency_key="m")),
         ev.StepFailed(subject=tid, time=t0 + timedelta(seconds=2), data=ev.StepFailedData(
             step_id="s1", agent="a", worker="w", code="tool_limit", reason="too many")),
         ev.TaskFailed(subject=tid, time=t0 + timedelta(seconds=3), data=ev.TaskFailedData(
@@ -317,6 +320,7 @@ def test_ids_and_content_capture() -> None:
     assert "gen_ai.tool.call.arguments" not in off["execute_tool t"].attributes
     assert "jetmesh.task.goal" not in off["invoke_workflow"].attributes
     assert "4111" in on["execute_tool t"].attributes["gen_ai.tool.call.arguments"]
+    assert off["search_memory recall"].attributes["gen_ai.operation.name"] == "search_memory"
     root, agent = off["invoke_workflow"], off["invoke_agent a"]
     assert root.status.status_code.name == "ERROR"
     assert root.attributes["error.type"] == "step_failed"
