@@ -90,3 +90,47 @@ async def test_stats_over_a_known_mix_match_the_ledger(make_mesh, telemetry, bus
     cli = json.loads(out)
     assert cli["all"]["tasks"] >= len(ids)  # the bucket also holds other tests' tasks
     assert subjects.BUCKET_STATS == "jm-stats"
+
+
+def test_task_summary_counts_approvals_and_their_wait() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from jetmesh.bus.ledger import LedgerEntry, subject_for
+    from jetmesh.orchestrator.stats import task_summary
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def at(s: float) -> datetime:
+        return t0 + timedelta(seconds=s)
+
+    def task(tid: str, granted: bool) -> list[LedgerEntry]:
+        decision = ev.ApprovalGranted if granted else ev.ApprovalDenied
+        events: list[ev.Event] = [
+            ev.TaskSubmitted(subject=tid, time=at(0), data=ev.TaskSubmittedData(workflow="w")),
+            ev.TaskPlanned(subject=tid, time=at(0), data=ev.TaskPlannedData(
+                planner="workflow:w", steps=[ev.PlanStep(id="s", skill="k")])),
+            ev.StepDispatched(subject=tid, time=at(0), data=ev.StepDispatchedData(
+                step_id="s", skill="k", input={})),
+            ev.ApprovalRequested(subject=tid, time=at(1), data=ev.ApprovalRequestedData(
+                step_id="s", agent="a", tool="refund", arguments={}, args_hash="h",
+                reason="over $200", risk="write", expires_at=at(100))),
+            decision(subject=tid, time=at(4), data=ev.ApprovalDecisionData(
+                step_id="s", tool="refund", args_hash="h")),
+            ev.TaskCompleted(subject=tid, time=at(5), data=ev.TaskCompletedData(result={}))
+            if granted else ev.TaskFailed(subject=tid, time=at(5), data=ev.TaskFailedData(
+                code="denied", reason="refund denied")),
+        ]
+        return [LedgerEntry(i + 1, subject_for(e), e) for i, e in enumerate(events)]
+
+    ok = task_summary("a1", task("a1", True))
+    no = task_summary("d1", task("d1", False))
+    assert ok is not None and no is not None
+    assert ok["approvals"] == {"requested": 1, "granted": 1, "denied": 0}
+    assert no["approvals"] == {"requested": 1, "granted": 0, "denied": 1}
+    assert ok["approval_wait_s"] == 3.0 and ok["duration_s"] == 5.0
+    figs = aggregate([ok, no])["all"]
+    assert figs["escalation_rate"] == 1.0
+    assert figs["approvals"] == {"requested": 2, "granted": 1, "denied": 1}
+    assert figs["by_outcome"] == {"completed": 1, "failed": 1}
+    assert figs["failure_reasons"] == {"denied": 1}
+    assert task_summary("a1", task("a1", True)[:-1]) is None  # not finished
