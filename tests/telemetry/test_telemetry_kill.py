@@ -133,14 +133,14 @@ async def run_campaign(make_mesh, receiver, bus, tmp_path: Path, tasks: int, kil
             assert all({k: x for k, x in c.items() if k != "received"} == first for c in v)
             assert len(v) <= kills + 1
         # ... and only a trace whose export was in flight at a kill is sent again: its
-        # whole trace, first received within moments of a kill, at most EXPORT_THREADS
+        # whole trace, first received within seconds of a kill, at most EXPORT_THREADS
         # traces per kill (one in flight at two kills is sent three times).
         again = {tr for tr, _ in twice}
         for tr in again:
             assert sum(1 for (t2, _) in twice if t2 == tr) == SPANS_PER_FANOUT
             first_seen = min(c["received"] for (t2, _), v in copies.items() if t2 == tr
                              for c in v)
-            assert any(k - 1.0 <= first_seen <= k + 1.0 for k in kill_times), \
+            assert any(k - 5.0 <= first_seen <= k + 5.0 for k in kill_times), \
                 (tr, first_seen, kill_times)
         resent = sum(len(v) - 1 for v in twice.values()) // SPANS_PER_FANOUT
         assert resent <= kills * EXPORT_THREADS, (resent, kills)
