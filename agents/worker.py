@@ -43,11 +43,12 @@ from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict, InvalidEventError
-from jetmesh.bus.ledger import Entries, Ledger, LedgerEntry, subject_for
+from jetmesh.bus.ledger import Entries, Ledger, LedgerEntry, event_headers, subject_for
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, work_consumer_config
 from jetmesh.bus.tasks import cancel_and_wait
+from jetmesh.bus.tracecontext import task_traceparent
 
 log = logging.getLogger("jetmesh.worker")
 
@@ -118,6 +119,8 @@ class FencedRecorder:
     runs past it."""
     held_at: float | None = None
     """Monotonic time the last proof of the claim was *sent* (see `lease_s`)."""
+    traceparent: str | None = None
+    """The task's trace context, stamped on every record (bus.tracecontext)."""
     _pending: list[asyncio.Future[Any]] = field(default_factory=list)
 
     async def _append(self, event: ev.Event) -> None:
@@ -125,6 +128,8 @@ class FencedRecorder:
         records (they never move the fence, and the same connection stores them first):
         after a side effect, its record is one disk round trip away, no more."""
         sent = time.monotonic()
+        if self.traceparent and not event.traceparent:
+            event = event.model_copy(update={"traceparent": self.traceparent})
         try:
             self.last_seq = await self.ledger.append(
                 event, expected_last_subject_seq=self.last_seq, validate=False)
@@ -202,9 +207,10 @@ class FencedRecorder:
                 raise r
 
     async def _pipeline(self, event: ev.Event) -> None:
+        if self.traceparent and not event.traceparent:
+            event = event.model_copy(update={"traceparent": self.traceparent})
         self._pending.append(await self.ledger.js.publish_async(
-            subject_for(event), ev.encode_event(event),
-            headers={"Nats-Msg-Id": event.id, "Ce-Type": event.type}))
+            subject_for(event), ev.encode_event(event), headers=event_headers(event, None)))
 
     async def record_start(self, event: ev.StepStarted) -> None:
         """A first delivery's start (not a claim): on the step's log, pipelined."""
@@ -479,7 +485,9 @@ class Worker:
         from jetmesh.agents.replay import step_source
 
         replay = step_source(sub, plan, cmd.step_id, self.spec.name)  # the ledger's word
-        return cmd.model_copy(update={"user_id": sub.user_id, "budget": sub.budget,
+        return cmd.model_copy(update={"traceparent": task_traceparent(
+                                          cmd.task_id, submitted.traceparent),
+                                      "user_id": sub.user_id, "budget": sub.budget,
                                       "deadline": deadline, "slice_usd": slice_usd,
                                       "replay": replay})
 
@@ -563,7 +571,7 @@ class Worker:
             # message before ack_wait has passed since it was received.
             recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source,
                                       0, self.replica, lease_s=lease, deadline=deadline,
-                                      held_at=received)
+                                      held_at=received, traceparent=cmd.traceparent)
             await recorder.record_start(started)
         else:
             entries = await self.ledger.read_step(cmd.task_id, cmd.step_id)
@@ -571,7 +579,7 @@ class Worker:
                 return  # a duplicate delivery of a step that already has its result
             recorder = FencedRecorder(self.ledger, cmd.task_id, cmd.step_id, self.source,
                                       line_last(entries), self.replica, lease_s=lease,
-                                      deadline=deadline)
+                                      deadline=deadline, traceparent=cmd.traceparent)
             await recorder._append(started)  # the claim; Fenced if someone was quicker
 
         # (run_step checks the input against the skill's schema first.)

@@ -678,6 +678,11 @@ class Orchestrator:
         if not events and not commands and not carried:
             return state
         await self._ensure_work_consumers(commands)
+        if state.traceparent:  # every event of the task carries its trace context
+            def stamped(es: list[ev.Event]) -> list[ev.Event]:
+                return [e if e.traceparent else e.model_copy(
+                    update={"traceparent": state.traceparent}) for e in es]
+            events, carried = stamped(events), stamped(carried)
         batch = [*carried, *events]
         expect = [guard if isinstance(e, ev.TaskCompleted) else None for e in batch] \
             if guard else []
@@ -825,9 +830,10 @@ class Orchestrator:
         cmd = ev.StepCommand(task_id=state.task_id, step_id=a.step_id, skill=a.skill,
                              input=a.input, attempt=a.attempt, user_id=sub.user_id,
                              budget=budget, slice_usd=slice_usd, deadline=deadline,
-                             traceparent=None)
+                             traceparent=state.traceparent)
         return (subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
-                {"Nats-Msg-Id": f"{state.task_id}-{a.step_id}-{a.attempt}"})
+                {"Nats-Msg-Id": f"{state.task_id}-{a.step_id}-{a.attempt}",
+                 **({"traceparent": state.traceparent} if state.traceparent else {})})
 
     async def _republish_dispatched(self, state: TaskState) -> None:
         """First sight of a task in this process (a restart, a replica taking over): a

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.bus.tracecontext import task_traceparent
 
 
 class TaskStatus(StrEnum):
@@ -102,6 +103,8 @@ class TaskState(BaseModel):
     task_id: str
     status: TaskStatus = TaskStatus.SUBMITTED
     submitted: ev.TaskSubmittedData | None = None
+    traceparent: str | None = None
+    """The task's root trace context (bus.tracecontext), which its events carry."""
     planner: str | None = None
     plan: list[ev.PlanStep] = Field(default_factory=list)
     merge: bool = False
@@ -208,6 +211,7 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
             if state.submitted is None:
                 state.submitted = e.data
                 state.created_at = e.time
+                state.traceparent = task_traceparent(state.task_id, e.traceparent)
         case ev.TaskRejected():
             if not terminal:
                 _end(state, TaskStatus.REJECTED, "rejected", e.data.reason)

@@ -47,11 +47,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +76,12 @@ from jetmesh.bus.ledger import Ledger, LedgerEntry
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import pull_consumer_config
+from jetmesh.bus.tracecontext import (
+    ROOT_KEY,
+    parse_traceparent,
+    span_id_for,
+    task_trace_id,
+)
 from jetmesh.orchestrator.state import ORCHESTRATOR, fold
 from jetmesh.orchestrator.stats import STATS_TTL_S, put_summary, task_summary
 
@@ -96,7 +100,6 @@ OTEL_ENV = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_TRACES_EXPORT
             "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_COMPRESSION", CAPTURE_ENV)
 """The standard variables the telemetry role honours (the SDK and exporter read most)."""
 
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai", "azure": "azure.ai.openai",
               "bedrock": "aws.bedrock", "gemini": "gcp.gemini", "mistral": "mistral_ai"}
 _TERMINAL = ev.TERMINAL_TASK_EVENTS
@@ -124,39 +127,6 @@ def capture_content(env: dict[str, str] | None = None) -> bool:
 
 
 # ----------------------------------------------------------------------------- ids
-
-
-def parse_traceparent(value: str | None) -> tuple[int, int, int] | None:
-    """(trace id, parent span id, flags) of a valid W3C traceparent, else None."""
-    if not value:
-        return None
-    m = _TRACEPARENT.fullmatch(value.strip().lower())
-    if m is None or m.group(1) == "ff":
-        return None
-    trace_id, span_id = int(m.group(2), 16), int(m.group(3), 16)
-    if trace_id == 0 or span_id == 0:
-        return None
-    return trace_id, span_id, int(m.group(4), 16)
-
-
-def _digest(text: str, nbytes: int) -> int:
-    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:nbytes], "big")
-    return n or 1  # an all-zero id is invalid
-
-
-def task_trace_id(task_id: str, traceparent: str | None) -> int:
-    """The trace of a task: the submitter's, else one derived from the task id."""
-    parsed = parse_traceparent(traceparent)
-    return parsed[0] if parsed else _digest(f"jetmesh/trace/{task_id}", 16)
-
-
-def span_id_for(trace_id: int, key: str) -> int:
-    """A span's id: derived from its trace and a key naming what it is (event ids)."""
-    return _digest(f"{trace_id:032x}/{key}", 8)
-
-
-def traceparent_of(trace_id: int, span_id: int, sampled: bool = True) -> str:
-    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
 # ----------------------------------------------------------------------------- spans
@@ -261,7 +231,7 @@ class _Builder:
             ctx = sub.metadata.get("a2a_context_id") or sub.metadata.get("context_id")
             if ctx:
                 self.conversation = ctx
-        root = _Span("root", f"invoke_workflow {workflow}" if workflow else "invoke_workflow",
+        root = _Span(ROOT_KEY, f"invoke_workflow {workflow}" if workflow else "invoke_workflow",
                      None, start_t, end.event.time)
         root.attributes.update({
             "gen_ai.operation.name": "invoke_workflow",
