@@ -119,6 +119,9 @@ class Case(_Model):
     user: str | None = None
     budget: ev.Budget | None = None
     runs: int | None = Field(default=None, ge=1)
+    approvals: Literal["approve", "deny"] | None = None
+    """A human's answer to every gated call of the task (None: nobody answers; the
+    call waits until the approval times out, a denial)."""
     checks: Checks = Field(default_factory=Checks)
 
     @field_validator("id")
@@ -426,6 +429,30 @@ async def _submit_once(client: Client, sub: ev.TaskSubmission) -> str:
     return sub.task_id
 
 
+async def _finish(client: Client, task_id: str, case: Case, timeout: float) -> None:
+    """Wait for the task's end, answering its gated calls as the case says."""
+    async def follow() -> None:
+        async for entry in client.follow(task_id):
+            e = entry.event
+            if isinstance(e, ev.ApprovalRequested) and case.approvals is not None:
+                # Bound to exactly this call (step, tool, arguments' hash), as `jetmesh
+                # approve` is; the id makes a resumed run's answer the same event, and a
+                # decision after another (or after the task's end) changes nothing.
+                data = ev.ApprovalDecisionData(
+                    step_id=e.data.step_id, tool=e.data.tool, args_hash=e.data.args_hash,
+                    by="eval", reason="" if case.approvals == "approve" else
+                    "denied by the eval case")
+                decision: ev.Event = (
+                    ev.ApprovalGranted(id=f"{e.id}-eval", subject=task_id,
+                                       source="jetmesh/eval", data=data)
+                    if case.approvals == "approve" else
+                    ev.ApprovalDenied(id=f"{e.id}-eval", subject=task_id,
+                                      source="jetmesh/eval", data=data))
+                await client.ledger.append(decision)
+
+    await asyncio.wait_for(follow(), timeout)
+
+
 def _fork_step(orig: TaskState, models: dict[str, str]) -> str | None:
     """The first step (plan order) run by an agent whose model is replaced."""
     for p in orig.plan:
@@ -456,7 +483,7 @@ async def _run_case(client: Client, suite: Suite, case: Case, run_id: str, n: in
         workflow=case.target_workflow(), user_id=case.user, budget=case.budget,
         metadata={"eval_suite": suite.name, "eval_case": case.id})
     tid = await _submit_once(client, sub)
-    await client.result(tid, timeout=timeout)
+    await _finish(client, tid, case, timeout)
     entries = await client.events(tid)
     if not models:
         return score_run(case, entries)
@@ -470,7 +497,7 @@ async def _run_case(client: Client, suite: Suite, case: Case, run_id: str, n: in
     fork = fork_submission(orig, step, models=models,
                            task_id=task_id_for(run_id, case, n, f"-m{variant}"))
     fid = await _submit_once(client, fork)
-    await client.result(fid, timeout=timeout)
+    await _finish(client, fid, case, timeout)
     return score_run(case, await client.events(fid), base=entries)
 
 
