@@ -143,9 +143,30 @@ class RuntimeGuard:
         # Approvals have a subject of their own, which only the approver role may write.
         control = subjects.task_approval(self.cmd.task_id)
         got = asyncio.Event()
+        heard: list[bool] = []  # a decision for this call was heard on the subject
 
-        async def on_msg(_msg: Any) -> None:
+        async def on_msg(msg: Any) -> None:
+            with contextlib.suppress(Exception):
+                e = ev.decode_event(msg.data)
+                if isinstance(e, ev.ApprovalGranted | ev.ApprovalDenied) \
+                        and e.data.step_id == self.cmd.step_id and e.data.tool == tool.name \
+                        and e.data.args_hash == h:
+                    heard.append(True)
             got.set()
+
+        async def read_decision() -> str | None:
+            """The first decision in the ledger; when one was heard but the stream has
+            not stored it yet (a core subscriber can hear a message before JetStream
+            has it on disk), read again for a moment rather than wait for the next."""
+            pause, give_up = 0.01, asyncio.get_running_loop().time() + 5.0
+            while True:
+                entries = await self.ledger.read(self.cmd.task_id, subject=control)
+                found = first_decision(entries, self.cmd.step_id, tool.name, h)
+                if found is not None or not heard \
+                        or asyncio.get_running_loop().time() > give_up:
+                    return found
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.25)
 
         sub = await self.nc.subscribe(control, cb=on_msg)  # before reading: no gap
         try:
@@ -176,8 +197,7 @@ class RuntimeGuard:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(got.wait(), left)
                     got.clear()
-                    entries = await self.ledger.read(self.cmd.task_id, subject=control)
-                    found = first_decision(entries, self.cmd.step_id, tool.name, h)
+                    found = await read_decision()
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -244,3 +244,29 @@ def _cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NATS_URL": url}
     return subprocess.run([str(Path(sys.executable).parent / "jetmesh"), *args],
                           capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+async def test_an_approval_given_at_once_is_heard_at_once(make_mesh, monkeypatch,
+                                                           tmp_path: Path) -> None:
+    """An automated approver answers within milliseconds of the request: a core
+    subscriber can hear the decision before JetStream has stored it, and the worker then
+    read a ledger without it and slept until the approval timeout (60 s here). Ten tasks,
+    each approved the moment it asks, all finish long before that."""
+    monkeypatch.setenv("JETMESH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("JETMESH_APPROVAL_TIMEOUT_S", "60")
+    mesh = await make_mesh([ASSISTANT], worker_model=FunctionModel(obeys_injections))
+    mesh.orchestrator.workflows.add(one_step("assist3", "assist"))
+
+    async def approve_at_once(tid: str) -> TaskStatus:
+        asked = await wait_for(mesh, tid, ev.ApprovalRequested)
+        await mesh.client.ledger.append(ev.ApprovalGranted(
+            subject=tid, data=ev.ApprovalDecisionData(
+                step_id=asked.data.step_id, tool=asked.data.tool,
+                args_hash=asked.data.args_hash, by="robot")))
+        return (await mesh.client.result(tid)).status
+
+    ids = [await mesh.client.submit("refund please", workflow="assist3") for _ in range(10)]
+    statuses = await asyncio.wait_for(
+        asyncio.gather(*(approve_at_once(t) for t in ids)), 30)
+    assert statuses == [TaskStatus.COMPLETED] * 10
+    assert len(refunds(refunds_file())) == 10
