@@ -223,11 +223,19 @@ def test_shutdown_after_nats_died_leaves_no_child_running(up: Up) -> None:
     children = {n: p for n, p in pids.items() if n != "nats-server"}
     assert children and all(running(p) for p in children.values())
     port = int(str(up.status()["url"]).rsplit(":", 1)[1])
-    os.kill(pids["nats-server"], signal.SIGKILL)
-    wait_until("nats-server to die", lambda: not running(pids["nats-server"]), 10)
     with socket.socket() as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", port))
+        deadline = time.monotonic() + 30
+        while True:  # `up` restarts the server within a fraction of a second: kill it
+            nats = up.pids()["nats-server"]  # and take its port until the bind wins
+            if running(nats):
+                os.kill(nats, signal.SIGKILL)
+                wait_until("nats-server to die", lambda p=nats: not running(p), 10)
+            try:
+                squatter.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "never got nats-server's port"
         squatter.listen()
         # Two restarts tried and failed: the server has been gone a while, the roles'
         # and up's own connections are reconnecting.
