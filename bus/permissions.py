@@ -313,7 +313,7 @@ def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opt
         pub += stream_info([*JM_STREAMS, *(kv_stream(b) for b in BUCKETS)])
     for skill in skills:
         durable = "*" if skill == "*" else subjects.work_consumer(skill)
-        filt = f"{subjects.PREFIX}.work.*" if skill == "*" else subjects.work(skill)
+        filt = subjects.ANY_WORK if skill == "*" else subjects.work(skill)
         pub += pull_consumer(subjects.STREAM_WORK, durable, filt, opts)
     pub += [subjects.ALL_STEP_EVENTS, subjects.ALL_STEP_LOGS]
     if opts.agents_write_control:
@@ -362,7 +362,7 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
                          subjects.ALL_CONTROL, opts)
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_APPROVALS,
                          subjects.ALL_APPROVALS, opts)
-    pub.append(f"{subjects.PREFIX}.work.*")  # step commands of every skill
+    pub.append(subjects.ANY_WORK)  # step commands of every skill
     # A refused submission is answered on the submitter's inbox (its Jm-Reply-To
     # header): the inboxes of the roles that submit (the gateway, the operator's CLI).
     pub += [_inbox_sub(r, opts) for r in (ROLE_GATEWAY, ROLE_ADMIN)]
@@ -378,11 +378,11 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     # (the only stream it may delete from).
     # Each skill's work consumer, made before its first dispatch (so a step waits for
     # agents not up yet): by name, filtered on a work subject, never another form.
-    pub.append(_api("CONSUMER", "CREATE", subjects.STREAM_WORK, "*", f"{subjects.PREFIX}.work.*"))
+    pub.append(_api("CONSUMER", "CREATE", subjects.STREAM_WORK, "*", subjects.ANY_WORK))
     pub += [_api("CONSUMER", "LIST", subjects.STREAM_WORK),
             _api("STREAM", "MSG", "GET", subjects.STREAM_WORK),
             _api("STREAM", "MSG", "DELETE", subjects.STREAM_WORK),
-            subjects.dlq(subjects.STREAM_WORK, "unconsumed")]
+            subjects.dlq(subjects.STREAM_WORK, subjects.DLQ_UNCONSUMED)]
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 

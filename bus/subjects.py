@@ -27,6 +27,10 @@ LEDGER_SUBJECTS = [f"{PREFIX}.task.*.events", f"{PREFIX}.task.*.step.*",
                    f"{PREFIX}.task.*.step.*.log", f"{PREFIX}.task.*.control",
                    f"{PREFIX}.task.*.approval"]
 WORK_SUBJECTS = [f"{PREFIX}.work.>"]
+ANY_WORK = f"{PREFIX}.work.*"
+"""Every skill's work subject (one token per skill)."""
+DLQ_UNCONSUMED = "unconsumed"
+"""The DLQ consumer name of work no consumer takes (bus.sweep): jm.dlq.JM_WORK.unconsumed."""
 DLQ_SUBJECTS = [f"{PREFIX}.dlq.>"]
 ALL_LEDGER = f"{PREFIX}.task.*.>"
 ALL_TASK_EVENTS = f"{PREFIX}.task.*.events"

@@ -26,7 +26,7 @@ from jetmesh.bus.wire import safe_text
 
 log = logging.getLogger("jetmesh.bus")
 
-UNCONSUMED = "unconsumed"
+UNCONSUMED = subjects.DLQ_UNCONSUMED
 """The DLQ "consumer" name of swept work: `jm.dlq.JM_WORK.unconsumed`."""
 
 
