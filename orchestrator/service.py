@@ -61,6 +61,10 @@ consumer delivers has JetStream's ack subject as its reply, not the submitter's)
 TERMINAL_STEP_TYPES = frozenset({"jetmesh.step.completed.v1", "jetmesh.step.failed.v1"})
 
 
+UNREAD_RECHECK_S = 1.0
+"""A task waiting on a fold advanced from deliveries alone is read again this soon."""
+
+
 class OrchestratorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JETMESH_", extra="ignore")
 
@@ -568,7 +572,16 @@ class Orchestrator:
                         if not actions:  # terminal
                             self._waiting.pop(task_id, None)
                         else:
-                            self._waiting[task_id] = actions[0].until  # type: ignore[union-attr]
+                            until = actions[0].until  # type: ignore[union-attr]
+                            cached = self._cache.get(task_id)
+                            if cached is not None and cached.unread:
+                                # Folded from deliveries only: another orchestrator
+                                # replica may hold the task's other results (each
+                                # result goes to one replica). Look again soon, with
+                                # a read, rather than wait for an event that went there.
+                                soon = self.now() + timedelta(seconds=UNREAD_RECHECK_S)
+                                until = soon if until is None else min(until, soon)
+                            self._waiting[task_id] = until
                         return state
                     cached = self._cache.get(task_id)
                     guard = None
