@@ -268,9 +268,12 @@ async def test_otlp_metrics_of_a_finished_task(make_mesh, bus, receiver, monkeyp
         assert sum(p["sum"] for p in usage_in) == tokens_in
         assert sum(p["count"] for p in usage_in) == calls
         assert all(p["unit"] == "{token}" and p["kind"] == "histogram" for p in usage_in)
-        assert tasks[0]["attributes"] == {"jetmesh.task.status": "completed",
-                                          "jetmesh.workflow": "fanout"}
-        assert tasks[0]["value"] == 1
+        # (Tasks of other tests on the shared server may end meanwhile: recovery drives
+        # them. Only the fan-out counts here.)
+        mine = [p for p in tasks if p["attributes"].get("jetmesh.workflow") == "fanout"]
+        assert [p["attributes"] for p in mine] == [{"jetmesh.task.status": "completed",
+                                                     "jetmesh.workflow": "fanout"}]
+        assert mine[0]["value"] == 1
         durations = [p for (m, _), p in pts.items() if m == "gen_ai.client.operation.duration"]
         assert sum(p["count"] for p in durations) == calls
     finally:
