@@ -180,6 +180,9 @@ class Tool:
     again) or None (it did not: run it). Asked only when a step resumes after a crash
     that may have fallen between this call's effect and its record; without it such a
     call runs again with the same idempotency key (at least once)."""
+    input_schema: dict[str, Any] | None = None
+    """A JSON Schema offered to models instead of ``input_model``'s, for a tool whose
+    schema comes from elsewhere (an MCP server's tool; its `invoke` checks it)."""
     blocking: bool = True
     """False: a sync function that returns at once (a lookup in memory, arithmetic) runs
     on the event loop, without the hop to a worker thread; ``timeout_s`` cannot
@@ -202,7 +205,8 @@ class Tool:
             self._definition = ToolDefinition(
                 name=self.name,
                 description=self.description,
-                input_schema=self.input_model.model_json_schema(),
+                input_schema=(self.input_schema if self.input_schema is not None
+                              else self.input_model.model_json_schema()),
             )
         return self._definition
 
