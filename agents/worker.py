@@ -36,10 +36,12 @@ from jetmesh.agents.guard import RuntimeGuard
 from jetmesh.agents.loop import StepOutcome, StepReplay, run_step
 from jetmesh.agents.models.types import Model
 from jetmesh.agents.policy import DEFAULT_POLICY, Policy, args_hash
+from jetmesh.agents.routing import tier_models
 from jetmesh.agents.spec import AgentSpec
+from jetmesh.agents.toolcache import KVToolCache
 from jetmesh.agents.tools import Tool, ToolContext
 from jetmesh.bus import events as ev
-from jetmesh.bus import subjects
+from jetmesh.bus import subjects, tracing
 from jetmesh.bus.budgets import BudgetBook
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict, InvalidEventError
@@ -48,7 +50,7 @@ from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, work_consumer_config
 from jetmesh.bus.tasks import cancel_and_wait
-from jetmesh.bus.tracecontext import task_traceparent
+from jetmesh.bus.tracecontext import agent_traceparent, task_traceparent
 
 log = logging.getLogger("jetmesh.worker")
 
@@ -228,6 +230,17 @@ class FencedRecorder:
             raise StepStopped("invalid_output",
                               f"the model's response cannot be recorded: {e.reason}") from e
 
+    async def record_route(self, data: ev.ModelRoutedData) -> None:
+        """A routing decision, on the step's log."""
+        await self._pipeline(ev.ModelRouted(subject=self.task_id, source=self.source,
+                                            data=data.model_copy(update={"worker": self.worker})))
+
+    async def record_compaction(self, data: ev.ContextCompactedData) -> None:
+        """A context compaction, on the step's log."""
+        await self._pipeline(ev.ContextCompacted(
+            subject=self.task_id, source=self.source,
+            data=data.model_copy(update={"worker": self.worker})))
+
     async def record_tool_call(self, data: ev.ToolCalledData) -> None:
         """A tool call: a side effect on the fenced line (durable before the step goes
         on), a read-only call on the log. An output the ledger cannot store is recorded
@@ -332,6 +345,8 @@ class Worker:
     settings: WorkerSettings = field(default_factory=WorkerSettings)
     _runners: list[PullRunner] = field(default_factory=list, init=False)
     _presence: Presence | None = field(default=None, init=False)
+    _mcp: Any = field(default=None, init=False)
+    """The spec's MCP servers, connected (`jetmesh.agents.mcp.toolset.McpToolset`)."""
 
     def __post_init__(self) -> None:
         from jetmesh.agents.breakers import guard_spec
@@ -353,6 +368,10 @@ class Worker:
         """Step messages being worked on (by id), for the in-progress acks."""
         self._keepalive: asyncio.Task[None] | None = None
         self.source = f"jetmesh/agent/{self.spec.name}"
+        # Cost levers (agents.cost): a model per routing tier, the tool-result cache.
+        self._tiers = tier_models(list(self.spec.cost.routing.values()), self.model)
+        self._tool_cache = (KVToolCache(self.js, replicas=self.bus_settings.replicas)
+                            if self.spec.cost.tool_cache else None)
         self.started_at = datetime.now(UTC)
         self.steps_done = 0
 
@@ -366,9 +385,14 @@ class Worker:
         value = self._advertiser.value(self.replica, model=model, started_at=self.started_at,
                                        steps_done=self.steps_done)
         value["breakers"] = worker_breaker_states(self.spec, self.model)
+        if self._mcp is not None:
+            value["breakers"].update(self._mcp.breaker_states())
+            value["mcp"] = self._mcp.describe()
         return value
 
     async def start(self) -> None:
+        if self.spec.mcp_servers and self._mcp is None:
+            await self._attach_mcp()
         await declare_streams(self.js, self.bus_settings)
         for skill in self.spec.skills:
             runner = PullRunner(
@@ -402,6 +426,36 @@ class Worker:
         await asyncio.gather(*(r.stop(grace_s) for r in self._runners))
         # After the drain: draining steps still need it.
         await cancel_and_wait(self._keepalive)
+        if self._mcp is not None:
+            await self._mcp.aclose()
+
+    async def _attach_mcp(self) -> None:
+        """Connect the spec's MCP servers and add their tools (pinned by hash, in the
+        card), before any skill is served."""
+        from jetmesh.agents.breakers import guard_spec
+        from jetmesh.agents.mcp.toolset import McpToolset
+
+        self._mcp = await McpToolset.open(self.spec)
+        self._set_spec(guard_spec(self._mcp.attach(self.spec)))
+
+    def _set_spec(self, spec: AgentSpec) -> None:
+        self.spec = spec
+        self._advertiser.spec = spec
+        self._advertiser._card = None  # the card shows the tool lists' hashes
+
+    async def _check_mcp(self, cmd: ev.StepCommand, recorder: FencedRecorder) -> None:
+        """Before a step: a changed MCP tool list is recorded on the step's log, then
+        refused (the server's calls are denied) or accepted (the new tools from this
+        step on), as its server's configuration says."""
+        from jetmesh.agents.breakers import guard_spec
+
+        changes, accepted = await self._mcp.check_drift()
+        for change in changes:
+            await recorder._pipeline(ev.McpToolsChanged(
+                subject=cmd.task_id, source=self.source,
+                data=change.model_copy(update={"step_id": cmd.step_id})))
+        if accepted:
+            self._set_spec(guard_spec(self._mcp.attach(self.spec)))
 
     async def _dead_lettered(self, msg: Msg, reason: str) -> None:
         """A step command that ran out of deliveries fails its step now, so the
@@ -585,7 +639,7 @@ class Worker:
         # (run_step checks the input against the skill's schema first.)
         replay = await self._replay(cmd, entries)
         try:
-            outcome = await self._run(cmd, msg, recorder, replay)
+            outcome = await self._run(cmd, msg, recorder, replay, started.id)
         except ClaimLost as e:
             raise Fenced(str(e)) from e
         if cmd.replay is not None and not cmd.replay.rerun:
@@ -628,7 +682,7 @@ class Worker:
         return rekey(replay_from(original), cmd.task_id, cmd.step_id, original)
 
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,
-                   replay: StepReplay) -> StepOutcome:
+                   replay: StepReplay, started_id: str) -> StepOutcome:
         ctx = ToolContext(task_id=cmd.task_id, step_id=cmd.step_id, agent=self.spec.name,
                           user_id=cmd.user_id, worker=self.replica)
         if cmd.task_id in self._canceled:
@@ -662,6 +716,8 @@ class Worker:
         if timeout <= 0:
             return StepOutcome(status="failed", code="deadline",
                                reason="the task's deadline passed before the step started")
+        if self._mcp is not None and (src is None or src.rerun):
+            await self._check_mcp(cmd, recorder)
         async def bounded() -> StepOutcome:
             # The coroutine is created inside the task, so a step canceled before it
             # starts leaves no never-awaited coroutine behind.
@@ -670,9 +726,15 @@ class Worker:
                     self.spec, cmd.skill, cmd.input, model, ctx=ctx, recorder=recorder,
                     replay=replay, guard=guard,
                     replay_only=src is not None and not src.rerun,
-                    dry_run_effects=src is not None and src.effects == "dry-run")
+                    dry_run_effects=src is not None and src.effects == "dry-run",
+                    attempt=cmd.attempt, tool_cache=self._tool_cache,
+                    # A fork's model replaces every tier; a replay calls no model at all.
+                    tiers=self._tiers if model is self.model else None)
 
-        step = asyncio.create_task(bounded())
+        # The step runs in the context of its attempt's `invoke_agent` span: memory
+        # requests, model and A2A calls carry it, and live spans go under it.
+        with tracing.attached(agent_traceparent(cmd.traceparent, started_id)):
+            step = asyncio.create_task(bounded())
         running = self._running.setdefault(cmd.task_id, set())
         running.add(step)
         try:

@@ -18,6 +18,11 @@ ROOT_KEY = "root"
 """The key of a task's root span (`invoke_workflow`)."""
 
 
+def agent_span_key(started_event_id: str) -> str:
+    """The key of a step attempt's `invoke_agent` span: its `StepStarted` event's id."""
+    return f"agent/{started_event_id}"
+
+
 def parse_traceparent(value: str | None) -> tuple[int, int, int] | None:
     """(trace id, parent span id, flags) of a valid W3C traceparent, else None."""
     if not value:
@@ -58,3 +63,14 @@ def task_traceparent(task_id: str, submitted: str | None) -> str:
     trace_id = task_trace_id(task_id, submitted)
     sampled = bool(parsed[2] & 1) if parsed else True
     return traceparent_of(trace_id, span_id_for(trace_id, ROOT_KEY), sampled)
+
+
+def agent_traceparent(task_tp: str | None, started_event_id: str) -> str | None:
+    """The context of a step attempt's `invoke_agent` span (the worker that wrote the
+    attempt's `StepStarted` event knows its id), under which the worker's own live spans
+    and outgoing requests go; None without a valid task context."""
+    parsed = parse_traceparent(task_tp)
+    if parsed is None:
+        return None
+    return traceparent_of(parsed[0], span_id_for(parsed[0], agent_span_key(started_event_id)),
+                          bool(parsed[2] & 1))

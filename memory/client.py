@@ -16,7 +16,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
-from jetmesh.bus import subjects
+from jetmesh.bus import subjects, tracing
 from jetmesh.memory.errors import (
     MemoryInferenceDisabled,
     MemoryNotFound,
@@ -64,7 +64,9 @@ class MemoryClient:
         subject = subjects.memory(op)
         wait = self.timeout_s if timeout_s is None else timeout_s
         try:
-            msg = await self.nc.request(subject, data, timeout=wait)
+            # The caller's trace context (a worker's step) travels with the request.
+            headers = dict(tracing.inject({}))
+            msg = await self.nc.request(subject, data, timeout=wait, headers=headers or None)
         except NoRespondersError:
             raise MemoryServiceUnavailable(subject, "no responders") from None
         except (NatsTimeoutError, TimeoutError):

@@ -33,10 +33,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from jetmesh.bus import events as ev
-from jetmesh.bus import subjects
+from jetmesh.bus import subjects, tracing
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
 from jetmesh.bus.ledger import Ledger
@@ -180,7 +181,11 @@ class MemoryService:
 
     async def _respond(self, msg: Msg) -> None:
         op = msg.subject.rsplit(".", 1)[-1]
-        reply = await self.handle(op, msg.data)
+        # A live span of the request under the caller's context (see bus.tracing).
+        with tracing.live_span(f"memory {op}", parent=(msg.headers or {}).get("traceparent"),
+                               kind=SpanKind.SERVER,
+                               attributes={"jetmesh.memory.operation": op}):
+            reply = await self.handle(op, msg.data)
         data = reply.model_dump_json(exclude_none=True).encode()
         if len(data) > MAX_MESSAGE_BYTES:
             data = error_reply("invalid_request", f"the reply would be {len(data)} bytes, "
