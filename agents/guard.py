@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,9 +17,9 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from jetmesh.agents.errors import StepStopped
-from jetmesh.agents.models.pricing import cost_usd
-from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse, Usage
+from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
 from jetmesh.agents.policy import DEFAULT_POLICY, Policy, args_hash
+from jetmesh.agents.routing import estimate_call
 from jetmesh.agents.tools import Tool
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -31,12 +29,7 @@ from jetmesh.bus.ledger import Ledger
 
 def estimate(request: ModelRequest, model: Model) -> tuple[float, int]:
     """An upper bound of a call's cost: the prompt's size plus the full output allowance."""
-    chars = len(request.system) + sum(len(m.content) + 40 * len(m.tool_calls)
-                                      for m in request.messages)
-    chars += sum(len(json.dumps(t.input_schema)) + len(t.description) for t in request.tools)
-    tokens_in = math.ceil(chars / 3)
-    usage = Usage(input_tokens=tokens_in, output_tokens=request.max_tokens)
-    return cost_usd(model.provider, model.name, usage), tokens_in + request.max_tokens
+    return estimate_call(request, model.provider, model.name)
 
 
 APPROVAL_TIMEOUT = "approval-timeout"
@@ -103,6 +96,18 @@ class RuntimeGuard:
             return await self.book.reserve(self.cmd.task_id, budget, usd=usd, tokens=tokens)
         except BudgetRefused as e:
             raise await self._exceeded(e.kind, e.limit, e.would_be) from e
+
+    async def headroom_usd(self) -> float | None:
+        """What the task's dollar budget has left after spent and reserved, and the
+        step's slice after what the step spent (the lower); None: no dollar limit."""
+        budget = self.cmd.budget
+        left: list[float] = []
+        if budget is not None and budget.max_usd is not None:
+            usage = await self.book.usage(self.cmd.task_id)
+            left.append(budget.max_usd - usage.spent_usd - usage.reserved_usd)
+        if self.cmd.slice_usd is not None and left:
+            left.append(self.cmd.slice_usd - self.step_spent_usd)
+        return max(0.0, min(left)) if left else None
 
     async def after_model_call(self, token: object, response: ModelResponse,
                                cost: float) -> None:

@@ -18,20 +18,28 @@ import functools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from jetmesh.bus.events import ModelCalledData, ToolCalledData
+from jetmesh.bus.events import (
+    ContextCompactedData,
+    ModelCalledData,
+    ModelRoutedData,
+    ToolCalledData,
+)
 
+from .compaction import Compactor, request_tokens
 from .errors import StepStopped, UnknownSkill
 from .models.errors import ModelError, ModelRetriesExhausted, ModelTransientError
 from .models.pricing import cost_usd
 from .models.types import Message, Model, ModelRequest, ModelResponse, ToolCall
 from .policy import args_hash
+from .routing import CLASSIFIER_SCHEMA, Routing, estimate_call, validator_errors
 from .spec import AgentSpec, SkillSpec, schema_errors
+from .toolcache import ToolCache, cache_key
 from .tools import (
     Tool,
     ToolContext,
@@ -79,6 +87,11 @@ class StepGuard(Protocol):
     async def before_tool_call(self, tool: Tool, arguments: dict[str, Any],
                                key: str) -> str | None: ...
 
+    async def headroom_usd(self) -> float | None:
+        """Dollars the task's budget (and the step's slice) still has for new calls;
+        None: no dollar limit. Routing asks it before it moves to a dearer tier."""
+        ...
+
     async def before_effect(self, tool: Tool, arguments: dict[str, Any], key: str, *,
                             recheck: bool = False) -> None:
         """Right before a side-effecting tool runs (and again when the tool calls
@@ -97,6 +110,10 @@ class StepRecorder(Protocol):
     async def record_model_call(self, data: ModelCalledData) -> None: ...
 
     async def record_tool_call(self, data: ToolCalledData) -> None: ...
+
+    async def record_route(self, data: ModelRoutedData) -> None: ...
+
+    async def record_compaction(self, data: ContextCompactedData) -> None: ...
 
 
 @dataclass
@@ -134,12 +151,20 @@ class ListRecorder:
 
     model_calls: list[ModelCalledData] = field(default_factory=list)
     tool_calls: list[ToolCalledData] = field(default_factory=list)
+    routes: list[ModelRoutedData] = field(default_factory=list)
+    compactions: list[ContextCompactedData] = field(default_factory=list)
 
     async def record_model_call(self, data: ModelCalledData) -> None:
         self.model_calls.append(data)
 
     async def record_tool_call(self, data: ToolCalledData) -> None:
         self.tool_calls.append(data)
+
+    async def record_route(self, data: ModelRoutedData) -> None:
+        self.routes.append(data)
+
+    async def record_compaction(self, data: ContextCompactedData) -> None:
+        self.compactions.append(data)
 
     def replay(self) -> StepReplay:
         """A `StepReplay` of everything recorded so far."""
@@ -167,6 +192,10 @@ class StepOutcome(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    tool_cache_hits: int = 0
+    """Read-only tool calls served from the tool-result cache."""
+    tier: str | None = None
+    """The model tier the step ended on (routed skills)."""
 
     @property
     def ok(self) -> bool:
@@ -240,6 +269,12 @@ class _Run:
     (`replay_diverged`) before any model is called or any tool runs."""
     dry_run_effects: bool = False
     """Side-effecting tools are not run: a "would call" result is recorded instead."""
+    attempt: int = 1
+    tiers: Mapping[str, Model] | None = None
+    """Models by tier name for routed skills (None: the step's model serves every tier)."""
+    tool_cache: ToolCache | None = None
+    tool_cache_hits: int = 0
+    tier: str | None = None
     model_calls: int = 0
     tool_calls: int = 0
     replayed_model_calls: int = 0
@@ -270,13 +305,27 @@ class _Run:
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             cost_usd=self.cost,
+            tool_cache_hits=self.tool_cache_hits,
+            tier=self.tier,
         )
 
     def failed(self, code: str, reason: str, *, retryable: bool = False) -> StepOutcome:
         return self.outcome("failed", code=code, reason=reason, retryable=retryable)
 
+    @property
+    def calls_so_far(self) -> int:
+        """Model calls of the step made or replayed so far (the next one's ordinal)."""
+        return self.model_calls + self.replayed_model_calls
+
+    @property
+    def next_is_replayed(self) -> bool:
+        """The step's next model call is served from the recording (its decisions were
+        recorded when it was first made)."""
+        return self.calls_so_far < len(self.replay.model_responses)
+
     async def call_model(
-        self, model: Model, request: ModelRequest, before: BeforeModelCall | None
+        self, model: Model, request: ModelRequest, before: BeforeModelCall | None,
+        purpose: str = "step",
     ) -> ModelResponse:
         index = self.model_calls + self.replayed_model_calls
         if index < len(self.replay.model_responses):
@@ -309,7 +358,7 @@ class _Run:
                 step_id=self.ctx.step_id,
                 agent=self.spec.name,
                 worker=self.ctx.worker,
-                purpose="step",
+                purpose=purpose,
                 provider=response.provider,
                 model=response.model,
                 input_tokens=response.usage.input_tokens,
@@ -317,6 +366,8 @@ class _Run:
                 cost_usd=cost,
                 latency_ms=latency_ms,
                 response=response.model_dump(mode="json"),
+                cache_read_tokens=response.usage.cache_read_tokens,
+                cache_write_tokens=response.usage.cache_write_tokens,
             )
         )
         return response
@@ -346,6 +397,7 @@ class _Run:
             raise StepStopped("replay_diverged", f"tool call {name!r} with these arguments is "
                               "not in the recording")
         dry_run = tool is not None and tool.side_effects and self.dry_run_effects
+        cache_hit = False
         if dry_run:
             result = ToolResult(ok=True, output={"dry_run": True, "would_call": name,
                                                  "arguments": arguments})
@@ -375,8 +427,9 @@ class _Run:
                 result = (await tool.reconciled(arguments, call_ctx)
                           or await tool.invoke(arguments, call_ctx))
             else:
-                result = await tool.invoke(arguments, call_ctx)
+                result, cache_hit = await self._invoke_cached(tool, arguments, call_ctx)
         self.tool_calls += 1
+        self.tool_cache_hits += cache_hit
         await self.recorder.record_tool_call(
             ToolCalledData(
                 step_id=self.ctx.step_id,
@@ -391,9 +444,25 @@ class _Run:
                 side_effects=tool.side_effects if tool is not None else False,
                 idempotency_key=key,
                 dry_run=dry_run,
+                cache_hit=cache_hit,
             )
         )
         return result
+
+    async def _invoke_cached(self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext
+                             ) -> tuple[ToolResult, bool]:
+        """Run a tool, or serve a read-only one from the tool-result cache; (result, hit)."""
+        rule = self.spec.cost.tool_cache.get(tool.name)
+        if rule is None or self.tool_cache is None or tool.side_effects or tool.risk != "read":
+            return await tool.invoke(arguments, ctx), False
+        key = cache_key(rule, self.ctx.task_id, tool.name, arguments)
+        cached = await self.tool_cache.get(key)
+        if cached is not None:
+            return ToolResult(ok=True, output=cached), True
+        result = await tool.invoke(arguments, ctx)
+        if result.ok and result.output is not None:
+            await self.tool_cache.put(key, result.output, rule.ttl_s)
+        return result, False
 
 
 _DIRECT_FAILURE_CODES: dict[str, tuple[str, bool]] = {
@@ -429,6 +498,179 @@ def _tool_limit_reason(run: _Run, call: ToolCall) -> str:
     )
 
 
+@dataclass
+class _Router:
+    """The routing state of one step (see agents.routing): the tier it runs on, and the
+    budget-checked moves between tiers, each recorded."""
+
+    run: _Run
+    routing: Routing
+    default: Model
+    """The step's own model: serves every tier the step has no model for."""
+    idx: int = 0
+
+    def model_for(self, i: int) -> Model:
+        tier = self.routing.tiers[i]
+        tiers = self.run.tiers
+        return tiers.get(tier.name, self.default) if tiers is not None else self.default
+
+    @property
+    def model(self) -> Model:
+        return self.model_for(self.idx)
+
+    async def _affords(self, i: int, request: ModelRequest
+                       ) -> tuple[bool, float | None, float | None]:
+        """(one call on tier i fits the budget, its estimate, the headroom)."""
+        run = self.run
+        if run.next_is_replayed or run.replay_only or run.guard is None:
+            return True, None, None
+        headroom = await run.guard.headroom_usd()
+        if headroom is None:
+            return True, None, None
+        model = self.model_for(i)
+        usd, _ = estimate_call(request, model.provider, model.name)
+        return usd <= headroom + 1e-12, usd, headroom
+
+    async def _record(self, i: int, trigger: str, reason: str, *, from_tier: int | None = None,
+                      outcome: str = "chosen", estimate: float | None = None,
+                      headroom: float | None = None) -> None:
+        run = self.run
+        run.tier = self.routing.tiers[self.idx].name
+        if run.next_is_replayed or run.replay_only:
+            return  # decided when the call was first made, and recorded then
+        model = self.model_for(i)
+        await run.recorder.record_route(ModelRoutedData.model_validate({
+            "step_id": run.ctx.step_id, "agent": run.spec.name, "worker": run.ctx.worker,
+            "skill": run.skill.id, "tier": self.routing.tiers[i].name,
+            "provider": model.provider, "model": model.name, "trigger": trigger,
+            "reason": reason, "outcome": outcome, "estimate_usd": estimate,
+            "headroom_usd": headroom, "model_call": run.calls_so_far,
+            "from_tier": None if from_tier is None else self.routing.tiers[from_tier].name}))
+
+    async def _classify(self, step_input: dict[str, Any], before: BeforeModelCall | None
+                        ) -> tuple[int, str] | None:
+        """The classifier's pick (tier index, reason), or None when it gives none."""
+        spec = self.routing.classifier
+        assert spec is not None
+        names = [t.name for t in self.routing.tiers]
+        model = self.model_for(self.routing.index(spec.tier) if spec.tier else 0)
+        schema = {**CLASSIFIER_SCHEMA, "properties": {
+            **CLASSIFIER_SCHEMA["properties"], "tier": {"type": "string", "enum": names}}}
+        request = ModelRequest(
+            system=f"{spec.instructions}\nTiers, cheapest first: {', '.join(names)}.",
+            messages=[Message(role="user", content=json.dumps(
+                {"skill": self.run.skill.id, "input": step_input}, ensure_ascii=False,
+                sort_keys=True))],
+            output_schema=schema, max_tokens=spec.max_tokens)
+        try:
+            response = await self.run.call_model(model, request, before, purpose="route")
+        except ModelError:
+            return None
+        data, problem = parse_json_answer(response.text)
+        if problem is None and isinstance(data, dict) and data.get("tier") in names:
+            why = str(data.get("reason") or "")[:200]
+            return names.index(data["tier"]), (f"classifier {model.provider}/{model.name}: "
+                                               f"{data['tier']}" + (f" ({why})" if why else ""))
+        return None
+
+    async def start(self, step_input: dict[str, Any], request: ModelRequest,
+                    before: BeforeModelCall | None) -> StepOutcome | None:
+        """Choose the starting tier; a failed outcome when the budget rules it out."""
+        routing = self.routing
+        want, started_by, reason = routing.start(step_input, self.run.attempt)
+        trigger: str = started_by
+        if trigger == "default" and routing.classifier is not None:
+            picked = await self._classify(step_input, before)
+            if picked is not None:
+                want, reason = picked
+                trigger = "classifier"
+            else:
+                reason = "the default tier (the classifier gave no usable answer)"
+        ok, est, head = await self._affords(want, request)
+        if ok:
+            self.idx = want
+            await self._record(want, trigger, reason, estimate=est, headroom=head)
+            return None
+        wanted = routing.tiers[want].name
+        why = (f"remaining budget ${head:.6f} cannot cover one call on {wanted} "
+               f"(up to ${est:.6f})")
+        if routing.on_budget == "fail" or want == 0:
+            self.idx = want
+            await self._record(want, "budget", why, outcome="refused", estimate=est,
+                               headroom=head)
+            return self.run.failed("budget_exceeded", f"routing: {why}")
+        self.idx = 0
+        for j in range(want - 1, 0, -1):
+            if (await self._affords(j, request))[0]:
+                self.idx = j
+                break
+        await self._record(self.idx, "budget", f"{why}; stayed on "
+                           f"{routing.tiers[self.idx].name} ({reason} wanted {wanted})",
+                           outcome="stayed", estimate=est, headroom=head)
+        return None
+
+    async def escalate(self, kind: str, problem: str, request: ModelRequest
+                       ) -> StepOutcome | bool:
+        """Move one tier up after `kind` (True), stay (False), or fail the step."""
+        routing = self.routing
+        if kind not in routing.escalate_on or self.idx + 1 >= len(routing.tiers):
+            return False
+        up = self.idx + 1
+        ok, est, head = await self._affords(up, request)
+        wanted = routing.tiers[up].name
+        if ok:
+            was, self.idx = self.idx, up
+            await self._record(up, kind, problem[:500], from_tier=was, estimate=est,
+                               headroom=head)
+            return True
+        why = (f"{kind} ({problem[:200]}), but the remaining budget ${head:.6f} cannot "
+               f"cover one call on {wanted} (up to ${est:.6f})")
+        if routing.on_budget == "fail":
+            await self._record(up, "budget", why, from_tier=self.idx, outcome="refused",
+                               estimate=est, headroom=head)
+            return self.run.failed("budget_exceeded", f"routing: {why}")
+        await self._record(self.idx, "budget", why + f"; stayed on {routing.tiers[self.idx].name}",
+                           from_tier=self.idx, outcome="stayed", estimate=est, headroom=head)
+        return False
+
+
+async def _compacted(run: _Run, compactor: Compactor, messages: list[Message],
+                     request_base: dict[str, Any]) -> list[Message]:
+    """The messages to send: compacted first when the request would pass the limit."""
+    view = compactor.view(messages)
+    limit = compactor.policy.limit()
+    if limit is None:
+        return view
+    before = request_tokens(ModelRequest(messages=view, **request_base))
+    if before <= limit:
+        return view
+    ctx = run.ctx
+    replaced = compactor.compact(
+        messages, lambda name, args: idempotency_key(ctx.task_id, ctx.step_id, name, args))
+    if replaced is None:
+        return view
+    span, ordinals, keys = replaced
+    view = compactor.view(messages)
+    after = request_tokens(ModelRequest(messages=view, **request_base))
+    if not (run.next_is_replayed or run.replay_only):
+        assert compactor.summary is not None
+        await run.recorder.record_compaction(ContextCompactedData(
+            step_id=ctx.step_id, agent=run.spec.name, worker=ctx.worker,
+            summary=compactor.summary, messages=span, model_calls=ordinals, tool_calls=keys,
+            tokens_before=before, tokens_after=after, compaction=compactor.count))
+    return view
+
+
+def _correction(problem: str) -> Message:
+    return Message(
+        role="user",
+        content=(
+            f"Your final answer is invalid: {problem}. Reply again with only one JSON "
+            "object valid against the output schema given in the instructions."
+        ),
+    )
+
+
 async def _run_model(
     run: _Run,
     step_input: dict[str, Any],
@@ -438,24 +680,42 @@ async def _run_model(
     spec, skill, limits = run.spec, run.skill, run.spec.limits
     offered = spec.tools_for(skill.id)
     tools = {t.name: t for t in offered}
+    cost = spec.cost
+    validators = cost.validators.get(skill.id, [])
     request_base = {
         "system": build_system_prompt(spec, skill),
         "tools": [t.definition() for t in offered],
         "output_schema": skill.output_schema if skill.structured else None,
         "max_tokens": spec.model.max_tokens,
         "temperature": spec.model.temperature,
+        "cache_prefix": cost.prompt_cache,
     }
     messages = [
         Message(role="user", content=json.dumps(step_input, ensure_ascii=False, sort_keys=True))
     ]
+    compactor = (Compactor(cost.compaction, intent=f"{skill.name} ({skill.id}): "
+                           f"{skill.description}"[:300])
+                 if cost.compaction is not None and cost.compaction.applies(skill.id) else None)
+    routing = cost.routing.get(skill.id)
+    router = _Router(run, routing, model) if routing is not None else None
+    if router is not None:
+        refused = await router.start(
+            step_input, ModelRequest(messages=list(messages), **request_base), before)
+        if refused is not None:
+            return refused
     corrections = 0
     for _turn in range(limits.max_turns):
-        request = ModelRequest(messages=list(messages), **request_base)
+        view = (await _compacted(run, compactor, messages, request_base)
+                if compactor is not None else list(messages))
+        request = ModelRequest(messages=view, **request_base)
+        ordinal = run.calls_so_far
         try:
-            response = await run.call_model(model, request, before)
+            response = await run.call_model(router.model if router else model, request, before)
         except ModelError as exc:
             transient = isinstance(exc, ModelTransientError | ModelRetriesExhausted)
             return run.failed("model_error", str(exc), retryable=transient)
+        if compactor is not None:
+            compactor.note_model_call(len(messages), ordinal)
         messages.append(
             Message(role="assistant", content=response.text, tool_calls=response.tool_calls)
         )
@@ -476,27 +736,48 @@ async def _run_model(
                     )
                 )
             continue
+        kind = "invalid_output"
         if not skill.structured:
-            return run.outcome("completed", output={"text": response.text})
-        data, problem = parse_json_answer(response.text)
+            data: Any = {"text": response.text}
+            problem = None
+        else:
+            data, problem = parse_json_answer(response.text)
         if problem is None:
-            errors = schema_errors(skill.output_schema, data)
+            errors = schema_errors(skill.output_schema, data) if skill.structured else []
             if not errors and isinstance(data, dict):
-                return run.outcome("completed", output=data)
-            problem = "; ".join(errors) or "the answer must be a JSON object"
+                checks = validator_errors(validators, data)
+                if not checks:
+                    confidence = router.routing.confidence(data) if router else None
+                    if router is None or confidence is None \
+                            or confidence >= router.routing.min_confidence:
+                        return run.outcome("completed", output=data)
+                    low = (f"confidence {confidence:g} is below "
+                           f"{router.routing.min_confidence:g}")
+                    moved = await router.escalate("low_confidence", low, request)
+                    if isinstance(moved, StepOutcome):
+                        return moved
+                    if not moved:
+                        return run.outcome("completed", output=data)  # the best there is
+                    messages.append(Message(role="user", content=(
+                        f"Your answer's {low}. Check the step input and tool results "
+                        "again and give your final answer.")))
+                    continue
+                problem, kind = "; ".join(checks), "validator"
+            else:
+                problem = "; ".join(errors) or "the answer must be a JSON object"
+        if router is not None:
+            moved = await router.escalate(kind, problem, request)
+            if isinstance(moved, StepOutcome):
+                return moved
+            if moved:
+                messages.append(_correction(problem))
+                continue
         if corrections >= MAX_OUTPUT_CORRECTIONS:
-            reason = f"final answer invalid after {corrections} correction(s): {problem}"
-            return run.failed("invalid_output", reason)
+            label = "validators failed" if kind == "validator" else "final answer invalid"
+            return run.failed("invalid_output",
+                              f"{label} after {corrections} correction(s): {problem}")
         corrections += 1
-        messages.append(
-            Message(
-                role="user",
-                content=(
-                    f"Your final answer is invalid: {problem}. Reply again with only one JSON "
-                    "object valid against the output schema given in the instructions."
-                ),
-            )
-        )
+        messages.append(_correction(problem))
     return run.failed(
         "max_turns",
         f"step reached its turn limit (limits.max_turns={limits.max_turns}) without a final answer",
@@ -516,6 +797,9 @@ async def run_step(
     guard: StepGuard | None = None,
     replay_only: bool = False,
     dry_run_effects: bool = False,
+    attempt: int = 1,
+    tiers: Mapping[str, Model] | None = None,
+    tool_cache: ToolCache | None = None,
 ) -> StepOutcome:
     """Run one step of ``spec``'s skill ``skill_id`` on ``step_input``.
 
@@ -529,6 +813,11 @@ async def run_step(
     step ``replay_diverged`` (no model is called, no tool runs). ``dry_run_effects``:
     side-effecting tools are not run; the call is recorded with ``dry_run`` and a
     "would call" output.
+
+    Cost levers (``spec.cost``): a routed skill runs on the models of ``tiers`` (by tier
+    name; a tier missing there runs on ``model``), starting by its rules, ``attempt`` or
+    classifier and escalating as its routing says; ``tool_cache`` serves the read-only
+    tools that have a cache rule; compaction and prompt caching as configured.
     """
     unknown: UnknownSkill | None = None
     try:
@@ -544,6 +833,9 @@ async def run_step(
         guard=guard,
         replay_only=replay_only,
         dry_run_effects=dry_run_effects,
+        attempt=attempt,
+        tiers=tiers,
+        tool_cache=tool_cache,
     )
     if unknown is not None:
         return run.failed("invalid_input", str(unknown))

@@ -208,6 +208,10 @@ class ModelCalledData(_Strict):
     latency_ms: float = 0.0
     response: dict[str, Any]
     """The full neutral ModelResponse, so the run can be replayed with no model call."""
+    cache_read_tokens: int = 0
+    """Of input_tokens, read from the provider's prompt cache."""
+    cache_write_tokens: int = 0
+    """Of input_tokens, written to the provider's prompt cache."""
 
 
 class ToolCalledData(_Strict):
@@ -225,6 +229,8 @@ class ToolCalledData(_Strict):
     idempotency_key: str
     dry_run: bool = False
     """A fork's side effect that was not run: the call it would have made."""
+    cache_hit: bool = False
+    """A read-only call served from the tool-result cache (the tool did not run)."""
 
 
 class EffectStartedData(_Strict):
@@ -325,6 +331,77 @@ class BudgetExceededData(_Strict):
     would_be: float
 
 
+class ModelRoutedData(_Strict):
+    """A routing decision of a step (agents.routing): which model tier serves its next
+    model calls, and why."""
+
+    step_id: str
+    agent: str
+    worker: str | None = None
+    skill: str
+    tier: str
+    """The tier chosen (or, outcome `refused`, the one that could not be afforded)."""
+    provider: str
+    model: str
+    trigger: Literal["default", "rule", "classifier", "retry", "invalid_output",
+                     "validator", "low_confidence", "budget"]
+    """What decided: the default tier, an input rule, the classifier step, a retried
+    step, or an escalation (output against the schema, a validator, low confidence);
+    `budget`: the tier wanted could not be afforded."""
+    reason: str
+    from_tier: str | None = None
+    """The tier the step ran on before (escalations)."""
+    outcome: Literal["chosen", "stayed", "refused"] = "chosen"
+    """`stayed`: the budget kept the step on a cheaper tier; `refused`: the step fails."""
+    estimate_usd: float | None = None
+    """Upper bound of one call on the tier wanted."""
+    headroom_usd: float | None = None
+    """What the task's budget (and the step's slice) had left (None: no dollar limit)."""
+    model_call: int = 0
+    """How many model calls of the step came before the decision."""
+
+
+class ContextCompactedData(_Strict):
+    """The step loop summarised the older part of a step's context (agents.compaction):
+    the model saw `summary` instead of the messages it replaces from here on."""
+
+    step_id: str
+    agent: str
+    worker: str | None = None
+    summary: dict[str, Any]
+    """The anchored summary (intent, decisions, identifiers, facts, tool results digest,
+    open questions, next steps), merged with the earlier compactions' summary."""
+    messages: tuple[int, int]
+    """The half-open range of the step's conversation (0: the step input) it replaces."""
+    model_calls: list[int] = Field(default_factory=list)
+    """Ordinals (0-based, in the step) of the model calls whose turns it replaces."""
+    tool_calls: list[str] = Field(default_factory=list)
+    """Idempotency keys of the tool calls whose results it replaces."""
+    tokens_before: int
+    """Estimated tokens of the context before, then after, compaction."""
+    tokens_after: int
+    compaction: int = 1
+    """1 for the step's first compaction, then 2, ..."""
+
+
+class McpToolsChangedData(_Strict):
+    """An MCP server's tool list differs from the one its agent pinned at start."""
+
+    step_id: str | None = None
+    """The step before which the change was seen (its log holds this event)."""
+    agent: str
+    server: str
+    pinned_hash: str
+    current_hash: str
+    added: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    changed: list[str] = Field(default_factory=list)
+    """Tools whose description, schema or annotations changed."""
+    action: Literal["refused", "accepted"]
+    """refused: the server's tools are denied until the agent restarts; accepted: the
+    new list is used from this step on."""
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -389,6 +466,16 @@ class EffectStarted(_Event):
     data: EffectStartedData
 
 
+class ModelRouted(_Event):
+    type: Literal["jetmesh.model.routed.v1"] = "jetmesh.model.routed.v1"
+    data: ModelRoutedData
+
+
+class ContextCompacted(_Event):
+    type: Literal["jetmesh.context.compacted.v1"] = "jetmesh.context.compacted.v1"
+    data: ContextCompactedData
+
+
 class StepCompleted(_Event):
     type: Literal["jetmesh.step.completed.v1"] = "jetmesh.step.completed.v1"
     data: StepCompletedData
@@ -444,6 +531,11 @@ class BudgetExceeded(_Event):
     data: BudgetExceededData
 
 
+class McpToolsChanged(_Event):
+    type: Literal["jetmesh.mcp.tools_changed.v1"] = "jetmesh.mcp.tools_changed.v1"
+    data: McpToolsChangedData
+
+
 Event = Annotated[
     TaskSubmitted
     | TaskRejected
@@ -463,7 +555,10 @@ Event = Annotated[
     | ApprovalRequested
     | ApprovalGranted
     | ApprovalDenied
-    | BudgetExceeded,
+    | BudgetExceeded
+    | ModelRouted
+    | ContextCompacted
+    | McpToolsChanged,
     Field(discriminator="type"),
 ]
 """Any ledger event, discriminated on its versioned `type`."""
@@ -477,7 +572,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         ToolCalled, EffectStarted, StepCompleted, StepFailed, TaskCompleted, TaskFailed,
         TaskCanceled,
         CancelRequested, PolicyDecided, ApprovalRequested, ApprovalGranted, ApprovalDenied,
-        BudgetExceeded,
+        BudgetExceeded, ModelRouted, ContextCompacted, McpToolsChanged,
     )
 )
 

@@ -74,6 +74,14 @@ BUCKET_AGENTS = "jm-agents"
 BUCKET_BUDGETS = "jm-budgets"
 BUCKET_STATS = "jm-stats"
 """One record per finished task (`task.<task_id>`), written by the telemetry role."""
+BUCKET_TOOL_CACHE = "jm-toolcache"
+"""Cached results of read-only tools (agents.toolcache), keyed by scope and call hash."""
+BUCKET_TASKS = "jm-tasks"
+"""Task summaries and pending approvals (`task.<task_id>`), projected from the ledger
+(orchestrator.tasks_kv); listings read these, not the ledger."""
+BUCKET_A2A_PUSH = "jm-a2a-push"
+"""The A2A gateway's push-notification configs (`cfg.<task>.<id>`) and their delivery
+cursors (`cur.<task>.<id>`: the last ledger sequence the webhook accepted)."""
 BUCKET_EXTERNAL = "jm-external-agents"
 """External A2A agents added by URL (their fetched cards), served by the bridge worker."""
 

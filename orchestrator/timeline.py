@@ -47,6 +47,17 @@ def describe(e: ev.Event, *, detail: bool = True) -> str:
         case ev.BudgetExceeded():
             return (f"budget exceeded ({e.data.kind}): limit {e.data.limit:g}, "
                     f"would be {e.data.would_be:.6g}")
+        case ev.ModelRouted():
+            r = e.data
+            how = {"chosen": "", "stayed": " (budget: stayed)", "refused": " (refused)"}
+            return (f"route {r.step_id} -> {r.tier} {r.provider}/{r.model} [{r.trigger}"
+                    f"{', from ' + r.from_tier if r.from_tier else ''}]{how[r.outcome]}: "
+                    f"{r.reason}")
+        case ev.ContextCompacted():
+            c = e.data
+            return (f"context {c.step_id} compacted #{c.compaction}: messages "
+                    f"{c.messages[0]}-{c.messages[1]} summarised, {c.tokens_before} -> "
+                    f"{c.tokens_after} tok")
         case ev.StepCompleted():
             return f"step {e.data.step_id} completed" + (
                 f": {_clip(e.data.output, 100)}" if detail else "")

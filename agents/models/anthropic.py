@@ -18,6 +18,7 @@ from jetmesh.agents.models.types import (
     ToolCall,
     Usage,
 )
+from jetmesh.bus.tracing import traced
 
 __all__ = ["DEFAULT_ANTHROPIC_MODEL", "AnthropicModel", "to_anthropic_request"]
 
@@ -77,16 +78,38 @@ def to_anthropic_request(request: ModelRequest, model: str) -> dict[str, Any]:
         "max_tokens": request.max_tokens,
         "messages": messages,
     }
-    if system:
+    tools = [
+        {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+        for t in request.tools
+    ]
+    if request.cache_prefix:
+        _mark_cacheable(system, tools, messages, body)
+    elif system:
         body["system"] = system
-    if request.tools:
-        body["tools"] = [
-            {"name": t.name, "description": t.description, "input_schema": t.input_schema}
-            for t in request.tools
-        ]
+    if tools:
+        body["tools"] = tools
     if request.temperature is not None:
         body["temperature"] = request.temperature
     return body
+
+
+CACHE_CONTROL: dict[str, Any] = {"type": "ephemeral"}
+"""The prompt-cache breakpoint marker (5-minute cache)."""
+
+
+def _mark_cacheable(system: str, tools: list[dict[str, Any]],
+                    messages: list[dict[str, Any]], body: dict[str, Any]) -> None:
+    """Two cache breakpoints: the stable prefix (tools, then system: the breakpoint on
+    the system block covers both, on the last tool when there is no system prompt) and
+    the last block of the conversation, so the next turn of a step reads everything
+    before its new messages from the cache."""
+    if system:
+        body["system"] = [{"type": "text", "text": system, "cache_control": CACHE_CONTROL}]
+    elif tools:
+        tools[-1] = {**tools[-1], "cache_control": CACHE_CONTROL}
+    if messages and messages[-1]["content"]:
+        last = messages[-1]["content"]
+        last[-1] = {**last[-1], "cache_control": CACHE_CONTROL}
 
 
 def from_anthropic_response(message: AnthropicMessage, model: str) -> ModelResponse:
@@ -107,12 +130,20 @@ def from_anthropic_response(message: AnthropicMessage, model: str) -> ModelRespo
         model=message.model or model,
         text="".join(texts),
         tool_calls=calls,
-        usage=Usage(
-            input_tokens=message.usage.input_tokens, output_tokens=message.usage.output_tokens
-        ),
+        usage=_usage(message),
         stop_reason=message.stop_reason or "",
         raw=message.model_dump(mode="json"),
     )
+
+
+def _usage(message: AnthropicMessage) -> Usage:
+    """Anthropic counts cache reads and writes apart from ``input_tokens``; jetmesh's
+    ``input_tokens`` is the whole input, of which the cache fields are parts."""
+    u = message.usage
+    read = u.cache_read_input_tokens or 0
+    write = u.cache_creation_input_tokens or 0
+    return Usage(input_tokens=u.input_tokens + read + write, output_tokens=u.output_tokens,
+                 cache_read_tokens=read, cache_write_tokens=write)
 
 
 class AnthropicModel:
@@ -132,8 +163,10 @@ class AnthropicModel:
     ) -> None:
         self.name = name
         self.retry = retry or RetryPolicy()
+        # `traced`: each call carries the step's trace context (and a live span).
         self._client = client or anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0
+            api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0,
+            http_client=traced(anthropic.DefaultAsyncHttpxClient(timeout=timeout_s)),
         )
 
     @property

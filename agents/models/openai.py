@@ -16,6 +16,7 @@ from jetmesh.agents.models.errors import ModelError, ModelResponseError
 from jetmesh.agents.models.retry import RetryPolicy, call_with_retries
 from jetmesh.agents.models.switch import check_model_request_allowed
 from jetmesh.agents.models.types import ModelRequest, ModelResponse, ToolCall, Usage
+from jetmesh.bus.tracing import traced
 
 __all__ = ["DEFAULT_OPENAI_MODEL", "OpenAIModel", "to_openai_request"]
 
@@ -134,6 +135,9 @@ def from_openai_response(completion: ChatCompletion, model: str) -> ModelRespons
         usage=Usage(
             input_tokens=usage.prompt_tokens if usage else 0,
             output_tokens=usage.completion_tokens if usage else 0,
+            # Automatic prompt caching: the cached part of prompt_tokens.
+            cache_read_tokens=(usage.prompt_tokens_details.cached_tokens or 0)
+            if usage and usage.prompt_tokens_details else 0,
         ),
         stop_reason=choice.finish_reason or "",
         raw=completion.model_dump(mode="json"),
@@ -168,8 +172,9 @@ class OpenAIModel:
         if client is None:
             if api_key is None and not os.environ.get("OPENAI_API_KEY") and base_url:
                 api_key = "unused"  # local OpenAI-compatible servers need no key
-            client = openai.AsyncOpenAI(
-                api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0
+            client = openai.AsyncOpenAI(  # `traced`: see AnthropicModel
+                api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0,
+                http_client=traced(openai.DefaultAsyncHttpxClient(timeout=timeout_s)),
             )
         self._client = client
         official = self._client.base_url.host == "api.openai.com"

@@ -30,6 +30,10 @@ class Price(BaseModel):
 
     input_per_mtok: float
     output_per_mtok: float
+    cache_read_per_mtok: float | None = None
+    """Input tokens read from the prompt cache; None: the input price."""
+    cache_write_per_mtok: float | None = None
+    """Input tokens written to the prompt cache; None: the input price."""
 
 
 PriceTable = dict[str, dict[str, Price]]
@@ -73,7 +77,8 @@ def price_for(provider: str, model: str) -> Price | None:
 
 
 def cost_usd(provider: str, model: str, usage: Usage) -> float:
-    """USD cost of ``usage``; unknown models cost 0 (warned once per model)."""
+    """USD cost of ``usage``: uncached input, cache reads and cache writes each at their
+    price, plus output; unknown models cost 0 (warned once per model)."""
     price = price_for(provider, model)
     if price is None:
         with _warned_lock:
@@ -82,9 +87,17 @@ def cost_usd(provider: str, model: str, usage: Usage) -> float:
         if first:
             log.warning("no price known for %s/%s: counting its cost as 0", provider, model)
         return 0.0
+    read = max(0, usage.cache_read_tokens)
+    write = max(0, usage.cache_write_tokens)
+    uncached = max(0, usage.input_tokens - read - write)
+    read_price = price.input_per_mtok if price.cache_read_per_mtok is None \
+        else price.cache_read_per_mtok
+    write_price = price.input_per_mtok if price.cache_write_per_mtok is None \
+        else price.cache_write_per_mtok
     return (
         float(
-            usage.input_tokens * price.input_per_mtok + usage.output_tokens * price.output_per_mtok
+            uncached * price.input_per_mtok + read * read_price + write * write_price
+            + usage.output_tokens * price.output_per_mtok
         )
         / 1_000_000
     )

@@ -47,7 +47,12 @@ class Usage(BaseModel):
     """Token usage of one model call."""
 
     input_tokens: int = 0
+    """All input tokens, cached ones included (the cache fields are parts of it)."""
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    """Input tokens read from the provider's prompt cache (priced at its cache-read price)."""
+    cache_write_tokens: int = 0
+    """Input tokens written to the provider's prompt cache (its cache-write price)."""
 
 
 class ModelRequest(BaseModel):
@@ -60,6 +65,9 @@ class ModelRequest(BaseModel):
     """When set, the final answer must be JSON matching this schema."""
     max_tokens: int = 1024
     temperature: float | None = None
+    cache_prefix: bool = False
+    """Mark the stable prefix (tools, system prompt) and the conversation so far as
+    cacheable where the provider needs it marked (Anthropic ``cache_control``)."""
 
 
 class ModelResponse(BaseModel):
