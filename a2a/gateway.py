@@ -89,6 +89,7 @@ from .tasks import (
     skill_workflow,
     task_from_state,
 )
+from .ui import mount as ui_mount
 
 __all__ = ["GatewayServer", "GatewaySettings", "MeshRequestHandler", "build_app"]
 
@@ -413,6 +414,7 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
         *create_agent_card_routes(cards.mesh(), card_modifier=live_mesh_card,
                                   cache_control=cache),
         Mount("/agents/{name}", app=_AgentApps(agent_app)),
+        ui_mount(client, registry),  # the dashboard at /ui (a2a/ui)
         *create_jsonrpc_routes(handler, "/"),
         *create_rest_routes(handler),
     ]

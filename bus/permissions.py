@@ -28,7 +28,8 @@ Roles:
   run time: an agent's permissions over every skill (see LIMITS).
 - **memory**: answers `jm.memory.*`, its `memory-episodes` consumer on the ledger.
 - **gateway**: submits tasks, cancels them, reads and follows the ledger, reads the
-  registry. It cannot approve.
+  registry; for the dashboard it keeps the `jm-tasks` projection, reads `jm-stats` and
+  lists dead letters. It cannot approve.
 - **telemetry**: reads the ledger and pulls its own `telemetry` durable on the task
   events (traces derived from the ledger); writes only its `jm-stats` projection.
 
@@ -422,6 +423,14 @@ def gateway_permissions(options: Options | None = None) -> Permissions:
     pub.append(subjects.ALL_CONTROL)  # cancel over A2A (never approvals)
     pub += direct_get(subjects.STREAM_LEDGER) + ordered_reader(subjects.STREAM_LEDGER)
     pub += kv_read(subjects.BUCKET_AGENTS) + ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
+    # The dashboard (a2a/ui): it projects task summaries into jm-tasks and watches them,
+    # reads the stats projection and lists dead letters. (Approvals and redrives use
+    # the approver's and the admin's own logins, never this user.)
+    tasks_kv = kv_stream(subjects.BUCKET_TASKS)
+    pub += stream_declare([tasks_kv]) + kv_read(subjects.BUCKET_TASKS)
+    pub += kv_write(subjects.BUCKET_TASKS) + ordered_reader(tasks_kv)
+    pub += kv_read(subjects.BUCKET_STATS) + ordered_reader(kv_stream(subjects.BUCKET_STATS))
+    pub += direct_get(subjects.STREAM_DLQ)
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 

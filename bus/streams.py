@@ -156,3 +156,4 @@ async def declare_buckets(js: JetStreamContext, settings: BusSettings | None = N
     await ensure_bucket(js, subjects.BUCKET_BUDGETS, replicas=s.replicas, max_age_s=7 * 86400)
     await ensure_bucket(js, subjects.BUCKET_EXTERNAL, replicas=s.replicas, max_age_s=0.0)
     await ensure_bucket(js, subjects.BUCKET_STATS, replicas=s.replicas, max_age_s=30 * 86400)
+    await ensure_bucket(js, subjects.BUCKET_TASKS, replicas=s.replicas, max_age_s=30 * 86400)
