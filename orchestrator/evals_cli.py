@@ -32,6 +32,17 @@ def parse_models(values: list[str] | None) -> dict[str, str]:
     return out
 
 
+def cost_change(base: dict[str, Any], new: dict[str, Any]) -> str:
+    """One line: NEW's cost against BASE's, at their pass rates (e.g. routing against
+    all-strong)."""
+    b, n = base["summary"], new["summary"]
+    change = (f" ({(n['cost_usd'] - b['cost_usd']) / b['cost_usd']:+.1%})"
+              if b["cost_usd"] else "")
+    return (f"cost ${b['cost_usd']:.6f} -> ${n['cost_usd']:.6f}{change} · tokens "
+            f"{b['tokens']} -> {n['tokens']} · pass rate {b['pass_rate']:.0%} -> "
+            f"{n['pass_rate']:.0%}")
+
+
 def print_report(rep: dict[str, Any]) -> None:
     from jetmesh.orchestrator.cli import console
 
@@ -174,8 +185,9 @@ def register(app: typer.Typer) -> None:
         from jetmesh.orchestrator.cli import console
         from jetmesh.orchestrator.evals import compare_reports
 
-        regressions = compare_reports(json.loads(base.read_text()),
-                                      json.loads(new.read_text()), threshold)
+        b, n = json.loads(base.read_text()), json.loads(new.read_text())
+        regressions = compare_reports(b, n, threshold)
+        console.print(escape(cost_change(b, n)))
         for r in regressions:
             console.print(f"[red]regression:[/] {escape(r)}")
         if not regressions:

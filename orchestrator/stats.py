@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from jetmesh.bus import events as ev
@@ -27,6 +28,22 @@ from jetmesh.orchestrator.state import fold
 STATS_TTL_S = 30 * 86400.0
 """How long a task's record is kept in the projection."""
 BY = ("workflow", "agent", "model")
+
+
+_COUNTS = ("cost_usd", "model_calls", "tool_calls", "tokens", "input_tokens",
+           "cache_read_tokens", "cache_write_tokens", "tool_cache_hits", "escalations")
+"""What a task's record counts per agent and per model (older records lack the later
+ones: they count 0)."""
+
+
+def _row() -> dict[str, float]:
+    return {k: 0.0 if k == "cost_usd" else 0 for k in _COUNTS}
+
+
+def cache_hit_rate(group: dict[str, Any]) -> float | None:
+    """Share of the input tokens read from a prompt cache (None: no input)."""
+    n = group.get("input_tokens", 0)
+    return group.get("cache_read_tokens", 0) / n if n else None
 
 
 def _key(task_id: str) -> str:
@@ -46,21 +63,28 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry]) -> dict[str, Any]
     budget_refusals = retries = 0
     wait_s = 0.0
     asked: dict[str, datetime] = {}
+    silent_failures = 0
     for entry in entries:
         e = entry.event
         match e:
             case ev.ModelCalled():
                 d = e.data
                 for table, name in ((agents, d.agent), (models, f"{d.provider}/{d.model}")):
-                    row = table.setdefault(name, {"cost_usd": 0.0, "model_calls": 0,
-                                                  "tool_calls": 0, "tokens": 0})
+                    row = table.setdefault(name, _row())
                     row["cost_usd"] += d.cost_usd
                     row["model_calls"] += 1
                     row["tokens"] += d.input_tokens + d.output_tokens
+                    row["input_tokens"] += d.input_tokens
+                    row["cache_read_tokens"] += d.cache_read_tokens
+                    row["cache_write_tokens"] += d.cache_write_tokens
             case ev.ToolCalled():
-                row = agents.setdefault(e.data.agent, {"cost_usd": 0.0, "model_calls": 0,
-                                                       "tool_calls": 0, "tokens": 0})
+                row = agents.setdefault(e.data.agent, _row())
                 row["tool_calls"] += 1
+                row["tool_cache_hits"] += e.data.cache_hit
+            case ev.ModelRouted():
+                row = agents.setdefault(e.data.agent, _row())
+                row["escalations"] += e.data.from_tier is not None and e.data.outcome == "chosen"
+                silent_failures += e.data.trigger == "validator"
             case ev.ApprovalRequested():
                 approvals["requested"] += 1
                 asked[f"{e.data.step_id}/{e.data.tool}/{e.data.args_hash}"] = e.time
@@ -94,15 +118,18 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry]) -> dict[str, Any]
         "approval_wait_s": wait_s,
         "budget_refusals": budget_refusals,
         "retries": retries,
+        "silent_failures_caught": silent_failures,
         "agents": agents,
         "models": models,
     }
 
 
-async def put_summary(js: JetStreamContext, summary: dict[str, Any]) -> None:
-    """Store one task's record (the same value again for the same task: idempotent)."""
-    kv = await js.key_value(subjects.BUCKET_STATS)
-    await kv.put(_key(summary["task_id"]), json.dumps(summary, sort_keys=True).encode())
+async def put_summary(js: JetStreamContext, summary: dict[str, Any], *,
+                      kv: KeyValue | None = None) -> None:
+    """Store one task's record (the same value again for the same task: idempotent).
+    `kv`: the bucket, when the caller keeps it (no lookup per record)."""
+    bucket = kv or await js.key_value(subjects.BUCKET_STATS)
+    await bucket.put(_key(summary["task_id"]), json.dumps(summary, sort_keys=True).encode())
 
 
 async def read_summaries(js: JetStreamContext) -> list[dict[str, Any]]:
@@ -159,6 +186,7 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "approval_wait_s": sum(r["approval_wait_s"] for r in rows),
         "budget_refusals": sum(r["budget_refusals"] for r in rows),
         "retries": sum(r["retries"] for r in rows),
+        "silent_failures_caught": sum(r.get("silent_failures_caught", 0) for r in rows),
         "failure_reasons": reasons,
         "latency_s": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
     }
@@ -182,12 +210,13 @@ def aggregate(records: Iterable[dict[str, Any]], *, since: datetime | None = Non
         per: dict[str, dict[str, Any]] = {}
         for r in rows:
             for name, row in r[table].items():
-                g = per.setdefault(name, {"tasks": 0, "completed": 0, "cost_usd": 0.0,
-                                          "model_calls": 0, "tool_calls": 0, "tokens": 0})
+                g = per.setdefault(name, {"tasks": 0, "completed": 0, **_row()})
                 g["tasks"] += 1
                 g["completed"] += r["status"] == "completed"
-                for k in ("cost_usd", "model_calls", "tool_calls", "tokens"):
-                    g[k] += row[k]
+                for k in _COUNTS:
+                    g[k] += row.get(k, 0)
+        for g in per.values():
+            g["prompt_cache_hit_rate"] = cache_hit_rate(g)
         out[f"by_{by}"] = dict(sorted(per.items()))
     elif by is not None:
         raise ValueError(f"--by must be one of {', '.join(BY)}")

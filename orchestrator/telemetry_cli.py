@@ -215,6 +215,7 @@ def stats_cmd(
               f"{ap['requested']}/{ap['granted']}/{ap['denied']}")
     t.add_row("budget refusals", str(a["budget_refusals"]))
     t.add_row("retries", str(a["retries"]))
+    t.add_row("silent failures caught", str(a.get("silent_failures_caught", 0)))
     for k, v in sorted(a["failure_reasons"].items()):
         t.add_row(f"  failed: {k}", str(v))
     lat = a["latency_s"]
@@ -235,10 +236,13 @@ def stats_cmd(
                           _num(f["cost_per_completed_task"], "{:.6f}"),
                           _num(f["latency_s"]["p95"], "{:.2f}"))
         else:
-            for col in ("tasks", "completed", "cost", "model calls", "tool calls", "tokens"):
+            for col in ("tasks", "completed", "cost", "model calls", "tool calls", "tokens",
+                        "prompt cache hits", "tool cache hits", "escalations"):
                 g.add_column(col, justify="right")
             for name, f in groups.items():
                 g.add_row(escape(name), str(f["tasks"]), str(f["completed"]),
                           f"{f['cost_usd']:.6f}", str(f["model_calls"]),
-                          str(f["tool_calls"]), str(f["tokens"]))
+                          str(f["tool_calls"]), str(f["tokens"]),
+                          _num(f.get("prompt_cache_hit_rate"), "{:.1%}"),
+                          str(f.get("tool_cache_hits", 0)), str(f.get("escalations", 0)))
         console.print(g)
