@@ -12,7 +12,9 @@ from typing import Any
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
+from .cost import CostPolicy
 from .errors import SpecError, UnknownSkill
+from .mcp.config import McpServerConfig
 from .tools import Tool
 
 __all__ = [
@@ -193,6 +195,14 @@ class AgentSpec:
     limits: Limits = field(default_factory=Limits)
     direct: dict[str, str] = field(default_factory=dict)
     """skill id -> tool name: the skill is served by that tool alone, with no model."""
+    cost: CostPolicy = field(default_factory=CostPolicy)
+    """Routing, validators, prompt and tool caching, compaction (agents.cost)."""
+    mcp_servers: list[McpServerConfig] = field(default_factory=list)
+    """MCP servers whose tools the agent uses, as ``<server>__<tool>`` (listed when the
+    worker starts; skills and ``direct`` may name them before that)."""
+    mcp_tool_hashes: dict[str, str] = field(default_factory=dict)
+    """server -> hash of the tool list the agent runs with (set when its tools are
+    attached; shown in the card)."""
 
     def __post_init__(self) -> None:
         ids = [s.id for s in self.skills]
@@ -201,6 +211,13 @@ class AgentSpec:
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
             raise SpecError(self.name, f"duplicate tool names in {names}")
+        servers = [m.name for m in self.mcp_servers]
+        if len(set(servers)) != len(servers):
+            raise SpecError(self.name, f"duplicate MCP server names in {servers}")
+        # MCP tools are known once their server lists them, when the worker starts.
+        names = names + [n for n in [*(t for s in self.skills for t in s.tools or ()),
+                                     *self.direct.values()]
+                         if n.split("__", 1)[0] in servers and "__" in n]
         for s in self.skills:
             missing = sorted(set(s.tools or ()) - set(names))
             if missing:

@@ -47,6 +47,7 @@ from jetmesh.bus.events import (
     CancelRequested,
     EffectStarted,
     Event,
+    McpToolsChanged,
     ModelCalled,
     PolicyDecided,
     StepCompleted,
@@ -152,6 +153,8 @@ def subject_for(event: Event) -> str:
     if isinstance(event, StepStarted | ToolCalled | StepCompleted | StepFailed
                   | PolicyDecided | ApprovalRequested | EffectStarted):
         return subjects.step_events(task, event.data.step_id)
+    if isinstance(event, McpToolsChanged) and event.data.step_id:
+        return subjects.step_log(task, event.data.step_id)
     if isinstance(event, BudgetExceeded) and event.data.step_id:
         return subjects.step_events(task, event.data.step_id)
     if isinstance(event, ApprovalGranted | ApprovalDenied):

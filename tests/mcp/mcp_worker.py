@@ -1,0 +1,44 @@
+"""A worker process for the kill test: the MCP agent, with a model that calls
+``fx__lookup`` and ``web__write_note`` and then answers, or (with ``MCP_TEST_HANG``
+set) writes that file and hangs before answering, to be killed there."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mcp_support import HttpServer, McpServerConfig, StdioServer, agent_spec
+
+from jetmesh.agents.models.sim import FunctionModel
+from jetmesh.agents.models.types import ModelRequest, ToolCall
+from jetmesh.agents.worker import run_worker
+
+SERVER = Path(__file__).parent / "servers" / "fixture_server.py"
+
+
+async def turn(request: ModelRequest) -> object:
+    if not any(m.role == "tool" for m in request.messages):
+        return [ToolCall(id="c1", name="fx__lookup", arguments={"key": "alpha"}),
+                ToolCall(id="c2", name="web__write_note", arguments={"text": "hello"})]
+    hang = os.environ.get("MCP_TEST_HANG")
+    if hang:
+        await asyncio.to_thread(Path(hang).write_text, "at the final turn")
+        await asyncio.Event().wait()
+    return "noted: " + " | ".join(m.content[-40:] for m in request.messages if m.role == "tool")
+
+
+async def main() -> None:
+    stdio = McpServerConfig(name="fx", read_only=["lookup"], transport=StdioServer(
+        command=sys.executable, args=[str(SERVER), "stdio"],
+        env={"FIXTURE_DIR": os.environ["FIXTURE_DIR"]}))
+    http = McpServerConfig(name="web", transport=HttpServer(url=os.environ["HTTP_URL"]))
+    spec = agent_spec(stdio, http, name="mcp-kill", skill="mcp_kill")
+    await run_worker(spec, os.environ["NATS_URL"], model=FunctionModel(turn))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,207 @@
+"""MCP tools against real fixture servers (subprocesses built with the SDK): schemas,
+risk levels, validation, untrusted output, and the resilience of each server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mcp_support import Fixture, HttpFixture, stdio_config
+
+from jetmesh.agents.mcp import HttpServer
+from jetmesh.agents.mcp.toolset import McpTool, McpToolset
+from jetmesh.agents.spec import AgentSpec, SkillSpec
+from jetmesh.agents.tools import ToolContext
+
+CTX = ToolContext(task_id="t1", step_id="s1", agent="mcp-test")
+
+
+def spec_with(*servers: object) -> AgentSpec:
+    return AgentSpec(name="mcp-test", description="d", mcp_servers=list(servers),  # type: ignore[arg-type]
+                     skills=[SkillSpec(id="ask", name="Ask", description="d")])
+
+
+def tools_of(spec: AgentSpec) -> dict[str, McpTool]:
+    return {t.name: t for t in spec.tools if isinstance(t, McpTool)}
+
+
+async def test_stdio_tools_schemas_risks_and_calls(fixture_dir: Fixture) -> None:
+    spec = spec_with(stdio_config(fixture_dir, read_only=["slow"], irreversible=["transfer"]))
+    toolset = await McpToolset.open(spec)
+    try:
+        bound = toolset.attach(spec)
+        tools = tools_of(bound)
+        assert [t.name for t in bound.tools] == sorted(t.name for t in bound.tools)
+        assert set(tools) == {"fx__crash", "fx__lookup", "fx__slow", "fx__transfer",
+                              "fx__write_note"}
+        # The server's schema is what the model sees.
+        assert tools["fx__lookup"].definition().input_schema["required"] == ["key"]
+        # Risk: write unless configured (or trusted annotations); destructive raises it.
+        assert tools["fx__lookup"].risk == "write"  # readOnlyHint, but not trusted
+        assert tools["fx__slow"].risk == "read" and not tools["fx__slow"].side_effects
+        assert tools["fx__write_note"].risk == "write" and tools["fx__write_note"].side_effects
+        assert tools["fx__transfer"].risk == "irreversible"
+        assert bound.mcp_tool_hashes == {"fx": toolset.servers["fx"].hash}
+
+        ok = await tools["fx__lookup"].invoke({"key": "alpha"}, CTX)
+        assert ok.ok and ok.output == {"text": "first", "structured": {"result": "first"}}
+        # Arguments are checked here, against the server's schema: nothing is sent.
+        bad = await tools["fx__lookup"].invoke({"key": 3}, CTX)
+        assert not bad.ok and bad.kind == "invalid_arguments" and "key" in (bad.error or "")
+        assert [c["args"] for c in fixture_dir.calls("lookup")] == [{"key": "alpha"}]
+        # Output is shown to the model as untrusted data.
+        evil = await tools["fx__lookup"].invoke({"key": "evil"}, CTX)
+        content = tools["fx__lookup"].content_for_model(evil)
+        assert content.startswith('<untrusted-data source="tool:fx__lookup">')
+    finally:
+        await toolset.aclose()
+
+
+def test_skills_may_name_mcp_tools_before_they_are_listed(fixture_dir: Fixture) -> None:
+    import pytest
+
+    from jetmesh.agents.errors import SpecError
+
+    skill = SkillSpec(id="ask", name="Ask", description="d", tools=["fx__lookup"])
+    AgentSpec(name="a", description="d", skills=[skill], mcp_servers=[stdio_config(fixture_dir)])
+    with pytest.raises(SpecError, match="unknown tools"):
+        AgentSpec(name="a", description="d", skills=[skill])
+
+
+async def test_trusted_annotations_make_tools_read_only(fixture_dir: Fixture) -> None:
+    spec = spec_with(stdio_config(fixture_dir, trust_annotations=True))
+    toolset = await McpToolset.open(spec)
+    try:
+        tools = tools_of(toolset.attach(spec))
+        assert tools["fx__lookup"].risk == "read"
+        assert tools["fx__write_note"].risk == "write"
+        assert tools["fx__transfer"].risk == "irreversible"
+    finally:
+        await toolset.aclose()
+
+
+async def test_killed_server_breaker_opens_then_half_open_probe_closes(
+        fixture_dir: Fixture) -> None:
+    spec = spec_with(stdio_config(fixture_dir, trust_annotations=True, retries=0,
+                                  breaker_threshold=2, breaker_reset_s=0.5))
+    toolset = await McpToolset.open(spec)
+    try:
+        tools = tools_of(toolset.attach(spec))
+        server = toolset.servers["fx"]
+        for _ in range(2):  # the server dies in the middle of each call
+            died = await tools["fx__crash"].invoke({}, CTX)
+            assert not died.ok and died.kind == "exception"
+            assert "connection lost" in (died.error or "")
+        assert server.breaker.current == "open"
+        refused = await tools["fx__lookup"].invoke({"key": "alpha"}, CTX)
+        assert refused.kind == "denied" and "circuit open" in (refused.error or "")
+        assert fixture_dir.calls("lookup") == []  # the open breaker made no call
+        await asyncio.sleep(server.breaker.retry_in_s() + 0.02)  # the breaker's own clock
+        assert server.breaker.current == "half_open"
+        probe = await tools["fx__lookup"].invoke({"key": "alpha"}, CTX)  # reconnects
+        assert probe.ok and server.breaker.current == "closed"
+        assert server.connection.connects == 3  # first, after each crash
+        pids = {c["pid"] for c in fixture_dir.calls()}
+        assert len(pids) == 3
+    finally:
+        await toolset.aclose()
+
+
+async def test_read_only_calls_retry_writes_do_not(fixture_dir: Fixture) -> None:
+    spec = spec_with(stdio_config(fixture_dir, trust_annotations=True, retries=2,
+                                  backoff_s=0.01, breaker_threshold=10))
+    toolset = await McpToolset.open(spec)
+    try:
+        tools = tools_of(toolset.attach(spec))
+        # crash is read-only: retried twice (three server processes), then a clear error.
+        out = await tools["fx__crash"].invoke({}, CTX)
+        assert not out.ok and "after 3 attempts" in (out.error or "")
+        assert len(fixture_dir.calls("crash")) == 3
+    finally:
+        await toolset.aclose()
+    spec = spec_with(stdio_config(fixture_dir, retries=2, backoff_s=0.01))
+    toolset = await McpToolset.open(spec)
+    try:
+        tools = tools_of(toolset.attach(spec))
+        assert tools["fx__crash"].risk == "write"  # annotations not trusted
+        out = await tools["fx__crash"].invoke({}, CTX)
+        assert not out.ok and "not retried: a write may already have taken effect" in (
+            out.error or "")
+        assert len(fixture_dir.calls("crash")) == 4
+    finally:
+        await toolset.aclose()
+
+
+async def test_hanging_server_times_out_and_is_restarted(fixture_dir: Fixture) -> None:
+    spec = spec_with(stdio_config(fixture_dir, read_only=["*"], retries=0, timeout_s=1.0))
+    toolset = await McpToolset.open(spec)
+    try:
+        tools = tools_of(toolset.attach(spec))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await tools["fx__slow"].invoke({"seconds": 30}, CTX)
+        assert not out.ok and out.kind == "timeout" and "within 1s" in (out.error or "")
+        assert loop.time() - t0 < 5
+        # The hung process was dropped: the next call runs on a fresh one at once.
+        after = await tools["fx__lookup"].invoke({"key": "beta"}, CTX)
+        assert after.ok and after.output and after.output["text"] == "second"
+    finally:
+        await toolset.aclose()
+
+
+async def test_http_bearer_401_refreshed_once_then_clear_error(
+        http_server: HttpFixture, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token_file = tmp_path / "token"
+    token_file.write_text("old")
+    http_server.set("token", "old")
+    cfg = http_server.config(transport=HttpServer(url=http_server.url,
+                                                  bearer_token_file=token_file),
+                             read_only=["lookup"])
+    toolset = await McpToolset.open(spec_with(cfg))
+    try:
+        tools = tools_of(toolset.attach(spec_with(cfg)))
+        gate = toolset.servers["web"].connection.gate
+        assert gate is not None
+        # The token rotates: one 401, one refresh (the file read again), then success.
+        http_server.set("token", "new")
+        token_file.write_text("new")
+        out = await tools["web__lookup"].invoke({"key": "alpha"}, CTX)
+        assert out.ok, out.error
+        assert gate.refreshes == 1 and http_server.http_statuses() == ["401"]
+        # Rotated on the server only: one refresh, still 401, a clear error, no storm.
+        http_server.set("token", "newer")
+        out = await tools["web__lookup"].invoke({"key": "alpha"}, CTX)
+        assert not out.ok and "401 Unauthorized" in (out.error or "")
+        assert "rejected the refreshed credentials" in (out.error or "")
+        assert gate.refreshes == 2 and http_server.http_statuses() == ["401"] * 3
+        assert toolset.servers["web"].breaker.current == "closed"  # not the server's fault
+    finally:
+        await toolset.aclose()
+
+
+async def test_http_429_retry_after_is_waited_out(http_server: HttpFixture) -> None:
+    cfg = http_server.config(read_only=["lookup"])
+    toolset = await McpToolset.open(spec_with(cfg))
+    try:
+        tools = tools_of(toolset.attach(spec_with(cfg)))
+        http_server.set("ratelimit", "1")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await tools["web__lookup"].invoke({"key": "beta"}, CTX)
+        waited = loop.time() - t0
+        assert out.ok, out.error
+        assert waited >= 0.95  # Retry-After: 1
+        assert http_server.http_statuses() == ["429"]
+        assert len(http_server.calls("lookup")) == 1
+    finally:
+        await toolset.aclose()
+    # A Retry-After longer than allowed: a clear error at once, the tool never ran.
+    cfg2 = cfg.model_copy(update={"max_retry_after_s": 0.5})
+    toolset = await McpToolset.open(spec_with(cfg2))
+    try:
+        tools = tools_of(toolset.attach(spec_with(cfg2)))
+        http_server.set("ratelimit", "5")
+        out = await tools["web__lookup"].invoke({"key": "beta"}, CTX)
+        assert not out.ok and "429 Too Many Requests (Retry-After 1s" in (out.error or "")
+        assert len(http_server.calls("lookup")) == 1
+    finally:
+        await toolset.aclose()
