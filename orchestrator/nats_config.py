@@ -7,17 +7,26 @@ agents, keeps passwords stable across regenerations and writes the files (mode 0
 server includes `nats-auth.conf`, each child gets its role's block of `nats-auth.env`,
 and the CLI's commands run against that mesh find their credentials there
 (`use_data_dir_credentials`: admin for most, approver for `approve` / `deny`).
+`JETMESH_NATS_AUTH_ENV` names such an env file elsewhere (docker-compose.yml mounts the
+one its `nats-auth` service writes).
+
+`--format kubernetes` writes the same users as Kubernetes Secrets (`kubernetes_secrets`):
+one holding the server's `authorization` section (`auth.conf`, which the NATS
+StatefulSet of deploy/kubernetes includes) and one per role with its NATS_USER /
+NATS_PASSWORD / NATS_INBOX_PREFIX (each pod takes its role's with `envFrom`).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from jetmesh.bus.permissions import ROLE_ADMIN, AuthConfig, Options
@@ -32,6 +41,18 @@ AUTH_CONF = "nats-auth.conf"
 AUTH_ENV = "nats-auth.env"
 """In a data directory: every role's NATS_USER / NATS_PASSWORD / NATS_INBOX_PREFIX."""
 CREDENTIAL_VARS = ("NATS_USER", "NATS_PASSWORD", "NATS_INBOX_PREFIX")
+AUTH_ENV_VAR = "JETMESH_NATS_AUTH_ENV"
+"""Path of a `nats-auth.env` to take the running role's credentials from (default: the
+one in the data directory)."""
+
+FORMATS = ("nats", "kubernetes")
+K8S_SERVER_SECRET = "jetmesh-nats-server-auth"
+"""The Secret with the server's `authorization` section, under the key `K8S_AUTH_KEY`."""
+K8S_AUTH_KEY = "auth.conf"
+K8S_SECRET_PREFIX = "jetmesh-nats-"
+"""A role's Secret is this prefix and its user (`jetmesh-nats-agent-orders`)."""
+K8S_LABEL_USER = "jetmesh.dev/nats-user"
+_DNS_LABEL = re.compile(r"[^a-z0-9-]+")
 
 
 def resolve_agents(items: Sequence[str] | None) -> dict[str, list[str]]:
@@ -141,10 +162,14 @@ def user_for_command() -> str:
 def use_data_dir_credentials(data_dir: Path, user: str | None = None) -> bool:
     """For the CLI run against a `jetmesh up` mesh: when no credentials are set in the
     environment (NATS_USER, NATS_CREDS), take `user`'s (default: `user_for_command()`)
-    from the data directory. True when it set them."""
+    from the data directory, or from the env file `JETMESH_NATS_AUTH_ENV` names. True
+    when it set them."""
     if any(os.environ.get(v) for v in ("NATS_USER", "NATS_CREDS", "JETMESH_NATS_CREDS")):
         return False
-    found = credentials_in(data_dir, user or user_for_command())
+    who = user or user_for_command()
+    named = os.environ.get(AUTH_ENV_VAR)
+    found = (read_env_blocks(Path(named)).get(who) if named
+             else credentials_in(data_dir, who))
     if not found:
         return False
     for name in CREDENTIAL_VARS:
@@ -159,6 +184,80 @@ def _write_secret(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, 0o600)
+
+
+# ----------------------------------------------------------------------------- kubernetes
+
+
+def k8s_secret_name(user: str) -> str:
+    """The Secret of `user`'s credentials: a DNS label (`jetmesh-nats-agent-orders`)."""
+    label = _DNS_LABEL.sub("-", user.lower()).strip("-")
+    name = f"{K8S_SECRET_PREFIX}{label}"
+    if not label or len(name) > 63:
+        raise ValueError(f"user {user!r} makes no valid Kubernetes name ({name!r})")
+    return name
+
+
+def _secret(name: str, data: dict[str, str], namespace: str | None,
+            labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = {"app.kubernetes.io/part-of": "jetmesh",
+                      "app.kubernetes.io/managed-by": "jetmesh-nats-config", **labels}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque",
+            "stringData": data}
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the server's auth section) as `|` blocks."""
+
+
+def _str_block(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str_block)
+
+
+def kubernetes_secrets(auth: AuthConfig, namespace: str | None = None,
+                       url: str | None = None) -> str:
+    """The users of `auth` as Kubernetes Secrets, one YAML stream: the server's
+    `authorization` section (`K8S_SERVER_SECRET`, key `K8S_AUTH_KEY`), then one Secret
+    per role (`k8s_secret_name(user)`) with its NATS_* variables (and NATS_URL if
+    given)."""
+    docs = [_secret(K8S_SERVER_SECRET, {K8S_AUTH_KEY: auth.server_config()}, namespace,
+                    {"app.kubernetes.io/component": "nats"})]
+    for u in auth.users:
+        data = {}
+        if url:
+            data["NATS_URL"] = url
+        data.update({"NATS_USER": u.user, "NATS_PASSWORD": auth.passwords[u.user],
+                     "NATS_INBOX_PREFIX": u.inbox_prefix})
+        docs.append(_secret(k8s_secret_name(u.user), data, namespace,
+                            {K8S_LABEL_USER: u.user}))
+    head = ("# jetmesh bus credentials as Kubernetes Secrets: one user per role. Keep this "
+            "file secret.\n# Generated by `jetmesh nats-config --format kubernetes`; run "
+            "it again when agents\n# or skills change (passwords already here are kept).\n")
+    return head + yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False,
+                                explicit_start=True, width=100)
+
+
+def read_kubernetes_passwords(path: Path) -> dict[str, str]:
+    """User -> password from Secrets this command wrote before (stringData or data)."""
+    found: dict[str, str] = {}
+    if not path.exists():
+        return found
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not isinstance(doc, dict) or doc.get("kind") != "Secret":
+            continue
+        values = {str(k): str(v) for k, v in (doc.get("stringData") or {}).items()}
+        for k, v in (doc.get("data") or {}).items():
+            values.setdefault(str(k), base64.b64decode(str(v)).decode())
+        if "NATS_USER" in values and "NATS_PASSWORD" in values:
+            found[values["NATS_USER"]] = values["NATS_PASSWORD"]
+    return found
 
 
 def embedded_instructions(config_file: Path | None, env_file: Path | None) -> str:
@@ -223,14 +322,28 @@ def register(app: typer.Typer) -> None:
         embedded: Annotated[bool, typer.Option(
             "--embedded", help="Also print how to run the embedded server with it.")
         ] = False,
+        fmt: Annotated[str, typer.Option(
+            "--format", help="nats: a server config section and env blocks; kubernetes: "
+                             "Secrets (the server's auth.conf and one per role) in one "
+                             "YAML file (--out, else stdout).")] = "nats",
+        namespace: Annotated[str | None, typer.Option(
+            "--namespace", help="kubernetes: the Secrets' namespace (default: none, "
+                                "kustomize's or kubectl's).")] = None,
     ) -> None:
         """Write a nats-server configuration with one user per role (admin, approver,
         orchestrator, each agent, bridge, memory, gateway), each allowed only its own
         subjects."""
+        if fmt not in FORMATS:
+            raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
         resolved = resolve_agents(agents.split(",") if agents else None)
         options = Options(private_inboxes=not shared_inbox,
                           agents_write_control=agents_write_control,
                           legacy_consumer_create=legacy_consumers)
+        if fmt == "kubernetes":
+            if env_out is not None or embedded:
+                raise typer.BadParameter("--env-out and --embedded are for --format nats")
+            _write_kubernetes(out, resolved, options, url, namespace, rotate)
+            return
         env_path = env_out or (out.with_name(out.name + ".env") if out else None)
         keep = {} if rotate or env_path is None else read_passwords(env_path)
         try:
@@ -254,3 +367,20 @@ def register(app: typer.Typer) -> None:
                       f"{len(auth.users) - kept} new)")
         if embedded:
             typer.echo(embedded_instructions(out, env_path), err=True, nl=False)
+
+
+def _write_kubernetes(out: Path | None, agents: dict[str, list[str]], options: Options,
+                      url: str | None, namespace: str | None, rotate: bool) -> None:
+    keep = {} if rotate or out is None else read_kubernetes_passwords(out)
+    try:
+        auth = AuthConfig.create(agents, options, passwords=keep)
+        text = kubernetes_secrets(auth, namespace, url)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    _write_secret(out, text)
+    kept = sum(1 for u in auth.users if u.user in keep)
+    err.print(f"wrote {out} ({len(auth.users) + 1} Secrets, mode 600; {kept} password(s) "
+              f"kept, {len(auth.users) - kept} new)")

@@ -380,9 +380,13 @@ def source_env() -> tuple[set[str], set[str]]:
         for py in (ROOT / d).rglob("*.py"):
             text = py.read_text()
             mentioned.update(re.findall(rf"[\"']{name}[\"']", text))
-            # os.environ["X"] read (not assigned): no default.
-            no_default.update(re.findall(rf"os\.environ\[[\"']{name}[\"']\](?!\s*=[^=])",
-                                         text))
+            # os.environ["X"] read (not assigned): no default, unless the file looks
+            # for it first (`os.environ.get("X")`, `"X" in os.environ`).
+            for var in re.findall(rf"os\.environ\[[\"']{name}[\"']\](?!\s*=[^=])", text):
+                guarded = re.search(rf"os\.environ\.get\([\"']{var}[\"']|[\"']{var}[\"']"
+                                    r"\s+in\s+os\.environ", text)
+                if not guarded:
+                    no_default.add(var)
     return mentioned, no_default
 
 
