@@ -19,6 +19,12 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+function put(el, ...children) {
+  // replaceChildren with the same child rules as h(): arrays flattened, nulls left out.
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false)
+    .map((c) => (c instanceof Node ? c : document.createTextNode(String(c)))));
+}
+
 function cookie(name) {
   const m = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
   return m ? decodeURIComponent(m.split("=").slice(1).join("=")) : "";
@@ -71,8 +77,12 @@ function live(url, handlers) {
 }
 
 function debounce(fn, ms) {
+  // Runs the last call after `ms` quiet; a failure shows as a toast, never unhandled.
   let t = null;
-  return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); };
+  return (...a) => {
+    clearTimeout(t);
+    t = setTimeout(() => Promise.resolve().then(() => fn(...a)).catch((e) => toast(e.message, true)), ms);
+  };
 }
 
 function leaveView() {
@@ -89,7 +99,8 @@ function showLogin() {
   state.me = null;
   $("#nav").hidden = true;
   $("#who").textContent = "";
-  $("#view").replaceChildren();
+  put($("#view"));
+  delete $("#view").dataset.ready;
   $("#login").hidden = false;
 }
 
@@ -124,7 +135,7 @@ async function viewTasks(view) {
     oninput: debounce((e) => { filters.q = e.target.value; load(); }, 250) });
   const total = h("span", { class: "muted" });
   const body = h("tbody", { "data-testid": "tasks" });
-  view.replaceChildren(h("h1", {}, "Tasks"),
+  put(view, h("h1", {}, "Tasks"),
     h("div", { class: "filters" }, status, workflow, user, search, total),
     h("table", {}, h("thead", {}, h("tr", {}, ["task", "state", "workflow", "user", "cost / budget",
       "steps", "duration", "created"].map((c) => h("th", {}, c)))), body));
@@ -133,13 +144,13 @@ async function viewTasks(view) {
     const p = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
     const data = await api("tasks?" + p.toString());
     const opt = (v, label, sel) => h("option", { value: v, selected: sel }, label);
-    status.replaceChildren(opt("", `all states (${data.all})`, !filters.state),
+    put(status, opt("", `all states (${data.all})`, !filters.state),
       ...["submitted", "working", "input-required", "completed", "failed", "canceled", "rejected"]
         .map((s) => opt(s, `${s} (${data.counts[s] || 0})`, filters.state === s)));
-    workflow.replaceChildren(opt("", "all workflows", !filters.workflow),
+    put(workflow, opt("", "all workflows", !filters.workflow),
       ...data.workflows.map((w) => opt(w, w, filters.workflow === w)));
     total.textContent = `${data.total} matching`;
-    body.replaceChildren(...data.tasks.map((t) => h("tr", {
+    put(body, ...data.tasks.map((t) => h("tr", {
       class: "clickable", "data-task": t.task_id, onclick: () => { location.hash = "#/task/" + t.task_id; },
     },
     h("td", {}, h("code", {}, t.task_id)), h("td", {}, badge(t.status)),
@@ -223,7 +234,7 @@ async function viewTask(view, taskId) {
   const detail = h("div");
   const seen = new Set();
   let lastSeq = 0;
-  view.replaceChildren(h("h1", {}, "Task ", h("code", {}, taskId)), detail,
+  put(view, h("h1", {}, "Task ", h("code", {}, taskId)), detail,
     h("h2", {}, "Timeline (live)"), timeline);
   const append = (e) => {
     if (seen.has(e.seq)) return;
@@ -261,7 +272,7 @@ async function viewTask(view, taskId) {
     const pending = s.pending || [];
     const byStep = {};
     t.calls.forEach((c) => { (byStep[c.step_id || "(orchestrator)"] = byStep[c.step_id || "(orchestrator)"] || []).push(c); });
-    detail.replaceChildren(
+    put(detail,
       h("dl", { class: "kv" },
         h("dt", {}, "state"), h("dd", { "data-testid": "task-status" }, badge(s.status), s.reason ? " " + s.reason : ""),
         h("dt", {}, "workflow"), h("dd", {}, s.workflow || s.planner || "-"),
@@ -301,12 +312,12 @@ async function viewTask(view, taskId) {
 
 async function viewApprovals(view) {
   const box = h("div");
-  view.replaceChildren(h("h1", {}, "Approvals inbox"), box);
+  put(view, h("h1", {}, "Approvals inbox"), box);
   async function load() {
     state.timers.forEach((t) => clearInterval(t));
     state.timers = [];
     const data = await api("approvals");
-    box.replaceChildren(data.approvals.length ? approvalsTable(data.approvals, data.may_decide, load)
+    put(box, data.approvals.length ? approvalsTable(data.approvals, data.may_decide, load)
       : h("p", { class: "muted", "data-testid": "inbox-empty" }, "Nothing waits for a decision."),
     data.may_decide ? null : h("p", { class: "muted" }, "Read-only login: you see the inbox but cannot decide."));
   }
@@ -319,7 +330,7 @@ async function viewApprovals(view) {
 
 async function viewAgents(view) {
   const data = await api("agents");
-  view.replaceChildren(h("h1", {}, "Agents"), h("div", { class: "grid", "data-testid": "agents" },
+  put(view, h("h1", {}, "Agents"), h("div", { class: "grid", "data-testid": "agents" },
     data.agents.map((a) => h("div", { class: "card", "data-agent": a.name },
       h("h2", {}, a.name, " ", h("span", { class: "muted" }, a.version), " ",
         h("span", { class: "badge " + (a.signed ? "s-completed" : "s-canceled") }, a.signed ? "signed card" : "unsigned card")),
@@ -339,7 +350,7 @@ async function viewAgents(view) {
 async function viewDlq(view) {
   const data = await api("dlq");
   const mayAct = state.me && state.me.may_act;
-  view.replaceChildren(h("h1", {}, "Dead letters"), data.dead_letters.length ? h("table", { "data-testid": "dlq" },
+  put(view, h("h1", {}, "Dead letters"), data.dead_letters.length ? h("table", { "data-testid": "dlq" },
     h("thead", {}, h("tr", {}, ["seq", "from", "task", "reason", "bytes", ""].map((c) => h("th", {}, c)))),
     h("tbody", {}, data.dead_letters.map((d) => h("tr", { "data-seq": d.seq },
       h("td", {}, d.seq), h("td", {}, `${d.stream}/${d.consumer}`, h("br"), h("code", {}, d.subject)),
@@ -392,7 +403,7 @@ async function viewStats(view) {
   const f = data.figures.all;
   const pct = (v) => (v === null || v === undefined ? "-" : (100 * v).toFixed(1) + "%");
   const rate = data.series.map((r) => ({ ...r, rate: r.tasks ? r.completed / r.tasks : 0, esc: r.tasks ? r.escalated / r.tasks : 0 }));
-  view.replaceChildren(h("h1", {}, `Stats (last ${data.hours} h)`),
+  put(view, h("h1", {}, `Stats (last ${data.hours} h)`),
     h("dl", { class: "kv", "data-testid": "stats" },
       h("dt", {}, "tasks finished"), h("dd", {}, f.tasks),
       h("dt", {}, "completion rate"), h("dd", {}, pct(f.completion_rate)),
@@ -411,12 +422,13 @@ async function viewStats(view) {
 
 async function route() {
   leaveView();
+  delete $("#view").dataset.ready;
   if (!state.me) {
     try { state.me = await api("me"); } catch (_) { return; }
   }
   $("#login").hidden = true;
   $("#nav").hidden = false;
-  $("#who").replaceChildren(`${state.me.name} (${state.me.role})`, h("button", { onclick: logout }, "Log out"));
+  put($("#who"), `${state.me.name} (${state.me.role})`, h("button", { onclick: logout }, "Log out"));
   const [, name = "tasks", arg] = (location.hash || "#/tasks").split("/");
   document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.view === name));
   const view = $("#view");
@@ -427,7 +439,7 @@ async function route() {
     await (views[name] || viewTasks)(view);
     view.dataset.ready = name;
   } catch (e) {
-    view.replaceChildren(h("p", { class: "error" }, e.message));
+    put(view, h("p", { class: "error" }, e.message));
   }
 }
 
