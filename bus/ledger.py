@@ -45,10 +45,12 @@ from jetmesh.bus.events import (
     ApprovalRequested,
     BudgetExceeded,
     CancelRequested,
+    ContextCompacted,
     EffectStarted,
     Event,
     McpToolsChanged,
     ModelCalled,
+    ModelRouted,
     PolicyDecided,
     StepCompleted,
     StepFailed,
@@ -154,6 +156,8 @@ def subject_for(event: Event) -> str:
                   | PolicyDecided | ApprovalRequested | EffectStarted):
         return subjects.step_events(task, event.data.step_id)
     if isinstance(event, McpToolsChanged) and event.data.step_id:
+        return subjects.step_log(task, event.data.step_id)
+    if isinstance(event, ModelRouted | ContextCompacted):  # decisions of the step's loop
         return subjects.step_log(task, event.data.step_id)
     if isinstance(event, BudgetExceeded) and event.data.step_id:
         return subjects.step_events(task, event.data.step_id)
