@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects

@@ -61,13 +61,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
+from nats.js.kv import KeyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event as SpanEvent
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from pydantic import ValidationError
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -78,6 +78,7 @@ from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import pull_consumer_config
 from jetmesh.bus.tracecontext import (
     ROOT_KEY,
+    agent_span_key,
     parse_traceparent,
     span_id_for,
     task_trace_id,
@@ -302,6 +303,24 @@ class _Builder:
                                     attrs, e.time)
                     else:
                         root.events.append(("jetmesh.budget.exceeded", attrs, e.time))
+                case ev.ModelRouted():
+                    route = e.data
+                    self._event(root, route.step_id, route.worker, "jetmesh.model.routed", {
+                        "jetmesh.route.tier": route.tier,
+                        "jetmesh.route.trigger": route.trigger,
+                        "jetmesh.route.outcome": route.outcome,
+                        "jetmesh.route.reason": route.reason,
+                        "jetmesh.route.from_tier": route.from_tier or "",
+                        "gen_ai.request.model": route.model,
+                        "gen_ai.provider.name": _PROVIDERS.get(route.provider, route.provider)},
+                        e.time)
+                case ev.ContextCompacted():
+                    c = e.data
+                    self._event(root, c.step_id, c.worker, "jetmesh.context.compacted", {
+                        "jetmesh.compaction.number": c.compaction,
+                        "jetmesh.compaction.messages": list(c.messages),
+                        "jetmesh.compaction.tokens_before": c.tokens_before,
+                        "jetmesh.compaction.tokens_after": c.tokens_after}, e.time)
                 case ev.EffectStarted():
                     self._event(root, e.data.step_id, e.data.worker, "jetmesh.effect.started",
                                 {"gen_ai.tool.name": e.data.tool,
@@ -323,7 +342,7 @@ class _Builder:
         for r in self.runs.get(d.step_id, []):  # a takeover: the other run is over
             if r.open and r.worker != d.worker:
                 self._close(r, e.time, f"abandoned: the step was claimed by {d.worker}")
-        span = root.add(_Span(f"agent/{e.id}", f"invoke_agent {d.agent}", root, e.time))
+        span = root.add(_Span(agent_span_key(e.id), f"invoke_agent {d.agent}", root, e.time))
         span.attributes.update({
             "gen_ai.operation.name": "invoke_agent",
             "gen_ai.agent.name": d.agent,
@@ -700,8 +719,10 @@ def telemetry_consumer_config(durable: str = subjects.CONSUMER_TELEMETRY,
                               settings: BusSettings | None = None, *,
                               deliver_new: bool = False) -> ConsumerConfig:
     """The durable consumer over every task's own events (their ends are there)."""
-    return pull_consumer_config(durable, subjects.TELEMETRY_SUBJECT, settings,
-                                deliver_new=deliver_new)
+    config = pull_consumer_config(durable, subjects.TELEMETRY_SUBJECT, settings,
+                                  deliver_new=deliver_new)
+    config.headers_only = True  # the type is in the headers; an end is read with its task
+    return config
 
 
 class TelemetryService:
@@ -729,11 +750,13 @@ class TelemetryService:
         self.traces_exported = 0
         self.spans_exported = 0
         self._runner: PullRunner | None = None
+        self._stats_kv: KeyValue | None = None
 
     async def start(self) -> None:
         if self.stats:
-            await ensure_bucket(self.js, subjects.BUCKET_STATS,
-                                replicas=self.bus_settings.replicas, max_age_s=STATS_TTL_S)
+            self._stats_kv = await ensure_bucket(
+                self.js, subjects.BUCKET_STATS, replicas=self.bus_settings.replicas,
+                max_age_s=STATS_TTL_S)
         self._runner = PullRunner(
             self.js, subjects.STREAM_LEDGER,
             telemetry_consumer_config(self.durable, self.bus_settings,
@@ -762,30 +785,30 @@ class TelemetryService:
                 await msg.in_progress()
 
     async def _on_event(self, msg: Msg) -> None:
+        # Deliveries carry headers only: the ledger's appends name their type there, and
+        # a task's end is read back with the rest of the task.
         kind = (msg.headers or {}).get("Ce-Type")
         if kind is not None and kind not in _TERMINAL_TYPES:
-            return  # not a task's end (the ledger's appends name the type): acked, unread
-        try:
-            event = ev.decode_event(msg.data)
-        except ValidationError as e:
-            raise Reject(f"undecodable ledger event on {msg.subject}") from e
-        if not isinstance(event, _TERMINAL):
-            return
+            return  # not a task's end: acked, unread
+        task_id = subjects.task_id_of(msg.subject)
+        if task_id is None:
+            raise Reject(f"a ledger event on {msg.subject}, which names no task")
         seq = int(msg.metadata.sequence.stream)
-        task_id = event.subject
         self.ledger.observe(task_id, seq)
         keepalive = asyncio.create_task(self._keep_alive(msg))
         try:
             entries = await self.ledger.read(task_id)
             end = first_terminal(entries)
             if end is None:
+                if kind is None and entries.last_seq() >= seq:
+                    return  # an untyped event that is not the task's end
                 raise RuntimeError(f"ledger read of task {task_id} did not reach seq {seq}")
             if end.seq != seq:
                 return  # a later terminal event: the task's trace went with the first
-            if self.stats:  # the same record again on a redelivery: counted once
+            if self._stats_kv is not None:  # the same record again on a redelivery: once
                 summary = task_summary(task_id, entries)
                 if summary is not None:
-                    await put_summary(self.js, summary)
+                    await put_summary(self.js, summary, kv=self._stats_kv)
             sent = await self.exporters.export(lambda: build_spans(
                 task_id, entries, resource=self.resource, capture=self.capture))
             if sent is None:
