@@ -40,10 +40,12 @@ from jetmesh.agents.worker import Worker
 from jetmesh.bus import subjects
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.tracing import traced
 
 from .cards import card_from_dict, card_to_dict, skills_from_card
 from .errors import ExternalAgentError
 from .signing import CardVerifier
+from .tasks import plain
 
 __all__ = [
     "ExternalAgent",
@@ -145,7 +147,7 @@ class _Anything(BaseModel):
 def _data_of(parts: Any) -> dict[str, Any] | None:
     for p in parts:
         if p.WhichOneof("content") == "data":
-            value = MessageToDict(p.data)
+            value = plain(MessageToDict(p.data))
             return value if isinstance(value, dict) else {"result": value}
     return None
 
@@ -229,7 +231,8 @@ class Bridge:
     """Workers for every stored external agent. `stop()` drains them."""
 
     workers: list[Worker] = field(default_factory=list)
-    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=130.0))
+    http: httpx.AsyncClient = field(  # `traced`: A2A calls carry the step's trace context
+        default_factory=lambda: traced(httpx.AsyncClient(timeout=130.0)))
 
     async def stop(self) -> None:
         for w in self.workers:

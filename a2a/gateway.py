@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import socket
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from a2a.server.context import ServerCallContext
@@ -46,6 +48,8 @@ from a2a.types import (
     ListTasksRequest,
     ListTasksResponse,
     Message,
+    Role,
+    SendMessageConfiguration,
     SendMessageRequest,
     SubscribeToTaskRequest,
     Task,
@@ -61,7 +65,9 @@ from a2a.utils.errors import (
     TaskNotFoundError,
     UnsupportedOperationError,
 )
+from a2a.utils.push_url_validator import validate_push_notification_url
 from google.protobuf.json_format import MessageToDict
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -70,22 +76,30 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from jetmesh.a2a.edge import BodyCheck
+from jetmesh.a2a.edge import BodyCheck, quiet_sdk_logs
 from jetmesh.bus import events as ev
-from jetmesh.bus.subjects import InvalidIdError
-from jetmesh.orchestrator.client import Client, ControlRefused
+from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.subjects import InvalidIdError, check_id
+from jetmesh.bus.tracecontext import parse_traceparent
+from jetmesh.orchestrator.client import AmbiguousApproval, Client, ControlRefused, TaskExists
 from jetmesh.orchestrator.projection import all_tasks
 from jetmesh.orchestrator.state import TaskState, fold
 
 from .cards import agent_http_base, card_to_dict, http_interfaces, mesh_card
+from .push import PushNotifications, check_push_config
 from .registry import Registry
 from .signing import CardSigner, CardVerifier
 from .tasks import (
     META_CONTEXT,
     StreamEvent,
+    Submission,
+    context_of,
+    decision_of,
     entry_event,
+    interrupted,
     jetmesh_status,
     message_to_submission,
+    plain,
     skill_workflow,
     task_from_state,
 )
@@ -105,11 +119,56 @@ class GatewaySettings(BaseSettings):
     public_url: str | None = None
     """Base URL put in cards (default: http://host:port)."""
     send_wait_s: float = 60.0
-    """A blocking SendMessage waits this long for a terminal state, then returns the task."""
+    """A blocking SendMessage waits this long for a terminal or interrupted state (the
+    task waits for an approval), then returns the task as it is."""
+    submit_wait_s: float = 10.0
+    """How long a send waits for the orchestrator to take the submission (the task is in
+    the ledger); after that the gateway answers for the task from the submission."""
+    approver_token: SecretStr | None = None
+    """Follow-up messages may approve or deny a gated call only with this token in the
+    `Jetmesh-Approver-Token` header (unset: the gateway takes no approvals)."""
+    approver_user: str | None = None
+    """The approver role's NATS user (with approver_password, or approver_creds); the
+    gateway's own user may not write approvals. Unset: the gateway's own settings."""
+    approver_password: SecretStr | None = None
+    approver_creds: Path | None = None
+    push_delivery: bool = True
+    """Deliver push notifications from this gateway (one gateway of several should)."""
+    push_private_urls: bool = False
+    """Allow webhooks on loopback and private addresses (tests, one host). Off: the
+    SDK's URL check refuses them (no requests into the gateway's own network)."""
     cancel_wait_s: float = 10.0
     card_max_age_s: int = 5
     """``Cache-Control: max-age`` of cards (cards change as agents come and go)."""
     agent_ttl_s: float = 5.0
+
+
+APPROVER_HEADER = "jetmesh-approver-token"
+_NEVER = 2 ** 62
+"""A sequence no ledger reaches: wait for the task's end only."""
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A message taken: its task and the ledger sequence from which to wait or stream."""
+
+    task_id: str
+    after: int
+
+
+def _traceparent(context: ServerCallContext) -> str | None:
+    """The caller's W3C traceparent header: the task's trace continues the caller's."""
+    headers = context.state.get("headers") or {}
+    value = headers.get("traceparent")
+    return str(value) if value and parse_traceparent(str(value)) else None
+
+
+def _trim_history(task: Task, length: int) -> None:
+    """Keep the last `length` history messages (0: none)."""
+    if length < len(task.history):
+        keep = list(task.history)[len(task.history) - length:] if length else []
+        del task.history[:]
+        task.history.extend(keep)
 
 
 def _resume_from(context: ServerCallContext) -> int | None:
@@ -135,11 +194,17 @@ class MeshRequestHandler(RequestHandler):
     """
 
     def __init__(self, client: Client, registry: Registry, settings: GatewaySettings,
-                 agent: str | None = None) -> None:
+                 agent: str | None = None, *, approver: Client | None = None,
+                 push: PushNotifications | None = None) -> None:
         self.client = client
         self.registry = registry
         self.settings = settings
         self.agent = agent
+        self.approver = approver
+        """A connection as the approver role (follow-up approvals), if the gateway has one."""
+        self.push = push
+        self._unseen: dict[str, Submission] = {}
+        """Tasks submitted here that the ledger did not show within submit_wait_s."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -148,7 +213,10 @@ class MeshRequestHandler(RequestHandler):
             state = await self.client.state(task_id)
         except InvalidIdError:
             return None
-        return state if state.submitted is not None or state.last_seq else None
+        if state.submitted is not None or state.last_seq:
+            self._unseen.pop(task_id, None)
+            return state
+        return self._unseen_state(task_id) if task_id in self._unseen else None
 
     def _pick_skill(self, asked: str | None) -> str:
         assert self.agent is not None
@@ -164,17 +232,45 @@ class MeshRequestHandler(RequestHandler):
                         f"metadata 'skill'")
         return asked
 
-    async def _submit(self, params: SendMessageRequest) -> str:
+    def _check_message(self, msg: Message) -> None:
+        """What A2A 1.0 requires of a client's message (the SDK's parser lets it pass)."""
+        if not msg.message_id:
+            raise InvalidParamsError(message="message.messageId is required")
+        if msg.role != Role.ROLE_USER:
+            raise InvalidParamsError(message="message.role must be ROLE_USER")
+        if not msg.parts:
+            raise InvalidParamsError(message="message.parts must not be empty")
+        for i, p in enumerate(msg.parts):
+            if p.WhichOneof("content") is None:
+                raise InvalidParamsError(message=f"message.parts[{i}] has no content "
+                                                 "(text, data, raw or url)")
+        for what, value in (("taskId", msg.task_id), ("contextId", msg.context_id)):
+            if value:
+                try:
+                    check_id(value, what)
+                except InvalidIdError as e:
+                    raise InvalidParamsError(message=str(e)) from e
+
+    def _check_configuration(self, params: SendMessageRequest) -> None:
+        conf = params.configuration
+        if conf.HasField("history_length") and conf.history_length < 0:
+            raise InvalidParamsError(message="configuration.historyLength must be >= 0")
+        if conf.HasField("task_push_notification_config"):
+            check_push_config(conf.task_push_notification_config)
+
+    async def _submit(self, params: SendMessageRequest, context: ServerCallContext) -> _Sent:
         if not params.HasField("message"):
             raise InvalidParamsError(message="message is required")
         msg = params.message
+        self._check_message(msg)
+        self._check_configuration(params)
         if msg.task_id:
-            state = await self._state(msg.task_id)
-            if state is None:
-                raise TaskNotFoundError(message=f"task {msg.task_id} not found")
-            raise UnsupportedOperationError(
-                message="jetmesh tasks take no follow-up messages yet; send a new message")
-        req_meta = MessageToDict(params.metadata) if params.HasField("metadata") else {}
+            return await self._follow_up(msg, context)
+        req_meta = plain(MessageToDict(params.metadata)) if params.HasField("metadata") else {}
+        for key in ("workflow", "skill"):
+            for meta in (req_meta, plain(MessageToDict(msg.metadata))):
+                if key in meta and not isinstance(meta[key], str):
+                    raise InvalidParamsError(message=f"metadata {key!r} must be a string")
         sub = message_to_submission(msg, req_meta)
         workflow = sub.workflow
         if self.agent is not None:
@@ -183,49 +279,151 @@ class MeshRequestHandler(RequestHandler):
             raise InvalidParamsError(message="the message has no text and no data part")
         try:
             await self.client.submit(sub.goal, input=sub.input, workflow=workflow,
-                                     task_id=sub.task_id, metadata=sub.metadata)
+                                     task_id=sub.task_id, metadata=sub.metadata,
+                                     traceparent=_traceparent(context))
+        except TaskExists as e:
+            raise InvalidParamsError(message=f"{e} (a messageId names one task)") from e
         except ValueError as e:  # pydantic validation of the submission
             raise InvalidParamsError(message=str(e)) from e
-        return sub.task_id
+        first = await self._known(sub.task_id, sub)
+        if params.configuration.HasField("task_push_notification_config") \
+                and self.push is not None:
+            await self.push.register(sub.task_id, params.configuration
+                                     .task_push_notification_config, context, from_seq=1)
+        return _Sent(sub.task_id, first)
 
-    async def _wait_terminal(self, task_id: str, timeout: float) -> TaskState:
+    async def _known(self, task_id: str, sub: Submission) -> int:
+        """Wait until the ledger holds the task (the orchestrator took the submission), so
+        that GetTask answers it at once; returns its first entry's sequence. If the
+        orchestrator does not answer in time, the gateway answers for it from the
+        submission until it does (0)."""
+        async def first() -> int:
+            async for entry in self.client.ledger.follow(task_id, from_seq=1):
+                return entry.seq
+            return 0
         try:
-            return await self.client.result(task_id, timeout=timeout)
+            return await asyncio.wait_for(first(), self.settings.submit_wait_s)
         except TimeoutError:
-            state = await self._state(task_id)
-            assert state is not None
-            return state
+            self._unseen[task_id] = sub
+            return 0
 
-    async def _stream(self, task_id: str, after: int) -> AsyncGenerator[StreamEvent]:
-        """The task folded up to `after`, then one event per later ledger entry."""
+    async def _follow_up(self, msg: Message, context: ServerCallContext) -> _Sent:
+        """A message on an existing task: the answer to what it waits for."""
+        state = await self._state(msg.task_id)
+        if state is None:
+            raise TaskNotFoundError(message=f"task {msg.task_id} not found")
+        if msg.context_id and msg.context_id != context_of(state):
+            raise InvalidParamsError(message=f"task {msg.task_id} is in context "
+                                             f"{context_of(state)}, not {msg.context_id}")
+        if state.terminal:
+            raise UnsupportedOperationError(
+                message=f"task {msg.task_id} is {state.status.value} and takes no more "
+                        f"messages; send a new message with contextId {context_of(state)} "
+                        "to continue in its context")
+        if not interrupted(state):
+            raise UnsupportedOperationError(
+                message=f"task {msg.task_id} is {state.status.value}: it takes a message "
+                        "only while input-required")
+        decision = decision_of(msg)
+        if decision is None:
+            raise InvalidParamsError(message=f"task {msg.task_id} waits for an approval: "
+                                             "answer 'approve' or 'deny <reason>'")
+        approver = await self._approver(context)
+        by = plain(MessageToDict(msg.metadata)).get("by") if msg.HasField("metadata") else None
+        try:
+            _, seq = await approver.decide(
+                msg.task_id, decision.granted, step=decision.step, tool=decision.tool,
+                args_hash=decision.args_hash, reason=decision.reason,
+                by=f"a2a:{by if isinstance(by, str) and by else 'approver'}")
+        except AmbiguousApproval as e:
+            raise InvalidParamsError(message=f"{e} (data part 'step', 'tool' or "
+                                             "'argsHash')") from e
+        except ControlRefused as e:
+            raise InvalidParamsError(message=str(e)) from e
+        except PermissionError as e:
+            raise UnsupportedOperationError(message=f"this gateway may not approve: {e}"
+                                            ) from e
+        return _Sent(msg.task_id, seq)
+
+    async def _approver(self, context: ServerCallContext) -> Client:
+        token = self.settings.approver_token
+        if token is None or self.approver is None:
+            raise UnsupportedOperationError(
+                message="this gateway takes no approvals (start it with "
+                        "JETMESH_GATEWAY_APPROVER_TOKEN and the approver's NATS user)")
+        headers = context.state.get("headers") or {}
+        given = str(headers.get(APPROVER_HEADER, ""))
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise UnsupportedOperationError(
+                message=f"an approval over A2A needs the approver's token in {APPROVER_HEADER}")
+        return self.approver
+
+    async def _wait_settled(self, task_id: str, after: int, timeout: float) -> TaskState:
+        """The task once it is terminal or waits for its client (an interrupted state)
+        at or after sequence `after`; after `timeout`, as it is then."""
+        state = TaskState(task_id=task_id)
+
+        async def wait() -> None:
+            async for entry in self.client.ledger.follow(task_id, from_seq=1):
+                fold(task_id, [entry], state)
+                if state.terminal or (entry.seq >= after and interrupted(state)):
+                    return
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            return await self._state(task_id) or state
+        return state
+
+    async def _stream(self, task_id: str, after: int, *, until_interrupted: bool = False
+                      ) -> AsyncGenerator[StreamEvent]:
+        """The task folded up to `after`, then one event per later ledger entry; ends at
+        the task's end (and, with `until_interrupted`, when it waits for its client)."""
         entries = await self.client.ledger.read(task_id)
         state = fold(task_id, [e for e in entries if e.seq <= after])
+        if state.submitted is None and task_id in self._unseen:
+            state = self._unseen_state(task_id)
         state.last_seq = max(state.last_seq, after)
         yield task_from_state(state)
-        if state.terminal:
+        if state.terminal or (until_interrupted and interrupted(state)):
             return
         async for entry in self.client.ledger.follow(task_id, from_seq=after + 1):
             fold(task_id, [entry], state)
             yield entry_event(state, entry)
-            if isinstance(entry.event, ev.TERMINAL_TASK_EVENTS):
+            if isinstance(entry.event, ev.TERMINAL_TASK_EVENTS) or (
+                    until_interrupted and interrupted(state)):
                 return
+
+    def _unseen_state(self, task_id: str) -> TaskState:
+        """A task the gateway submitted that the orchestrator has not written yet."""
+        sub = self._unseen[task_id]
+        state = TaskState(task_id=task_id)
+        state.submitted = ev.TaskSubmittedData(goal=sub.goal, input=sub.input,
+                                               workflow=sub.workflow, metadata=sub.metadata)
+        return state
 
     # ------------------------------------------------------------------ the port
 
     async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext
                               ) -> Task | Message:
-        task_id = await self._submit(params)
+        sent = await self._submit(params, context)
         if params.configuration.return_immediately:
-            state = await self._state(task_id) or TaskState(task_id=task_id)
+            state = await self._state(sent.task_id) or TaskState(task_id=sent.task_id)
         else:
-            state = await self._wait_terminal(task_id, self.settings.send_wait_s)
-        return task_from_state(state)
+            state = await self._wait_settled(sent.task_id, sent.after,
+                                             self.settings.send_wait_s)
+        return self._shaped(task_from_state(state), params.configuration)
+
+    @staticmethod
+    def _shaped(task: Task, conf: SendMessageConfiguration) -> Task:
+        if conf.HasField("history_length"):
+            _trim_history(task, conf.history_length)
+        return task
 
     async def on_message_send_stream(self, params: SendMessageRequest,
                                      context: ServerCallContext
                                      ) -> AsyncGenerator[StreamEvent]:
-        task_id = await self._submit(params)
-        async for event in self._stream(task_id, 0):
+        sent = await self._submit(params, context)
+        async for event in self._stream(sent.task_id, sent.after, until_interrupted=True):
             yield event
 
     async def on_subscribe_to_task(self, params: SubscribeToTaskRequest,
@@ -245,12 +443,16 @@ class MeshRequestHandler(RequestHandler):
 
     async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext
                           ) -> Task | None:
+        if not params.id:
+            raise InvalidParamsError(message="id is required")
+        if params.HasField("history_length") and params.history_length < 0:
+            raise InvalidParamsError(message="historyLength must be >= 0")
         state = await self._state(params.id)
         if state is None:
             return None
         task = task_from_state(state)
-        if params.HasField("history_length") and params.history_length == 0:
-            del task.history[:]
+        if params.HasField("history_length"):
+            _trim_history(task, params.history_length)
         return task
 
     async def on_list_tasks(self, params: ListTasksRequest, context: ServerCallContext
@@ -262,22 +464,33 @@ class MeshRequestHandler(RequestHandler):
                       == params.context_id]
         if params.status != A2AState.TASK_STATE_UNSPECIFIED:
             wanted = jetmesh_status(params.status)
+            if wanted is None:
+                raise InvalidParamsError(
+                    message=f"status {A2AState.Name(params.status)} is not one jetmesh tasks "
+                            "take")
             states = [s for s in states if s.status == wanted]
         if params.HasField("status_timestamp_after"):
             after = params.status_timestamp_after.ToDatetime(tzinfo=None)
             states = [s for s in states
                       if s.updated_at and s.updated_at.replace(tzinfo=None) > after]
-        size = params.page_size or DEFAULT_LIST_TASKS_PAGE_SIZE
+        size = params.page_size if params.HasField("page_size") \
+            else DEFAULT_LIST_TASKS_PAGE_SIZE
         if not 1 <= size <= MAX_LIST_TASKS_PAGE_SIZE:
-            raise InvalidParamsError(message=f"page_size must be 1..{MAX_LIST_TASKS_PAGE_SIZE}")
+            raise InvalidParamsError(message=f"pageSize must be 1..{MAX_LIST_TASKS_PAGE_SIZE}")
+        if params.HasField("history_length") and params.history_length < 0:
+            raise InvalidParamsError(message="historyLength must be >= 0")
         try:
             start = int(params.page_token or 0)
         except ValueError as e:
-            raise InvalidParamsError(message="invalid page_token") from e
+            raise InvalidParamsError(message="invalid pageToken") from e
+        if start < 0 or (start and start >= len(states)):
+            raise InvalidParamsError(message="invalid pageToken")
         page = states[start:start + size]
         history = params.history_length if params.HasField("history_length") else 0
         tasks = [task_from_state(s, history=history != 0,
                                  artifacts=params.include_artifacts) for s in page]
+        for t in tasks:
+            _trim_history(t, history)
         nxt = str(start + size) if start + size < len(states) else ""
         return ListTasksResponse(tasks=tasks, next_page_token=nxt, page_size=size,
                                  total_size=len(states))
@@ -294,28 +507,61 @@ class MeshRequestHandler(RequestHandler):
             await self.client.cancel(params.id, "canceled over A2A")
         except ControlRefused as e:  # it ended since the look above
             raise TaskNotCancelableError(message=str(e)) from e
-        state = await self._wait_terminal(params.id, self.settings.cancel_wait_s)
+        state = await self._wait_settled(params.id, _NEVER, self.settings.cancel_wait_s)
         return task_from_state(state)
+
+    def _push(self) -> PushNotifications:
+        if self.push is None:
+            raise PushNotificationNotSupportedError
+        return self.push
 
     async def on_create_task_push_notification_config(
             self, params: TaskPushNotificationConfig, context: ServerCallContext
     ) -> TaskPushNotificationConfig:
-        raise PushNotificationNotSupportedError
+        push = self._push()
+        state = await self._state(params.task_id)
+        if state is None:
+            raise TaskNotFoundError(message=f"task {params.task_id} not found")
+        if state.terminal:
+            raise UnsupportedOperationError(
+                message=f"task {params.task_id} is {state.status.value}: nothing to notify")
+        return await push.register(params.task_id, params, context,
+                                   from_seq=state.last_seq + 1)
 
     async def on_get_task_push_notification_config(
             self, params: GetTaskPushNotificationConfigRequest, context: ServerCallContext
     ) -> TaskPushNotificationConfig:
-        raise PushNotificationNotSupportedError
+        push = self._push()
+        if await self._state(params.task_id) is None:
+            raise TaskNotFoundError(message=f"task {params.task_id} not found")
+        try:
+            found = await push.store.get_one(params.task_id, params.id or params.task_id)
+        except InvalidIdError as e:
+            raise InvalidParamsError(message=str(e)) from e
+        if found is None:
+            raise TaskNotFoundError(
+                message=f"no push notification config {params.id!r} on task {params.task_id}")
+        return found
 
     async def on_list_task_push_notification_configs(
             self, params: ListTaskPushNotificationConfigsRequest, context: ServerCallContext
     ) -> ListTaskPushNotificationConfigsResponse:
-        raise PushNotificationNotSupportedError
+        push = self._push()
+        if await self._state(params.task_id) is None:
+            raise TaskNotFoundError(message=f"task {params.task_id} not found")
+        configs = await push.store.get_info(params.task_id, context)
+        return ListTaskPushNotificationConfigsResponse(configs=configs)
 
     async def on_delete_task_push_notification_config(
             self, params: DeleteTaskPushNotificationConfigRequest, context: ServerCallContext
     ) -> None:
-        raise PushNotificationNotSupportedError
+        push = self._push()
+        if await self._state(params.task_id) is None:
+            raise TaskNotFoundError(message=f"task {params.task_id} not found")
+        try:
+            await push.store.delete_info(params.task_id, context, params.id or None)
+        except InvalidIdError as e:
+            raise InvalidParamsError(message=str(e)) from e
 
     async def on_get_extended_agent_card(
             self, params: GetExtendedAgentCardRequest, context: ServerCallContext
@@ -337,10 +583,13 @@ class _Cards:
     base_url: str
     nats_url: str | None
     signer: CardSigner | None
+    push: bool = False
+    """The gateway delivers push notifications (the card says so)."""
 
     def mesh(self) -> AgentCard:
         card = mesh_card(self.registry.skills().values(), base_url=self.base_url,
                          nats_url=self.nats_url)
+        card.capabilities.push_notifications = self.push
         return self.signer.sign(card) if self.signer else card
 
     def agent(self, name: str) -> AgentCard | None:
@@ -380,17 +629,21 @@ class _AgentApps:
 
 def build_app(client: Client, registry: Registry, *, base_url: str,
               settings: GatewaySettings | None = None, nats_url: str | None = None,
-              signer: CardSigner | None = None) -> Starlette:
-    """The gateway's Starlette app (the caller owns `client` and `registry`)."""
+              signer: CardSigner | None = None, approver: Client | None = None,
+              push: PushNotifications | None = None) -> Starlette:
+    """The gateway's Starlette app (the caller owns `client`, `registry`, `approver` and
+    `push`)."""
     settings = settings or GatewaySettings()
-    cards = _Cards(registry, base_url.rstrip("/"), nats_url, signer)
+    quiet_sdk_logs()
+    cards = _Cards(registry, base_url.rstrip("/"), nats_url, signer, push is not None)
     cache = f"public, max-age={settings.card_max_age_s}"
 
     async def live_mesh_card(_: AgentCard) -> AgentCard:
         return cards.mesh()
 
     def agent_app(name: str) -> Starlette:
-        handler = MeshRequestHandler(client, registry, settings, agent=name)
+        handler = MeshRequestHandler(client, registry, settings, agent=name,
+                                     approver=approver, push=push)
 
         async def agent_card(request: Request) -> Response:
             card = cards.agent(name)
@@ -409,7 +662,7 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
         ]
         return Starlette(routes=routes)
 
-    handler = MeshRequestHandler(client, registry, settings)
+    handler = MeshRequestHandler(client, registry, settings, approver=approver, push=push)
     routes: list[BaseRoute] = [
         *create_agent_card_routes(cards.mesh(), card_modifier=live_mesh_card,
                                   cache_control=cache),
@@ -422,6 +675,21 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
 
 
 # ----------------------------------------------------------------------------- serving
+
+
+def _quiet_server(config: Any) -> Any:
+    """A uvicorn server that leaves the process's signals alone: the caller owns them
+    (``jetmesh gateway`` stops on its own signal handling), and several servers in one
+    process (tests, a restart) must not find another's bound SIGTERM handler, which
+    sse-starlette reads to end every open stream."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None]:
+            yield
+
+    return Server(config)
 
 
 class GatewayServer:
@@ -437,6 +705,8 @@ class GatewayServer:
         self._task: asyncio.Task[None] | None = None
         self._server: Any = None
         self.client: Client | None = None
+        self.approver: Client | None = None
+        self.push: PushNotifications | None = None
         self.registry: Registry | None = None
         self.url = ""
 
@@ -447,16 +717,32 @@ class GatewayServer:
         await self.client.connect()
         self.registry = await Registry.open(self.client.js, ttl_s=self.settings.agent_ttl_s,
                                             verifier=self.verifier)
+        s = self.settings
+        if s.approver_token is not None:
+            bus = BusSettings()
+            if s.approver_user or s.approver_creds:
+                bus = bus.model_copy(update={
+                    "nats_user": s.approver_user, "nats_creds": s.approver_creds,
+                    "nats_password": s.approver_password.get_secret_value()
+                    if s.approver_password else None,
+                    "nats_inbox_prefix": None if s.approver_creds else
+                    f"_INBOX_{s.approver_user}"})
+            self.approver = Client(self.nats_url, settings=bus)
+            await self.approver.connect()
+        self.push = await PushNotifications.open(
+            self.client.js, self.client.ledger, deliver=s.push_delivery,
+            url_validator=None if s.push_private_urls else validate_push_notification_url)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.settings.host, self.settings.port))
         port = sock.getsockname()[1]
         self.url = self.settings.public_url or f"http://{self.settings.host}:{port}"
         app = build_app(self.client, self.registry, base_url=self.url, settings=self.settings,
-                        nats_url=self.nats_url, signer=self.signer)
+                        nats_url=self.nats_url, signer=self.signer, approver=self.approver,
+                        push=self.push)
         config = uvicorn.Config(app, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
+        self._server = _quiet_server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="gateway")
         while not self._server.started:
             if self._task.done():
@@ -471,8 +757,12 @@ class GatewayServer:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, 5)
+        if self.push is not None:
+            await self.push.close()
         if self.registry is not None:
             await self.registry.close()
+        if self.approver is not None:
+            await self.approver.close()
         if self.client is not None:
             await self.client.close()
 

@@ -38,11 +38,16 @@ __all__ = [
     "META_CONTEXT",
     "META_MESSAGE",
     "SKILL_WORKFLOW_PREFIX",
+    "Decision",
     "StreamEvent",
     "Submission",
     "a2a_state",
+    "context_of",
+    "decision_of",
     "entry_event",
+    "interrupted",
     "message_to_submission",
+    "plain",
     "seq_of",
     "skill_workflow",
     "task_from_state",
@@ -108,8 +113,26 @@ def task_id_for_message(message_id: str) -> str:
     return f"a2a-{uuid.uuid4().hex}"
 
 
+_MAX_EXACT = 2 ** 53
+
+
+def plain(value: Any) -> Any:
+    """`value` with every integral float made an int, recursively.
+
+    protobuf's ``Struct`` (A2A metadata, data parts, the card's extension params) holds
+    every number as a double, so ``MessageToDict`` gives ``32.0`` for ``32``; JSON does
+    not tell them apart, but a JSON Schema ``integer`` and a reader's eye do."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
 def _struct(value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = MessageToDict(value) if value is not None else {}
+    out: dict[str, Any] = plain(MessageToDict(value)) if value is not None else {}
     return out
 
 
@@ -121,7 +144,7 @@ def message_to_submission(message: Message, request_metadata: dict[str, Any] | N
     data: dict[str, Any] = {}
     for p in message.parts:
         if p.WhichOneof("content") == "data":
-            value = MessageToDict(p.data)
+            value = plain(MessageToDict(p.data))
             if isinstance(value, dict):
                 data.update(value)
             else:
@@ -140,6 +163,61 @@ def message_to_submission(message: Message, request_metadata: dict[str, Any] | N
         task_id=task_id_for_message(message.message_id), context_id=context_id,
         goal="\n".join(texts), input=data, workflow=workflow, skill=skill,
         metadata={META_CONTEXT: context_id, META_MESSAGE: message.message_id})
+
+
+_YES = frozenset({"approve", "approved", "yes", "y", "ok", "grant", "granted", "allow"})
+_NO = frozenset({"deny", "denied", "no", "n", "reject", "refuse"})
+
+
+class Decision(BaseModel):
+    """A follow-up message's answer to a task waiting for an approval.
+
+    From a data part ``{"decision": "approve" | "deny", "reason": ..., "step": ...,
+    "tool": ..., "argsHash": ...}`` or from text: ``approve`` (or ``yes``), ``deny`` (or
+    ``no``) followed by the reason. ``argsHash``, when given, must be the pending call's:
+    the answer is then bound to exactly the arguments the approver saw."""
+
+    model_config = ConfigDict(frozen=True)
+
+    granted: bool
+    reason: str = ""
+    step: str | None = None
+    tool: str | None = None
+    args_hash: str | None = None
+
+
+def decision_of(message: Message) -> Decision | None:
+    """The decision a follow-up message carries, or None when it carries none."""
+    for p in message.parts:
+        if p.WhichOneof("content") != "data":
+            continue
+        data = plain(MessageToDict(p.data))
+        if not isinstance(data, dict) or "decision" not in data:
+            continue
+        word = str(data.get("decision", "")).strip().lower()
+        if word not in _YES | _NO:
+            return None
+        opt = {k: data.get(k) for k in ("step", "tool", "argsHash", "reason")}
+        if any(v is not None and not isinstance(v, str) for v in opt.values()):
+            return None
+        return Decision(granted=word in _YES, reason=opt["reason"] or "",
+                        step=opt["step"], tool=opt["tool"], args_hash=opt["argsHash"])
+    text = " ".join(p.text for p in message.parts
+                    if p.WhichOneof("content") == "text").strip()
+    m = re.match(r"^([A-Za-z]+)\b[\s:,.!-]*(.*)$", text, re.S)
+    if m is None:
+        return None
+    word, rest = m.group(1).lower(), m.group(2).strip()
+    if word in _YES:
+        return Decision(granted=True)
+    if word in _NO:
+        return Decision(granted=False, reason=rest or "denied over A2A")
+    return None
+
+
+def interrupted(state: TaskState) -> bool:
+    """Whether the task waits for its client (A2A's interrupted states)."""
+    return state.status is JmStatus.INPUT_REQUIRED and bool(state.pending_approvals)
 
 
 # ----------------------------------------------------------------------------- outbound
@@ -188,17 +266,35 @@ def _data_artifact(artifact_id: str, name: str, data: dict[str, Any]) -> Artifac
     return Artifact(artifact_id=artifact_id, name=name, parts=parts)
 
 
+def _pending(state: TaskState) -> dict[str, Any] | None:
+    """What an input-required task waits for: its pending approvals (the status data)."""
+    if not interrupted(state):
+        return None
+    return {"pendingApprovals": [
+        {"step": p.step_id, "tool": p.tool, "arguments": p.arguments, "argsHash": p.args_hash,
+         "reason": p.reason, "risk": p.risk,
+         **({"expiresAt": p.expires_at.isoformat()} if p.expires_at else {})}
+        for p in state.pending_approvals.values()]}
+
+
 def _status_text(state: TaskState) -> str:
     if state.status == JmStatus.COMPLETED:
         return "completed"
+    if interrupted(state):
+        calls = "; ".join(f"{p.tool}({json.dumps(p.arguments, sort_keys=True)}) in step "
+                          f"{p.step_id}: {p.reason}" for p in state.pending_approvals.values())
+        return (f"input-required: approval needed for {calls}. Reply in this task with "
+                "'approve', or 'deny <reason>' (or a data part {\"decision\": \"approve\"|"
+                "\"deny\", \"reason\": ..., \"argsHash\": ...}).")
     if state.reason:
         return f"{state.status.value}: {state.reason}"
     done = sum(1 for s in state.steps.values() if s.status == StepStatus.COMPLETED)
     return f"{state.status.value} ({done}/{len(state.steps)} steps done)"
 
 
-def _meta(seq: int, **extra: Any) -> dict[str, Any]:
-    return {"jetmesh": {"seq": seq, **extra}}
+def _meta(seq: int, traceparent: str | None = None, **extra: Any) -> dict[str, Any]:
+    trace = {"traceparent": traceparent} if traceparent else {}
+    return {"jetmesh": {"seq": seq, **trace, **extra}}
 
 
 def task_from_state(state: TaskState, *, history: bool = True, artifacts: bool = True
@@ -206,7 +302,8 @@ def task_from_state(state: TaskState, *, history: bool = True, artifacts: bool =
     """The A2A view of a task's fold (``metadata.jetmesh.seq``: the last sequence folded)."""
     task = Task(id=state.task_id, context_id=context_of(state), status=TaskStatus(
         state=a2a_state(state.status),
-        message=_agent_message(state, _status_text(state), state.result)))
+        message=_agent_message(state, _status_text(state),
+                               state.result if state.result is not None else _pending(state))))
     if state.updated_at:
         task.status.timestamp.FromDatetime(state.updated_at)
     if artifacts:
@@ -219,7 +316,7 @@ def task_from_state(state: TaskState, *, history: bool = True, artifacts: bool =
         user = _user_message(state)
         if user is not None:
             task.history.append(user)
-    task.metadata.update(_meta(state.last_seq, cost_usd=state.cost_usd,
+    task.metadata.update(_meta(state.last_seq, state.traceparent, cost_usd=state.cost_usd,
                                model_calls=state.model_calls, tool_calls=state.tool_calls))
     return task
 
@@ -227,7 +324,7 @@ def task_from_state(state: TaskState, *, history: bool = True, artifacts: bool =
 def entry_event(state: TaskState, entry: LedgerEntry) -> StreamEvent:
     """The one A2A event for a ledger entry; `state` is the fold *including* the entry."""
     e = entry.event
-    meta = _meta(entry.seq, type=e.type)
+    meta = _meta(entry.seq, e.traceparent or state.traceparent, type=e.type)
     if isinstance(e, ev.StepCompleted):
         step = state.steps.get(e.data.step_id)
         out = TaskArtifactUpdateEvent(
@@ -236,9 +333,10 @@ def entry_event(state: TaskState, entry: LedgerEntry) -> StreamEvent:
                                     e.data.output), last_chunk=True)
         out.metadata.update(meta)
         return out
-    result = e.data.result if isinstance(e, ev.TaskCompleted) else None
+    result = e.data.result if isinstance(e, ev.TaskCompleted) else _pending(state)
+    text = _status_text(state) if interrupted(state) else describe(e, detail=False)
     status = TaskStatus(state=a2a_state(state.status), message=_agent_message(
-        state, describe(e, detail=False), result, message_id=f"{state.task_id}-{entry.seq}"))
+        state, text, result, message_id=f"{state.task_id}-{entry.seq}"))
     if e.time:
         status.timestamp.FromDatetime(e.time)
     update = TaskStatusUpdateEvent(task_id=state.task_id, context_id=context_of(state),
@@ -257,4 +355,4 @@ def seq_of(event: StreamEvent) -> int:
 
 
 def dumps(event: StreamEvent) -> str:
-    return json.dumps(MessageToDict(event), sort_keys=True)
+    return json.dumps(plain(MessageToDict(event)), sort_keys=True)

@@ -72,11 +72,13 @@ def open_state(state: TaskState) -> TaskState:
     return state
 
 
-def pending_one(state: TaskState, step: str | None = None, tool: str | None = None
-                ) -> ev.ApprovalRequestedData:
-    """The one pending approval matching `step`/`tool` (ControlRefused otherwise)."""
+def pending_one(state: TaskState, step: str | None = None, tool: str | None = None,
+                args_hash: str | None = None) -> ev.ApprovalRequestedData:
+    """The one pending approval matching `step`/`tool`/`args_hash` (ControlRefused
+    otherwise)."""
     pending = [p for p in state.pending_approvals.values()
-               if (step is None or p.step_id == step) and (tool is None or p.tool == tool)]
+               if (step is None or p.step_id == step) and (tool is None or p.tool == tool)
+               and (args_hash is None or p.args_hash == args_hash)]
     if not pending:
         raise NoPendingApproval(state.task_id, step)
     if len(pending) > 1:
@@ -176,34 +178,43 @@ class Client:
         """Ask for the task to be canceled. Refused (ControlRefused: NoSuchTask,
         TaskFinished) if it does not exist or has ended; a cancel that races past this
         check with the task's end changes nothing (the fold ignores controls after it)."""
-        open_state(await self.state(task_id))
+        state = open_state(await self.state(task_id))
         await self.ledger.append(ev.CancelRequested(
-            subject=task_id, source="jetmesh/client",
+            subject=task_id, source="jetmesh/client", traceparent=state.traceparent,
             data=ev.CancelRequestedData(reason=reason)))
 
     async def approve(self, task_id: str, *, step: str | None = None,
-                      tool: str | None = None, by: str = "operator"
-                      ) -> ev.ApprovalRequestedData:
+                      tool: str | None = None, by: str = "operator",
+                      args_hash: str | None = None) -> ev.ApprovalRequestedData:
         """Approve the task's pending gated call (exactly its arguments); returns it.
         ControlRefused if the task does not exist or has ended, or none (or several)
-        is pending."""
-        return await self._decide(task_id, True, step, tool, by, "")
+        is pending (with `args_hash`: none for exactly those arguments)."""
+        return (await self.decide(task_id, True, step=step, tool=tool, by=by,
+                                  args_hash=args_hash))[0]
 
     async def deny(self, task_id: str, *, reason: str = "denied", step: str | None = None,
-                   tool: str | None = None, by: str = "operator") -> ev.ApprovalRequestedData:
+                   tool: str | None = None, by: str = "operator",
+                   args_hash: str | None = None) -> ev.ApprovalRequestedData:
         """Deny the task's pending gated call; the agent is told and it never runs."""
-        return await self._decide(task_id, False, step, tool, by, reason)
+        return (await self.decide(task_id, False, step=step, tool=tool, by=by, reason=reason,
+                                  args_hash=args_hash))[0]
 
-    async def _decide(self, task_id: str, granted: bool, step: str | None, tool: str | None,
-                      by: str, reason: str) -> ev.ApprovalRequestedData:
-        p = pending_one(open_state(await self.state(task_id)), step, tool)
+    async def decide(self, task_id: str, granted: bool, *, step: str | None = None,
+                     tool: str | None = None, by: str = "operator", reason: str = "",
+                     args_hash: str | None = None) -> tuple[ev.ApprovalRequestedData, int]:
+        """Approve or deny the one pending call matching step/tool/args_hash; returns it
+        and the ledger sequence of the decision (ControlRefused as for `approve`)."""
+        state = open_state(await self.state(task_id))
+        p = pending_one(state, step, tool, args_hash)
         data = ev.ApprovalDecisionData(step_id=p.step_id, tool=p.tool, args_hash=p.args_hash,
                                        by=by, reason=reason)
         event: ev.Event = (
-            ev.ApprovalGranted(subject=task_id, source="jetmesh/client", data=data) if granted
-            else ev.ApprovalDenied(subject=task_id, source="jetmesh/client", data=data))
-        await self.ledger.append(event)
-        return p
+            ev.ApprovalGranted(subject=task_id, source="jetmesh/client", data=data,
+                               traceparent=state.traceparent) if granted
+            else ev.ApprovalDenied(subject=task_id, source="jetmesh/client", data=data,
+                                   traceparent=state.traceparent))
+        seq = await self.ledger.append(event)
+        return p, seq
 
     async def waiting_for_agents(self, state: TaskState
                                  ) -> list[tuple[str, str, datetime | None]]:

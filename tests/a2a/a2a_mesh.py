@@ -8,6 +8,7 @@ from jetmesh.a2a.gateway import GatewayServer, GatewaySettings
 from jetmesh.a2a.signing import CardSigner, CardVerifier
 from jetmesh.a2a.tasks import SKILL_WORKFLOW_PREFIX
 from jetmesh.agents.models.sim import SimModel
+from jetmesh.agents.models.types import Model
 from jetmesh.agents.spec import AgentSpec
 from jetmesh.agents.worker import Worker
 from jetmesh.bus.connection import connect, jetstream
@@ -47,6 +48,9 @@ class Mesh:
     signer: CardSigner | None = None
     verifier: CardVerifier | None = None
     extra_workers: list[Worker] = field(default_factory=list)
+    models: dict[str, Model] = field(default_factory=dict)
+    """A model per agent name (default: the agent's own, none for direct skills)."""
+    gateway_settings: GatewaySettings | None = None
     base: str = ""
     """The gateway's base URL, once started."""
 
@@ -57,12 +61,12 @@ class Mesh:
             self.nc, js, model=SimModel(), workflows=skill_workflows(),
             settings=OrchestratorSettings(no_agent_wait_s=60, tick_s=0.1, agent_ttl_s=3))
         await self.orch.start()
-        self.workers = [Worker(spec, None, self.nc, js, heartbeat_s=0.5)
-                        for spec in self.agents]
+        self.workers = [Worker(spec, self.models.get(spec.name), self.nc, js,
+                               heartbeat_s=0.5) for spec in self.agents]
         for w in self.workers:
             await w.start()
-        self.gateway = GatewayServer(self.url, settings=GatewaySettings(port=0, agent_ttl_s=3,
-                                                                         send_wait_s=15),
+        self.gateway = GatewayServer(self.url, settings=self.gateway_settings or GatewaySettings(
+                                         port=0, agent_ttl_s=3, send_wait_s=15),
                                      signer=self.signer, verifier=self.verifier)
         self.base = await self.gateway.start()
         return self.base
