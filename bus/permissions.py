@@ -326,6 +326,11 @@ def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opt
     pub += kv_read(subjects.BUCKET_AGENTS)
     pub += ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     pub += kv_read(subjects.BUCKET_BUDGETS) + kv_write(subjects.BUCKET_BUDGETS)
+    # The tool-result cache (agents.toolcache), created by the first worker that caches.
+    # Trust: like the budget counters, one bucket every agent writes (a shared entry one
+    # agent poisons is read by the others); only read-only tools opt in.
+    pub += stream_declare([kv_stream(subjects.BUCKET_TOOL_CACHE)])
+    pub += kv_read(subjects.BUCKET_TOOL_CACHE) + kv_write(subjects.BUCKET_TOOL_CACHE)
     pub.append(subjects.MEMORY_ALL)
     sub.append(subjects.ALL_CONTROL)  # cancellation
     sub.append(subjects.ALL_APPROVALS)  # approval decisions (the guard waits for them)
