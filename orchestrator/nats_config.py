@@ -145,13 +145,26 @@ ROLE_COMMANDS = {"orchestrator": "orchestrator", "memory": "memory", "gateway": 
 """CLI commands that run as a role of their own (the rest run as the admin)."""
 
 
+def _current_context() -> Any:
+    """The running command's click context: typer 0.22+ runs its own copy of click
+    (`typer._click`), whose context stack `click.get_current_context` does not see."""
+    import importlib
+
+    for name in ("typer._click.globals", "click"):
+        try:
+            ctx = importlib.import_module(name).get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            return ctx
+    return None
+
+
 def user_for_command() -> str:
     """The user the running CLI command should log in as: a role's own (`jetmesh worker
     orders` as agent-orders, `jetmesh orchestrator` as orchestrator...), the approver for
     approve / deny, else the admin (the operator's commands)."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
+    ctx = _current_context()
     name = ctx.info_name if ctx is not None else None
     if name == "worker" and ctx is not None:
         agent = str(ctx.params.get("agent") or "")

@@ -113,10 +113,19 @@ def compose_schema() -> dict[str, Any]:
     return schema
 
 
+def _jetmesh_image(svc: dict[str, Any]) -> bool:
+    return bool(svc.get("build") or str(svc.get("image", "")).startswith("${JETMESH_IMAGE"))
+
+
+def one_shot(svc: dict[str, Any]) -> bool:
+    """A job that runs to completion on `up` (nats-auth), not a role that serves."""
+    return str(svc.get("restart", "")) == "no"
+
+
 def jetmesh_services(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Services that run the jetmesh image (they have a jetmesh command)."""
+    """Services that run a jetmesh role from the jetmesh image."""
     return {name: svc for name, svc in data["services"].items()
-            if svc.get("build") or str(svc.get("image", "")).startswith("${JETMESH_IMAGE")}
+            if _jetmesh_image(svc) and not one_shot(svc)}
 
 
 def env_of(svc: dict[str, Any]) -> dict[str, str]:
@@ -237,11 +246,15 @@ def test_healthcheck_command_is_registered() -> None:
 def test_services_start_in_order_with_health_checks() -> None:
     services = compose()["services"]
     for name, svc in services.items():
+        if one_shot(svc):
+            continue  # runs to completion; what waits on it waits for that
         assert "healthcheck" in svc, f"{name} has no health check"
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on unknown {dep}"
             if cond.get("condition") == "service_healthy":
                 assert "healthcheck" in services[dep], f"{name} waits on {dep}'s health"
+            if cond.get("condition") == "service_completed_successfully":
+                assert one_shot(services[dep]), f"{name} waits for {dep} to finish"
     order = {"orchestrator": {"nats"}, "memory": {"nats", "qdrant"},
              "gateway": {"nats", "orchestrator"}}
     for name, deps in order.items():
@@ -530,3 +543,152 @@ def test_dockerignore_keeps_what_the_wheel_build_needs() -> None:
     for junk in (".git/config", ".venv/bin/python", "tests/conftest.py",
                  "agents/__pycache__/x.pyc", ".jetmesh/nats/url"):
         assert _ignored(junk, patterns), junk
+
+
+# ----------------------------------------------------------------------------- NATS users
+
+
+def nats_auth_paths(data: dict[str, Any]) -> tuple[Path, Path]:
+    """(server section, env file) that the nats-auth service writes, in its container."""
+    cmd = data["services"]["nats-auth"]["command"]
+    return Path(cmd[cmd.index("--out") + 1]), Path(cmd[cmd.index("--env-out") + 1])
+
+
+def mount_of(svc: dict[str, Any], volume: str) -> tuple[str, bool]:
+    """(target, read only) of a named volume's mount in `svc`."""
+    for v in svc.get("volumes", []):
+        parts = str(v).split(":")
+        if parts[0] == volume:
+            return parts[1], parts[2:] == ["ro"]
+    raise AssertionError(f"{volume} is not mounted")
+
+
+def test_every_role_logs_in_as_its_own_user_like_jetmesh_up() -> None:
+    """The nats-auth job writes the users into its volume (`jetmesh nats-config`), the
+    server includes the section from there, every role reads the env file from there."""
+    data = compose()
+    services = data["services"]
+    job = services["nats-auth"]
+    assert one_shot(job) and _jetmesh_image(job)
+    cmd = job["command"]
+    ctx = cli().commands[cmd[0]].make_context("jetmesh nats-config", list(cmd[1:]))
+    assert ctx.params["fmt"] == "nats" and not ctx.params["rotate"]  # passwords kept
+    conf_path, env_path = nats_auth_paths(data)
+    job_target, _ = mount_of(job, "nats-auth")
+    assert conf_path.parent == env_path.parent == Path(job_target)
+    # A named volume takes the ownership of the image's folder: /data is the jetmesh user's.
+    assert job_target == dockerfile_env()["JETMESH_DATA_DIR"]
+
+    nats = services["nats"]
+    assert nats["depends_on"]["nats-auth"]["condition"] == "service_completed_successfully"
+    target, ro = mount_of(nats, "nats-auth")
+    assert ro
+    config_file = Path(nats["configs"][0]["target"])
+    conf = data["configs"][nats["configs"][0]["source"]]["content"]
+    (include,) = re.findall(r'^\s*include\s+"([^"]+)"\s*$', conf, re.M)
+    # nats-server resolves an include against the including file's folder.
+    assert config_file.parent / include == Path(target) / conf_path.name
+
+    for name, svc in jetmesh_services(data).items():
+        env = env_of(svc)
+        target, ro = mount_of(svc, "nats-auth")
+        assert ro, name
+        assert env["JETMESH_NATS_AUTH_ENV"] == str(Path(target) / env_path.name), name
+        assert not {"NATS_USER", "NATS_PASSWORD", "NATS_CREDS"} & set(env), name
+
+
+async def test_the_compose_users_serve_a_real_mesh(tmp_path: Path) -> None:
+    """Without Docker: the nats-auth command as compose runs it, nats-server on the
+    compose file's configuration with its include, the orchestrator role with the
+    compose environment: it logs in as `orchestrator` (not admin, not anonymous) and
+    its health check passes; anonymous clients are refused."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from typer.testing import CliRunner
+
+    from jetmesh.bus.server import find_nats_server, free_port
+    from jetmesh.orchestrator.cli import app
+
+    data = compose()
+    vol = tmp_path / "nats-auth"
+    cmd = [c.replace("/data/", f"{vol}/") for c in data["services"]["nats-auth"]["command"]]
+    for _ in range(2):  # the second `up` keeps the passwords
+        result = CliRunner().invoke(app, cmd)
+        assert result.exit_code == 0, result.output
+    conf_path, env_path = nats_auth_paths(data)
+    nats = data["services"]["nats"]
+    etc = tmp_path / "etc"
+    (etc / "auth").mkdir(parents=True)
+    (etc / "auth" / conf_path.name).write_bytes((vol / conf_path.name).read_bytes())
+    port, monitor = free_port(), free_port()
+    conf = data["configs"][nats["configs"][0]["source"]]["content"]
+    conf = conf.replace("0.0.0.0:4222", f"127.0.0.1:{port}").replace(
+        "0.0.0.0:8222", f"127.0.0.1:{monitor}").replace("/data/jetstream",
+                                                         str(tmp_path / "js"))
+    (etc / "jetmesh.conf").write_text(conf)
+    args = [find_nats_server(), *[str(etc / "jetmesh.conf") if a.startswith("/etc/") else a
+                                  for a in nats["command"]]]
+    log = (tmp_path / "nats.log").open("wb")
+    server = await asyncio.to_thread(subprocess.Popen, args, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "JETMESH_"))}
+    env.update({k: interpolate(v, {}) for k, v in
+                env_of(data["services"]["orchestrator"]).items()})
+    env.update({"NATS_URL": f"nats://127.0.0.1:{port}", "JETMESH_DATA_DIR": str(tmp_path),
+                "JETMESH_NATS_AUTH_ENV": str(vol / env_path.name),
+                "JETMESH_ALLOW_MODEL_REQUESTS": "0"})
+    jm = [sys.executable, "-m", "jetmesh.orchestrator.cli"]
+    orch = None
+    orch_log = (tmp_path / "orch.log").open("wb")
+    try:
+        def connz() -> Any:
+            url = f"http://127.0.0.1:{monitor}/connz?auth=true"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+
+        async def until(what: str, fn: Any, timeout: float = 60) -> Any:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                try:
+                    return await fn()
+                except Exception:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise AssertionError(f"timed out: {what}") from None
+                    await asyncio.sleep(0.2)
+
+        await until("nats-server", lambda: asyncio.to_thread(connz))
+        # The orchestrator declares the streams as itself (its user may create them).
+        orch = await asyncio.to_thread(
+            subprocess.Popen, [*jm, *data["services"]["orchestrator"]["command"]], env=env,
+            stdout=orch_log, stderr=subprocess.STDOUT,
+            cwd=tmp_path, start_new_session=True)
+
+        async def healthy() -> None:
+            done = await asyncio.to_thread(
+                subprocess.run, [*jm, "health", "orchestrator"], env=env, cwd=tmp_path,
+                capture_output=True, text=True, timeout=30, check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+
+        await until("the orchestrator's health check", healthy, timeout=90)
+        users = {c.get("authorized_user") for c in (await asyncio.to_thread(connz))["connections"]
+                 if str(c.get("name", "")).startswith("jetmesh-orchestrator")}
+        assert users == {"orchestrator"}, users
+        # Anonymous: refused.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"INFO ")
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        await writer.drain()
+        assert b"Authorization Violation" in await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        for proc in (orch, server):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                await asyncio.to_thread(proc.wait, 20)
+        log.close()
+        orch_log.close()
