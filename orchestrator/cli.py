@@ -752,6 +752,7 @@ def _free_port() -> int:
 
 def _register_extensions() -> None:
     from jetmesh.a2a.cli import register as register_a2a
+    from jetmesh.agents.mcp.cli import register as register_mcp
     from jetmesh.memory.cli import register as register_memory
     from jetmesh.orchestrator.evals_cli import register as register_evals
     from jetmesh.orchestrator.health import register as register_health
@@ -760,6 +761,7 @@ def _register_extensions() -> None:
     from jetmesh.orchestrator.telemetry_cli import register as register_telemetry
 
     register_a2a(app)
+    register_mcp(app)
     register_memory(app)
     register_health(app)
     register_nats_config(app)
