@@ -177,7 +177,8 @@ def default_children(url: str, data_dir: Path, agents: list[str], replicas: int,
     child gets its own role's); None: anonymous."""
     base = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV}
     base.update({"NATS_URL": url, "JETMESH_DATA_DIR": str(data_dir),
-                 "PYTHONUNBUFFERED": "1", "JETMESH_MEMORY_TOOLS": "on"})
+                 "PYTHONUNBUFFERED": "1", "JETMESH_MEMORY_TOOLS": "on",
+                 "JETMESH_UI_EAGER": "1"})  # the gateway keeps the task projection
     logs = data_dir / "logs"
 
     def child(name: str, args: list[str]) -> Child:
@@ -257,6 +258,20 @@ class TaskBoard:
         self.tasks[event.subject] = self.tasks.pop(event.subject)  # most recent last
 
 
+def dashboard_banner(data_dir: Path, url: str) -> str:
+    """The dashboard's address and fresh login tokens (written, hashed, to the data
+    directory, mode 0600; shown this once), unless the deployment configured its own
+    (JETMESH_UI_TOKENS / JETMESH_UI_TOKENS_FILE)."""
+    from jetmesh.a2a.ui.auth import TOKENS_FILE, configured_elsewhere, generate_tokens
+
+    if configured_elsewhere():
+        return f"dashboard: {url} (log in with your configured token)"
+    tokens = generate_tokens(data_dir / TOKENS_FILE)
+    return (f"dashboard: {url}\n  approver token:  {tokens['approver']}\n"
+            f"  read-only token: {tokens['read-only']}\n"
+            "  (shown once; new ones at every `jetmesh up`)")
+
+
 def write_status(path: Path, nats: NatsChild, children: Sequence[Child]) -> None:
     """The pids of `up`, its server and its children (for operators and tests)."""
     data = {"pid": os.getpid(), "url": nats.server.url,
@@ -322,6 +337,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
         if gateway_port is not None:
             console.print(f"A2A gateway: http://127.0.0.1:{gateway_port}"
                           "/.well-known/agent-card.json")
+            console.print(dashboard_banner(data_dir, f"http://127.0.0.1:{gateway_port}/ui/"))
         console.print("submit a task from another terminal:\n"
                       "  jetmesh submit \"where is my order?\" --workflow support "
                       "--input '{\"order_id\": \"A1001\"}' --wait\n"

@@ -257,6 +257,8 @@ class Dashboard:
     async def _ready_index(self) -> TaskIndex:
         await self.start()
         assert self.index is not None
+        if self.projector is not None:  # a fresh projection: answer once it caught up
+            await self.projector.wait_caught_up(60)
         await self.index.wait_loaded(30)
         return self.index
 
