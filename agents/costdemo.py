@@ -119,12 +119,15 @@ class TierSim:
     """A scripted model of known quality (``strong`` or not) with a simulated cache."""
 
     provider = "sim"
+    _cached: dict[str, set[str]] = {}
+    """Model name -> the prefixes in its cache, shared by every instance in the process
+    (a provider's cache is the server's, whichever client asks)."""
 
     def __init__(self, name: str, *, strong: bool) -> None:
         self.name = name
         self.strong = strong
         self.calls = 0
-        self._prefixes: set[str] = set()
+        self._prefixes = self._cached.setdefault(name, set())
 
     def _answer(self, request: ModelRequest) -> str | list[ToolCall]:
         given = _input(request)
