@@ -424,6 +424,20 @@ class _Builder:
                 "role": "assistant", "parts": parts,
                 "finish_reason": str(resp.get("stop_reason") or "stop")}])
         span.attributes.update(attrs)
+        for tried in resp.get("fallbacks") or []:  # the chain members that did not answer
+            if not isinstance(tried, dict):
+                continue
+            span.events.append(("jetmesh.model.fallback", {
+                "gen_ai.provider.name": _PROVIDERS.get(str(tried.get("provider")),
+                                                       str(tried.get("provider"))),
+                "gen_ai.request.model": str(tried.get("model")),
+                "jetmesh.fallback.error": str(tried.get("error", ""))[:500],
+                "jetmesh.fallback.skipped": bool(tried.get("skipped"))}, start))
+            if tried.get("breaker") and tried.get("breaker_state") == "open":
+                span.events.append((
+                    "jetmesh.breaker.open" if tried.get("skipped") else "jetmesh.breaker.tripped",
+                    {"jetmesh.breaker.name": str(tried["breaker"]),
+                     "gen_ai.request.model": str(tried.get("model"))}, start))
         if run is not None:
             run.input_tokens += d.input_tokens
             run.output_tokens += d.output_tokens

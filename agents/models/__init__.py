@@ -38,6 +38,7 @@ from jetmesh.agents.models.schema_examples import example_for_schema
 from jetmesh.agents.models.sim import FunctionModel, ScriptedModel, SimModel, tool_call
 from jetmesh.agents.models.switch import allow_model_requests
 from jetmesh.agents.models.types import (
+    FailedAttempt,
     Message,
     Model,
     ModelRequest,
@@ -52,6 +53,7 @@ __all__ = [
     "BreakerModel",
     "BreakerRegistry",
     "CircuitBreaker",
+    "FailedAttempt",
     "FallbackChain",
     "FunctionModel",
     "Message",

@@ -17,8 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from jetmesh.agents.models.breaker import is_transient
-from jetmesh.agents.models.errors import ModelChainExhausted, ModelError, ModelTransientError
-from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
+from jetmesh.agents.models.errors import (
+    ModelChainExhausted,
+    ModelCircuitOpen,
+    ModelError,
+    ModelTransientError,
+)
+from jetmesh.agents.models.types import FailedAttempt, Model, ModelRequest, ModelResponse
 
 __all__ = ["FallbackChain"]
 
@@ -31,6 +36,18 @@ def _as_model_error(model: Model, exc: BaseException) -> ModelError:
     wrapped = ModelTransientError(model.provider, model.name, f"{type(exc).__name__}: {exc}")
     wrapped.__cause__ = exc
     return wrapped
+
+
+def _attempt(model: Model, error: ModelError) -> FailedAttempt:
+    """What a failed member leaves in the answer's record: the error and its breaker."""
+    states: dict[str, dict[str, Any]] = {}
+    get = getattr(model, "breaker_states", None)
+    if callable(get):
+        states = get()
+    name, state = next(iter(states.items()), (None, {}))
+    return FailedAttempt(provider=model.provider, model=model.name, error=error.message[:500],
+                         breaker=name, breaker_state=state.get("state"),
+                         skipped=isinstance(error, ModelCircuitOpen))
 
 
 class FallbackChain:
@@ -50,6 +67,7 @@ class FallbackChain:
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
         errors: list[ModelError] = []
+        tried: list[FailedAttempt] = []
         for index, model in enumerate(self.models):
             try:
                 response = await model.complete(request)
@@ -57,6 +75,7 @@ class FallbackChain:
                 if not is_transient(exc):
                     raise
                 errors.append(_as_model_error(model, exc))
+                tried.append(_attempt(model, errors[-1]))
                 if index + 1 < len(self.models):
                     nxt = self.models[index + 1]
                     log.warning("%s/%s failed (%s); falling back to %s/%s", model.provider,
@@ -64,10 +83,11 @@ class FallbackChain:
                 continue
             if index:
                 self.fallbacks_used += 1
-            if not response.provider or not response.model:
+            if not response.provider or not response.model or tried:
                 response = response.model_copy(update={
                     "provider": response.provider or model.provider,
-                    "model": response.model or model.name})
+                    "model": response.model or model.name,
+                    "fallbacks": [*response.fallbacks, *tried]})
             self.last_answered_by = f"{response.provider}/{response.model}"
             return response
         if len(errors) == 1:

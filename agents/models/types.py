@@ -70,6 +70,22 @@ class ModelRequest(BaseModel):
     cacheable where the provider needs it marked (Anthropic ``cache_control``)."""
 
 
+class FailedAttempt(BaseModel):
+    """A member of a fallback chain that did not answer a call (a later one did)."""
+
+    provider: str
+    model: str
+    error: str
+    """Why it did not answer (the transient error, or its open breaker)."""
+    breaker: str | None = None
+    """The circuit breaker in front of it, when it has one."""
+    breaker_state: str | None = None
+    """That breaker's state right after this attempt: `open` when this failure tripped
+    it or it was already open (`skipped`)."""
+    skipped: bool = False
+    """Not called at all: its breaker was open."""
+
+
 class ModelResponse(BaseModel):
     """One model call's result."""
 
@@ -81,6 +97,9 @@ class ModelResponse(BaseModel):
     stop_reason: str = ""
     raw: dict[str, Any] = Field(default_factory=dict)
     """The full vendor response body, kept so a run can be replayed without the model."""
+    fallbacks: list[FailedAttempt] = Field(default_factory=list)
+    """The chain members tried before the one that answered, in order (recorded with the
+    call, so traces show fallbacks and breaker trips)."""
 
 
 @runtime_checkable

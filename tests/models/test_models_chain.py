@@ -64,6 +64,10 @@ async def test_falls_back_to_the_second_model_on_500s() -> None:
     assert chain.fallbacks_used == 1
     assert chain.last_answered_by == "openai/gpt"
     assert chain.describe() == "anthropic/claude -> openai/gpt"
+    # The answer's record names the member that failed first, and why.
+    assert [(f.provider, f.model, f.skipped) for f in response.fallbacks] == [
+        ("anthropic", "claude", False)]
+    assert "HTTP 500" in response.fallbacks[0].error
 
 
 async def test_primary_answers_when_healthy() -> None:
@@ -87,6 +91,19 @@ async def test_skips_an_open_primary_without_calling_it() -> None:
     assert response.text == "fallback"
     assert primary_inner.requests == []
     assert chain.breaker_states() == {"anthropic": open_breaker.state()}
+    [skipped] = response.fallbacks
+    assert (skipped.breaker, skipped.breaker_state, skipped.skipped) == ("anthropic", "open", True)
+
+
+async def test_the_failure_that_trips_a_breaker_is_recorded_with_the_answer() -> None:
+    breaker = CircuitBreaker("anthropic", failure_threshold=2, clock=Clock())
+    chain = FallbackChain([BreakerModel(failing("anthropic", "claude"), breaker),
+                           ScriptedModel("a", "b", "c", provider="openai", name="gpt")])
+    first, second = await chain.complete(req()), await chain.complete(req())
+    assert [(f.breaker_state, f.skipped) for f in first.fallbacks] == [("closed", False)]
+    assert [(f.breaker_state, f.skipped) for f in second.fallbacks] == [("open", False)]
+    third = await chain.complete(req())  # now skipped without a call
+    assert [(f.breaker_state, f.skipped) for f in third.fallbacks] == [("open", True)]
 
 
 @pytest.mark.parametrize("error", [

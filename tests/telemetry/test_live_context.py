@@ -138,3 +138,38 @@ async def test_memory_requests_carry_the_callers_context_and_the_service_spans_u
         await nc.close()
         await service.stop()
         await store.close()
+
+
+async def test_fallbacks_and_breaker_trips_are_events_on_the_chat_spans(make_mesh, telemetry,
+                                                                         receiver) -> None:
+    from jetmesh.agents.models import (
+        BreakerModel,
+        CircuitBreaker,
+        FallbackChain,
+        FunctionModel,
+        ModelTransientError,
+    )
+
+    def down(request: ModelRequest) -> str:
+        raise ModelTransientError("anthropic", "claude-x", "HTTP 529: overloaded", status=529)
+
+    breaker = CircuitBreaker(f"anthropic-{uuid.uuid4().hex[:6]}", failure_threshold=1,
+                             reset_timeout_s=600)
+    chain = FallbackChain([BreakerModel(FunctionModel(down, provider="anthropic",
+                                                      name="claude-x"), breaker), SimModel()])
+    mesh = await make_mesh(["support"], worker_model=chain)
+    tid = await mesh.client.submit("status of my orders", workflow="fanout",
+                                   input={"order_ids": ORDERS})
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED, state.reason
+    trace_id = f"{task_trace_id(tid, None):032x}"
+    await receiver.wait_for(lambda spans: any(s["trace_id"] == trace_id and s["name"]
+                                              .startswith("invoke_workflow") for s in spans))
+    chats = [s for s in receiver.trace(trace_id) if s["name"].startswith("chat ")
+             and s["attributes"].get("jetmesh.purpose") == "step"]
+    assert len(chats) == 6
+    # Every step call fell back; the first failure tripped the breaker, later calls found
+    # it open and skipped the primary without calling it.
+    assert all("jetmesh.model.fallback" in s["events"] for s in chats)
+    assert sum("jetmesh.breaker.tripped" in s["events"] for s in chats) == 1
+    assert sum("jetmesh.breaker.open" in s["events"] for s in chats) == 5
