@@ -172,27 +172,32 @@ def tasks_cmd(
 
     async def main() -> None:
         from jetmesh.orchestrator.projection import all_tasks
+        from jetmesh.orchestrator.tasks_kv import current_summaries, summarize
 
-        nc, _, ledger = await _open(target)
-        try:
-            states = await all_tasks(ledger, limit=limit)
+        nc, js, ledger = await _open(target)
+        try:  # the KV projection (the gateway keeps it); no projection: fold the ledger
+            got = await current_summaries(js, ledger)
+            rows, lag = got if got is not None else (
+                [summarize(s) for s in await all_tasks(ledger, limit=limit)], 0)
+            rows = rows[:limit]
         finally:
             await nc.close()
         if as_json:
-            for s in states:
+            for s in rows:
                 console.print_json(json.dumps({
                     "task_id": s.task_id, "status": s.status.value,
                     "updated_at": s.updated_at.isoformat() if s.updated_at else None,
-                    "cost_usd": s.cost_usd, "steps": len(s.steps)}))
+                    "cost_usd": s.cost_usd, "steps": s.steps_total}))
             return
         table = Table("task", "status", "goal", "steps", "cost $", "updated")
-        for s in states:
-            done = sum(1 for st in s.steps.values() if st.status.terminal)
-            goal = (s.submitted.goal if s.submitted else "")[:40]
-            table.add_row(s.task_id, s.status.value, goal, f"{done}/{len(s.steps)}",
-                          f"{s.cost_usd:.4f}",
+        for s in rows:
+            table.add_row(s.task_id, s.status.value, s.goal[:40],
+                          f"{s.steps_done}/{s.steps_total}", f"{s.cost_usd:.4f}",
                           s.updated_at.strftime("%H:%M:%S") if s.updated_at else "")
-        console.print(table if states else "no tasks yet")
+        console.print(table if rows else "no tasks yet")
+        if lag:
+            err.print(f"[yellow]the task projection is {lag} ledger events behind "
+                      "(is the gateway running?): those are not shown[/]")
 
     run(main)
 

@@ -38,8 +38,8 @@ from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.orchestrator.state import TaskState, TaskStatus, approval_key, fold
 
-__all__ = ["PendingApproval", "TaskIndex", "TaskProjector", "TaskSummary", "read_summaries",
-           "summarize"]
+__all__ = ["PendingApproval", "TaskIndex", "TaskProjector", "TaskSummary",
+           "current_summaries", "projection_lag", "read_summaries", "summarize"]
 
 log = logging.getLogger("jetmesh.tasks_kv")
 
@@ -187,6 +187,42 @@ async def read_summaries(js: JetStreamContext) -> list[TaskSummary]:
     rows = list((await _read_all(kv)).values())
     rows.sort(key=lambda s: s.last_seq, reverse=True)
     return rows
+
+
+async def _checkpoint(kv: KeyValue) -> int | None:
+    try:
+        got = await kv.get(CHECKPOINT_KEY)
+    except (KeyNotFoundError, NotFoundError):
+        return None
+    return int(got.value or b"0")
+
+
+async def projection_lag(js: JetStreamContext) -> int | None:
+    """How many ledger sequences the projection is behind (None: there is none)."""
+    kv = await open_bucket(js, create=False)
+    cp = await _checkpoint(kv) if kv is not None else None
+    if cp is None:
+        return None
+    info = await js.stream_info(subjects.STREAM_LEDGER)
+    return max(0, int(info.state.last_seq) - cp)
+
+
+async def current_summaries(js: JetStreamContext, ledger: Ledger, *, max_tail: int = 5000
+                            ) -> tuple[list[TaskSummary], int] | None:
+    """Every task summary, newest first, as of now: the projection, plus the tasks of
+    the ledger's tail past its checkpoint folded here (at most `max_tail` events of it;
+    the second value is how many further events were not). None: no projection."""
+    kv = await open_bucket(js, create=False)
+    cp = await _checkpoint(kv) if kv is not None else None
+    if kv is None or cp is None:
+        return None
+    rows = await _read_all(kv)
+    tail = await ledger.read_raw(subjects.ALL_LEDGER, from_seq=cp + 1)
+    behind = max(0, len(tail) - max_tail)
+    for tid in {t for _, subj, _ in tail[:max_tail] if (t := subjects.task_id_of(subj))}:
+        rows[tid] = summarize(fold(tid, await ledger.read(tid)))
+    out = sorted(rows.values(), key=lambda s: s.last_seq, reverse=True)
+    return out, behind
 
 
 class TaskProjector:

@@ -251,8 +251,10 @@ class Dashboard:
             await self.index.stop()
         for c in self._role_clients.values():
             await c.close()
+        self._role_clients = {}
         if self._admin is not None:
             await self._admin[0].close()
+            self._admin = None
 
     async def _ready_index(self) -> TaskIndex:
         await self.start()

@@ -190,6 +190,7 @@ async def ui_mesh(ui_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFact
             for g in gates.opened.values():
                 g.set()
             await client.close()
+            await mesh.dashboard().stop()
             await gateway.stop()
             for w in workers:
                 await w.stop(grace_s=1)

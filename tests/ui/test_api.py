@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,8 +17,15 @@ from jetmesh.agents.builtin.support import refunds_file
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.dlq import DeadLetter
+from jetmesh.orchestrator.state import TaskStatus
 from jetmesh.orchestrator.stats import put_summary, task_summary
-from jetmesh.orchestrator.tasks_kv import CHECKPOINT_KEY, TaskProjector, open_bucket
+from jetmesh.orchestrator.tasks_kv import (
+    CHECKPOINT_KEY,
+    TaskProjector,
+    TaskSummary,
+    open_bucket,
+    task_key,
+)
 
 
 def refunds() -> list[dict[str, Any]]:
@@ -298,3 +308,29 @@ async def test_projector_restart_reads_only_open_tasks(ui_mesh: UiMesh) -> None:
     finally:
         await p.stop()
     assert dash.index.tasks[tid].status.value == "completed"
+
+
+async def test_cli_tasks_reads_the_projection(ui_mesh: UiMesh) -> None:
+    """`jetmesh tasks` lists from jm-tasks: a row planted there (no such task in the
+    ledger) is listed, and a task finished a moment ago shows its end."""
+    tid = await ui_mesh.client.submit("gate clitasks", workflow="wait_ui")
+    ui_mesh.gates.gate("clitasks").set()
+    await ui_mesh.client.result(tid, timeout=20)
+    kv = await open_bucket(ui_mesh.client.js)
+    assert kv is not None
+    planted = TaskSummary(task_id="only-in-the-projection", status=TaskStatus.COMPLETED,
+                          goal="planted", last_seq=10**9)
+    await kv.put(task_key(planted.task_id), planted.model_dump_json().encode())
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("jetmesh")), "tasks", "--limit", "500",
+            cwd=str(ui_mesh.data_dir), env={**os.environ, "NATS_URL": ui_mesh.url,
+                                            "COLUMNS": "200"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, errs = await proc.communicate()
+        assert proc.returncode == 0, errs.decode()
+        lines = out.decode().splitlines()
+        assert any("only-in-the-projection" in x and "planted" in x for x in lines)
+        assert any(tid in x and "completed" in x for x in lines), out.decode()
+    finally:
+        await kv.delete(task_key(planted.task_id))
