@@ -133,7 +133,8 @@ async def campaign(make_mesh, n: int, seed: int) -> None:
         assert state.cost_usd <= cap + 1e-12, (tid, state.cost_usd, cap)  # no overrun
         assert usage.spent_usd == pytest.approx(state.cost_usd, abs=1e-12), tid
         assert usage.reserved == {}
-        key = state.status.value + (f":{state.code}" if state.code else "")
+        codes = sorted({st.code for st in state.steps.values() if st.code})
+        key = state.status.value + "".join(f":{c}" for c in codes)
         outcomes[key] = outcomes.get(key, 0) + 1
     print(f"\n{n} tasks on budgets ${min(budgets)}..${max(budgets)}: {outcomes}")
     assert outcomes.get("completed", 0) > 0 and len(outcomes) > 1
