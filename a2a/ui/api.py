@@ -101,11 +101,17 @@ def redact(value: Any) -> Any:
     return value
 
 
+def _line(e: ev.Event) -> str:
+    """The timeline's line: no payloads (the arguments of an approval request neither)."""
+    if isinstance(e, ev.ApprovalRequested):
+        return f"approval requested: {e.data.tool} - {e.data.reason}"
+    return describe(e, detail=False)
+
+
 def entry_view(entry: LedgerEntry) -> dict[str, Any]:
     e = entry.event
     return {"seq": entry.seq, "type": e.type, "time": e.time.isoformat(), "source": e.source,
-            "step_id": subjects.step_id_of(entry.subject),
-            "text": describe(e, detail=False),
+            "step_id": subjects.step_id_of(entry.subject), "line": _line(e),
             "data": e.data.model_dump(mode="json")}
 
 

@@ -32,6 +32,7 @@ from jetmesh.orchestrator.workflows import Workflow
 APPROVER_TOKEN = "tok-alice-approver"
 READER_TOKEN = "tok-bob-reader"
 TOKENS = f"alice:approver:{APPROVER_TOKEN},bob:read-only:{READER_TOKEN}"
+TRACE_URL = "http://traces.test/trace/{trace_id}"
 
 
 class Question(BaseModel):
@@ -162,6 +163,7 @@ async def ui_mesh(ui_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFact
         mp.setenv("JETMESH_DATA_DIR", str(data_dir))
         mp.setenv("JETMESH_UI_TOKENS", TOKENS)
         mp.setenv("JETMESH_UI_HEARTBEAT_S", "1")
+        mp.setenv("JETMESH_UI_TRACE_URL", TRACE_URL)
         nc = await connect(ui_server.url)
         js = jetstream(nc)
         await declare_streams(js)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import APPROVER_TOKEN, READER_TOKEN, UiMesh, wait_event
+from conftest import APPROVER_TOKEN, READER_TOKEN, TRACE_URL, UiMesh, wait_event
 
 from jetmesh.agents.builtin.support import refunds_file
 from jetmesh.bus import events as ev
@@ -158,6 +158,16 @@ async def test_timeline_stream_equals_the_ledger(ui_mesh: UiMesh) -> None:
         assert [c_["step_id"] for c_ in calls if c_["kind"] == "model"] == ["first", "second"]
         assert all(c_["latency_ms"] >= 0 and "input_tokens" in c_ for c_ in calls
                    if c_["kind"] == "model")
+        trace_id = detail["trace_url"].rsplit("/", 1)[1]
+        assert detail["trace_url"] == TRACE_URL.format(trace_id=trace_id)
+        assert (await ui_mesh.client.state(tid)).traceparent.split("-")[1] == trace_id
+        # Fork it from its second step: a new task that re-runs only that step.
+        r = await c.post(f"/api/tasks/{tid}/replay", json={"from_step": "second"})
+        assert r.status_code == 200 and r.json()["kind"] == "fork", r.text
+        fork = await ui_mesh.client.result(r.json()["task_id"], timeout=30)
+        assert fork.status.value == "completed" and fork.submitted is not None
+        assert fork.submitted.replay_of == tid and fork.submitted.fork is not None
+        assert fork.submitted.fork.from_step == "second"
 
 
 async def test_approve_from_the_inbox_runs_the_call_once(ui_mesh: UiMesh) -> None:
@@ -173,6 +183,11 @@ async def test_approve_from_the_inbox_runs_the_call_once(ui_mesh: UiMesh) -> Non
         body = {"step_id": row["step_id"], "tool": row["tool"], "args_hash": row["args_hash"]}
         r = await reader.post(f"/api/tasks/{tid}/approve", json=body)
         assert r.status_code == 403  # the server refuses, whatever the page shows
+        seen = (await reader.get(f"/api/tasks/{tid}")).json()
+        text = json.dumps(seen)
+        assert "A1029" not in text and "refund 230" not in text  # no content for read-only
+        assert any(e["line"].startswith("approval requested: issue_refund")
+                   for e in seen["events"])
         full = next(a for a in (await approver.get("/api/approvals")).json()["approvals"]
                     if a["task_id"] == tid)
         assert full["arguments"] == {"order_id": "A1029", "amount_usd": 230.0,

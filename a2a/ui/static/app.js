@@ -226,7 +226,7 @@ function eventItem(e) {
   return h("li", { "data-seq": e.seq, "data-type": e.type },
     h("span", { class: "muted" }, "#" + e.seq),
     h("span", { class: "muted" }, new Date(e.time).toLocaleTimeString()),
-    h("span", {}, e.step_id ? h("code", {}, e.step_id + " ") : null, e.text));
+    h("span", {}, e.step_id ? h("code", {}, e.step_id + " ") : null, e.line));
 }
 
 async function viewTask(view, taskId) {
