@@ -206,7 +206,10 @@ def tasks_cmd(
 def tail_cmd(
     task_id: Annotated[str, typer.Argument(help="The task to follow.")],
     url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
-    from_seq: Annotated[int, typer.Option(help="Resume from this ledger sequence.")] = 1,
+    from_seq: Annotated[int, typer.Option(
+        min=1, help="Resume from this ledger sequence: the stream's, shared by all tasks "
+                    "(the first column `tail` and `show` print), not a count of this "
+                    "task's events.")] = 1,
     forever: Annotated[bool, typer.Option(help="Keep following after the task ends.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print raw CloudEvents.")] = False,
 ) -> None:
@@ -216,6 +219,17 @@ def tail_cmd(
     async def main() -> None:
         nc, _, ledger = await _open(target)
         try:
+            if not forever and from_seq > 1:
+                # A task that ended before `from_seq` has nothing more to show: say so
+                # instead of waiting for events that will never come.
+                end = next((x for x in await ledger.read(task_id)
+                            if isinstance(x.event, ev.TERMINAL_TASK_EVENTS)), None)
+                if end is not None and end.seq < from_seq:
+                    err.print(f"task {task_id} ended at ledger seq {end.seq} "
+                              f"({describe(end.event)}), before --from-seq {from_seq}: "
+                              "nothing more will come (sequences are the stream's, shared "
+                              "by all tasks)")
+                    return
             async for entry in ledger.follow(task_id, from_seq=from_seq):
                 if as_json:
                     print(json.dumps({"seq": entry.seq, "event": json.loads(
@@ -567,9 +581,31 @@ def agents_cmd(
     run(main)
 
 
+def _quiet_flags(command: Any) -> Any:
+    """`command` (the click tree typer builds) with no `<bool>` shown beside a flag, which
+    takes no value (`--help` included): the type column is for options that take one."""
+    stack = [command]
+    while stack:
+        c = stack.pop()
+        for p in c.params:
+            if getattr(p, "is_flag", False):
+                p.metavar = ""
+        make_help = c.get_help_option
+
+        def help_option(ctx: Any, make_help: Any = make_help) -> Any:
+            option = make_help(ctx)
+            if option is not None:
+                option.metavar = ""
+            return option
+
+        c.get_help_option = help_option
+        stack.extend(getattr(c, "commands", {}).values())
+    return command
+
+
 def main() -> None:
     os.environ.setdefault("MEM0_TELEMETRY", "False")
-    app()
+    _quiet_flags(typer.main.get_command(app))(prog_name="jetmesh")
 
 
 def _decide_approval(task_id: str, granted: bool, step: str | None, tool: str | None,

@@ -1,0 +1,70 @@
+"""What a newcomer meets at the CLI: help that reads well, `tail --from-seq` that says
+when nothing more will come instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer.main
+
+from jetmesh.orchestrator.cli import _quiet_flags, app
+from jetmesh.orchestrator.state import TaskStatus
+
+ORDERS = ["A1001", "A1002", "A1003"]
+
+
+def _commands(command: Any) -> list[Any]:
+    out, stack = [], [command]
+    while stack:
+        c = stack.pop()
+        out.append(c)
+        stack.extend(getattr(c, "commands", {}).values())
+    return out
+
+
+def test_no_flag_is_shown_with_a_value_type() -> None:
+    tree = _quiet_flags(typer.main.get_command(app))
+    commands = _commands(tree)
+    assert len(commands) > 20
+    flags = 0
+    for c in commands:
+        ctx = c.make_context(c.name or "jetmesh", [], resilient_parsing=True)
+        for p in [*c.params, c.get_help_option(ctx)]:
+            if p is not None and getattr(p, "is_flag", False):
+                flags += 1
+                assert p.display_type_rich(ctx) in ("", None), (c.name, p.name)
+    assert flags > len(commands)  # every command has at least --help
+
+
+async def _jetmesh(*args: str, url: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetmesh.orchestrator.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NATS_URL": url, "COLUMNS": "200"})
+    out, errs = await asyncio.wait_for(proc.communicate(), 60)
+    return int(proc.returncode or 0), out.decode(), errs.decode()
+
+
+async def test_help_renders_flags_without_a_type(bus) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = await _jetmesh("tail", "--help", url=bus.url)
+    assert code == 0 and "--forever" in out and "--help" in out
+    assert "<bool>" not in out
+
+
+async def test_tail_from_a_seq_after_the_tasks_end_says_so(make_mesh, bus,
+                                                           tmp_path: Path) -> None:
+    mesh = await make_mesh(["support"])
+    tid = await mesh.client.submit("orders", workflow="fanout", input={"order_ids": ORDERS})
+    state = await mesh.client.result(tid, timeout=30)
+    assert state.status is TaskStatus.COMPLETED
+    last = max(e.seq for e in await mesh.client.events(tid))
+    code, out, errs = await _jetmesh("tail", tid, "--from-seq", str(last + 1), url=bus.url)
+    assert code == 0 and out == ""
+    assert "ended at ledger seq" in errs and "nothing more will come" in errs
+    # From a sequence inside the task: its events from there on, up to its end.
+    code, out, _ = await _jetmesh("tail", tid, "--from-seq", str(last), url=bus.url)
+    assert code == 0 and len(out.strip().splitlines()) == 1 and str(last) in out
