@@ -1,19 +1,27 @@
-# One virtual environment in .venv, made on first use. `make run` starts the whole mesh;
-# `make test` installs the dev tools and runs the test suite; `make check` adds lint and types.
+# One virtual environment in .venv, made on first use. `make run` installs jetmesh and
+# starts the whole mesh; `make test` also installs the dev tools and runs the test suite;
+# `make check` adds lint and types.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: run test check lint types bench fault clean
+
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/jetmesh up
 
 test: $(STAMP)

@@ -303,8 +303,8 @@ def worker_cmd(
 ) -> None:
     """Run one agent replica: pull its skills' steps from NATS and run them."""
     _setup_logging(verbose)
+    spec = load_agent(agent)  # an unknown agent is named before any server is looked for
     target = resolve_url(url, data_dir)
-    spec = load_agent(agent)
 
     async def main() -> None:
         from jetmesh.agents.models.factory import create_model_chain
@@ -797,6 +797,7 @@ def _register_extensions() -> None:
     from jetmesh.memory.cli import register as register_memory
     from jetmesh.orchestrator.evals_cli import register as register_evals
     from jetmesh.orchestrator.health import register as register_health
+    from jetmesh.orchestrator.killswitch_cli import register as register_killswitch
     from jetmesh.orchestrator.nats_config import register as register_nats_config
     from jetmesh.orchestrator.replay_cli import register as register_replay
     from jetmesh.orchestrator.telemetry_cli import register as register_telemetry
@@ -809,6 +810,7 @@ def _register_extensions() -> None:
     register_replay(app)
     register_evals(app)
     register_telemetry(app)
+    register_killswitch(app)
 
 
 _register_extensions()

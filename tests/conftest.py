@@ -18,10 +18,21 @@ from nats.js import JetStreamContext
 os.environ.setdefault("JETMESH_ALLOW_MODEL_REQUESTS", "0")
 os.environ.setdefault("MEM0_TELEMETRY", "False")
 
-from jetmesh.bus.connection import connect, jetstream
-from jetmesh.bus.ledger import Ledger
-from jetmesh.bus.server import EmbeddedNats
-from jetmesh.bus.streams import declare_streams
+# `python -m pytest` from the checkout puts the checkout itself on sys.path, where its
+# `a2a/` and `agents/` folders (installed as jetmesh.a2a, jetmesh.agents) would shadow the
+# A2A SDK and the OpenAI Agents SDK. jetmesh is imported by its installed name, so the
+# checkout's own folder is not needed on the path.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+for _shadowed in ("a2a", "agents"):
+    _mod = sys.modules.get(_shadowed)
+    if _mod is not None and str(getattr(_mod, "__file__", "") or "").startswith(str(_CHECKOUT)):
+        del sys.modules[_shadowed]  # imported from the checkout before this ran
+
+from jetmesh.bus.connection import connect, jetstream  # noqa: E402
+from jetmesh.bus.ledger import Ledger  # noqa: E402
+from jetmesh.bus.server import EmbeddedNats  # noqa: E402
+from jetmesh.bus.streams import declare_streams  # noqa: E402
 
 
 def _timeout_of(item: pytest.Item) -> float:

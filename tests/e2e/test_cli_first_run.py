@@ -68,3 +68,16 @@ async def test_tail_from_a_seq_after_the_tasks_end_says_so(make_mesh, bus,
     # From a sequence inside the task: its events from there on, up to its end.
     code, out, _ = await _jetmesh("tail", tid, "--from-seq", str(last), url=bus.url)
     assert code == 0 and len(out.strip().splitlines()) == 1 and str(last) in out
+
+
+def test_python_dash_m_pytest_from_the_checkout_finds_the_sdks() -> None:
+    """`python -m pytest` puts the checkout on sys.path, where its a2a/ folder would
+    shadow the A2A SDK; the suite's conftest takes the checkout off the path."""
+    import subprocess
+
+    checkout = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--collect-only", "tests/a2a/test_a2a_cards.py"], cwd=checkout,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "tests collected" in res.stdout  # the module, which imports the SDK, loaded
