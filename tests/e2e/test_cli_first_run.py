@@ -81,3 +81,15 @@ def test_python_dash_m_pytest_from_the_checkout_finds_the_sdks() -> None:
                          capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "tests collected" in res.stdout  # the module, which imports the SDK, loaded
+
+
+def test_an_unknown_agent_is_named_before_any_server_is_looked_for(tmp_path: Path) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    res = subprocess.run([sys.executable, "-m", "jetmesh.orchestrator.cli", "worker",
+                          "no-such-agent"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, check=False, env={**env, "COLUMNS": "200"})
+    assert res.returncode != 0
+    assert "unknown agent 'no-such-agent'" in res.stderr + res.stdout
+    assert "NATS" not in res.stderr + res.stdout
