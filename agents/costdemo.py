@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .compaction import CompactionPolicy
+from .compaction import SUMMARIZER_SYSTEM, CompactionPolicy
 from .cost import CostPolicy
 from .models.types import ModelRequest, ModelResponse, ToolCall, Usage
 from .routing import RouteRule, Routing, Tier, Validator
@@ -130,6 +130,11 @@ class TierSim:
         self._prefixes = self._cached.setdefault(name, set())
 
     def _answer(self, request: ModelRequest) -> str | list[ToolCall]:
+        if request.system == SUMMARIZER_SYSTEM:
+            # A lossy summariser: it names no identifier (those come from the records).
+            return json.dumps({"intent": "digest the case file",
+                               "decisions": ["kept reading the case file page by page"],
+                               "open_questions": [], "next_steps": ["read the next page"]})
         given = _input(request)
         results = [m for m in request.messages if m.role == "tool"]
         corrected = any(m.role == "user" and m.content.startswith("Your ")
@@ -201,9 +206,10 @@ def strong() -> TierSim:
     return TierSim(STRONG, strong=True)
 
 
-def make_concierge(*, compaction: bool = True) -> AgentSpec:
+def make_concierge(*, compaction: bool = True, summarizer: str = "extract") -> AgentSpec:
     """The demo agent: `answer_order` routed cheap -> strong with validators; the
-    `digest_pages` skill compacted (`digest_pages_full`: the same, never compacted)."""
+    `digest_pages` skill compacted (`digest_pages_full`: the same, never compacted),
+    its summary extracted from the records or also written by the model."""
     routing = Routing(
         tiers=[Tier(name="cheap", provider="sim", model=f"{MODULE}:cheap"),
                Tier(name="strong", provider="sim", model=f"{MODULE}:strong")],
@@ -237,7 +243,9 @@ def make_concierge(*, compaction: bool = True) -> AgentSpec:
                           contains_path="order_id")]},
             tool_cache={"order_record": ToolCacheRule(ttl_s=600, scope="shared")},
             compaction=CompactionPolicy(max_context_tokens=4000, keep_recent=4, digest_chars=80,
-                                        skills=["digest_pages"]) if compaction else None,
+                                        skills=["digest_pages"],
+                                        summarizer=summarizer)  # type: ignore[arg-type]
+            if compaction else None,
         ),
     )
 

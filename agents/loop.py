@@ -635,7 +635,8 @@ class _Router:
 
 
 async def _compacted(run: _Run, compactor: Compactor, messages: list[Message],
-                     request_base: dict[str, Any]) -> list[Message]:
+                     request_base: dict[str, Any], model: Model,
+                     before_call: BeforeModelCall | None) -> list[Message]:
     """The messages to send: compacted first when the request would pass the limit."""
     view = compactor.view(messages)
     limit = compactor.policy.limit()
@@ -644,20 +645,31 @@ async def _compacted(run: _Run, compactor: Compactor, messages: list[Message],
     before = request_tokens(ModelRequest(messages=view, **request_base))
     if before <= limit:
         return view
+    live = not (run.next_is_replayed or run.replay_only)  # else recorded when first made
     ctx = run.ctx
     replaced = compactor.compact(
         messages, lambda name, args: idempotency_key(ctx.task_id, ctx.step_id, name, args))
     if replaced is None:
         return view
     span, ordinals, keys = replaced
+    summary_call = None
+    if compactor.policy.summarizer == "model":
+        summary_call = run.calls_so_far
+        try:
+            written = await run.call_model(model, compactor.summary_request(
+                messages[span[0]:span[1]]), before_call, purpose="compact")
+            compactor.merge_written(written.text)
+        except ModelError:
+            pass  # the extracted summary stands
     view = compactor.view(messages)
     after = request_tokens(ModelRequest(messages=view, **request_base))
-    if not (run.next_is_replayed or run.replay_only):
+    if live:
         assert compactor.summary is not None
         await run.recorder.record_compaction(ContextCompactedData(
             step_id=ctx.step_id, agent=run.spec.name, worker=ctx.worker,
             summary=compactor.summary, messages=span, model_calls=ordinals, tool_calls=keys,
-            tokens_before=before, tokens_after=after, compaction=compactor.count))
+            tokens_before=before, tokens_after=after, compaction=compactor.count,
+            summary_call=summary_call))
     return view
 
 
@@ -705,12 +717,13 @@ async def _run_model(
             return refused
     corrections = 0
     for _turn in range(limits.max_turns):
-        view = (await _compacted(run, compactor, messages, request_base)
+        current = router.model if router else model
+        view = (await _compacted(run, compactor, messages, request_base, current, before)
                 if compactor is not None else list(messages))
         request = ModelRequest(messages=view, **request_base)
         ordinal = run.calls_so_far
         try:
-            response = await run.call_model(router.model if router else model, request, before)
+            response = await run.call_model(current, request, before)
         except ModelError as exc:
             transient = isinstance(exc, ModelTransientError | ModelRetriesExhausted)
             return run.failed("model_error", str(exc), retryable=transient)

@@ -11,7 +11,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticSerializationError
 
 from jetmesh.bus.errors import InvalidEventError
@@ -101,6 +109,12 @@ class TaskSubmission(_Strict):
     """Name of a declared workflow; when absent the LLM planner plans the goal."""
     user_id: str | None = None
     """Whom the task is for (scopes memory)."""
+    tenant: str | None = None
+    """The tenant the task belongs to (None: the default tenant). Set by the gateway
+    from the caller's credentials; a `tenant` metadata entry is read the same way."""
+    submitted_by: str | None = None
+    """Who submitted it (`<scheme>:<subject>`): the gateway sets it from the caller's
+    credentials and refuses a caller's own value."""
     budget: Budget | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     replay_of: str | None = None
@@ -118,6 +132,18 @@ class TaskSubmission(_Strict):
     @classmethod
     def _replay_of_token(cls, v: str | None) -> str | None:
         return None if v is None else check_id(v, "task id")
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_token(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "tenant")
+
+    @model_validator(mode="after")
+    def _tenant_from_metadata(self) -> Self:
+        """No `tenant` field: the `tenant` metadata entry (a plain NATS client's way)."""
+        if self.tenant is None and "tenant" in self.metadata:
+            self.tenant = check_id(self.metadata["tenant"], "tenant")
+        return self
 
     @field_validator("input")
     @classmethod
@@ -149,10 +175,13 @@ class TaskSubmittedData(_Strict):
     input: dict[str, Any] = Field(default_factory=dict)
     workflow: str | None = None
     user_id: str | None = None
+    tenant: str | None = None
     budget: Budget | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     replay_of: str | None = None
     fork: ForkSpec | None = None
+    submitted_by: str | None = None
+    """The authenticated identity that submitted it (`<scheme>:<subject>`, gateway)."""
 
 
 class TaskRejectedData(_Strict):
@@ -382,6 +411,8 @@ class ContextCompactedData(_Strict):
     tokens_after: int
     compaction: int = 1
     """1 for the step's first compaction, then 2, ..."""
+    summary_call: int | None = None
+    """Ordinal of the model call that wrote part of the summary (a model summariser)."""
 
 
 class McpToolsChangedData(_Strict):
@@ -609,6 +640,8 @@ class StepCommand(_Strict):
     attempt: int = 1
     deadline: datetime | None = None
     user_id: str | None = None
+    tenant: str | None = None
+    """The task's tenant (kill switch rules, tenant budgets)."""
     budget: Budget | None = None
     """The task's budget (enforced across all its steps through the shared counter)."""
     slice_usd: float | None = None

@@ -15,9 +15,10 @@ LIMIT = 4000  # the demo agent's compaction threshold (max_context_tokens)
 
 
 async def digest(skill: str, rec: ListRecorder, replay: StepReplay | None = None,
-                 model: object = None):  # type: ignore[no-untyped-def]
-    m = model or cheap()
-    return await run_step(make_concierge(), skill, {"pages": 40, "want": [1, 2, 3]}, m,
+                 summarizer: str = "extract"):  # type: ignore[no-untyped-def]
+    m = cheap()
+    return await run_step(make_concierge(summarizer=summarizer), skill,
+                          {"pages": 40, "want": [1, 2, 3]}, m,
                           ctx=ToolContext(task_id="t-compact", step_id="s1", agent="concierge"),
                           recorder=rec, replay=replay), m
 
@@ -77,6 +78,32 @@ async def test_a_resumed_step_compacts_as_the_original_did() -> None:
     assert model.calls == 41 - cut
     # Recorded anew only where the calls are new, and then identical to the original's.
     assert again.compactions
+    assert [c.model_dump() for c in again.compactions] == \
+        [c.model_dump() for c in rec.compactions[-len(again.compactions):]]
+
+
+async def test_a_model_written_summary_never_replaces_the_recorded_identifiers() -> None:
+    rec = ListRecorder()
+    out, _ = await digest("digest_pages", rec, summarizer="model")
+    assert out.ok and out.output["refs"] == [page_ref(1), page_ref(2), page_ref(3)]
+    compact_calls = [i for i, c in enumerate(rec.model_calls) if c.purpose == "compact"]
+    assert compact_calls and [c.summary_call for c in rec.compactions] == compact_calls
+    assert max(c.input_tokens for c in rec.model_calls if c.purpose == "step") <= LIMIT
+    last = rec.compactions[-1]
+    # The (lossy) model wrote the decisions and next steps; the identifiers are still
+    # every one of the replaced tool results', from the records.
+    assert last.summary["decisions"] == ["kept reading the case file page by page"]
+    assert last.summary["next_steps"] == ["read the next page"]
+    replaced = [k for c in rec.compactions for k in c.tool_calls]
+    refs = [t.output["ref"] for t in rec.tool_calls[:len(replaced)]]
+    assert [i for i in last.summary["identifiers"] if i.startswith("REF-")] == refs
+    # Resumed mid-step: the summariser's calls before the cut are replayed, not made.
+    cut = compact_calls[1] + 1
+    steps_before = sum(c.purpose == "step" for c in rec.model_calls[:cut])
+    again = ListRecorder()  # each step call before the cut had its tool run and recorded
+    replay = StepReplay.from_records(rec.model_calls[:cut], rec.tool_calls[:steps_before])
+    out2, model = await digest("digest_pages", again, replay, summarizer="model")
+    assert out2.output == out.output and model.calls == len(rec.model_calls) - cut
     assert [c.model_dump() for c in again.compactions] == \
         [c.model_dump() for c in rec.compactions[-len(again.compactions):]]
 
