@@ -24,6 +24,7 @@ from jetmesh.agents.tools import Tool
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
+from jetmesh.bus.killswitch import KillRule, KillSwitchView
 from jetmesh.bus.ledger import Ledger
 
 
@@ -34,6 +35,8 @@ def estimate(request: ModelRequest, model: Model) -> tuple[float, int]:
 
 APPROVAL_TIMEOUT = "approval-timeout"
 """The rule of the PolicyDecided event a worker appends when an approval expires."""
+KILLSWITCH_RULE = "killswitch"
+"""The rule prefix (`killswitch:<key>`) of a PolicyDecided refusal by the kill switch."""
 
 
 def first_decision(entries: list[Any], step_id: str, tool: str, h: str) -> str | None:
@@ -67,6 +70,17 @@ class RuntimeGuard:
     claim_check: Callable[[], Awaitable[None]] | None = None
     """The step's claim check before a paid model call (FencedRecorder.check_claim): a
     replica that lost the step does not pay for more calls."""
+    killswitch: KillSwitchView | None = None
+    """Disabled tools, agents and MCP servers (bus.killswitch), checked before each call."""
+
+    async def _killed(self, rule: KillRule, tool: str, h: str) -> str:
+        """Record the kill switch's refusal as a policy decision; the model's message."""
+        await self.append(ev.PolicyDecided(
+            subject=self.cmd.task_id, source=self.source, data=ev.PolicyDecidedData(
+                step_id=self.cmd.step_id, agent=self.agent, tool=tool, args_hash=h,
+                decision="deny", rule=f"{KILLSWITCH_RULE}:{rule.key}",
+                reason=rule.describe())))
+        return f"denied by policy: {rule.describe()}. Do not retry this call."
 
     async def _exceeded(self, kind: str, limit: float, would_be: float) -> StepStopped:
         await self.append(ev.BudgetExceeded(
@@ -85,6 +99,11 @@ class RuntimeGuard:
     async def before_model_call(self, request: ModelRequest, model: Model) -> object:
         if self.claim_check is not None:
             await self.claim_check()
+        if self.killswitch is not None:
+            rule = self.killswitch.check(None, self.agent, self.cmd.tenant)
+            if rule is not None:  # the whole agent is disabled: no further model call
+                await self._killed(rule, "*", "")
+                raise StepStopped("disabled", rule.describe())
         budget = self.cmd.budget
         if budget is None or (budget.max_usd is None and budget.max_tokens is None):
             return None
@@ -122,6 +141,10 @@ class RuntimeGuard:
 
     async def before_tool_call(self, tool: Tool, arguments: dict[str, Any], key: str
                                ) -> str | None:
+        if self.killswitch is not None:
+            rule = self.killswitch.check(tool.name, self.agent, self.cmd.tenant)
+            if rule is not None:
+                return await self._killed(rule, tool.name, args_hash(tool.name, arguments))
         budget = self.cmd.budget
         if budget is not None and budget.max_tool_calls is not None:
             try:

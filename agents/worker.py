@@ -45,6 +45,7 @@ from jetmesh.bus import subjects, tracing
 from jetmesh.bus.budgets import BudgetBook
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict, InvalidEventError
+from jetmesh.bus.killswitch import KillSwitchWatch
 from jetmesh.bus.ledger import Entries, Ledger, LedgerEntry, event_headers, subject_for
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
@@ -354,6 +355,7 @@ class Worker:
         self.spec = guard_spec(self.spec)  # external tools behind circuit breakers
         self.ledger = Ledger(self.nc, self.js, timeout_s=self.bus_settings.request_timeout_s)
         self.book = BudgetBook(self.js, replicas=self.bus_settings.replicas)
+        self.killswitch = KillSwitchWatch(self.js, replicas=self.bus_settings.replicas)
         self.policy = self.settings.policy()
         from jetmesh.a2a.registry import Advertiser
         from jetmesh.a2a.signing import signer_from_env
@@ -394,6 +396,7 @@ class Worker:
         if self.spec.mcp_servers and self._mcp is None:
             await self._attach_mcp()
         await declare_streams(self.js, self.bus_settings)
+        await self.killswitch.start()  # loaded before the first step is taken
         for skill in self.spec.skills:
             runner = PullRunner(
                 self.js, subjects.STREAM_WORK,
@@ -426,6 +429,7 @@ class Worker:
         await asyncio.gather(*(r.stop(grace_s) for r in self._runners))
         # After the drain: draining steps still need it.
         await cancel_and_wait(self._keepalive)
+        await self.killswitch.stop()
         if self._mcp is not None:
             await self._mcp.aclose()
 
@@ -692,7 +696,7 @@ class Worker:
                              self.source, recorder._append, self.policy,
                              self.settings.approval_timeout_s,
                              effect_gate=recorder.begin_effect,
-                             claim_check=recorder.check_claim)
+                             claim_check=recorder.check_claim, killswitch=self.killswitch)
         model = self.model
         src = cmd.replay
         if src is not None and src.rerun and src.model is not None:

@@ -331,6 +331,11 @@ def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opt
     # agent poisons is read by the others); only read-only tools opt in.
     pub += stream_declare([kv_stream(subjects.BUCKET_TOOL_CACHE)])
     pub += kv_read(subjects.BUCKET_TOOL_CACHE) + kv_write(subjects.BUCKET_TOOL_CACHE)
+    # The kill switch (bus.killswitch): read and watched, created empty when missing,
+    # never written (rules are the admin's).
+    killswitch = kv_stream(subjects.BUCKET_KILLSWITCH)
+    pub += stream_declare([killswitch]) + kv_read(subjects.BUCKET_KILLSWITCH)
+    pub += ordered_reader(killswitch)
     pub.append(subjects.MEMORY_ALL)
     sub.append(subjects.ALL_CONTROL)  # cancellation
     sub.append(subjects.ALL_APPROVALS)  # approval decisions (the guard waits for them)

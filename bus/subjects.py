@@ -84,6 +84,9 @@ BUCKET_A2A_PUSH = "jm-a2a-push"
 cursors (`cur.<task>.<id>`: the last ledger sequence the webhook accepted)."""
 BUCKET_EXTERNAL = "jm-external-agents"
 """External A2A agents added by URL (their fetched cards), served by the bridge worker."""
+BUCKET_KILLSWITCH = "jm-killswitch"
+"""Disabled tools, agents and MCP servers (bus.killswitch): the admin writes, every worker
+replica watches. Keys from `killswitch_key`."""
 
 # NATS and JetStream protocol subjects jetmesh uses directly
 JS_API = "$JS.API"
@@ -198,6 +201,20 @@ def memory(op: str) -> str:
 def dlq(stream: str, consumer: str) -> str:
     """Dead-letter subject for messages of `consumer` on `stream`."""
     return f"{PREFIX}.dlq.{stream}.{consumer}"
+
+
+KILLSWITCH_ANY = "="
+"""The `killswitch_key` token for "every agent" / "every tenant" (never a valid id)."""
+
+
+def killswitch_key(kind: str, name: str, agent: str | None = None,
+                   tenant: str | None = None) -> str:
+    """The `jm-killswitch` key of one rule: `<kind>.<name>.<agent|=>.<tenant|=>`."""
+    if kind not in ("tool", "agent", "server"):
+        raise InvalidIdError(f"kill switch kind {kind!r} must be tool, agent or server")
+    return ".".join([kind, check_id(name, "name"),
+                     KILLSWITCH_ANY if agent is None else check_id(agent, "agent"),
+                     KILLSWITCH_ANY if tenant is None else check_id(tenant, "tenant")])
 
 
 def task_id_of(subject: str) -> str | None:

@@ -842,8 +842,8 @@ class Orchestrator:
             deadline = state.created_at + timedelta(seconds=budget.deadline_s)
         cmd = ev.StepCommand(task_id=state.task_id, step_id=a.step_id, skill=a.skill,
                              input=a.input, attempt=a.attempt, user_id=sub.user_id,
-                             budget=budget, slice_usd=slice_usd, deadline=deadline,
-                             traceparent=state.traceparent)
+                             tenant=sub.tenant, budget=budget, slice_usd=slice_usd,
+                             deadline=deadline, traceparent=state.traceparent)
         return (subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
                 {"Nats-Msg-Id": f"{state.task_id}-{a.step_id}-{a.attempt}",
                  **({"traceparent": state.traceparent} if state.traceparent else {})})
