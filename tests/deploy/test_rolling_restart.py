@@ -224,6 +224,15 @@ class Mesh:
     async def ready(self, new: Child, before: int) -> None:
         """The replacement serves: connected as its role (a worker: heartbeating in the
         registry under its own replica id; the gateway: serving its card)."""
+        try:
+            await self._ready(new, before)
+        except AssertionError as e:
+            tail = new.log_path.read_text(errors="replace")[-3000:] \
+                if new.log_path.exists() else ""
+            raise AssertionError(f"{e}\n--- {new.name} (pid {new.pid}, "
+                                 f"{new.status()}) log ---\n{tail}") from None
+
+    async def _ready(self, new: Child, before: int) -> None:
         user = role_user(new.args)
         await until(f"{new.name} (pid {new.pid}) connected as {user}",
                     lambda: self._more(user, before), timeout=90)
