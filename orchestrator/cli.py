@@ -795,6 +795,7 @@ def _register_extensions() -> None:
     from jetmesh.a2a.cli import register as register_a2a
     from jetmesh.agents.mcp.cli import register as register_mcp
     from jetmesh.memory.cli import register as register_memory
+    from jetmesh.orchestrator.audit_cli import register as register_audit
     from jetmesh.orchestrator.evals_cli import register as register_evals
     from jetmesh.orchestrator.health import register as register_health
     from jetmesh.orchestrator.killswitch_cli import register as register_killswitch
@@ -811,6 +812,7 @@ def _register_extensions() -> None:
     register_evals(app)
     register_telemetry(app)
     register_killswitch(app)
+    register_audit(app)
 
 
 _register_extensions()

@@ -1,0 +1,1 @@
+from mesh_fixtures import make_mesh  # noqa: F401
