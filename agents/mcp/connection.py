@@ -264,7 +264,7 @@ class McpConnection:
     async def aclose(self) -> None:
         await self.reset()
 
-    def _failure(self, since: float, exc: BaseException) -> McpError:
+    def _failure(self, since: float, exc: BaseException, timeout: float) -> McpError:
         """The `McpError` an SDK failure stands for."""
         if self.gate is not None and self.gate.failure is not None \
                 and self.gate.failure[0] >= since:
@@ -272,30 +272,32 @@ class McpConnection:
         if isinstance(exc, McpError):
             return exc
         if isinstance(exc, TimeoutError):
-            return McpTimeout(self.name, f"no answer within {self.config.timeout_s:g}s")
+            return McpTimeout(self.name, f"no answer within {timeout:g}s")
         if isinstance(exc, MCPError):
             if exc.code == CONNECTION_CLOSED:
                 return McpUnavailable(self.name, f"connection lost: {exc.error.message}")
             if exc.code == REQUEST_TIMEOUT:
-                return McpTimeout(self.name, f"no answer within {self.config.timeout_s:g}s")
+                return McpTimeout(self.name, f"no answer within {timeout:g}s")
             return McpProtocolError(self.name, exc.error.message, exc.code)
         if isinstance(exc, OSError | httpx2.HTTPError):
             return McpUnavailable(self.name, f"{type(exc).__name__}: {exc}")
         return McpProtocolError(self.name, f"{type(exc).__name__}: {exc}")
 
-    async def _guarded(self, what: str, op: Any) -> Any:
+    async def _guarded(self, what: str, op: Any, timeout_s: float | None = None) -> Any:
         since = time.monotonic()
+        timeout = min(timeout_s or self.config.timeout_s, self.config.timeout_s)
         try:
             client = await self.client()
-            async with asyncio.timeout(self.config.timeout_s):
+            async with asyncio.timeout(timeout):
                 return await op(client)
         except (Exception, TimeoutError) as e:
-            error = self._failure(since, e)
+            error = self._failure(since, e, timeout)
             if isinstance(error, McpUnavailable | McpTimeout):
                 await self.reset()  # a hung or dead server: start over next time
             raise error from e
 
-    async def list_tools(self, *, refresh: bool = False) -> list[McpToolInfo]:
+    async def list_tools(self, *, refresh: bool = False, timeout_s: float | None = None
+                         ) -> list[McpToolInfo]:
         """Every tool the server lists (all pages). Served from the SDK's response cache
         while the server's cache hint (``ttlMs``) says the last listing is fresh."""
 
@@ -311,7 +313,7 @@ class McpConnection:
                     break
             return tools
 
-        result: list[McpToolInfo] = await self._guarded("tools/list", op)
+        result: list[McpToolInfo] = await self._guarded("tools/list", op, timeout_s)
         return result
 
     async def call_tool(self, name: str, arguments: dict[str, Any], *,

@@ -47,6 +47,10 @@ __all__ = [
 
 log = logging.getLogger("jetmesh.mcp")
 
+DRIFT_CHECK_TIMEOUT_S = 5.0
+"""The longest a step waits for a server's tool list before it starts (a slow server's
+list is checked again before the next step)."""
+
 IDEMPOTENCY_META_KEY = "io.jetmesh/idempotency-key"
 """The `_meta` key carrying a call's idempotency key to the server (a server that
 honours it makes a redelivered write exactly-once)."""
@@ -250,9 +254,9 @@ class McpToolset:
             raise
         return toolset
 
-    async def _listed(self, server: ServerTools, *, refresh: bool = False
-                      ) -> list[McpToolInfo]:
-        infos = await server.connection.list_tools(refresh=refresh)
+    async def _listed(self, server: ServerTools, *, refresh: bool = False,
+                      timeout_s: float | None = None) -> list[McpToolInfo]:
+        infos = await server.connection.list_tools(refresh=refresh, timeout_s=timeout_s)
         return sorted((i for i in infos if server.config.selects(i.name)),
                       key=lambda i: i.name)
 
@@ -281,8 +285,10 @@ class McpToolset:
                     if server.drift is not None:
                         changes.append(server.drift)
                     continue
+                if server.breaker.current == "open":
+                    continue  # known to be down: no step waits on it here
                 try:
-                    infos = await self._listed(server)
+                    infos = await self._listed(server, timeout_s=DRIFT_CHECK_TIMEOUT_S)
                 except McpError as e:
                     log.info("agent %s: cannot list MCP server %s: %s", self.agent,
                              server.config.name, e)

@@ -27,12 +27,17 @@ class Fixture:
 
     dir: Path
 
-    def calls(self, tool: str | None = None) -> list[dict[str, object]]:
+    def calls(self, tool: str | None = None, **args: object) -> list[dict[str, object]]:
+        """The real calls the server received (of ``tool``, with these arguments)."""
         log = self.dir / "calls.log"
         if not log.exists():
             return []
         rows = [json.loads(line) for line in log.read_text().splitlines() if line]
-        return [r for r in rows if tool is None or r["tool"] == tool]
+        return [r for r in rows if (tool is None or r["tool"] == tool)
+                and all(r["args"].get(k) == v for k, v in args.items())]
+
+    def clear(self, name: str) -> None:
+        (self.dir / name).unlink(missing_ok=True)
 
     def set(self, name: str, value: str) -> None:
         (self.dir / name).write_text(value)
@@ -71,8 +76,11 @@ class HttpFixture(Fixture):
         return McpServerConfig(name=name, transport=transport, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def http_server(tmp_path: Path) -> Iterator[HttpFixture]:
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpFixture]:
+    """One HTTP fixture server for the session (tests tell their calls apart by their
+    arguments, and clear the control files they set)."""
+    tmp_path = tmp_path_factory.mktemp("mcp-http")
     d = tmp_path / "http-fixture"
     d.mkdir()
     port = _free_port()

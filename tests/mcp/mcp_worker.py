@@ -5,6 +5,7 @@ set) writes that file and hangs before answering, to be killed there."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ SERVER = Path(__file__).parent / "servers" / "fixture_server.py"
 async def turn(request: ModelRequest) -> object:
     if not any(m.role == "tool" for m in request.messages):
         return [ToolCall(id="c1", name="fx__lookup", arguments={"key": "alpha"}),
-                ToolCall(id="c2", name="web__write_note", arguments={"text": "hello"})]
+                ToolCall(id="c2", name="web__write_note", arguments={"text": "kill test"})]
     hang = os.environ.get("MCP_TEST_HANG")
     if hang:
         await asyncio.to_thread(Path(hang).write_text, "at the final turn")
@@ -32,6 +33,7 @@ async def turn(request: ModelRequest) -> object:
 
 
 async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stdio = McpServerConfig(name="fx", read_only=["lookup"], transport=StdioServer(
         command=sys.executable, args=[str(SERVER), "stdio"],
         env={"FIXTURE_DIR": os.environ["FIXTURE_DIR"]}))

@@ -3,12 +3,13 @@ MCP server processes): calls in the ledger, replay after a kill, approvals, drif
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 from pathlib import Path
 
-from helpers import kill9, send_step, wait_for_entry
+from helpers import kill9, send_step
 from mcp_support import ASK, Fixture, HttpFixture, agent_spec, stdio_config
 
 from jetmesh.agents.models.sim import ScriptedModel
@@ -18,6 +19,17 @@ from jetmesh.bus import events as ev
 from jetmesh.orchestrator.state import TaskStatus
 
 SKILL_WF = f"skill:{ASK}"
+
+
+async def wait_for_entry(ledger, task_id: str, pred, timeout: float,  # type: ignore[no-untyped-def]
+                         logs: bool = False):
+    """The first of the task's events (and, with ``logs``, its steps' logs) that matches."""
+    async def scan():  # type: ignore[no-untyped-def]
+        async for entry in ledger.follow(task_id, logs=logs):
+            if pred(entry):
+                return entry
+        raise AssertionError("follow ended")
+    return await asyncio.wait_for(scan(), timeout)
 
 
 def of(entries: list, kind: type) -> list:  # type: ignore[type-arg]
@@ -30,6 +42,7 @@ async def test_agent_calls_stdio_and_http_mcp_tools_recorded_in_the_ledger(
         [ToolCall(id="c1", name="fx__lookup", arguments={"key": "evil"}),
          ToolCall(id="c2", name="web__write_note", arguments={"text": "hello"})],
         "done")
+    assert http_server.calls("write_note", text="hello") == []
     spec = agent_spec(stdio_config(fixture_dir, read_only=["lookup"]),
                       http_server.config(name="web"))
     mesh = await make_mesh([spec], worker_model=model)
@@ -48,7 +61,8 @@ async def test_agent_calls_stdio_and_http_mcp_tools_recorded_in_the_ledger(
     decided = of(entries, ev.PolicyDecided)
     assert [(d.data.tool, d.data.decision) for d in decided] == [("web__write_note", "allow")]
     # Real calls, once each, on both servers.
-    assert len(fixture_dir.calls("lookup")) == 1 and len(http_server.calls("write_note")) == 1
+    assert len(fixture_dir.calls("lookup")) == 1
+    assert len(http_server.calls("write_note", text="hello")) == 1
     # The model saw a fixed, sorted tool set with the servers' schemas, and the
     # third-party output as untrusted data.
     first, second = model.requests
@@ -152,7 +166,7 @@ async def test_worker_killed_after_the_calls_replays_them_instead_of_calling_aga
             if isinstance(e.event, ev.ToolCalled):  # type: ignore[attr-defined]
                 seen.add(e.event.data.tool)  # type: ignore[attr-defined]
             return seen == {"fx__lookup", "web__write_note"}
-        await wait_for_entry(bus.ledger, cmd.task_id, recorded, 60)
+        await wait_for_entry(bus.ledger, cmd.task_id, recorded, 60, logs=True)
         kill9(first)
         second = start("second")
         done = await wait_for_entry(
@@ -166,7 +180,7 @@ async def test_worker_killed_after_the_calls_replays_them_instead_of_calling_aga
     assert "first" in json.dumps(done.event.data.output)  # the recorded lookup result
     # Each tool ran once: the second worker replayed both recorded results.
     assert len(fixture_dir.calls("lookup")) == 1
-    assert len(http_server.calls("write_note")) == 1
+    assert len(http_server.calls("write_note", text="kill test")) == 1
     entries = await bus.ledger.read(cmd.task_id)
     assert len(of(entries, ev.ToolCalled)) == 2
     starts = of(entries, ev.StepStarted)

@@ -67,16 +67,24 @@ def test_skills_may_name_mcp_tools_before_they_are_listed(fixture_dir: Fixture) 
         AgentSpec(name="a", description="d", skills=[skill])
 
 
-async def test_trusted_annotations_make_tools_read_only(fixture_dir: Fixture) -> None:
-    spec = spec_with(stdio_config(fixture_dir, trust_annotations=True))
-    toolset = await McpToolset.open(spec)
-    try:
-        tools = tools_of(toolset.attach(spec))
-        assert tools["fx__lookup"].risk == "read"
-        assert tools["fx__write_note"].risk == "write"
-        assert tools["fx__transfer"].risk == "irreversible"
-    finally:
-        await toolset.aclose()
+def test_risk_levels_from_configuration_and_annotations(fixture_dir: Fixture) -> None:
+    from mcp.types import Tool as Info
+    from mcp.types import ToolAnnotations as Ann
+
+    from jetmesh.agents.mcp.toolset import risk_of
+
+    def info(name: str, **ann: bool) -> Info:
+        return Info(name=name, input_schema={"type": "object"},
+                    annotations=Ann(**ann) if ann else None)
+
+    plain, trusting = stdio_config(fixture_dir), stdio_config(fixture_dir, trust_annotations=True)
+    listed = stdio_config(fixture_dir, read_only=["get_*"], irreversible=["pay"])
+    assert risk_of(plain, info("get", read_only_hint=True)) == "write"  # not trusted
+    assert risk_of(trusting, info("get", read_only_hint=True)) == "read"
+    assert risk_of(trusting, info("put")) == "write"
+    assert risk_of(plain, info("rm", destructive_hint=True)) == "irreversible"  # always believed
+    assert risk_of(listed, info("get_x")) == "read"
+    assert risk_of(listed, info("pay", read_only_hint=True)) == "irreversible"
 
 
 async def test_killed_server_breaker_opens_then_half_open_probe_closes(
@@ -107,18 +115,18 @@ async def test_killed_server_breaker_opens_then_half_open_probe_closes(
 
 
 async def test_read_only_calls_retry_writes_do_not(fixture_dir: Fixture) -> None:
-    spec = spec_with(stdio_config(fixture_dir, trust_annotations=True, retries=2,
+    spec = spec_with(stdio_config(fixture_dir, trust_annotations=True, retries=1,
                                   backoff_s=0.01, breaker_threshold=10))
     toolset = await McpToolset.open(spec)
     try:
         tools = tools_of(toolset.attach(spec))
-        # crash is read-only: retried twice (three server processes), then a clear error.
+        # crash is read-only: retried once (on a new server process), then a clear error.
         out = await tools["fx__crash"].invoke({}, CTX)
-        assert not out.ok and "after 3 attempts" in (out.error or "")
-        assert len(fixture_dir.calls("crash")) == 3
+        assert not out.ok and "after 2 attempts" in (out.error or "")
+        assert len(fixture_dir.calls("crash")) == 2
     finally:
         await toolset.aclose()
-    spec = spec_with(stdio_config(fixture_dir, retries=2, backoff_s=0.01))
+    spec = spec_with(stdio_config(fixture_dir, retries=1, backoff_s=0.01))
     toolset = await McpToolset.open(spec)
     try:
         tools = tools_of(toolset.attach(spec))
@@ -126,7 +134,7 @@ async def test_read_only_calls_retry_writes_do_not(fixture_dir: Fixture) -> None
         out = await tools["fx__crash"].invoke({}, CTX)
         assert not out.ok and "not retried: a write may already have taken effect" in (
             out.error or "")
-        assert len(fixture_dir.calls("crash")) == 4
+        assert len(fixture_dir.calls("crash")) == 3
     finally:
         await toolset.aclose()
 
@@ -148,14 +156,19 @@ async def test_hanging_server_times_out_and_is_restarted(fixture_dir: Fixture) -
         await toolset.aclose()
 
 
-async def test_http_bearer_401_refreshed_once_then_clear_error(
+async def test_http_401_refreshed_once_then_clear_error_and_429_waited_out(
         http_server: HttpFixture, tmp_path) -> None:  # type: ignore[no-untyped-def]
     token_file = tmp_path / "token"
     token_file.write_text("old")
     http_server.set("token", "old")
+    before = len(http_server.http_statuses())
+
+    def statuses() -> list[str]:
+        return http_server.http_statuses()[before:]
+
     cfg = http_server.config(transport=HttpServer(url=http_server.url,
                                                   bearer_token_file=token_file),
-                             read_only=["lookup"])
+                             read_only=["lookup"], max_retry_after_s=1.5)
     toolset = await McpToolset.open(spec_with(cfg))
     try:
         tools = tools_of(toolset.attach(spec_with(cfg)))
@@ -166,42 +179,30 @@ async def test_http_bearer_401_refreshed_once_then_clear_error(
         token_file.write_text("new")
         out = await tools["web__lookup"].invoke({"key": "alpha"}, CTX)
         assert out.ok, out.error
-        assert gate.refreshes == 1 and http_server.http_statuses() == ["401"]
+        assert gate.refreshes == 1 and statuses() == ["401"]
         # Rotated on the server only: one refresh, still 401, a clear error, no storm.
         http_server.set("token", "newer")
         out = await tools["web__lookup"].invoke({"key": "alpha"}, CTX)
         assert not out.ok and "401 Unauthorized" in (out.error or "")
         assert "rejected the refreshed credentials" in (out.error or "")
-        assert gate.refreshes == 2 and http_server.http_statuses() == ["401"] * 3
+        assert gate.refreshes == 2 and statuses() == ["401"] * 3
         assert toolset.servers["web"].breaker.current == "closed"  # not the server's fault
-    finally:
-        await toolset.aclose()
-
-
-async def test_http_429_retry_after_is_waited_out(http_server: HttpFixture) -> None:
-    cfg = http_server.config(read_only=["lookup"])
-    toolset = await McpToolset.open(spec_with(cfg))
-    try:
-        tools = tools_of(toolset.attach(spec_with(cfg)))
+        http_server.clear("token")
+        # 429 with Retry-After: 1 is waited out, then the call goes through once.
         http_server.set("ratelimit", "1")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        out = await tools["web__lookup"].invoke({"key": "beta"}, CTX)
-        waited = loop.time() - t0
+        out = await tools["web__lookup"].invoke({"key": "delta"}, CTX)
         assert out.ok, out.error
-        assert waited >= 0.95  # Retry-After: 1
-        assert http_server.http_statuses() == ["429"]
-        assert len(http_server.calls("lookup")) == 1
+        assert loop.time() - t0 >= 0.95 and statuses()[-1] == "429"
+        assert len(http_server.calls("lookup", key="delta")) == 1 and gate.rate_limited == 1
+        # More 429s in a row than allowed (rate_limit_retries=3): a clear error, no call.
+        http_server.set("ratelimit", "10")
+        out = await tools["web__lookup"].invoke({"key": "epsilon"}, CTX)
+        assert not out.ok and "429 Too Many Requests" in (out.error or "")
+        assert "3 already waited out" in (out.error or "")
+        assert http_server.calls("lookup", key="epsilon") == []
     finally:
-        await toolset.aclose()
-    # A Retry-After longer than allowed: a clear error at once, the tool never ran.
-    cfg2 = cfg.model_copy(update={"max_retry_after_s": 0.5})
-    toolset = await McpToolset.open(spec_with(cfg2))
-    try:
-        tools = tools_of(toolset.attach(spec_with(cfg2)))
-        http_server.set("ratelimit", "5")
-        out = await tools["web__lookup"].invoke({"key": "beta"}, CTX)
-        assert not out.ok and "429 Too Many Requests (Retry-After 1s" in (out.error or "")
-        assert len(http_server.calls("lookup")) == 1
-    finally:
+        http_server.clear("token")
+        http_server.clear("ratelimit")
         await toolset.aclose()
