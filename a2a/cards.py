@@ -30,9 +30,11 @@ from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.bus import subjects
 
 from .errors import InvalidCardError
+from .tasks import plain
 
 __all__ = [
     "JSON_MEDIA",
+    "MCP_TOOLS_EXTENSION",
     "NATS_BINDING",
     "SKILL_SCHEMAS_EXTENSION",
     "agent_http_base",
@@ -109,6 +111,20 @@ def _schemas_extension(skills: Iterable[SkillSpec]) -> AgentExtension:
     return ext
 
 
+MCP_TOOLS_EXTENSION = "https://jetmesh.dev/a2a/ext/mcp-tools/v1"
+"""Card extension: per MCP server the agent uses, the hash of the tool list it runs
+with (``params.servers.<name>``), pinned when the worker started."""
+
+
+def _mcp_extension(hashes: dict[str, str]) -> AgentExtension:
+    ext = AgentExtension(
+        uri=MCP_TOOLS_EXTENSION, required=False,
+        description="The hash of each MCP server's tool list this agent was started with; "
+                    "a changed list is refused or accepted per configuration, and recorded.")
+    ext.params.update({"servers": dict(sorted(hashes.items()))})
+    return ext
+
+
 def card_for_spec(spec: AgentSpec, *, nats_url: str | None = None,
                   http_base_url: str | None = None,
                   documentation_url: str | None = None) -> AgentCard:
@@ -131,6 +147,8 @@ def card_for_spec(spec: AgentSpec, *, nats_url: str | None = None,
         default_output_modes=[JSON_MEDIA, TEXT_MEDIA],
         skills=[_skill(s) for s in spec.skills],
     )
+    if spec.mcp_tool_hashes:
+        card.capabilities.extensions.append(_mcp_extension(spec.mcp_tool_hashes))
     if documentation_url:
         card.documentation_url = documentation_url
     return card
@@ -166,7 +184,7 @@ def mesh_card(skills: Iterable[SkillSpec], *, base_url: str | None = None,
 
 def card_to_dict(card: AgentCard) -> dict[str, Any]:
     """The card's A2A 1.0 JSON form (camelCase, as on the wire)."""
-    out: dict[str, Any] = MessageToDict(card)
+    out: dict[str, Any] = plain(MessageToDict(card))  # Struct numbers are doubles
     return out
 
 
@@ -208,22 +226,11 @@ def validate_card(card: AgentCard) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _ints(value: Any) -> Any:
-    """Protobuf Struct numbers are doubles: give JSON Schema its integers back."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
-
-
 def skill_schemas(card: AgentCard) -> dict[str, dict[str, Any]]:
     """skill id -> {"input": schema, "output": schema}, from the schemas extension."""
     for ext in card.capabilities.extensions:
         if ext.uri == SKILL_SCHEMAS_EXTENSION:
-            params = _ints(MessageToDict(ext.params))
+            params = plain(MessageToDict(ext.params))
             skills = params.get("skills", {}) if isinstance(params, dict) else {}
             return {k: v for k, v in skills.items() if isinstance(v, dict)}
     return {}
