@@ -7,7 +7,7 @@ import asyncio
 
 from mcp_support import Fixture, HttpFixture, stdio_config
 
-from jetmesh.agents.mcp import HttpServer
+from jetmesh.agents.mcp import ClientCredentials, HttpServer
 from jetmesh.agents.mcp.toolset import McpTool, McpToolset
 from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.agents.tools import ToolContext
@@ -205,4 +205,60 @@ async def test_http_401_refreshed_once_then_clear_error_and_429_waited_out(
     finally:
         http_server.clear("token")
         http_server.clear("ratelimit")
+        await toolset.aclose()
+
+
+async def test_http_oauth_client_credentials_token_refreshed_on_401(
+        http_server: HttpFixture) -> None:
+    http_server.set("oauth_token", "t1")
+    http_server.set("token", "t1")
+    token_url = http_server.url.rsplit("/", 1)[0] + "/token"
+    cfg = http_server.config(name="oauth", read_only=["lookup"], transport=HttpServer(
+        url=http_server.url, oauth=ClientCredentials(token_url=token_url, client_id="jetmesh",
+                                                     client_secret="s3cret")))  # type: ignore[arg-type]
+    before = len(http_server.http_statuses())
+    try:
+        toolset = await McpToolset.open(spec_with(cfg))
+        try:
+            tools = tools_of(toolset.attach(spec_with(cfg)))
+            # The token expires (rotated at the issuer and the server): one 401, one new
+            # token from the endpoint, the call goes through.
+            http_server.set("oauth_token", "t2")
+            http_server.set("token", "t2")
+            out = await tools["oauth__lookup"].invoke({"key": "zeta"}, CTX)
+            assert out.ok, out.error
+            assert http_server.http_statuses()[before:] == ["token", "401", "token"]
+            assert len(http_server.calls("lookup", key="zeta")) == 1
+        finally:
+            await toolset.aclose()
+    finally:
+        http_server.clear("token")
+
+
+async def test_tool_list_drift_accepted_and_cache_hints_honoured(fixture_dir: Fixture) -> None:
+    accepting = stdio_config(fixture_dir, on_drift="accept")
+    cached = stdio_config(fixture_dir, name="cached", on_drift="accept")
+    cached = cached.model_copy(update={"transport": cached.transport.model_copy(  # type: ignore[union-attr]
+        update={"env": {**cached.transport.env, "FIXTURE_TTL_MS": "600000"}})})  # type: ignore[union-attr]
+    spec = spec_with(accepting, cached)
+    toolset = await McpToolset.open(spec)
+    try:
+        bound = toolset.attach(spec)
+        pinned = toolset.servers["fx"].hash
+        fixture_dir.set("variant", "v2")
+        changes, accepted = await toolset.check_drift()
+        # The server whose list may be cached for 10 minutes is not asked again (its
+        # listing is still fresh); the other is, and its change is accepted.
+        assert [(c.server, c.added, c.action) for c in changes] == [("fx", ["extra"], "accepted")]
+        assert accepted and toolset.servers["fx"].hash == changes[0].current_hash != pinned
+        rebound = toolset.attach(bound)
+        assert "fx__extra" in {t.name for t in rebound.tools}
+        assert "cached__extra" not in {t.name for t in rebound.tools}
+        assert rebound.mcp_tool_hashes["fx"] != bound.mcp_tool_hashes["fx"]
+        assert [t.name for t in rebound.tools] == sorted(t.name for t in rebound.tools)
+        extra = tools_of(rebound)["fx__extra"]
+        out = await extra.invoke({"x": 41}, CTX)
+        assert out.ok and out.output and out.output["text"] == "42"
+        assert (await toolset.check_drift()) == ([], False)  # pinned anew
+    finally:
         await toolset.aclose()

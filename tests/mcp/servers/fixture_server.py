@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
 
@@ -38,7 +39,9 @@ class FixtureServer(MCPServer):
         return await super().list_tools()
 
 
-server = FixtureServer("fixture", version="1.0")
+_TTL = int(os.environ.get("FIXTURE_TTL_MS", "0"))
+server = FixtureServer("fixture", version="1.0", cache_hints=(
+    {"tools/list": CacheHint(ttl_ms=_TTL, scope="private")} if _TTL else None))
 
 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
@@ -93,7 +96,22 @@ def _http_app() -> Any:
         with (STATE / "http.log").open("a") as f:
             f.write(status + "\n")
 
+    async def token_endpoint(scope: Any, receive: Any, send: Any) -> None:
+        """OAuth client credentials: the token in ``oauth_token`` for the right client."""
+        from starlette.requests import Request
+
+        form = await Request(scope, receive).form()
+        note("token")
+        ok = (form.get("grant_type") == "client_credentials"
+              and form.get("client_id") == "jetmesh" and form.get("client_secret") == "s3cret")
+        body = ({"access_token": (STATE / "oauth_token").read_text().strip(),
+                 "token_type": "Bearer"} if ok else {"error": "invalid_client"})
+        await JSONResponse(body, status_code=200 if ok else 401)(scope, receive, send)
+
     async def gate(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/token":
+            await token_endpoint(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             limited = STATE / "ratelimit"
             n = int(limited.read_text() or 0) if limited.exists() else 0
