@@ -382,6 +382,10 @@ async def campaign(root: Path, n_tasks: int, every_process: bool, nodes: bool) -
         await submit(0)
         await wait_terminal(ledger, submitted, 120)
         warm_s = time.monotonic() - t0
+        # A role that started before R3 streams and buckets answered may have exited
+        # and been started again (a pod's CrashLoopBackOff); from here on, none may.
+        at_start = dict(mesh.crashes)
+        mesh.crashes.clear()
 
         async def submitter() -> None:
             for i in range(1, n_tasks):
@@ -419,7 +423,8 @@ async def campaign(root: Path, n_tasks: int, every_process: bool, nodes: bool) -
     drains = {r.name: (r.code, round(r.drain_s, 1)) for r in mesh.rolled}
     print(f"\nrolling restart: {len(mesh.rolled)} restarts (name: exit code, drain s) "
           f"{drains}; {n_tasks} tasks: {dict(status)}; terminal events per task "
-          f"{dict(ends)}; dead letters {dlq.state.messages}; crashes {dict(mesh.crashes)}; "
+          f"{dict(ends)}; dead letters {dlq.state.messages}; crashes {dict(mesh.crashes)} "
+          f"(restarts while the mesh came up: {at_start}); "
           f"warm-up {warm_s:.1f}s, total {time.monotonic() - t0:.1f}s")
     assert len(mesh.rolled) == len(targets)
     bad = {r.name: r.code for r in mesh.rolled if r.code != 0}
@@ -443,6 +448,10 @@ async def test_rolling_restart_of_each_role_under_load_loses_nothing(tmp_path: P
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+# nats-py leaves the socket of a connection to a node that went away for the garbage
+# collector when it reconnects elsewhere (the NATS nodes are rolled here).
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 async def test_rolling_restart_of_every_process_and_node_under_200_tasks(tmp_path: Path
                                                                        ) -> None:
     await campaign(tmp_path, n_tasks=int(os.environ.get("JETMESH_ROLLING_TASKS", "200")),
