@@ -32,8 +32,9 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import ledger as _ledger
 from jetmesh.bus import subjects
-from jetmesh.bus.ledger import Ledger, LedgerEntry
+from jetmesh.bus.ledger import Ledger, LedgerEntry, decode_entry
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.orchestrator.state import TaskState, TaskStatus, approval_key, fold
@@ -46,6 +47,21 @@ log = logging.getLogger("jetmesh.tasks_kv")
 CHECKPOINT_KEY = "meta.checkpoint"
 TASKS_TTL_S = 30 * 86400.0
 """How long a task's summary is kept (the ledger keeps the task itself)."""
+
+
+LOG_BASE: int | None = getattr(_ledger, "LOG_SEQ_BASE", None)
+"""Where the steps' logs live in their own stream (JM_LOG), the ledger reads them back
+with sequences from here up; None: they are on the ledger stream itself."""
+
+
+def is_log(seq: int) -> bool:
+    return LOG_BASE is not None and seq >= LOG_BASE
+
+
+def follow_logs(after_log: int) -> dict[str, Any]:
+    """`Ledger.follow` arguments that bring the steps' logs too (none are needed when
+    they are on the ledger stream)."""
+    return {"logs": True, "after_log": after_log} if LOG_BASE is not None else {}
 
 
 def task_key(task_id: str) -> str:
@@ -133,10 +149,15 @@ class _Open:
         self.state = state
         self.rules: dict[str, str] = {}
         self.asked: dict[str, datetime] = {}
+        self.last_log = 0
 
     def apply(self, entry: LedgerEntry) -> bool:
         """Fold one entry (False if already folded)."""
-        if entry.seq <= self.state.last_seq:
+        if is_log(entry.seq):
+            if entry.seq <= self.last_log:
+                return False
+            self.last_log = entry.seq
+        elif entry.seq <= self.state.last_seq:
             return False
         e = entry.event
         if isinstance(e, ev.PolicyDecided) and e.data.decision == "approve":
@@ -189,12 +210,21 @@ async def read_summaries(js: JetStreamContext) -> list[TaskSummary]:
     return rows
 
 
-async def _checkpoint(kv: KeyValue) -> int | None:
+async def _checkpoints(kv: KeyValue) -> tuple[int, int] | None:
+    """(ledger, log) sequences whose effects are in the bucket (None: never written)."""
     try:
         got = await kv.get(CHECKPOINT_KEY)
     except (KeyNotFoundError, NotFoundError):
         return None
-    return int(got.value or b"0")
+    value = json.loads(got.value or b"0")
+    if isinstance(value, int):
+        return value, 0
+    return int(value["ledger"]), int(value.get("log", 0))
+
+
+async def _checkpoint(kv: KeyValue) -> int | None:
+    got = await _checkpoints(kv)
+    return got[0] if got is not None else None
 
 
 async def projection_lag(js: JetStreamContext) -> int | None:
@@ -234,8 +264,10 @@ class TaskProjector:
         self.batch = batch
         self.checkpoint = 0
         """Highest ledger sequence whose effects are in the bucket."""
+        self.checkpoint_log = 0
+        """Highest log sequence (see LOG_BASE) whose effects are in the bucket."""
         self._open: dict[str, _Open] = {}
-        self._queue: asyncio.Queue[LedgerEntry] = asyncio.Queue(maxsize=50_000)
+        self._queue: asyncio.Queue[list[LedgerEntry]] = asyncio.Queue(maxsize=1000)
         self._tasks: list[asyncio.Task[None]] = []
         self._caught_up = asyncio.Event()
         self._target = 0
@@ -245,9 +277,7 @@ class TaskProjector:
         kv = await open_bucket(self.js)
         assert kv is not None
         self.kv = kv
-        with contextlib.suppress(KeyNotFoundError, NotFoundError):
-            got = await kv.get(CHECKPOINT_KEY)
-            self.checkpoint = int(json.loads(got.value or b"0"))
+        self.checkpoint, self.checkpoint_log = await _checkpoints(kv) or (0, 0)
         if self.checkpoint:  # fold again only the tasks that were still open
             for s in (await _read_all(kv)).values():
                 if not s.status.terminal:
@@ -269,10 +299,11 @@ class TaskProjector:
         await asyncio.wait_for(self._caught_up.wait(), timeout)
 
     async def wait_for_seq(self, seq: int, timeout: float | None = None) -> None:
-        """Until the bucket holds the effects of ledger sequence `seq`."""
+        """Until the bucket holds the effects of ledger (or log) sequence `seq`."""
         async def wait() -> None:
             async with self._progress:
-                await self._progress.wait_for(lambda: self.checkpoint >= seq)
+                await self._progress.wait_for(
+                    lambda: (self.checkpoint_log if is_log(seq) else self.checkpoint) >= seq)
         await asyncio.wait_for(wait(), timeout)
 
     async def _load(self, task_id: str) -> _Open:
@@ -283,14 +314,38 @@ class TaskProjector:
         self._open[task_id] = o
         return o
 
+    async def _catch_up(self, nxt: int) -> int:
+        """Read what is stored from `nxt` in batched direct gets (much faster than a
+        push consumer for a backlog); returns the next sequence to follow from."""
+        while True:
+            raw = await self.ledger._direct_batch(subjects.ALL_LEDGER, nxt, 1000)
+            page: list[LedgerEntry] = []
+            for seq, subject, data in raw:
+                got = decode_entry(seq, subject, data)
+                if isinstance(got, LedgerEntry):
+                    page.append(got)
+                else:
+                    self.ledger.report_bad(got)
+                nxt = seq + 1
+            if page:  # a page at once: a task's events in it cost one put
+                await self._queue.put(page)
+            if len(raw) < 1000:
+                return nxt
+
     async def _read(self) -> None:
-        nxt = self.checkpoint + 1
+        nxt, after_log = self.checkpoint + 1, self.checkpoint_log
         while True:
             try:
+                if LOG_BASE is None:  # one stream: a backlog is read faster in batches
+                    nxt = await self._catch_up(nxt)
                 async for entry in self.ledger.follow(from_seq=nxt,
-                                                      filter_subject=subjects.ALL_LEDGER):
-                    nxt = entry.seq + 1
-                    await self._queue.put(entry)
+                                                      filter_subject=subjects.ALL_LEDGER,
+                                                      **follow_logs(after_log)):
+                    if is_log(entry.seq):
+                        after_log = entry.seq
+                    else:
+                        nxt = entry.seq + 1
+                    await self._queue.put([entry])
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -301,9 +356,9 @@ class TaskProjector:
 
     async def _write(self) -> None:
         while True:
-            got = [await self._queue.get()]
+            got = list(await self._queue.get())
             while len(got) < self.batch and not self._queue.empty():
-                got.append(self._queue.get_nowait())
+                got.extend(self._queue.get_nowait())
             try:
                 await self._apply(got)
             except asyncio.CancelledError:
@@ -317,9 +372,12 @@ class TaskProjector:
 
     async def _apply(self, entries: Iterable[LedgerEntry]) -> None:
         dirty: dict[str, _Open] = {}
-        top = self.checkpoint
+        top, top_log = self.checkpoint, self.checkpoint_log
         for entry in entries:
-            top = max(top, entry.seq)
+            if is_log(entry.seq):
+                top_log = max(top_log, entry.seq)
+            else:
+                top = max(top, entry.seq)
             tid = entry.event.subject
             o = self._open.get(tid)
             if o is None:
@@ -338,10 +396,11 @@ class TaskProjector:
         for tid, s in rows:
             if s.status.terminal:
                 self._open.pop(tid, None)
-        if top > self.checkpoint:
-            await self.kv.put(CHECKPOINT_KEY, str(top).encode())
+        if (top, top_log) != (self.checkpoint, self.checkpoint_log):
+            await self.kv.put(CHECKPOINT_KEY, json.dumps({"ledger": top, "log": top_log}
+                                                         ).encode())
         async with self._progress:
-            self.checkpoint = top
+            self.checkpoint, self.checkpoint_log = top, top_log
             self._progress.notify_all()
         if top >= self._target:
             self._caught_up.set()

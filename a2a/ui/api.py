@@ -48,7 +48,13 @@ from jetmesh.orchestrator.replay import fork_submission, replay_submission
 from jetmesh.orchestrator.replay import submit as submit_replay
 from jetmesh.orchestrator.state import TaskState, fold
 from jetmesh.orchestrator.stats import aggregate, read_summaries
-from jetmesh.orchestrator.tasks_kv import TaskIndex, TaskProjector, TaskSummary
+from jetmesh.orchestrator.tasks_kv import (
+    TaskIndex,
+    TaskProjector,
+    TaskSummary,
+    follow_logs,
+    is_log,
+)
 from jetmesh.orchestrator.timeline import describe
 
 from ..registry import Registry
@@ -462,18 +468,24 @@ class Dashboard:
         return JSONResponse(self._shown(person, view))
 
     async def task_live(self, request: Request, person: Person) -> Response:
-        """Server-sent events: each ledger event of the task after `after` (its
-        sequence is the event id: a reconnect resumes with Last-Event-ID)."""
+        """Server-sent events: each ledger event of the task after ledger sequence
+        `after` (and step log record after `after_log`, when the logs have a stream of
+        their own); the event id is ``<ledger seq>:<log seq>``, so a reconnect resumes
+        from Last-Event-ID with nothing lost or repeated."""
         task_id = subjects.check_id(request.path_params["task_id"], "task id")
-        raw = request.headers.get("last-event-id") or request.query_params.get("after", "0")
+        q = request.query_params
+        raw = request.headers.get("last-event-id") or \
+            f"{q.get('after', '0')}:{q.get('after_log', '0')}"
         try:
-            after = int(raw)
+            after, _, after_log = (int(x or 0) for x in (raw + "::").split(":")[:3])
         except ValueError:
-            raise _Refused(400, "after is a ledger sequence") from None
+            raise _Refused(400, "after and after_log are sequences") from None
 
         async def stream() -> AsyncIterator[str]:
             yield "retry: 1000\n\n"
-            follow = self.client.ledger.follow(task_id, from_seq=after + 1)
+            last, last_log = after, after_log
+            follow = self.client.ledger.follow(task_id, from_seq=after + 1,
+                                               **follow_logs(after_log))
             nxt: asyncio.Task[LedgerEntry] | None = None
             try:
                 while True:
@@ -487,8 +499,12 @@ class Dashboard:
                         continue
                     entry = nxt.result()
                     nxt = None
+                    if is_log(entry.seq):
+                        last_log = entry.seq
+                    else:
+                        last = entry.seq
                     body = json.dumps(self._shown(person, entry_view(entry)))
-                    yield f"id: {entry.seq}\nevent: ledger\ndata: {body}\n\n"
+                    yield f"id: {last}:{last_log}\nevent: ledger\ndata: {body}\n\n"
             finally:
                 if nxt is not None:
                     nxt.cancel()

@@ -39,7 +39,7 @@ async def fill(client: Client, n: int) -> list[str]:
             ev.TaskCompleted(subject=tid, data=ev.TaskCompletedData(result={"i": i}))
             if i % 10 else ev.TaskFailed(subject=tid, data=ev.TaskFailedData(
                 code="error", reason="ten percent fail"))]
-        if len(batch) >= 2000:
+        if len(batch) >= 500:
             await client.ledger.append_many(batch)
             batch = []
     if batch:

@@ -233,13 +233,16 @@ async function viewTask(view, taskId) {
   const timeline = h("ol", { class: "timeline", "data-testid": "timeline" });
   const detail = h("div");
   const seen = new Set();
+  const LOG_BASE = 2 ** 40; // step log records (their own stream) are numbered from here
   let lastSeq = 0;
+  let lastLog = 0;
   put(view, h("h1", {}, "Task ", h("code", {}, taskId)), detail,
     h("h2", {}, "Timeline (live)"), timeline);
   const append = (e) => {
     if (seen.has(e.seq)) return;
     seen.add(e.seq);
-    lastSeq = Math.max(lastSeq, e.seq);
+    if (e.seq >= LOG_BASE) lastLog = Math.max(lastLog, e.seq);
+    else lastSeq = Math.max(lastSeq, e.seq);
     timeline.append(eventItem(e));
   };
 
@@ -303,7 +306,7 @@ async function viewTask(view, taskId) {
 
   await load();
   const refresh = debounce(load, 200);
-  live(`/ui/api/tasks/${encodeURIComponent(taskId)}/live?after=${lastSeq}`, {
+  live(`/ui/api/tasks/${encodeURIComponent(taskId)}/live?after=${lastSeq}&after_log=${lastLog}`, {
     ledger: (e) => { append(e); refresh(); },
   });
 }
