@@ -4,7 +4,9 @@ an input request (elicitation), tasks as resources."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,3 +86,42 @@ async def test_sdk_client_runs_the_mesh_through_jetmesh_mcp_serve(
     assert len(asked) == 1 and "fx__transfer" in asked[0] and '"amount": 70' in asked[0]
     assert [c["args"] for c in fixture_dir.calls("transfer")] == [args]
     model.assert_complete()
+
+
+def _spawn_http_serve(url: str, port: int, cwd: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "JETMESH_GATEWAY_APPROVER_TOKEN": "let-me-approve"}
+    with (cwd / "serve.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jetmesh.orchestrator.cli", "mcp", "serve", "--url", url,
+             "--http", f"127.0.0.1:{port}"], cwd=cwd, env=env, stdout=log,
+            stderr=subprocess.STDOUT)
+
+
+async def test_mcp_serve_over_streamable_http_needs_the_approver_token(
+        make_mesh, bus, tmp_path: Path) -> None:
+    import socket
+
+    await make_mesh(["support"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _spawn_http_serve(bus.url, port, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        for _ in range(400):  # until it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "jetmesh mcp serve --http exited"
+                await asyncio.sleep(0.05)
+        async with Client(url, read_timeout_seconds=60) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"skill_order_status", "workflow_fanout", "approve"} <= tools
+            out = await client.call_tool("approve", {"task_id": "nope", "approve": True})
+            assert out.is_error and "approver's token" in out.content[0].text  # type: ignore[union-attr]
+            status = await client.call_tool("skill_order_status", {"order_id": "A1001"})
+            assert (status.structured_content or {})["status"] == "completed"
+    finally:
+        proc.terminate()
+        proc.wait(10)
