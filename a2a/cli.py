@@ -1,4 +1,5 @@
-"""CLI commands of the A2A side: ``gateway``, ``bridge``, ``agents-add``, ``keys generate``.
+"""CLI commands of the A2A side: ``gateway``, ``bridge``, ``agents-add``, ``keys generate``,
+``asyncapi``.
 
 `register(app)` adds them to the ``jetmesh`` Typer app; the shared helpers (URL
 resolution, logging, signal handling) come from `jetmesh.orchestrator.cli`, imported when
@@ -82,6 +83,23 @@ def register(app: typer.Typer) -> None:
             await jcli._serve_until_signal(start, stop)
 
         jcli.run(main)
+
+    @app.command("asyncapi")
+    def asyncapi_cmd(
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Write it here "
+                                                 "(default: stdout).")] = None,
+        server: Annotated[str, typer.Option(help="The NATS server named in the document.")]
+        = "nats://localhost:4222",
+    ) -> None:
+        """The mesh's public NATS contract as an AsyncAPI 3.0 document (JSON)."""
+        from jetmesh.a2a.asyncapi import asyncapi_json
+
+        text = asyncapi_json(server)
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            out.write_text(text, encoding="utf-8")
+            typer.echo(f"wrote {out}")
 
     @app.command("bridge")
     def bridge_cmd(

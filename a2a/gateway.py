@@ -72,7 +72,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
@@ -85,6 +85,7 @@ from jetmesh.orchestrator.client import AmbiguousApproval, Client, ControlRefuse
 from jetmesh.orchestrator.projection import all_tasks
 from jetmesh.orchestrator.state import TaskState, fold
 
+from .asyncapi import asyncapi_document, asyncapi_html
 from .cards import agent_http_base, card_to_dict, http_interfaces, mesh_card
 from .push import PushNotifications, check_push_config
 from .registry import Registry
@@ -458,17 +459,15 @@ class MeshRequestHandler(RequestHandler):
     async def on_list_tasks(self, params: ListTasksRequest, context: ServerCallContext
                             ) -> ListTasksResponse:
         states = [s for s in await all_tasks(self.client.ledger) if s.submitted is not None]
+        states.sort(key=lambda s: (s.updated_at.timestamp() if s.updated_at else 0.0,
+                                   s.task_id), reverse=True)  # latest update first
         if params.context_id:
             states = [s for s in states
                       if s.submitted and s.submitted.metadata.get(META_CONTEXT)
                       == params.context_id]
         if params.status != A2AState.TASK_STATE_UNSPECIFIED:
-            wanted = jetmesh_status(params.status)
-            if wanted is None:
-                raise InvalidParamsError(
-                    message=f"status {A2AState.Name(params.status)} is not one jetmesh tasks "
-                            "take")
-            states = [s for s in states if s.status == wanted]
+            wanted = jetmesh_status(params.status)  # None: a state jetmesh tasks never take
+            states = [s for s in states if wanted is not None and s.status == wanted]
         if params.HasField("status_timestamp_after"):
             after = params.status_timestamp_after.ToDatetime(tzinfo=None)
             states = [s for s in states
@@ -492,7 +491,7 @@ class MeshRequestHandler(RequestHandler):
         for t in tasks:
             _trim_history(t, history)
         nxt = str(start + size) if start + size < len(states) else ""
-        return ListTasksResponse(tasks=tasks, next_page_token=nxt, page_size=size,
+        return ListTasksResponse(tasks=tasks, next_page_token=nxt, page_size=len(tasks),
                                  total_size=len(states))
 
     async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext
@@ -627,6 +626,25 @@ class _AgentApps:
         await app(scope, receive, send)
 
 
+def _contract_routes(nats_url: str | None) -> list[BaseRoute]:
+    """``/asyncapi.json`` (the mesh's NATS contract, AsyncAPI 3.0) and ``/asyncapi``."""
+    server = (nats_url or "nats://localhost:4222").split(",")[0].strip()
+    made: dict[str, Any] = {}
+
+    async def document(_: Request) -> Response:
+        if "json" not in made:
+            made["json"] = asyncapi_document(server)
+        return JSONResponse(made["json"])
+
+    async def page(_: Request) -> Response:
+        if "html" not in made:
+            made["html"] = asyncapi_html(server)
+        return HTMLResponse(made["html"])
+
+    return [Route("/asyncapi.json", document, methods=["GET"]),
+            Route("/asyncapi", page, methods=["GET"])]
+
+
 def build_app(client: Client, registry: Registry, *, base_url: str,
               settings: GatewaySettings | None = None, nats_url: str | None = None,
               signer: CardSigner | None = None, approver: Client | None = None,
@@ -667,6 +685,7 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
         *create_agent_card_routes(cards.mesh(), card_modifier=live_mesh_card,
                                   cache_control=cache),
         Mount("/agents/{name}", app=_AgentApps(agent_app)),
+        *_contract_routes(nats_url),
         ui_mount(client, registry),  # the dashboard at /ui (a2a/ui)
         *create_jsonrpc_routes(handler, "/"),
         *create_rest_routes(handler),
