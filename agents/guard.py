@@ -26,6 +26,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
 from jetmesh.bus.killswitch import KillRule, KillSwitchView
 from jetmesh.bus.ledger import Ledger
+from jetmesh.bus.spendcaps import SpendBook, SpendReservation, post_alert
 
 
 def estimate(request: ModelRequest, model: Model) -> tuple[float, int]:
@@ -37,6 +38,14 @@ APPROVAL_TIMEOUT = "approval-timeout"
 """The rule of the PolicyDecided event a worker appends when an approval expires."""
 KILLSWITCH_RULE = "killswitch"
 """The rule prefix (`killswitch:<key>`) of a PolicyDecided refusal by the kill switch."""
+
+
+@dataclass(frozen=True)
+class _Reserved:
+    """A model call's reservations: on the task's budget and on the period caps."""
+
+    task: Reservation | None
+    period: SpendReservation | None
 
 
 def first_decision(entries: list[Any], step_id: str, tool: str, h: str) -> str | None:
@@ -72,6 +81,8 @@ class RuntimeGuard:
     replica that lost the step does not pay for more calls."""
     killswitch: KillSwitchView | None = None
     """Disabled tools, agents and MCP servers (bus.killswitch), checked before each call."""
+    spend: SpendBook | None = None
+    """Daily / monthly caps per tenant and user (bus.spendcaps), reserved per call."""
 
     async def _killed(self, rule: KillRule, tool: str, h: str) -> str:
         """Record the kill switch's refusal as a policy decision; the model's message."""
@@ -105,16 +116,33 @@ class RuntimeGuard:
                 await self._killed(rule, "*", "")
                 raise StepStopped("disabled", rule.describe())
         budget = self.cmd.budget
-        if budget is None or (budget.max_usd is None and budget.max_tokens is None):
+        task_limited = budget is not None and (budget.max_usd is not None
+                                               or budget.max_tokens is not None)
+        capped = self.spend is not None and self.spend.applies(self.cmd.tenant,
+                                                               self.cmd.user_id)
+        if not task_limited and not capped:
             return None
         usd, tokens = estimate(request, model)
-        if self.cmd.slice_usd is not None and self.step_spent_usd + usd > self.cmd.slice_usd:
-            raise await self._exceeded("usd (step slice)", self.cmd.slice_usd,
-                                       self.step_spent_usd + usd)
+        task_res: Reservation | None = None
+        if budget is not None and task_limited:
+            if self.cmd.slice_usd is not None \
+                    and self.step_spent_usd + usd > self.cmd.slice_usd:
+                raise await self._exceeded("usd (step slice)", self.cmd.slice_usd,
+                                           self.step_spent_usd + usd)
+            try:
+                task_res = await self.book.reserve(self.cmd.task_id, budget, usd=usd,
+                                                   tokens=tokens)
+            except BudgetRefused as e:
+                raise await self._exceeded(e.kind, e.limit, e.would_be) from e
+        if self.spend is None or not capped:
+            return task_res
         try:
-            return await self.book.reserve(self.cmd.task_id, budget, usd=usd, tokens=tokens)
+            period = await self.spend.reserve(self.cmd.tenant, self.cmd.user_id, usd)
         except BudgetRefused as e:
+            if task_res is not None:
+                await self.book.release(task_res)
             raise await self._exceeded(e.kind, e.limit, e.would_be) from e
+        return _Reserved(task_res, period)
 
     async def headroom_usd(self) -> float | None:
         """What the task's dollar budget has left after spent and reserved, and the
@@ -131,11 +159,29 @@ class RuntimeGuard:
     async def after_model_call(self, token: object, response: ModelResponse,
                                cost: float) -> None:
         self.step_spent_usd += cost
+        period = token.period if isinstance(token, _Reserved) else None
+        if isinstance(token, _Reserved):
+            token = token.task
         if isinstance(token, Reservation):
             u = response.usage
             await self.book.settle(token, usd=cost, tokens=u.input_tokens + u.output_tokens)
+        if period is not None and self.spend is not None:
+            for alert in await self.spend.settle(period, cost, task_id=self.cmd.task_id,
+                                                 step_id=self.cmd.step_id):
+                await self.append(ev.BudgetAlerted(
+                    subject=self.cmd.task_id, source=self.source, data=ev.BudgetAlertedData(
+                        step_id=self.cmd.step_id, agent=self.agent, scope=alert.scope,
+                        who=alert.who, period=alert.period, key=alert.key,
+                        cap_usd=alert.cap_usd, share=alert.share,
+                        spent_usd=alert.spent_usd)))
+                if self.spend.caps.webhook_url:
+                    await post_alert(self.spend.caps.webhook_url, alert)
 
     async def release(self, token: object) -> None:
+        if isinstance(token, _Reserved):
+            if token.period is not None and self.spend is not None:
+                await self.spend.release(token.period)
+            token = token.task
         if isinstance(token, Reservation):
             await self.book.release(token)
 

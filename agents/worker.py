@@ -49,6 +49,7 @@ from jetmesh.bus.killswitch import KillSwitchWatch
 from jetmesh.bus.ledger import Entries, Ledger, LedgerEntry, event_headers, subject_for
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.spendcaps import SpendBook, SpendCaps
 from jetmesh.bus.streams import declare_streams, work_consumer_config
 from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.bus.tracecontext import agent_traceparent, task_traceparent
@@ -322,6 +323,9 @@ class WorkerSettings(BaseSettings):
     waits (on its model, its tools, the ledger), so one process holds many: at 64, 50
     tasks in flight with 20 ms model calls queued in the work stream (B: 71 tasks/s; at
     256, 87)."""
+    spend_caps_file: Path | None = None
+    """YAML/JSON daily and monthly caps per tenant and user (jetmesh.bus.spendcaps;
+    JETMESH_SPEND_CAPS_FILE); none: no period caps."""
     approval_timeout_s: float = 60.0
     """A gated tool call not approved within this time is denied. The wait counts toward
     the step's time limit (limits.step_timeout_s), so keep it shorter."""
@@ -344,6 +348,8 @@ class Worker:
     heartbeat_s: float = 1.0
     replica: str = field(default_factory=replica_id)
     settings: WorkerSettings = field(default_factory=WorkerSettings)
+    spend_caps: SpendCaps | None = None
+    """Period caps given directly (else the settings' file)."""
     _runners: list[PullRunner] = field(default_factory=list, init=False)
     _presence: Presence | None = field(default=None, init=False)
     _mcp: Any = field(default=None, init=False)
@@ -356,6 +362,10 @@ class Worker:
         self.ledger = Ledger(self.nc, self.js, timeout_s=self.bus_settings.request_timeout_s)
         self.book = BudgetBook(self.js, replicas=self.bus_settings.replicas)
         self.killswitch = KillSwitchWatch(self.js, replicas=self.bus_settings.replicas)
+        caps = self.spend_caps or (SpendCaps.load(self.settings.spend_caps_file)
+                                   if self.settings.spend_caps_file else None)
+        self.spend = (SpendBook(self.js, caps, replicas=self.bus_settings.replicas)
+                      if caps is not None else None)
         self.policy = self.settings.policy()
         from jetmesh.a2a.registry import Advertiser
         from jetmesh.a2a.signing import signer_from_env
@@ -696,7 +706,8 @@ class Worker:
                              self.source, recorder._append, self.policy,
                              self.settings.approval_timeout_s,
                              effect_gate=recorder.begin_effect,
-                             claim_check=recorder.check_claim, killswitch=self.killswitch)
+                             claim_check=recorder.check_claim, killswitch=self.killswitch,
+                             spend=self.spend)
         model = self.model
         src = cmd.replay
         if src is not None and src.rerun and src.model is not None:

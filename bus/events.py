@@ -360,6 +360,22 @@ class BudgetExceededData(_Strict):
     would_be: float
 
 
+class BudgetAlertedData(_Strict):
+    """A tenant's or user's spend over a period reached the alert share of its cap
+    (bus.spendcaps); recorded once, by the call whose cost took it there."""
+
+    step_id: str | None = None
+    agent: str
+    scope: Literal["tenant", "user"]
+    who: str
+    period: Literal["day", "month"]
+    key: str
+    """The counter's key in jm-spend."""
+    cap_usd: float
+    share: float
+    spent_usd: float
+
+
 class ModelRoutedData(_Strict):
     """A routing decision of a step (agents.routing): which model tier serves its next
     model calls, and why."""
@@ -562,6 +578,11 @@ class BudgetExceeded(_Event):
     data: BudgetExceededData
 
 
+class BudgetAlerted(_Event):
+    type: Literal["jetmesh.budget.alerted.v1"] = "jetmesh.budget.alerted.v1"
+    data: BudgetAlertedData
+
+
 class McpToolsChanged(_Event):
     type: Literal["jetmesh.mcp.tools_changed.v1"] = "jetmesh.mcp.tools_changed.v1"
     data: McpToolsChangedData
@@ -589,7 +610,8 @@ Event = Annotated[
     | BudgetExceeded
     | ModelRouted
     | ContextCompacted
-    | McpToolsChanged,
+    | McpToolsChanged
+    | BudgetAlerted,
     Field(discriminator="type"),
 ]
 """Any ledger event, discriminated on its versioned `type`."""
@@ -603,7 +625,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         ToolCalled, EffectStarted, StepCompleted, StepFailed, TaskCompleted, TaskFailed,
         TaskCanceled,
         CancelRequested, PolicyDecided, ApprovalRequested, ApprovalGranted, ApprovalDenied,
-        BudgetExceeded, ModelRouted, ContextCompacted, McpToolsChanged,
+        BudgetExceeded, ModelRouted, ContextCompacted, McpToolsChanged, BudgetAlerted,
     )
 )
 

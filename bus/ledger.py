@@ -43,6 +43,7 @@ from jetmesh.bus.events import (
     ApprovalDenied,
     ApprovalGranted,
     ApprovalRequested,
+    BudgetAlerted,
     BudgetExceeded,
     CancelRequested,
     ContextCompacted,
@@ -159,7 +160,7 @@ def subject_for(event: Event) -> str:
         return subjects.step_log(task, event.data.step_id)
     if isinstance(event, ModelRouted | ContextCompacted):  # decisions of the step's loop
         return subjects.step_log(task, event.data.step_id)
-    if isinstance(event, BudgetExceeded) and event.data.step_id:
+    if isinstance(event, BudgetExceeded | BudgetAlerted) and event.data.step_id:
         return subjects.step_events(task, event.data.step_id)
     if isinstance(event, ApprovalGranted | ApprovalDenied):
         return subjects.task_approval(task)

@@ -336,6 +336,9 @@ def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opt
     killswitch = kv_stream(subjects.BUCKET_KILLSWITCH)
     pub += stream_declare([killswitch]) + kv_read(subjects.BUCKET_KILLSWITCH)
     pub += ordered_reader(killswitch)
+    # Spend counters per tenant and user (bus.spendcaps): the budgets bucket's trust.
+    pub += stream_declare([kv_stream(subjects.BUCKET_SPEND)])
+    pub += kv_read(subjects.BUCKET_SPEND) + kv_write(subjects.BUCKET_SPEND)
     pub.append(subjects.MEMORY_ALL)
     sub.append(subjects.ALL_CONTROL)  # cancellation
     sub.append(subjects.ALL_APPROVALS)  # approval decisions (the guard waits for them)

@@ -84,6 +84,9 @@ BUCKET_A2A_PUSH = "jm-a2a-push"
 cursors (`cur.<task>.<id>`: the last ledger sequence the webhook accepted)."""
 BUCKET_EXTERNAL = "jm-external-agents"
 """External A2A agents added by URL (their fetched cards), served by the bridge worker."""
+BUCKET_SPEND = "jm-spend"
+"""Daily and monthly spend counters per tenant and per user (bus.spendcaps), compare-and-
+set like jm-budgets. Keys from `spend_key`."""
 BUCKET_KILLSWITCH = "jm-killswitch"
 """Disabled tools, agents and MCP servers (bus.killswitch): the admin writes, every worker
 replica watches. Keys from `killswitch_key`."""
@@ -201,6 +204,13 @@ def memory(op: str) -> str:
 def dlq(stream: str, consumer: str) -> str:
     """Dead-letter subject for messages of `consumer` on `stream`."""
     return f"{PREFIX}.dlq.{stream}.{consumer}"
+
+
+def spend_key(scope: str, who: str, period: str) -> str:
+    """The `jm-spend` key of one period counter: `<tenant|user>.<who>.<d20261204|m202612>`."""
+    if scope not in ("tenant", "user"):
+        raise InvalidIdError(f"spend scope {scope!r} must be tenant or user")
+    return f"{scope}.{check_id(who, scope)}.{check_id(period, 'period')}"
 
 
 KILLSWITCH_ANY = "="

@@ -367,7 +367,7 @@ def _apply_step(state: TaskState, entry: LedgerEntry, step_id: str) -> TaskState
 
 
 _OTHER_STEP_TYPES = frozenset({"jetmesh.tool.effect_started.v1", "jetmesh.model.routed.v1",
-                               "jetmesh.context.compacted.v1"})
+                               "jetmesh.context.compacted.v1", "jetmesh.budget.alerted.v1"})
 """Step events this fold keeps the line's sequence of but does not otherwise use."""
 
 
