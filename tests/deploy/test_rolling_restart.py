@@ -4,9 +4,10 @@ The shape of deploy/kubernetes in miniature: three nats-server processes routed 
 cluster on loopback, with one NATS user per role (bus/permissions, as the rendered
 Secrets configure it) and R3 streams and buckets (`JETMESH_REPLICAS=3`); two
 orchestrators, the memory service, telemetry, the A2A gateway and the bridge, two
-replicas of each agent, every one a real `jetmesh <role>` process with its own role's
-credentials and every node's URL, supervised like `jetmesh up` supervises its children
-(`orchestrator.up.Child`; one that dies unexpectedly is restarted and counted).
+replicas of each agent (one in the default run), every one a real `jetmesh <role>`
+process with its own role's credentials and every node's URL, supervised like `jetmesh
+up` supervises its children (`orchestrator.up.Child`; one that dies unexpectedly is
+restarted and counted).
 
 While tasks are submitted at a steady pace, every role process is replaced one at a
 time the way a Deployment's rolling update (maxSurge 1, maxUnavailable 0) does it: the
@@ -18,8 +19,8 @@ exit, the same data directory back, `/healthz` current again before the next).
 
 Must hold: every submitted task completes with exactly one terminal event; nothing is
 dead-lettered; no process crashed or needed SIGKILL. The default run rolls one process of
-each role during 40 tasks; `-m slow` rolls every process and every node during
-`JETMESH_ROLLING_TASKS` (200) tasks.
+each role while tasks go in every 0.5 s (at least 40); `-m slow` rolls every process
+and every node while they go in every 0.3 s (at least `JETMESH_ROLLING_TASKS`, 200).
 """
 
 from __future__ import annotations
@@ -210,13 +211,14 @@ class Mesh:
         env = self.env(args, workflows)
         return Child(name, args, Path(env["JETMESH_DATA_DIR"]) / f"{name}.log", env)
 
-    def start_roles(self, workflows: Path) -> None:
+    def start_roles(self, workflows: Path, agent_replicas: int) -> None:
         specs = [("orchestrator-1", ["orchestrator"]), ("orchestrator-2", ["orchestrator"]),
                  ("memory", ["memory"]), ("telemetry", ["telemetry"]),
                  ("bridge", ["bridge"])]
         if gateway_can_start():
             specs.insert(4, ("gateway", ["gateway"]))
-        specs += [(f"{a}-{r}", ["worker", a]) for a in AGENTS for r in (1, 2)]
+        specs += [(f"{a}-{r}", ["worker", a]) for a in AGENTS
+                  for r in range(1, agent_replicas + 1)]
         self.children = [self.child(n, a, workflows) for n, a in specs]
         for c in self.children:
             c.start()
@@ -327,7 +329,9 @@ async def wait_terminal(ledger: Ledger, ids: list[str], timeout: float
     return out
 
 
-async def campaign(root: Path, n_tasks: int, every_process: bool, nodes: bool) -> None:
+async def campaign(root: Path, n_tasks: int, every_process: bool, nodes: bool,
+                   agent_replicas: int, pace_s: float) -> None:
+    """Tasks go in every `pace_s` until every restart is done, and at least `n_tasks`."""
     workflows = root / "workflows"
     workflows.mkdir(parents=True)
     (workflows / "lookup.yaml").write_text(yaml.safe_dump(LOOKUP))
@@ -341,7 +345,7 @@ async def campaign(root: Path, n_tasks: int, every_process: bool, nodes: bool) -
         nc = await mesh.admin()
         js = jetstream(nc, SETTINGS)
         await mesh.declare(js)
-        await asyncio.to_thread(mesh.start_roles, workflows)
+        await asyncio.to_thread(mesh.start_roles, workflows, agent_replicas)
         supervisor = asyncio.create_task(mesh.supervise(stop))
         ledger = Ledger(nc, js, timeout_s=SETTINGS.request_timeout_s)
 
@@ -387,24 +391,27 @@ async def campaign(root: Path, n_tasks: int, every_process: bool, nodes: bool) -
         at_start = dict(mesh.crashes)
         mesh.crashes.clear()
 
+        rolled = asyncio.Event()
+
         async def submitter() -> None:
-            for i in range(1, n_tasks):
+            # Through every restart, then up to n_tasks: each restart happens under load.
+            i = 1
+            while not rolled.is_set() or i < n_tasks:
                 await submit(i)
-                await asyncio.sleep(0.1)  # a steady pace of load, not a wait for anything
+                i += 1
+                await asyncio.sleep(pace_s)  # a steady pace of load, not a wait for anything
 
         async def roller() -> None:
-            # Restart k starts once k/(R+1) of the tasks are in: each one under load.
-            for k, target in enumerate(targets):
-                await until("the load to reach this restart",
-                            lambda k=k: _reached(submitted, n_tasks * (k + 1)
-                                                 // (len(targets) + 1)), timeout=300)
+            await until("the load to start", lambda: _reached(submitted, 5), timeout=60)
+            for target in targets:
                 if isinstance(target, tuple):
                     await mesh.roll_node(target[1])
                 else:
                     await mesh.roll(target, workflows)
+            rolled.set()
 
         await asyncio.gather(submitter(), roller())
-        assert len(submitted) == n_tasks
+        n_tasks = len(submitted)
         states = await wait_terminal(ledger, submitted, 300)
         dlq = await js.stream_info(subjects.STREAM_DLQ)
         stop.set()
@@ -443,7 +450,8 @@ async def _reached(submitted: list[str], n: int) -> bool:
 
 @pytest.mark.timeout(300)
 async def test_rolling_restart_of_each_role_under_load_loses_nothing(tmp_path: Path) -> None:
-    await campaign(tmp_path, n_tasks=40, every_process=False, nodes=False)
+    await campaign(tmp_path, n_tasks=40, every_process=False, nodes=False, agent_replicas=1,
+                   pace_s=0.5)
 
 
 @pytest.mark.slow
@@ -455,4 +463,4 @@ async def test_rolling_restart_of_each_role_under_load_loses_nothing(tmp_path: P
 async def test_rolling_restart_of_every_process_and_node_under_200_tasks(tmp_path: Path
                                                                        ) -> None:
     await campaign(tmp_path, n_tasks=int(os.environ.get("JETMESH_ROLLING_TASKS", "200")),
-                   every_process=True, nodes=True)
+                   every_process=True, nodes=True, agent_replicas=2, pace_s=0.3)
