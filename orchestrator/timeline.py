@@ -58,6 +58,11 @@ def describe(e: ev.Event, *, detail: bool = True) -> str:
             return (f"context {c.step_id} compacted #{c.compaction}: messages "
                     f"{c.messages[0]}-{c.messages[1]} summarised, {c.tokens_before} -> "
                     f"{c.tokens_after} tok")
+        case ev.McpToolsChanged():
+            m = e.data
+            return (f"MCP server {m.server} changed its tools ({m.action}): added {m.added}, "
+                    f"removed {m.removed}, changed {m.changed}; {m.pinned_hash[:12]} -> "
+                    f"{m.current_hash[:12]}")
         case ev.StepCompleted():
             return f"step {e.data.step_id} completed" + (
                 f": {_clip(e.data.output, 100)}" if detail else "")
