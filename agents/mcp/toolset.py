@@ -234,6 +234,8 @@ class McpToolset:
     servers: dict[str, ServerTools] = field(default_factory=dict)
     _native: list[Tool] | None = field(default=None, repr=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _checking: asyncio.Future[tuple[list[McpToolsChangedData], bool]] | None = field(
+        default=None, repr=False)
 
     @classmethod
     async def open(cls, spec: AgentSpec) -> McpToolset:
@@ -276,7 +278,15 @@ class McpToolset:
         """Before a step: each server's list (from the SDK's cache while its hint says it
         is fresh) against the pinned one. Returns the changes to record and whether the
         tools changed (an accepted drift: `attach` again). A server that cannot be
-        listed now is left as it is (its calls will meet the breaker)."""
+        listed now is left as it is (its calls will meet the breaker). Steps that start
+        while a check is under way share its answer (one list per server, not one each)."""
+        running = self._checking
+        if running is not None and not running.done():
+            return await asyncio.shield(running)
+        self._checking = asyncio.ensure_future(self._check())
+        return await asyncio.shield(self._checking)
+
+    async def _check(self) -> tuple[list[McpToolsChangedData], bool]:
         changes: list[McpToolsChangedData] = []
         accepted = False
         async with self._lock:
