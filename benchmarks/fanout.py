@@ -6,7 +6,9 @@
 
 Every run starts a fresh stack on this machine, in a fresh temporary data directory:
 
-- one embedded nats-server (`jetmesh.bus.server.EmbeddedNats`, `sync_interval: always`);
+- one embedded nats-server (`jetmesh.bus.server.EmbeddedNats`, `sync_interval: always`),
+  with the streams of `--durability` (default balanced: the steps' logs in JM_LOG,
+  acknowledged before their fsync; strict: every stream fsync'd before its acks);
 - the orchestrator, a separate process (`python -m jetmesh.orchestrator.cli orchestrator`)
   whose planning/merge model is the scripted `fanout_models:planner` (JETMESH_PLANNER_*);
 - 1, 2 or 4 replicas of the built-in `support` worker, separate processes
@@ -51,7 +53,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +216,9 @@ class RunResult:
     """CPU used by processes outside this benchmark during the window, % of all cores."""
     msgs_per_task: float = 0.0
     """Messages through nats-server per task (in + out, see server_msgs)."""
+    stored_per_task: dict[str, float] = field(default_factory=dict)
+    """Messages stored per task in each stream (its last sequence's growth): what is
+    appended, and where (JM_LEDGER and the KV buckets fsync'd, JM_LOG per durability)."""
 
     @property
     def cpu_total_ms(self) -> float:
@@ -252,12 +257,16 @@ def child_env(url: str, cfg: Config, data_dir: Path) -> dict[str, str]:
         "JETMESH_MODEL_PROVIDER": "sim",
         "JETMESH_MODEL": "dry-run",
         "JETMESH_SIM_LATENCY_MS": f"{cfg.latency_ms:g}",
+        "JETMESH_DURABILITY": DURABILITY,
         "MEM0_TELEMETRY": "False",
         "PYTHONPATH": os.pathsep.join(
             CHILD_PATH + [str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
     })
     return env
 
+
+DURABILITY = "balanced"
+"""--durability: JETMESH_DURABILITY of every role (bus.settings.BusSettings.durability)."""
 
 WRAPPER: str | None = None
 """--wrapper: a script run as `python SCRIPT OUT ROLE...` instead of the CLI (experiments)."""
@@ -440,6 +449,12 @@ async def verify(client: Client, task_ids: list[str], offset: int,
         raise AssertionError(f"{len(problems)} problem(s), e.g.:\n  " + "\n  ".join(problems[:10]))
 
 
+async def stream_seqs(client: Client) -> dict[str, int]:
+    """Each stream's last sequence (how many messages it was ever given)."""
+    return {i.config.name or "": int(i.state.last_seq)
+            for i in await client.js.streams_info()}
+
+
 async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
                    profile_dir: Path | None) -> RunResult:
     tmp = Path(tempfile.mkdtemp(prefix="jetmesh-fanout-"))
@@ -499,12 +514,14 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             cpu0["load generator"] = self_cpu_s()
             busy0 = machine_busy_s()
             msgs0 = server_msgs(server.monitor_port)
+            stored0 = await stream_seqs(client)
             ids, lat, t0, t1 = await drive(client, comp, cfg.tasks, cfg.inflight, 0,
                                            cfg.label, args.task_timeout)
             cpu1 = {n: cpu_s(pid) for n, pid in pids.items()}
             cpu1["load generator"] = self_cpu_s()
             busy1 = machine_busy_s()
             msgs1 = server_msgs(server.monitor_port)
+            stored1 = await stream_seqs(client)
             await comp.stop()
             progress(f"  verifying {len(ids)} tasks in the ledger")
             await verify(client, ids, 0,
@@ -530,8 +547,10 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             text = (tmp / f"{name}.log").read_text(errors="replace")
             warnings += sum(1 for ln in text.splitlines()
                             if "WARNING" in ln or "ERROR" in ln or "Traceback" in ln)
+        stored = {n: (stored1[n] - stored0.get(n, 0)) / cfg.tasks for n in stored1
+                  if stored1[n] - stored0.get(n, 0)}
         return RunResult(cfg.tasks / wall, lat, rss, cpu, wall, warnings, foreign,
-                         (msgs1 - msgs0) / cfg.tasks)
+                         (msgs1 - msgs0) / cfg.tasks, stored)
     finally:
         for s in spies:
             stop_child(s)
@@ -663,6 +682,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     p.add_argument("--replicas", default="1,2,4", help="worker replicas for C")
     p.add_argument("--quick", action="store_true", help="smoke test: 30 tasks, 1 run")
+    p.add_argument("--durability", choices=["strict", "balanced"], default="balanced",
+                   help="JETMESH_DURABILITY of the stack: balanced (the steps' logs "
+                        "acked before their fsync) or strict (everything fsync'd)")
     p.add_argument("--sync-interval", default="always",
                    help="nats-server JetStream sync_interval (always: fsync every append)")
     p.add_argument("--warmup", type=int, default=3, help="uncounted warm-up tasks per run")
@@ -684,8 +706,10 @@ def main() -> None:
     p.add_argument("--child-pythonpath", default=None,
                    help="prepend to the children's PYTHONPATH (a patched scratch copy)")
     args = p.parse_args()
-    global WRAPPER
+    global WRAPPER, DURABILITY
     WRAPPER = args.wrapper
+    DURABILITY = args.durability
+    os.environ["JETMESH_DURABILITY"] = args.durability  # the load generator's Client
     if args.child_pythonpath:
         CHILD_PATH[:] = args.child_pythonpath.split(os.pathsep)
     if args.quick:
@@ -712,7 +736,9 @@ def main() -> None:
                          f"p50 {res.pct(50):.1f} ms, p99 {res.pct(99):.1f} ms; other load "
                          f"{res.foreign_pct:.0f}%; CPU ms/task {res.cpu_total_ms:.1f}: "
                          + ", ".join(f"{k} {v:.1f}" for k, v in res.cpu_per_task_ms.items())
-                         + f"; {res.msgs_per_task:.1f} msgs/task")
+                         + f"; {res.msgs_per_task:.1f} msgs/task; stored/task "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in
+                                     sorted(res.stored_per_task.items())))
                 runs.append(res)
             figs.append(Figure(cfg, runs))
     except KeyboardInterrupt:

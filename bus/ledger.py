@@ -16,6 +16,7 @@ message itself stays in the ledger for inspection (`jetmesh show` lists it).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
@@ -72,6 +73,30 @@ stored with the message, so a delivered event tells what came before it on its s
 EXPECTED_LAST_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 """With EXPECTED_LAST_SEQ: the subject whose last sequence is checked, if not the
 message's own."""
+LOG_SEQ_BASE = 1 << 40
+"""A record of the steps' logs (stream JM_LOG) is read back with sequence LOG_SEQ_BASE +
+its JM_LOG sequence: one number space for both streams, in which a log record's
+sequence never equals a ledger sequence (ids, sets of seen sequences) and is never
+taken for one (fences, cursors and the fold's last sequence are ledger sequences).
+Under 2**53, so a JSON number in every language."""
+
+
+def is_log_seq(seq: int) -> bool:
+    """Whether `seq` is a log record's (see LOG_SEQ_BASE)."""
+    return seq >= LOG_SEQ_BASE
+
+
+def _logs_only(filt: str) -> bool:
+    """Whether a subject filter matches steps' logs only (`jm.task.<t|*>.step.<s|*>.log`)."""
+    parts = filt.split(".")
+    return len(parts) == 6 and parts[3] == "step" and parts[5] == "log"
+
+
+def _ts_key(stamp: str) -> tuple[str, str]:
+    """An RFC 3339 UTC time stamp (nats-server's Nats-Time-Stamp, trailing zeros of the
+    fraction trimmed) as a key that sorts in time order."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return head[:19], frac.ljust(9, "0")
 
 
 @dataclass(frozen=True)
@@ -203,8 +228,57 @@ def event_headers(event: Event, expected: int | None,
     return h
 
 
+class _Stamped(Entries):
+    """What one read of one stream gave, with each entry's and each skipped message's
+    nats-server time stamp (`entry_stamps`, `skipped_stamps`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entry_stamps: list[str] = []
+        self.skipped_stamps: list[str] = []
+
+
+def _by_seq(parts: Sequence[_Stamped]) -> _Stamped:
+    """Reads of one stream (several filters) as one, in sequence order."""
+    if len(parts) == 1:
+        return parts[0]
+    out = _Stamped()
+    for e, t in sorted(((e, t) for p in parts for e, t in zip(p, p.entry_stamps, strict=True)),
+                       key=lambda et: et[0].seq):
+        out.append(e)
+        out.entry_stamps.append(t)
+    for b, t in sorted(((b, t) for p in parts
+                        for b, t in zip(p.skipped, p.skipped_stamps, strict=True)),
+                       key=lambda bt: bt[0].seq):
+        out.skipped.append(b)
+        out.skipped_stamps.append(t)
+    return out
+
+
+def _merge(ledger: Sequence[_Stamped], log: Sequence[_Stamped] = ()) -> Entries:
+    """The ledger's and the logs' reads as one: each stream in its own order, the two
+    interleaved in the order nats-server received their messages (a stable merge on
+    the time stamps, ledger first at a tie)."""
+    led = _by_seq(ledger)
+    logs = _by_seq(log) if log else None
+    if logs is None or not (len(logs) or logs.skipped):
+        return Entries(led, led.skipped)
+    if not (len(led) or led.skipped):
+        return Entries(logs, logs.skipped)
+
+    def merged(a: Sequence[Any], ta: list[str], b: Sequence[Any], tb: list[str]) -> list[Any]:
+        return [x for _, _, x in heapq.merge(
+            ((_ts_key(t), 0, x) for x, t in zip(a, ta, strict=True)),
+            ((_ts_key(t), 1, x) for x, t in zip(b, tb, strict=True)),
+            key=lambda k: (k[0], k[1]))]
+
+    return Entries(merged(led, led.entry_stamps, logs, logs.entry_stamps),
+                   merged(led.skipped, led.skipped_stamps, logs.skipped, logs.skipped_stamps))
+
+
 class Ledger:
-    """Append to and read from the LEDGER stream. One per connection; safe to share."""
+    """Append to and read from the LEDGER stream (and JM_LOG, the steps' logs). One per
+    connection; safe to share."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, timeout_s: float = 5.0) -> None:
         self.nc = nc
@@ -219,7 +293,8 @@ class Ledger:
         self._reply_prefix = ""
         self._token = 0
         self._pending: dict[str, tuple[list[tuple[int, str, bytes]],
-                                       asyncio.Future[list[tuple[int, str, bytes]]]]] = {}
+                                       asyncio.Future[list[tuple[int, str, bytes]]],
+                                       list[str] | None]] = {}
         self._acks: dict[str, tuple[str, int, asyncio.Future[Appended]]] = {}
         """Fenced pipelined appends waiting for their ack: token -> (the fence's subject,
         its expected sequence, future)."""
@@ -276,6 +351,8 @@ class Ledger:
                     subject, expected_last_subject_seq or 0, str(e.description)
                 ) from e
             raise
+        if ack.stream == subjects.STREAM_LOG:
+            return LOG_SEQ_BASE + int(ack.seq)
         self.observe(event.subject, int(ack.seq))
         return int(ack.seq)
 
@@ -319,6 +396,9 @@ class Ledger:
         for e, subj, a in zip(checked, subjects_of, acks, strict=False):
             if isinstance(a, BaseException):
                 continue
+            if getattr(a, "stream", None) == subjects.STREAM_LOG:
+                out.append(Appended(LOG_SEQ_BASE + int(a.seq), bool(a.duplicate), subj))
+                continue
             self.observe(e.subject, int(a.seq))
             out.append(Appended(int(a.seq), bool(a.duplicate), subj))
         for a in acks:
@@ -349,12 +429,19 @@ class Ledger:
     async def read(
         self, task_id: str, *, from_seq: int = 1, subject: str | None = None,
         limit: int = 100_000, keep: Callable[[str], bool] | None = None,
-        without_logs: bool = False,
+        without_logs: bool = False, after_log: int = 0,
     ) -> Entries:
         """The task's events (or one subject's) with seq >= from_seq, in order; with
         `keep`, only those whose subject it accepts (the others are not decoded); with
         `without_logs`, none of its steps' logs (model and read-only tool calls), which
         the server then never sends.
+
+        The steps' logs live in their own stream (JM_LOG, see `LOG_SEQ_BASE`): they are
+        read with the ledger and merged into it in the order nats-server received them
+        (its time stamps; each stream's own order is kept). `from_seq` is a ledger
+        sequence; log records are those with a sequence above `after_log` (all by
+        default: an incremental reader that wants the logs passes the highest log
+        sequence it has).
 
         A message that does not decode is not returned and does not stop the read: it
         is in the result's `skipped` (and logged once). `limit` counts both.
@@ -362,24 +449,32 @@ class Ledger:
         Uses JetStream batched direct get: one request per subject filter, the server
         streams the matching messages back and ends with an end-of-batch status.
         """
-        if subject is None and without_logs:
-            filters = subjects.task_decisions(task_id)
+        if subject is not None and subjects.is_step_log(subject):
+            filters = [subject]
+            logs: str | None = subject
+        elif subject is not None:
+            filters, logs = [subject], None
+        elif without_logs:
+            filters, logs = subjects.task_decisions(task_id), None
         else:
-            filters = [subject or subjects.task_all(task_id)]
+            filters, logs = [subjects.task_all(task_id)], subjects.task_logs(task_id)
         want = self._known.get(task_id, 0) if subject is None else 0
         deadline = time.monotonic() + self.timeout_s
         pause = 0.005
         while True:
-            if len(filters) == 1:
-                out, top = await self._read_once(filters[0], from_seq, limit, keep)
+            reads = [self._read_once(f, from_seq, limit, keep) for f in filters]
+            if logs is not None:
+                reads.append(self._read_once(logs, after_log - LOG_SEQ_BASE + 1
+                                             if after_log else 1, limit, keep,
+                                             stream=subjects.STREAM_LOG))
+            if len(reads) == 1:
+                one, top = await reads[0]
+                out = Entries(one, one.skipped)
             else:
-                parts = await asyncio.gather(
-                    *(self._read_once(f, from_seq, limit, keep) for f in filters))
-                out = Entries(sorted((e for part, _ in parts for e in part),
-                                     key=lambda e: e.seq),
-                              sorted((b for part, _ in parts for b in part.skipped),
-                                     key=lambda b: b.seq))
-                top = max(t for _, t in parts)
+                parts = await asyncio.gather(*reads)
+                out = _merge([p for p, _ in parts[:len(filters)]],
+                             [p for p, _ in parts[len(filters):]])
+                top = max(t for _, t in parts[:len(filters)])
             if want < from_seq or top >= want or len(out) + len(out.skipped) >= limit:
                 return out
             # A replica behind what this process knows is in the ledger answered: ask
@@ -396,29 +491,40 @@ class Ledger:
         does not decode is in `skipped`, as for `read`)."""
         line = subjects.step_events(task_id, step_id)
         log = subjects.step_log(task_id, step_id)
-        return await self.read(task_id, from_seq=from_seq,
-                               keep=lambda subj: subj in (line, log))
+        (line_part, _), (legacy, _), (log_part, _) = await asyncio.gather(
+            self._read_once(line, from_seq, 100_000),
+            # A ledger written before the logs had a stream of their own holds them.
+            self._read_once(log, from_seq, 100_000),
+            self._read_once(log, 1, 100_000, stream=subjects.STREAM_LOG))
+        return _merge([line_part, legacy], [log_part])
 
     async def _read_once(self, filt: str, from_seq: int, limit: int,
-                         keep: Callable[[str], bool] | None = None
-                         ) -> tuple[Entries, int]:
-        """The entries read (those `keep` accepts; the bad ones in `skipped`) and the
-        highest sequence seen."""
-        out = Entries()
+                         keep: Callable[[str], bool] | None = None,
+                         stream: str = subjects.STREAM_LEDGER,
+                         ) -> tuple[_Stamped, int]:
+        """The entries read (those `keep` accepts; the bad ones in `skipped`), with
+        their time stamps, and the highest sequence seen (in `stream`'s own numbers).
+        A log record's sequence is given as LOG_SEQ_BASE + its JM_LOG sequence."""
+        out = _Stamped()
+        base = LOG_SEQ_BASE if stream == subjects.STREAM_LOG else 0
         start = max(1, from_seq)
         top = 0
         while True:
             room = limit - len(out) - len(out.skipped)
-            batch = await self._direct_batch(filt, start, min(room, 1000))
-            for seq, subj, data in batch:
+            stamps: list[str] = []
+            batch = await self._direct_batch(filt, start, min(room, 1000), stream,
+                                             stamps=stamps)
+            for (seq, subj, data), stamp in zip(batch, stamps, strict=True):
                 top = seq
                 if keep is None or keep(subj):
-                    got = decode_entry(seq, subj, data)
+                    got = decode_entry(base + seq, subj, data)
                     if isinstance(got, LedgerEntry):
                         out.append(got)
+                        out.entry_stamps.append(stamp)
                     else:
-                        self.report_bad(got)
+                        self.report_bad(got, stream)
                         out.skipped.append(got)
+                        out.skipped_stamps.append(stamp)
             if len(batch) < 1000 or len(out) + len(out.skipped) >= limit:
                 return out, top
             start = batch[-1][0] + 1
@@ -448,17 +554,19 @@ class Ledger:
             start = got[-1][0] + 1
 
     async def _direct_batch(
-        self, filter_subject: str, start: int, batch: int, stream: str = subjects.STREAM_LEDGER
+        self, filter_subject: str, start: int, batch: int, stream: str = subjects.STREAM_LEDGER,
+        stamps: list[str] | None = None,
     ) -> list[tuple[int, str, bytes]]:
         """One batched direct get. Replies come to one long-lived wildcard inbox and are
-        routed to the waiting request by token (no subscribe/unsubscribe per read)."""
+        routed to the waiting request by token (no subscribe/unsubscribe per read).
+        `stamps`: each message's Nats-Time-Stamp is appended to it."""
         if self._reply_sub is None:
             await self._reply_inbox()
         self._token += 1
         token = str(self._token)
         done: asyncio.Future[list[tuple[int, str, bytes]]] = \
             asyncio.get_running_loop().create_future()
-        self._pending[token] = ([], done)
+        self._pending[token] = ([], done, stamps)
         try:
             req = {"seq": start, "next_by_subj": filter_subject, "batch": batch}
             await self.nc.publish(subjects.direct_get(stream), json.dumps(req).encode(),
@@ -502,7 +610,7 @@ class Ledger:
         pending = self._pending.get(token)
         if pending is None:
             return
-        out, done = pending
+        out, done, stamps = pending
         if done.done():
             return
         hdrs = msg.headers or {}
@@ -515,6 +623,8 @@ class Ledger:
         else:
             try:
                 out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
+                if stamps is not None:
+                    stamps.append(hdrs.get("Nats-Time-Stamp", ""))
             except (KeyError, ValueError):  # not a direct-get reply: not ours to read
                 log.warning("direct get reply without sequence or subject on %s, ignored",
                             safe_text(msg.subject, 200))
@@ -524,6 +634,7 @@ class Ledger:
     async def follow(
         self, task_id: str | None = None, *, from_seq: int = 1, filter_subject: str | None = None,
         idle_heartbeat_s: float = 2.0, on_bad: Callable[[Skipped], None] | None = None,
+        logs: bool = False, after_log: int = 0,
     ) -> AsyncIterator[LedgerEntry]:
         """Replay from `from_seq`, then tail forever (the caller breaks out).
 
@@ -531,34 +642,64 @@ class Ledger:
         sequence after a gap or reconnect, so no event is skipped or repeated. To resume
         in a new process, pass the last seen sequence + 1 as `from_seq`.
 
+        The steps' logs (JM_LOG: model calls, read-only tool calls) come too only with
+        `logs` (those after log sequence `after_log`), as they arrive, with sequences
+        from LOG_SEQ_BASE up: a follower that resumes from the last sequence it saw
+        passes the last ledger one as `from_seq` and the last log one as `after_log`.
+        A `filter_subject` over steps' logs alone (`jm.task.*.step.*.log`) follows JM_LOG
+        (`from_seq` then a log sequence, LOG_SEQ_BASE up, or 1).
+
         A message that does not decode is passed over (logged once) and given to
         `on_bad` if set; following goes on.
         """
         filt = filter_subject or (subjects.task_all(task_id) if task_id else subjects.ALL_LEDGER)
-        sub = await self.js.subscribe(
-            filt,
-            stream=subjects.STREAM_LEDGER,
-            ordered_consumer=True,
-            idle_heartbeat=idle_heartbeat_s,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)
-            ),
-        )
+        if _logs_only(filt):  # a filter over steps' logs alone: JM_LOG is where they are
+            start = from_seq - LOG_SEQ_BASE if is_log_seq(from_seq) else from_seq
+            subs = [(await self._ordered(subjects.STREAM_LOG, filt, start, idle_heartbeat_s),
+                     LOG_SEQ_BASE)]
+        else:
+            subs = [(await self._ordered(subjects.STREAM_LEDGER, filt, from_seq,
+                                         idle_heartbeat_s), 0)]
+        if logs and not _logs_only(filt):
+            log_filt = subjects.task_logs(task_id) if task_id else subjects.ALL_STEP_LOGS
+            subs.append((await self._ordered(
+                subjects.STREAM_LOG, log_filt,
+                after_log - LOG_SEQ_BASE + 1 if after_log else 1, idle_heartbeat_s),
+                LOG_SEQ_BASE))
+        waiting: dict[asyncio.Future[Msg], int] = {}
         try:
             while True:
-                try:
-                    msg = await sub.next_msg(timeout=None)
-                except TimeoutError:
-                    continue
-                got = decode_entry(int(msg.metadata.sequence.stream), msg.subject, msg.data)
-                if isinstance(got, LedgerEntry):
-                    yield got
-                    continue
-                self.report_bad(got)
-                if on_bad is not None:
-                    on_bad(got)
+                for s_, base in subs:
+                    if base not in waiting.values():
+                        waiting[asyncio.ensure_future(s_.next_msg(timeout=None))] = base
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: waiting[f]):
+                    base = waiting.pop(fut)
+                    try:
+                        msg = fut.result()
+                    except TimeoutError:
+                        continue
+                    got = decode_entry(base + int(msg.metadata.sequence.stream), msg.subject,
+                                       msg.data)
+                    if isinstance(got, LedgerEntry):
+                        yield got
+                        continue
+                    self.report_bad(got, subjects.STREAM_LOG if base else
+                                    subjects.STREAM_LEDGER)
+                    if on_bad is not None:
+                        on_bad(got)
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # connection may already be closed
-                pass
+            for fut in waiting:
+                fut.cancel()
+            for s_, _ in subs:
+                try:
+                    await s_.unsubscribe()
+                except Exception:  # connection may already be closed
+                    pass
+
+    async def _ordered(self, stream: str, filt: str, from_seq: int, idle_heartbeat_s: float
+                       ) -> Any:
+        return await self.js.subscribe(
+            filt, stream=stream, ordered_consumer=True, idle_heartbeat=idle_heartbeat_s,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)))

@@ -72,8 +72,8 @@ ROLE_TELEMETRY = "telemetry"
 ROLES = (ROLE_ADMIN, ROLE_APPROVER, ROLE_ORCHESTRATOR, ROLE_AGENT, ROLE_BRIDGE, ROLE_MEMORY,
          ROLE_GATEWAY, ROLE_TELEMETRY)
 
-JM_STREAMS = (subjects.STREAM_TASKS, subjects.STREAM_LEDGER, subjects.STREAM_WORK,
-              subjects.STREAM_DLQ)
+JM_STREAMS = (subjects.STREAM_TASKS, subjects.STREAM_LEDGER, subjects.STREAM_LOG,
+              subjects.STREAM_WORK, subjects.STREAM_DLQ)
 BUCKETS = (subjects.BUCKET_AGENTS, subjects.BUCKET_BUDGETS)
 
 LIMITS = (
@@ -268,6 +268,12 @@ def direct_get(stream: str) -> list[str]:
     return [_api("DIRECT", "GET", stream), _api("DIRECT", "GET", stream, ">")]
 
 
+def ledger_reads() -> list[str]:
+    """Direct gets on the ledger and on the steps' logs (JM_LOG): every ledger reader
+    reads both (bus.ledger merges them)."""
+    return direct_get(subjects.STREAM_LEDGER) + direct_get(subjects.STREAM_LOG)
+
+
 def kv_read(bucket: str, key: str = ">") -> list[str]:
     stream = kv_stream(bucket)
     return [_api("STREAM", "INFO", stream), _api("STREAM", "MSG", "GET", stream),
@@ -297,7 +303,7 @@ def approver_permissions(options: Options | None = None) -> Permissions:
     opts = options or Options()
     pub, sub = _common(ROLE_APPROVER, opts)
     pub += stream_info(JM_STREAMS)  # Client.connect declares (reads) the streams
-    pub += direct_get(subjects.STREAM_LEDGER)
+    pub += ledger_reads()
     pub.append(subjects.ALL_APPROVALS)
     return Permissions(_dedupe(pub), _dedupe(sub))
 
@@ -319,7 +325,7 @@ def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opt
     pub += [subjects.ALL_STEP_EVENTS, subjects.ALL_STEP_LOGS]
     if opts.agents_write_control:
         pub.append(subjects.ALL_CONTROL)
-    pub += direct_get(subjects.STREAM_LEDGER)
+    pub += ledger_reads()
     # The registry: write only its own replicas' keys; read it (public cards; the
     # worker health check watches `<agent>.>`).
     pub += kv_write(subjects.BUCKET_AGENTS, f"{agent}.>" if agent else ">")
@@ -382,7 +388,7 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     pub += [_inbox_sub(r, opts) for r in (ROLE_GATEWAY, ROLE_ADMIN)]
     # Its own events, a step's failure on timeout (the step's line), deadline cancels.
     pub += [subjects.ALL_TASK_EVENTS, subjects.ALL_STEP_EVENTS, subjects.ALL_CONTROL]
-    pub += direct_get(subjects.STREAM_LEDGER)
+    pub += ledger_reads()
     pub += kv_read(subjects.BUCKET_AGENTS) + ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     pub += kv_read(subjects.BUCKET_BUDGETS) + kv_write(subjects.BUCKET_BUDGETS)
     # Health of the workers' consumers (`jetmesh health`, dashboards).
@@ -406,7 +412,7 @@ def memory_permissions(options: Options | None = None) -> Permissions:
     pub += stream_info(JM_STREAMS)
     # A multi-filter consumer: its create subject cannot carry the filters.
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_MEMORY_EPISODES, None, opts)
-    pub += direct_get(subjects.STREAM_LEDGER)
+    pub += ledger_reads()
     pub.append(subjects.MEMORY_ALL)  # its own health probe
     sub.append(subjects.MEMORY_ALL)
     return Permissions(_dedupe(pub), _dedupe(sub), allow_responses=True)
@@ -421,7 +427,7 @@ def telemetry_permissions(options: Options | None = None) -> Permissions:
     pub += stream_info(JM_STREAMS)
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY,
                          subjects.TELEMETRY_SUBJECT, opts)
-    pub += direct_get(subjects.STREAM_LEDGER)
+    pub += ledger_reads()
     # Its projection of finished tasks (`jetmesh stats`): created when missing, written.
     pub += stream_declare([kv_stream(subjects.BUCKET_STATS)])
     pub += kv_read(subjects.BUCKET_STATS) + kv_write(subjects.BUCKET_STATS, "task.*")
@@ -434,7 +440,8 @@ def gateway_permissions(options: Options | None = None) -> Permissions:
     pub += stream_info(JM_STREAMS)  # Client.connect declares (reads) the streams
     pub.append(subjects.SUBMIT)
     pub.append(subjects.ALL_CONTROL)  # cancel over A2A (never approvals)
-    pub += direct_get(subjects.STREAM_LEDGER) + ordered_reader(subjects.STREAM_LEDGER)
+    pub += ledger_reads() + ordered_reader(subjects.STREAM_LEDGER)
+    pub += ordered_reader(subjects.STREAM_LOG)
     pub += kv_read(subjects.BUCKET_AGENTS) + ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     # The dashboard (a2a/ui): it projects task summaries into jm-tasks and watches them,
     # reads the stats projection and lists dead letters. (Approvals and redrives use

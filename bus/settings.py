@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,3 +43,12 @@ class BusSettings(BaseSettings):
     """Deliveries before a message is dead-lettered."""
     duplicate_window_s: float = 120.0
     """How long JetStream remembers `Nats-Msg-Id`s to drop retried appends."""
+    durability: Literal["strict", "balanced"] = "balanced"
+    """`JETMESH_DURABILITY`. `balanced` (the default): every record whose loss could
+    duplicate an effect or lose an outcome (claims, effect and policy records, side
+    effects, results, controls, the task's own events, work commands) is fsync'd before
+    its ack; the steps' logs (model calls, read-only tool calls) are acknowledged before
+    they are flushed (stream JM_LOG, `persist_mode: async`): a power loss may cost a
+    repeated model call, never a duplicate effect or a lost result. `strict`: the logs
+    are fsync'd before their ack too. Both need nats-server's `sync_interval: always`
+    (the embedded server's default)."""

@@ -12,6 +12,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    PersistMode,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -30,20 +31,34 @@ _MANAGED = ("subjects", "retention", "storage", "num_replicas", "duplicate_windo
             "allow_direct", "max_msg_size", "discard")
 
 
+def log_persist_mode(settings: BusSettings) -> PersistMode:
+    """How JM_LOG persists: `async` under the balanced durability on one server (acks
+    before the flush; nats-server allows it on R1 streams only), the default (fsync'd
+    before the ack with `sync_interval: always`) under strict or on a cluster, where a
+    quorum of replicas holds every acknowledged record."""
+    if settings.durability == "balanced" and settings.replicas == 1:
+        return PersistMode.ASYNC
+    return PersistMode.DEFAULT
+
+
 def stream_configs(settings: BusSettings | None = None) -> list[StreamConfig]:
     s = settings or BusSettings()
 
-    def stream(name: str, subjects_: list[str], retention: RetentionPolicy, direct: bool
-               ) -> StreamConfig:
+    def stream(name: str, subjects_: list[str], retention: RetentionPolicy, direct: bool,
+               persist: PersistMode = PersistMode.DEFAULT) -> StreamConfig:
         return StreamConfig(
             name=name, subjects=subjects_, retention=retention, allow_direct=direct,
             storage=StorageType.FILE, num_replicas=s.replicas,
             duplicate_window=s.duplicate_window_s, max_msg_size=MAX_MESSAGE_BYTES,
-            discard=DiscardPolicy.OLD)
+            discard=DiscardPolicy.OLD, persist_mode=persist)
 
     return [
         stream(subjects.STREAM_TASKS, subjects.TASKS_SUBJECTS, RetentionPolicy.LIMITS, True),
+        # The ledger before its log: a ledger declared before the split still lists the
+        # log subjects, and they must leave it before JM_LOG may take them.
         stream(subjects.STREAM_LEDGER, subjects.LEDGER_SUBJECTS, RetentionPolicy.LIMITS, True),
+        stream(subjects.STREAM_LOG, subjects.LOG_SUBJECTS, RetentionPolicy.LIMITS, True,
+               log_persist_mode(s)),
         stream(subjects.STREAM_WORK, subjects.WORK_SUBJECTS, RetentionPolicy.WORK_QUEUE, False),
         stream(subjects.STREAM_DLQ, subjects.DLQ_SUBJECTS, RetentionPolicy.LIMITS, True),
     ]
@@ -85,6 +100,12 @@ async def declare_streams(
             await js.add_stream(want)
             created.append(want.name)
             continue
+        have_persist = PersistMode(info.config.persist_mode or PersistMode.DEFAULT)
+        if want.persist_mode is not None and have_persist != want.persist_mode:
+            # nats-server cannot change a stream's persist mode in place.
+            log.warning("stream %s persists %s, the durability setting wants %s: it stays "
+                        "%s until the stream is recreated", want.name, have_persist.value,
+                        want.persist_mode.value, have_persist.value)
         diff = _differs(want, info.config)
         if not diff:
             unchanged.append(want.name)

@@ -19,13 +19,17 @@ STREAM_WORK = "JM_WORK"
 """Step commands per skill (work-queue retention: each message is consumed once)."""
 STREAM_DLQ = "JM_DLQ"
 """Dead letters: messages a consumer could not process, with the reason."""
+STREAM_LOG = "JM_LOG"
+"""The steps' logs (model calls, read-only tool calls, first-delivery starts): records
+whose loss costs at most a repeated model call, so under the balanced durability their
+acks do not wait for an fsync (`persist_mode: async`). Readers see them merged with the
+ledger (bus.ledger)."""
 
 # Subjects
 SUBMIT = f"{PREFIX}.task.submit"
 TASKS_SUBJECTS = [SUBMIT]
 LEDGER_SUBJECTS = [f"{PREFIX}.task.*.events", f"{PREFIX}.task.*.step.*",
-                   f"{PREFIX}.task.*.step.*.log", f"{PREFIX}.task.*.control",
-                   f"{PREFIX}.task.*.approval"]
+                   f"{PREFIX}.task.*.control", f"{PREFIX}.task.*.approval"]
 WORK_SUBJECTS = [f"{PREFIX}.work.>"]
 ANY_WORK = f"{PREFIX}.work.*"
 """Every skill's work subject (one token per skill)."""
@@ -37,7 +41,8 @@ ALL_TASK_EVENTS = f"{PREFIX}.task.*.events"
 ALL_STEP_EVENTS = f"{PREFIX}.task.*.step.*"
 """Every step's fenced line: claims, side effects, approvals, results (not the logs)."""
 ALL_STEP_LOGS = f"{PREFIX}.task.*.step.*.log"
-"""Every step's log: its model calls and read-only tool calls."""
+"""Every step's log: its model calls and read-only tool calls (stream JM_LOG)."""
+LOG_SUBJECTS = [ALL_STEP_LOGS]
 ALL_CONTROL = f"{PREFIX}.task.*.control"
 """Every task's control subject: cancellation (anyone who may submit may cancel)."""
 ALL_APPROVALS = f"{PREFIX}.task.*.approval"
@@ -176,6 +181,11 @@ def task_approval(task_id: str) -> str:
 def task_all(task_id: str) -> str:
     """Wildcard over everything a task wrote to the ledger."""
     return f"{PREFIX}.task.{check_id(task_id, 'task id')}.>"
+
+
+def task_logs(task_id: str) -> str:
+    """Wildcard over a task's steps' logs (stream JM_LOG)."""
+    return f"{PREFIX}.task.{check_id(task_id, 'task id')}.step.*.log"
 
 
 def task_decisions(task_id: str) -> list[str]:

@@ -34,7 +34,13 @@ from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict
-from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, Ledger, LedgerEntry, subject_for
+from jetmesh.bus.ledger import (
+    EXPECTED_LAST_SEQ,
+    Ledger,
+    LedgerEntry,
+    is_log_seq,
+    subject_for,
+)
 from jetmesh.bus.presence import PresenceView
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import (
@@ -144,6 +150,8 @@ class _Cached:
 
     state: TaskState
     cursor: int = 0
+    log_cursor: int = 0
+    """The highest log record (stream JM_LOG, `LOG_SEQ_BASE` up) folded, if the logs are read."""
     local: set[int] = field(default_factory=set)
     control_seq: int = 0
     """The last sequence of the task's control subject (cancel, approvals) in the fold."""
@@ -455,10 +463,15 @@ class Orchestrator:
                 _report_ignored(cached.state, before)
                 return cached.state
         new = await self.ledger.read(task_id, from_seq=cached.cursor + 1,
-                                     without_logs=_logs_unused(cached.state))
+                                     without_logs=_logs_unused(cached.state),
+                                     after_log=cached.log_cursor)
         control = subjects.task_control(task_id)
         ignored = cached.state.ignored_count
         for entry in new:
+            if is_log_seq(entry.seq):
+                apply(cached.state, entry, check_seq=False)
+                cached.log_cursor = max(cached.log_cursor, entry.seq)
+                continue
             if entry.seq not in cached.local:
                 apply(cached.state, entry, check_seq=False)
             if entry.subject == control:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.bus.ledger import LedgerEntry, is_log_seq
 from jetmesh.bus.tracecontext import task_traceparent
 
 
@@ -196,9 +196,12 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
     point of its line (see `_not_holder`); the others are listed in `ignored`.
     """
     e = entry.event
-    if check_seq and entry.seq <= state.last_seq:
+    if is_log_seq(entry.seq):
+        pass  # a step's log record (stream JM_LOG): `last_seq` is a ledger sequence
+    elif check_seq and entry.seq <= state.last_seq:
         return state  # already folded (replays are idempotent)
-    state.last_seq = max(state.last_seq, entry.seq)
+    else:
+        state.last_seq = max(state.last_seq, entry.seq)
     if e.time and (state.updated_at is None or e.time > state.updated_at):
         state.updated_at = e.time
     step_id = subjects.step_id_of(entry.subject)

@@ -19,9 +19,9 @@ async def wait_for_entry(
     ledger: Ledger, task_id: str, pred: Callable[[LedgerEntry], bool], timeout: float = 20.0,
     from_seq: int = 1,
 ) -> LedgerEntry:
-    """Follow the task's events until one matches `pred`."""
+    """Follow the task's events (its steps' logs too) until one matches `pred`."""
     async def scan() -> LedgerEntry:
-        async for entry in ledger.follow(task_id, from_seq=from_seq):
+        async for entry in ledger.follow(task_id, from_seq=from_seq, logs=True):
             if pred(entry):
                 return entry
         raise AssertionError("follow ended")

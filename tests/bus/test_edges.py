@@ -261,7 +261,7 @@ async def test_a_stray_message_on_the_ledgers_reply_inbox_is_ignored(bus) -> Non
     ledger = Ledger(bus.nc, bus.js)
     done: asyncio.Future[list[tuple[int, str, bytes]]] = \
         asyncio.get_running_loop().create_future()
-    ledger._pending["7"] = ([], done)
+    ledger._pending["7"] = ([], done, None)
     for headers in (None, {}, {"Nats-Sequence": "x", "Nats-Subject": "s"}):
         await ledger._on_reply(fake("_INBOX.p.7", b"junk", headers))
     assert ledger._pending["7"][0] == [] and not done.done()

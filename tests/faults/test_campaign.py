@@ -350,10 +350,13 @@ async def test_kill_9_the_nats_server_mid_run(fresh_server: EmbeddedNats,
                 i = 0
                 while not probe_stop.is_set():
                     i += 1
+                    # A side effect's record: a class fsync'd before its ack (a read-only
+                    # call's record goes to the steps' log, which a crash may cut short:
+                    # tests/durability).
                     e = ev.ToolCalled(
                         subject=probe_task, source="jetmesh/test", data=ev.ToolCalledData(
                             step_id="probe", agent="test", tool="probe", call_id=str(i),
-                            idempotency_key=f"probe-{i}"))
+                            idempotency_key=f"probe-{i}", side_effects=True))
                     try:
                         acked[await c.ledger.append(e)] = e.id
                     except Exception:  # server down: not acknowledged, may or may not be there
