@@ -451,6 +451,10 @@ def gateway_permissions(options: Options | None = None) -> Permissions:
     pub += kv_write(subjects.BUCKET_TASKS) + ordered_reader(tasks_kv)
     pub += kv_read(subjects.BUCKET_STATS) + ordered_reader(kv_stream(subjects.BUCKET_STATS))
     pub += direct_get(subjects.STREAM_DLQ)
+    # A2A push notifications (a2a/push): the configs and delivery cursors it keeps.
+    push_kv = kv_stream(subjects.BUCKET_A2A_PUSH)
+    pub += stream_declare([push_kv]) + kv_read(subjects.BUCKET_A2A_PUSH)
+    pub += kv_write(subjects.BUCKET_A2A_PUSH)
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 

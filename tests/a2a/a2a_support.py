@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -24,6 +25,17 @@ class Bus:
     @property
     def url(self) -> str:
         return self.server.url
+
+
+LOG_SEQ_BASE = 1 << 40
+"""Where the steps' logs' sequences start once they live in a stream of their own."""
+
+
+def ledger_seqs(entries: Iterable[Any]) -> list[int]:
+    """The sequences of a task's ledger entries an A2A stream carries: its events, step
+    lines, control and approvals (the steps' logs, model calls and read-only tool calls,
+    are not A2A task events)."""
+    return [e.seq for e in entries if e.seq < LOG_SEQ_BASE]
 
 
 async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition"

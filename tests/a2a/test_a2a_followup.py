@@ -32,7 +32,7 @@ from a2a.types import (
 )
 from a2a.utils.constants import TransportProtocol
 from a2a_mesh import Mesh
-from a2a_support import Bus, until
+from a2a_support import Bus, ledger_seqs, until
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -252,7 +252,7 @@ async def test_a_plain_sse_client_resumes_with_last_event_id_without_gap_or_repe
             resumed = sse_events((await r.aread()).decode())
     ids = [i for i, _ in resumed]
     assert None not in ids
-    ledger = [e.seq for e in await gw.events(task.id)]
+    ledger = ledger_seqs(await gw.events(task.id))
     assert ids[0] == first[-1]  # the task as of the resume point, then every later event
     assert ids[1:] == [s for s in ledger if s > first[-1]]
     assert resumed[-1][1]["statusUpdate"]["status"]["state"] == "TASK_STATE_COMPLETED"
@@ -332,7 +332,7 @@ async def test_push_notifications_reach_the_webhook_once_per_event_across_a_rest
         assert task.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
         gw = mesh.gateway.client
         assert gw is not None
-        ledger = [e.seq for e in await gw.events(task.id)]
+        ledger = ledger_seqs(await gw.events(task.id))
         await until(lambda: hook.seqs(task.id) == ledger, 20, "every event so far pushed")
         # The gateway goes away; the task moves on without it; a new gateway delivers
         # what the webhook has not accepted yet, from the cursor in the bucket.
@@ -344,7 +344,7 @@ async def test_push_notifications_reach_the_webhook_once_per_event_across_a_rest
         new = mesh.gateway.client
         assert new is not None
         final = await new.result(task.id, timeout=20)
-        ledger = [e.seq for e in await new.events(task.id)]
+        ledger = ledger_seqs(await new.events(task.id))
         assert final.terminal
         await until(lambda: hook.seqs(task.id) == ledger, 20, "every event pushed")
     assert hook.refused == 2  # refused deliveries were retried, not dropped
@@ -481,7 +481,7 @@ async def test_a_streamed_send_ends_at_input_required_and_a_follow_up_stream_fin
     assert len(contexts) == 1
     # the follow-up's stream starts with the task as of the decision, then what follows
     seqs = [_resp_seq(e) for e in first + second]
-    ledger = [x.seq for x in await mesh.gateway.client.events(task_id)]  # type: ignore[union-attr]
+    ledger = ledger_seqs(await mesh.gateway.client.events(task_id))  # type: ignore[union-attr]
     assert seqs == ledger
 
 

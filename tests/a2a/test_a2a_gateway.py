@@ -24,7 +24,7 @@ from a2a.types import (
 from a2a.utils.errors import TaskNotCancelableError
 from a2a.utils.proto_utils import validate_proto_required_fields
 from a2a_mesh import Mesh
-from a2a_support import Bus, until
+from a2a_support import Bus, ledger_seqs, until
 from google.protobuf.json_format import MessageToDict
 
 from jetmesh.a2a.cards import NATS_BINDING
@@ -127,7 +127,7 @@ async def test_streamed_task_events_map_one_to_one_to_the_ledger(
     ledger = await a2a_bus.ledger.read(first.task.id)
     # The first event is the task as submitted (its first ledger entry folded), then one
     # event per later entry; the context id never changes.
-    assert [_seq(e) for e in events] == [x.seq for x in ledger]
+    assert [_seq(e) for e in events] == ledger_seqs(ledger)
     contexts = {first.task.context_id} | {
         getattr(e, k).context_id for e in rest for k in ("status_update", "artifact_update")
         if e.HasField(k)}
@@ -173,6 +173,6 @@ async def test_cancel_and_resubscribe_after_a_dropped_stream_lose_and_repeat_not
     assert resumed[0].HasField("task") and _seq(resumed[0]) == last
     after = [_seq(e) for e in resumed[1:]]
     before = [_seq(e) for e in seen]
-    ledger = [x.seq for x in await a2a_bus.ledger.read(task_id)]
+    ledger = ledger_seqs(await a2a_bus.ledger.read(task_id))
     assert before + after == ledger  # no gap, no repeat
     assert resumed[-1].status_update.status.state == TaskState.TASK_STATE_CANCELED
