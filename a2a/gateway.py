@@ -76,6 +76,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from jetmesh.a2a import auth
 from jetmesh.a2a.edge import BodyCheck, quiet_sdk_logs
 from jetmesh.bus import events as ev
 from jetmesh.bus.settings import BusSettings
@@ -216,7 +217,9 @@ class MeshRequestHandler(RequestHandler):
             return None
         if state.submitted is not None or state.last_seq:
             self._unseen.pop(task_id, None)
-            return state
+            # Another tenant's task is not found (a2a/auth).
+            return state if auth.may_see(state.submitted.tenant if state.submitted
+                                         else None) else None
         return self._unseen_state(task_id) if task_id in self._unseen else None
 
     def _pick_skill(self, asked: str | None) -> str:
@@ -281,7 +284,8 @@ class MeshRequestHandler(RequestHandler):
         try:
             await self.client.submit(sub.goal, input=sub.input, workflow=workflow,
                                      task_id=sub.task_id, metadata=sub.metadata,
-                                     traceparent=_traceparent(context))
+                                     traceparent=_traceparent(context),
+                                     tenant=auth.tenant(), submitted_by=auth.submitted_by())
         except TaskExists as e:
             raise InvalidParamsError(message=f"{e} (a messageId names one task)") from e
         except ValueError as e:  # pydantic validation of the submission
@@ -335,7 +339,7 @@ class MeshRequestHandler(RequestHandler):
             _, seq = await approver.decide(
                 msg.task_id, decision.granted, step=decision.step, tool=decision.tool,
                 args_hash=decision.args_hash, reason=decision.reason,
-                by=f"a2a:{by if isinstance(by, str) and by else 'approver'}")
+                by=auth.by(f"a2a:{by if isinstance(by, str) and by else 'approver'}"))
         except AmbiguousApproval as e:
             raise InvalidParamsError(message=f"{e} (data part 'step', 'tool' or "
                                              "'argsHash')") from e
@@ -458,7 +462,8 @@ class MeshRequestHandler(RequestHandler):
 
     async def on_list_tasks(self, params: ListTasksRequest, context: ServerCallContext
                             ) -> ListTasksResponse:
-        states = [s for s in await all_tasks(self.client.ledger) if s.submitted is not None]
+        states = [s for s in await all_tasks(self.client.ledger) if s.submitted is not None
+                  and auth.may_see(s.submitted.tenant)]
         states.sort(key=lambda s: (s.updated_at.timestamp() if s.updated_at else 0.0,
                                    s.task_id), reverse=True)  # latest update first
         if params.context_id:
@@ -503,7 +508,7 @@ class MeshRequestHandler(RequestHandler):
             raise TaskNotCancelableError(
                 message=f"task {params.id} is already {state.status.value}")
         try:
-            await self.client.cancel(params.id, "canceled over A2A")
+            await self.client.cancel(params.id, "canceled over A2A", by=auth.by("a2a"))
         except ControlRefused as e:  # it ended since the look above
             raise TaskNotCancelableError(message=str(e)) from e
         state = await self._wait_settled(params.id, _NEVER, self.settings.cancel_wait_s)
@@ -648,7 +653,8 @@ def _contract_routes(nats_url: str | None) -> list[BaseRoute]:
 def build_app(client: Client, registry: Registry, *, base_url: str,
               settings: GatewaySettings | None = None, nats_url: str | None = None,
               signer: CardSigner | None = None, approver: Client | None = None,
-              push: PushNotifications | None = None) -> Starlette:
+              push: PushNotifications | None = None,
+              auth_settings: auth.AuthSettings | None = None) -> Starlette:
     """The gateway's Starlette app (the caller owns `client`, `registry`, `approver` and
     `push`)."""
     settings = settings or GatewaySettings()
@@ -657,7 +663,7 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
     cache = f"public, max-age={settings.card_max_age_s}"
 
     async def live_mesh_card(_: AgentCard) -> AgentCard:
-        return cards.mesh()
+        return auth.declare(cards.mesh(), auth_settings)
 
     def agent_app(name: str) -> Starlette:
         handler = MeshRequestHandler(client, registry, settings, agent=name,
@@ -690,7 +696,8 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
         *create_jsonrpc_routes(handler, "/"),
         *create_rest_routes(handler),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(BodyCheck)])
+    return Starlette(routes=routes, middleware=[Middleware(BodyCheck),
+                                                *auth.middleware(auth_settings)])
 
 
 # ----------------------------------------------------------------------------- serving
@@ -758,7 +765,7 @@ class GatewayServer:
         self.url = self.settings.public_url or f"http://{self.settings.host}:{port}"
         app = build_app(self.client, self.registry, base_url=self.url, settings=self.settings,
                         nats_url=self.nats_url, signer=self.signer, approver=self.approver,
-                        push=self.push)
+                        push=self.push, auth_settings=auth.AuthSettings.from_env())
         config = uvicorn.Config(app, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=1)
         self._server = _quiet_server(config)

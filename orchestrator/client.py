@@ -117,6 +117,7 @@ class Client:
         workflow: str | None = None, user_id: str | None = None,
         budget: ev.Budget | None = None, task_id: str | None = None,
         metadata: dict[str, str] | None = None, traceparent: str | None = None,
+        tenant: str | None = None, submitted_by: str | None = None,
     ) -> str:
         """Publish a task; returns its id. Resubmitting the same task_id with the same
         submission is a no-op; any other submission for an existing task_id is refused
@@ -126,7 +127,8 @@ class Client:
         task's trace (`jetmesh telemetry`) continues it, as a child of that span."""
         sub = ev.TaskSubmission(
             goal=goal, input=input or {}, workflow=workflow, user_id=user_id, budget=budget,
-            metadata=metadata or {}, **({"task_id": task_id} if task_id else {}))
+            metadata=metadata or {}, tenant=tenant, submitted_by=submitted_by,
+            **({"task_id": task_id} if task_id else {}))
         ack = await self.js.publish(subjects.SUBMIT,
                                     sub.model_dump_json(exclude_none=True).encode(),
                                     headers={"Nats-Msg-Id": sub.task_id,
@@ -174,14 +176,15 @@ class Client:
             return state
         return await asyncio.wait_for(wait(), timeout)
 
-    async def cancel(self, task_id: str, reason: str = "canceled by request") -> None:
+    async def cancel(self, task_id: str, reason: str = "canceled by request",
+                     by: str | None = None) -> None:
         """Ask for the task to be canceled. Refused (ControlRefused: NoSuchTask,
         TaskFinished) if it does not exist or has ended; a cancel that races past this
         check with the task's end changes nothing (the fold ignores controls after it)."""
         state = open_state(await self.state(task_id))
         await self.ledger.append(ev.CancelRequested(
             subject=task_id, source="jetmesh/client", traceparent=state.traceparent,
-            data=ev.CancelRequestedData(reason=reason)))
+            data=ev.CancelRequestedData(reason=reason, by=by)))
 
     async def approve(self, task_id: str, *, step: str | None = None,
                       tool: str | None = None, by: str = "operator",
