@@ -106,6 +106,13 @@ LIMITS = (
     "The orchestrator answers a refused submission on the submitter's inbox (its "
     "Jm-Reply-To header), so it may publish to the gateway's and the admin's inboxes; "
     "it could send them forged replies. Trusted: it writes the task's events anyway.",
+    "Tenants are not NATS subjects: task, step and ledger subjects carry no tenant token and "
+    "every service role serves every tenant, so NATS cannot keep one tenant's reader from "
+    "another tenant's tasks. Tenants hold no NATS credentials: they reach the mesh through "
+    "the gateway (a2a/auth), which answers another tenant's task as not found and lists "
+    "only the caller's. Kill switch rules (jm-killswitch) are written by the admin alone; "
+    "spend counters (jm-spend, <tenant|user>.<who>.<period>) are written by every agent, "
+    "like the budget counters: an agent could change another tenant's counter.",
     "Legacy consumer creation ($JS.API.CONSUMER.DURABLE.CREATE.<stream>.<durable>) carries "
     "the filter in the body, so it cannot be bound to the skill's subject: a role holding "
     "it could create its own durable on another skill's subject. It is withheld unless "

@@ -45,7 +45,10 @@ AUTHS = {name: AuthConfig.create(AGENTS, opts) for name, opts in VARIANTS.items(
 AUTH = AUTHS["default"]
 USERS = [u.user for u in AUTH.users]
 API = subjects.JS_API
-BUCKETS = (subjects.BUCKET_AGENTS, subjects.BUCKET_BUDGETS, subjects.BUCKET_EXTERNAL)
+BUCKETS = (subjects.BUCKET_AGENTS, subjects.BUCKET_BUDGETS, subjects.BUCKET_EXTERNAL,
+           subjects.BUCKET_KILLSWITCH, subjects.BUCKET_SPEND)
+TENANTS = ("t-a", "t-b")
+"""Two tenants: their kill switch rules and spend counters are probed for every role."""
 
 STREAM_VERBS = ("INFO", "CREATE", "UPDATE", "DELETE", "PURGE", "MSG.GET", "MSG.DELETE",
                 "SNAPSHOT", "RESTORE", "LEADER.STEPDOWN", "PEER.REMOVE")
@@ -118,6 +121,11 @@ def publish_universe(auth: AuthConfig) -> list[str]:
               subjects.kv_subject(subjects.BUCKET_EXTERNAL, "ext"),
               "jm.dlq.JM_LEDGER.probe", "$SYS.REQ.SERVER.PING", "anything.else"):
         add(s)
+    for tenant in TENANTS:
+        add(subjects.kv_subject(subjects.BUCKET_KILLSWITCH,
+                                subjects.killswitch_key("tool", "probe", None, tenant)))
+        add(subjects.kv_subject(subjects.BUCKET_SPEND,
+                                subjects.spend_key("tenant", tenant, "d20261204")))
     for name, skills in AGENTS.items():
         add(subjects.kv_subject(subjects.BUCKET_AGENTS, f"{name}.r1"))
         for s in skills:
@@ -275,6 +283,11 @@ def test_the_probes_are_generated_from_the_table() -> None:
             assert not u.permissions.may_publish(f"{API}.CONSUMER.DELETE.{st}.{d}")
             assert not u.permissions.may_publish(f"{API}.CONSUMER.DURABLE.CREATE.{st}.{d}")
         assert not u.permissions.may_publish(f"{API}.CONSUMER.CREATE.JM_WORK")
+        # The kill switch: only the admin writes rules, for any tenant.
+        for tenant in TENANTS:
+            rule = subjects.killswitch_key("tool", "probe", None, tenant)
+            assert not u.permissions.may_publish(
+                subjects.kv_subject(subjects.BUCKET_KILLSWITCH, rule)), u.user
 
 
 @pytest.mark.parametrize("user", USERS)
