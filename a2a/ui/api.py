@@ -563,8 +563,21 @@ class Dashboard:
         sub = sub.model_copy(update={"metadata": {**sub.metadata,
                                                   "submitted_by": f"ui:{person.name}"}})
         new = await submit_replay(self.client, sub)
+        await self._first_event(new)  # so that the page opened on it finds it
         return JSONResponse({"task_id": new, "kind": "replay" if body.from_step is None
                              else "fork"})
+
+    async def _first_event(self, task_id: str, timeout: float = 15.0) -> None:
+        follow = self.client.follow(task_id, until_done=False)
+        try:
+            await asyncio.wait_for(anext(follow), timeout)
+        except TimeoutError:
+            raise _Refused(504, f"task {task_id} was submitted but the orchestrator has "
+                                "not taken it yet") from None
+        finally:
+            close = getattr(follow, "aclose", None)
+            if close is not None:
+                await close()
 
     # ------------------------------------------------------------------ other views
 

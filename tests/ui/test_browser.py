@@ -25,11 +25,12 @@ from jetmesh.bus.dlq import DeadLetter
 from jetmesh.orchestrator.tasks_kv import is_log
 
 CHROMIUM = Path("/usr/bin/chromium")
+expect = pytest.importorskip("playwright.async_api").expect
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="needs Debian's chromium (apt-get install chromium)")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-WAIT_MS = 30_000
+WAIT_MS = 45_000
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,8 @@ async def page(browser: Any, ui_mesh: UiMesh) -> AsyncIterator[Any]:
 
 
 async def login(page: Any, token: str) -> None:
+    # The page shows the login form, or (a session from an earlier test) who is in.
+    await page.locator("#login-form:visible, #who button").first.wait_for()
     if await page.locator("#who button").count():
         await page.click("#who button")  # log out first
     await page.wait_for_selector("#login-form", state="visible")
@@ -125,8 +128,7 @@ async def test_watch_a_task_from_the_cli_progress_live(page: Any, ui_mesh: UiMes
     await page.locator('[data-step="second"][data-status="completed"]').wait_for()
     ledger = await ui_mesh.client.events(tid)
     items = page.locator('[data-testid="timeline"] li')
-    await page.wait_for_function(
-        f"document.querySelectorAll('[data-testid=timeline] li').length >= {len(ledger)}")
+    await expect(items).to_have_count(len(ledger))
     shown = [int(s) for s in await items.evaluate_all("els => els.map(e => e.dataset.seq)")]
     types = await items.evaluate_all("els => els.map(e => e.dataset.type)")
     # The timeline's events are the ledger's, each once (step logs from a stream of
@@ -137,6 +139,14 @@ async def test_watch_a_task_from_the_cli_progress_live(page: Any, ui_mesh: UiMes
     assert own == sorted(own)
     assert await page.evaluate("window.__noReload") == 1  # never reloaded
     await page.screenshot(path=str(shots / "task.png"), full_page=True)
+    # Replay it from its page: the new task's page opens and shows it completed.
+    await page.click('[data-testid="replay"]')
+    heading = page.locator("#view h1 code", has_text=f"{tid}-replay-")
+    await heading.wait_for()
+    await page.locator('[data-testid="task-status"] [data-status="completed"]').wait_for()
+    new_id = await heading.inner_text()
+    replayed = await ui_mesh.client.state(new_id)
+    assert replayed.submitted is not None and replayed.submitted.replay_of == tid
 
 
 async def test_approve_in_the_inbox_and_read_only_cannot(page: Any, ui_mesh: UiMesh,
