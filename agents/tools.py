@@ -60,6 +60,8 @@ class ToolContext:
     claim check cannot close (see `begin_effect`)."""
     user_id: str | None = None
     """The end user on whose behalf the task runs, when known."""
+    tenant: str | None = None
+    """The task's tenant (memory is scoped by it; None: the default tenant)."""
     worker: str | None = None
     """The replica running the step, when known; the loop records its calls with it."""
     effect_gate: Callable[[], Awaitable[None]] | None = None

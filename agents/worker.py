@@ -698,7 +698,7 @@ class Worker:
     async def _run(self, cmd: ev.StepCommand, msg: Msg, recorder: FencedRecorder,
                    replay: StepReplay, started_id: str) -> StepOutcome:
         ctx = ToolContext(task_id=cmd.task_id, step_id=cmd.step_id, agent=self.spec.name,
-                          user_id=cmd.user_id, worker=self.replica)
+                          user_id=cmd.user_id, worker=self.replica, tenant=cmd.tenant)
         if cmd.task_id in self._canceled:
             return StepOutcome(status="failed", code="canceled",
                                reason=self._canceled[cmd.task_id])

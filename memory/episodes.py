@@ -16,7 +16,7 @@ from typing import Any
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.ledger import LedgerEntry
-from jetmesh.memory.models import EpisodeRecord, as_identifier
+from jetmesh.memory.models import EpisodeRecord, tenant_scoped
 
 EPISODE_EVENTS = (ev.StepCompleted, ev.StepFailed, ev.TaskCompleted, ev.TaskFailed,
                   ev.TaskCanceled)
@@ -72,8 +72,15 @@ def _submitted(entries: Sequence[LedgerEntry]) -> LedgerEntry | None:
 def _user(submitted: LedgerEntry | None) -> str | None:
     if submitted is None or not isinstance(submitted.event, ev.TaskSubmitted):
         return None
-    user: str | None = as_identifier(submitted.event.data.user_id)
+    data = submitted.event.data
+    user: str | None = tenant_scoped(data.user_id, data.tenant)
     return user
+
+
+def _tenant(submitted: LedgerEntry | None) -> str | None:
+    if submitted is None or not isinstance(submitted.event, ev.TaskSubmitted):
+        return None
+    return submitted.event.data.tenant
 
 
 def _cost(entries: Sequence[LedgerEntry]) -> float:
@@ -131,7 +138,7 @@ def _step_episode(entries: Sequence[LedgerEntry], last: LedgerEntry,
         request=render(request),
         outcome=render(outcome),
         user_id=_user(submitted),
-        agent_id=as_identifier(agent),
+        agent_id=tenant_scoped(agent, _tenant(submitted)),
         cost_usd=_cost(segment),
         ledger_seqs=sorted(seqs),
     )

@@ -36,6 +36,17 @@ def as_identifier(value: str | None) -> str | None:
     return cleaned or None
 
 
+def tenant_scoped(value: str | None, tenant: str | None) -> str | None:
+    """A user or agent identifier within its tenant (`<tenant>/<id>`), so that memories
+    of one tenant's users and agents are never another tenant's (the readers enforce
+    tenancy here: every memory request carries ids, none carries a tenant check). No
+    tenant: the id as it is (the default tenant)."""
+    ident = as_identifier(value)
+    if ident is None or tenant is None:
+        return ident
+    return as_identifier(f"{tenant}/{ident}")
+
+
 class EpisodeRecord(BaseModel):
     """What happened in one task (or one step of it), with where it came from."""
 

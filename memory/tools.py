@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from jetmesh.agents.spec import AgentSpec
 from jetmesh.agents.tools import Tool, ToolContext
 from jetmesh.memory.client import MemoryClient
-from jetmesh.memory.models import MemoryKind, as_identifier
+from jetmesh.memory.models import MemoryKind, tenant_scoped
 
 log = logging.getLogger("jetmesh.memory")
 
@@ -81,13 +81,13 @@ def make_memory_tools(client: MemoryClient, *, remember: bool = True) -> list[To
 
     async def recall_fn(args: RecallInput, ctx: ToolContext) -> RecallOutput:
         scope: RecallScope = args.scope
-        user = as_identifier(ctx.user_id)
+        user = tenant_scoped(ctx.user_id, ctx.tenant)
         if scope == "user" and user is None:
             scope = "agent"
         items = await client.search(
             args.query,
             user_id=user if scope == "user" else None,
-            agent_id=ctx.agent if scope == "agent" else None,
+            agent_id=tenant_scoped(ctx.agent, ctx.tenant) if scope == "agent" else None,
             task_id=ctx.task_id if scope == "task" else None,
             limit=args.limit,
         )
@@ -99,7 +99,8 @@ def make_memory_tools(client: MemoryClient, *, remember: bool = True) -> list[To
 
     async def remember_fn(args: RememberInput, ctx: ToolContext) -> RememberOutput:
         item = await client.add_note(
-            args.text, user_id=as_identifier(ctx.user_id), agent_id=ctx.agent,
+            args.text, user_id=tenant_scoped(ctx.user_id, ctx.tenant),
+            agent_id=tenant_scoped(ctx.agent, ctx.tenant),
             task_id=ctx.task_id, step_id=ctx.step_id, key=ctx.idempotency_key or None)
         return RememberOutput(id=item.id)
 
