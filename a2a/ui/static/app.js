@@ -185,7 +185,10 @@ function stepGraph(plan, steps) {
         h("b", {}, p.id), " ", badge(s.status),
         h("small", {}, `${p.skill}${s.agent ? " · " + s.agent : ""}`),
         h("small", {}, `${s.model_calls || 0} model, ${s.tool_calls || 0} tool calls · ${money(s.cost_usd || 0)}`),
-        p.depends_on.length ? h("small", {}, "after " + p.depends_on.join(", ")) : null);
+        p.depends_on.length ? h("small", {}, "after " + p.depends_on.join(", ")) : null,
+        s.reason ? h("small", { class: "error" }, s.reason) : null,
+        s.input || s.output ? h("details", {}, h("summary", {}, "input / output"),
+          s.input ? json(s.input) : null, s.output ? json(s.output) : null) : null);
     }))));
 }
 
