@@ -631,15 +631,25 @@ class Dashboard:
 
     async def stats(self, request: Request, person: Person) -> Response:
         records = await read_summaries(self.client.js)
-        hours = int(request.query_params.get("hours", "24") or 24)
+        try:
+            hours = max(1, int(request.query_params.get("hours", "24") or 24))
+        except ValueError:
+            raise _Refused(400, "hours is a number") from None
         since = datetime.now(UTC) - timedelta(hours=hours)
         figures = aggregate(records, since=since, by="workflow")
         series: dict[str, dict[str, Any]] = {}
+        hour = since.replace(minute=0, second=0, microsecond=0)
+        while hours <= 24 * 31 and hour <= datetime.now(UTC):  # every hour, empty ones too
+            key = hour.isoformat()
+            series[key] = {"hour": key, "tasks": 0, "completed": 0, "cost_usd": 0.0,
+                           "escalated": 0, "latency_s": []}
+            hour += timedelta(hours=1)
         for r in records:
             ended = datetime.fromisoformat(r["ended_at"])
             if ended < since:
                 continue
-            bucket = ended.replace(minute=0, second=0, microsecond=0).isoformat()
+            bucket = ended.astimezone(UTC).replace(minute=0, second=0, microsecond=0
+                                                  ).isoformat()
             b = series.setdefault(bucket, {"hour": bucket, "tasks": 0, "completed": 0,
                                            "cost_usd": 0.0, "escalated": 0,
                                            "latency_s": []})

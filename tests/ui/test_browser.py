@@ -22,6 +22,7 @@ from jetmesh.agents.builtin.support import refunds_file
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.dlq import DeadLetter
+from jetmesh.orchestrator.stats import put_summary, task_summary
 from jetmesh.orchestrator.tasks_kv import is_log
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -222,5 +223,9 @@ async def test_cancel_and_redrive_from_the_page(page: Any, ui_mesh: UiMesh,
     await go(page, "#/agents", "agents")
     await page.locator('[data-agent="refunder"]').wait_for()
     await page.screenshot(path=str(shots / "agents.png"), full_page=True)
+    summary = task_summary(sub.task_id, await ui_mesh.client.events(sub.task_id))
+    assert summary is not None
+    await put_summary(ui_mesh.client.js, summary)  # what the telemetry role records
     await go(page, "#/stats", "stats")
+    assert "completion rate" in await page.locator('[data-testid="stats"]').inner_text()
     await page.screenshot(path=str(shots / "stats.png"), full_page=True)

@@ -379,8 +379,8 @@ function barChart(title, rows, key, fmt = (v) => v) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("class", "chart");
-  svg.setAttribute("width", w);
-  svg.setAttribute("height", hgt);
+  svg.setAttribute("viewBox", `0 0 ${w} ${hgt}`);
+  svg.setAttribute("width", "100%");
   rows.forEach((r, i) => {
     const v = vals[i];
     const bh = ((hgt - pad) * v) / max;
