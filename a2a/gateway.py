@@ -104,6 +104,7 @@ from .tasks import (
     plain,
     skill_workflow,
     task_from_state,
+    upto,
 )
 from .ui import mount as ui_mount
 
@@ -384,7 +385,7 @@ class MeshRequestHandler(RequestHandler):
         """The task folded up to `after`, then one event per later ledger entry; ends at
         the task's end (and, with `until_interrupted`, when it waits for its client)."""
         entries = await self.client.ledger.read(task_id)
-        state = fold(task_id, [e for e in entries if e.seq <= after])
+        state = fold(task_id, upto(list(entries), after))
         if state.submitted is None and task_id in self._unseen:
             state = self._unseen_state(task_id)
         state.last_seq = max(state.last_seq, after)

@@ -43,7 +43,7 @@ from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.orchestrator.state import TaskState, fold
 
-from .tasks import entry_event
+from .tasks import entry_event, upto
 
 __all__ = ["KvPushConfigStore", "PushNotifications", "check_push_config"]
 
@@ -191,8 +191,8 @@ class PushNotifications:
     async def _deliver(self, task_id: str, config_id: str) -> None:
         try:
             cursor = await self.store.cursor(task_id, config_id) or 0
-            state: TaskState = fold(task_id, [e for e in await self.ledger.read(task_id)
-                                              if e.seq <= cursor])
+            state: TaskState = fold(task_id, upto(list(await self.ledger.read(task_id)),
+                                                  cursor))
             if state.terminal:
                 return
             async for entry in self.ledger.follow(task_id, from_seq=cursor + 1):

@@ -29,7 +29,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict
 
 from jetmesh.bus import events as ev
-from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.bus.ledger import LedgerEntry, is_log_seq
 from jetmesh.orchestrator.state import StepStatus, TaskState
 from jetmesh.orchestrator.state import TaskStatus as JmStatus
 from jetmesh.orchestrator.timeline import describe
@@ -52,6 +52,7 @@ __all__ = [
     "skill_workflow",
     "task_from_state",
     "task_id_for_message",
+    "upto",
 ]
 
 META_CONTEXT = "a2a.context_id"
@@ -343,6 +344,18 @@ def entry_event(state: TaskState, entry: LedgerEntry) -> StreamEvent:
                                    status=status)
     update.metadata.update(meta)
     return update
+
+
+def upto(entries: list[LedgerEntry], seq: int) -> list[LedgerEntry]:
+    """The entries read (ledger order, the steps' logs merged in) up to and including the
+    ledger entry `seq`: what a task had recorded when that event was sent. (An A2A stream
+    carries ledger entries only; a step's log records, numbered from LOG_SEQ_BASE up, are
+    folded where they were read.)"""
+    last = -1
+    for i, e in enumerate(entries):
+        if not is_log_seq(e.seq) and e.seq <= seq:
+            last = i
+    return entries[:last + 1]
 
 
 def seq_of(event: StreamEvent) -> int:

@@ -207,6 +207,7 @@ async def test_get_task_right_after_return_immediately_always_finds_it(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_get_task_right_after_return_immediately_1000_times(mesh: Mesh) -> None:
     async with client_for(mesh, TransportProtocol.JSONRPC) as client:
         for _ in range(1000):
