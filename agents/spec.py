@@ -203,6 +203,9 @@ class AgentSpec:
     mcp_tool_hashes: dict[str, str] = field(default_factory=dict)
     """server -> hash of the tool list the agent runs with (set when its tools are
     attached; shown in the card)."""
+    tenants: list[str] | None = None
+    """The tenants whose tasks this agent serves (a private agent); None: every tenant
+    (shared). Enforced by the worker; in its registry entry."""
 
     def __post_init__(self) -> None:
         ids = [s.id for s in self.skills]

@@ -397,6 +397,7 @@ class Worker:
         value = self._advertiser.value(self.replica, model=model, started_at=self.started_at,
                                        steps_done=self.steps_done)
         value["breakers"] = worker_breaker_states(self.spec, self.model)
+        value["tenants"] = self.spec.tenants  # None: shared by every tenant
         if self._mcp is not None:
             value["breakers"].update(self._mcp.breaker_states())
             value["mcp"] = self._mcp.describe()
@@ -555,7 +556,8 @@ class Worker:
         replay = step_source(sub, plan, cmd.step_id, self.spec.name)  # the ledger's word
         return cmd.model_copy(update={"traceparent": task_traceparent(
                                           cmd.task_id, submitted.traceparent),
-                                      "user_id": sub.user_id, "budget": sub.budget,
+                                      "user_id": sub.user_id, "tenant": sub.tenant,
+                                      "budget": sub.budget,
                                       "deadline": deadline, "slice_usd": slice_usd,
                                       "replay": replay})
 
@@ -702,6 +704,10 @@ class Worker:
         if cmd.task_id in self._canceled:
             return StepOutcome(status="failed", code="canceled",
                                reason=self._canceled[cmd.task_id])
+        if self.spec.tenants is not None and cmd.tenant not in self.spec.tenants:
+            return StepOutcome(status="failed", code="forbidden",
+                               reason=f"agent {self.spec.name} serves only tenants "
+                                      f"{', '.join(self.spec.tenants)}")
         guard = RuntimeGuard(self.nc, self.ledger, self.book, cmd, self.spec.name,
                              self.source, recorder._append, self.policy,
                              self.settings.approval_timeout_s,

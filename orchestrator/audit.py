@@ -147,6 +147,16 @@ class AuditBudget(_Rec):
     would_be: float
 
 
+class AuditBudgetAlert(_Rec):
+    step_id: str | None
+    scope: str
+    who: str
+    period: str
+    cap_usd: float
+    share: float
+    spent_usd: float
+
+
 class AuditCancel(_Rec):
     by: str | None
     reason: str
@@ -186,6 +196,8 @@ class AuditReport(BaseModel):
     approvals: list[AuditApproval] = Field(default_factory=list)
     memory: list[AuditMemory] = Field(default_factory=list)
     budget_refusals: list[AuditBudget] = Field(default_factory=list)
+    budget_alerts: list[AuditBudgetAlert] = Field(default_factory=list)
+    """Tenant or user spend caps this task's calls took to their alert share."""
     cancellations: list[AuditCancel] = Field(default_factory=list)
     outcome: AuditOutcome | None = None
     totals: AuditTotals = Field(default_factory=AuditTotals)
@@ -308,6 +320,12 @@ def build_audit(task_id: str, entries: list[LedgerEntry],
             r.budget_refusals.append(AuditBudget(
                 **_rec(entry), step_id=d5.step_id, agent=d5.agent, kind=d5.kind,
                 limit=d5.limit, would_be=d5.would_be))
+        elif isinstance(e, ev.BudgetAlerted):
+            d6 = e.data
+            r.budget_alerts.append(AuditBudgetAlert(
+                **_rec(entry), step_id=d6.step_id, scope=d6.scope, who=d6.who,
+                period=d6.period, cap_usd=d6.cap_usd, share=d6.share,
+                spent_usd=d6.spent_usd))
         elif isinstance(e, ev.CancelRequested):
             r.cancellations.append(AuditCancel(**_rec(entry), by=e.data.by,
                                                reason=e.data.reason))
@@ -414,6 +432,11 @@ def render_markdown(r: AuditReport) -> str:
             ["seq", "step", "kind", "limit", "would be"],
             [[b.seq, b.step_id or "-", b.kind, b.limit, b.would_be]
              for b in r.budget_refusals])
+    if r.budget_alerts:
+        lines += ["", "## Spend cap alerts", ""] + _table(
+            ["seq", "step", "cap", "spent", "share"],
+            [[a.seq, a.step_id or "-", f"{a.scope} {a.who} {a.period} ${a.cap_usd:g}",
+              f"${a.spent_usd:.6f}", f"{a.share:.0%}"] for a in r.budget_alerts])
     if r.cancellations:
         lines += ["", "## Cancellations", ""] + _table(
             ["seq", "by", "reason"], [[c.seq, c.by or "-", c.reason] for c in r.cancellations])

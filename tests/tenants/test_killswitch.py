@@ -9,7 +9,8 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from helpers import send_step, wait_for_entry
+from helpers import record_dispatch, send_step, wait_for_entry
+from tenant_helpers import send_tenant_step
 from typer.testing import CliRunner
 
 from jetmesh.agents.models.sim import FunctionModel, tool_call
@@ -227,7 +228,7 @@ async def test_a_disabled_agent_fails_its_steps_with_a_policy_decision(bus) -> N
     try:
         off = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill="ks_ping", input={},
                              tenant="t-off")
-        await send_step(bus.ledger, off)
+        await send_tenant_step(bus.ledger, off)
         done = await wait_for_entry(bus.ledger, off.task_id, lambda e: isinstance(
             e.event, ev.StepCompleted | ev.StepFailed))
         assert isinstance(done.event, ev.StepFailed) and done.event.data.code == "disabled"
@@ -239,10 +240,19 @@ async def test_a_disabled_agent_fails_its_steps_with_a_policy_decision(bus) -> N
         calls.stop = True
         other = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill="ks_ping",
                                input={}, tenant="t-on")
-        await send_step(bus.ledger, other)
+        await send_tenant_step(bus.ledger, other)
         done = await wait_for_entry(bus.ledger, other.task_id, lambda e: isinstance(
             e.event, ev.StepCompleted | ev.StepFailed))
         assert isinstance(done.event, ev.StepCompleted), done.event
+        # A command claiming another tenant than its submission does not escape: the
+        # worker takes the tenant from the ledger.
+        forged = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill="ks_ping",
+                                input={}, tenant="t-on")
+        await record_dispatch(bus.ledger, forged, tenant="t-off")
+        await bus.js.publish(subjects.work("ks_ping"), forged.model_dump_json().encode())
+        done = await wait_for_entry(bus.ledger, forged.task_id, lambda e: isinstance(
+            e.event, ev.StepCompleted | ev.StepFailed))
+        assert isinstance(done.event, ev.StepFailed) and done.event.data.code == "disabled"
     finally:
         await board.enable("agent", "ks-agent", tenant="t-off")
         await worker.stop()

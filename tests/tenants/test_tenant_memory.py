@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import send_step, wait_for_entry
+from helpers import wait_for_entry
+from tenant_helpers import send_tenant_step
 
 from jetmesh.agents.models.sim import FunctionModel, tool_call
 from jetmesh.agents.models.types import ModelRequest
@@ -64,7 +65,7 @@ async def test_tenant_b_recalls_nothing_of_tenant_a(bus, memory) -> None:
     async def run(tenant: str, ask: str) -> dict[str, Any]:
         cmd = ev.StepCommand(task_id=ev.new_id(), step_id="s1", skill="mem_tenant",
                              input={"ask": ask}, user_id="ann", tenant=tenant)
-        await send_step(bus.ledger, cmd)
+        await send_tenant_step(bus.ledger, cmd)
         done = await wait_for_entry(bus.ledger, cmd.task_id, lambda e: isinstance(
             e.event, ev.StepCompleted | ev.StepFailed))
         assert isinstance(done.event, ev.StepCompleted), done.event
