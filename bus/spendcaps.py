@@ -152,6 +152,14 @@ class SpendBook:
     replicas: int = 1
     attempts: int = 400
     _kv: KeyValue | None = field(default=None, init=False)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
+    _last: dict[str, tuple[SpendCounter, int]] = field(default_factory=dict, init=False)
+    """Each counter as this process last wrote it, with its revision: the next update
+    tries that revision first and reads only when someone else wrote since."""
+    """One update per counter at a time in this process: the calls of one process queue
+    here instead of racing each other's compare-and-set (at 1,000 concurrent tasks on
+    one counter the races alone took past the steps' time limits); replicas in other
+    processes still race, and lose only to each other."""
 
     def applies(self, tenant: str | None, user: str | None) -> bool:
         return bool(self.caps.counters(tenant, user, datetime.now(UTC)))
@@ -173,22 +181,40 @@ class SpendBook:
     async def _update(self, key: str, change: Callable[[SpendCounter], object]
                       ) -> SpendCounter:
         kv = await self._bucket()
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            return await self._cas(kv, key, change)
+
+    async def _cas(self, kv: KeyValue, key: str, change: Callable[[SpendCounter], object]
+                   ) -> SpendCounter:
         for attempt in range(self.attempts):
+            cached = self._last.pop(key, None)
+            revision: int | None
+            if cached is not None:
+                c, revision = cached[0].model_copy(deep=True), cached[1]
+            else:
+                try:
+                    entry = await kv.get(key)
+                    c = SpendCounter.model_validate_json(entry.value or b"{}")
+                    revision = entry.revision
+                except KeyNotFoundError:
+                    c, revision = SpendCounter(), None
             try:
-                entry = await kv.get(key)
-                c = SpendCounter.model_validate_json(entry.value or b"{}")
-                revision: int | None = entry.revision
-            except KeyNotFoundError:
-                c, revision = SpendCounter(), None
-            change(c)
+                change(c)
+            except BudgetRefused:
+                if cached is not None:
+                    continue  # decided on our copy: decide again on the stored counter
+                raise
             data = c.model_dump_json().encode()
             try:
                 if revision is None:
-                    await kv.create(key, data)
+                    new_rev = await kv.create(key, data)
                 else:
-                    await kv.update(key, data, last=revision)
+                    new_rev = await kv.update(key, data, last=revision)
+                self._last[key] = (c, int(new_rev))
                 return c
             except KeyWrongLastSequenceError:
+                if cached is not None:
+                    continue  # our copy was stale: read it, no back-off
                 # Another call changed it first: read again and re-decide, after a short
                 # random back-off so that many contenders do not collide in lockstep.
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
