@@ -189,6 +189,19 @@ async def test_approve_in_the_inbox_and_read_only_cannot(page: Any, ui_mesh: UiM
     # The task page shows it continued to its end.
     await go(page, f"#/task/{tid}", "task")
     await page.locator('[data-testid="task-status"] [data-status="completed"]').wait_for()
+    # Another one denied there ends as a denial from the CLI would: the call never runs.
+    other = await ui_mesh.client.submit("refund 240 on A1029", workflow="refund_ui")
+    await wait_event(ui_mesh.client, other, ev.ApprovalRequested)
+    await go(page, "#/approvals", "approvals")
+    row = page.locator(f'tr[data-task="{other}"]')
+    await row.locator('[data-testid="reason"]').fill("too much")
+    await row.locator('[data-testid="deny"]').click()
+    await row.wait_for(state="detached")
+    state = await ui_mesh.client.result(other, timeout=30)
+    denied = [e.event for e in await ui_mesh.client.events(other)
+              if isinstance(e.event, ev.ApprovalDenied)]
+    assert [(d.data.by, d.data.reason) for d in denied] == [("ui:alice", "too much")]
+    assert state.status.value == "completed" and len(refunds()) == before + 1
 
 
 async def test_cancel_and_redrive_from_the_page(page: Any, ui_mesh: UiMesh,
