@@ -449,6 +449,50 @@ async def verify(client: Client, task_ids: list[str], offset: int,
         raise AssertionError(f"{len(problems)} problem(s), e.g.:\n  " + "\n  ".join(problems[:10]))
 
 
+def census_class(msg: Any) -> str:
+    """What one message seen on `>` is (for --census)."""
+    subj: str = msg.subject
+    h = msg.headers or {}
+    if msg.reply and msg.reply.startswith("$JS.ACK."):
+        kind = ("work command" if subj.startswith(f"{subjects.PREFIX}.work.") else
+                "submission" if subj == subjects.SUBMIT else
+                "step line" if subjects.step_id_of(subj) else subj.rsplit(".", 1)[-1])
+        return f"delivery: {kind}"
+    if subj.startswith("$JS.API.DIRECT.GET."):
+        return "direct-get request"
+    if subj.startswith("$JS.API.CONSUMER.MSG.NEXT."):
+        return "pull request"
+    if subj.startswith("$JS.ACK."):
+        return "consumer ack (+ACK/+WPI/-NAK)"
+    if subj.startswith("$JS.FC."):
+        return "flow control reply"
+    if subj.startswith("$JS.API."):
+        return "other JetStream API: " + ".".join(subj.split(".")[2:4])
+    if subj.startswith("$KV."):
+        return "KV put: " + subj.split(".")[1]
+    if subj.startswith(f"{subjects.PREFIX}.work."):
+        return "append: work command"
+    if subj == subjects.SUBMIT:
+        return "append: submission"
+    if subj.startswith(f"{subjects.PREFIX}.task."):
+        kind = ("step log" if subjects.is_step_log(subj) else
+                "step line" if subjects.step_id_of(subj) else subj.rsplit(".", 1)[-1])
+        return f"append: {kind}"
+    if "Nats-Sequence" in h or h.get("Status") in ("204", "404"):
+        return "direct-get reply (incl. end of batch)"
+    if h.get("Status") == "100":
+        return "heartbeat / flow control"
+    if msg.data[:8] == b'{"stream':
+        return "publish ack"
+    if h.get("Status"):
+        return f"status {h.get('Status')}"
+    if not msg.data:
+        return "empty reply (to a synchronous consumer ack)"
+    if os.environ.get("JETMESH_CENSUS_DEBUG"):
+        progress(f"other reply: {subj} {h} {msg.data[:120]!r}")
+    return "other reply"
+
+
 async def stream_seqs(client: Client) -> dict[str, int]:
     """Each stream's last sequence (how many messages it was ever given)."""
     return {i.config.name or "": int(i.state.last_seq)
@@ -515,6 +559,15 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             busy0 = machine_busy_s()
             msgs0 = server_msgs(server.monitor_port)
             stored0 = await stream_seqs(client)
+            census: dict[str, int] = {}
+            sniffer = None
+            if args.census:
+                async def count(msg: Any) -> None:
+                    k = census_class(msg)
+                    census[k] = census.get(k, 0) + 1
+                sniffer = await client.ledger.nc.subscribe(">", cb=count)
+                if os.environ.get("JETMESH_CENSUS_DEBUG"):
+                    progress(f"load generator's inboxes: {client.ledger.nc._resp_sub_prefix!r}")
             ids, lat, t0, t1 = await drive(client, comp, cfg.tasks, cfg.inflight, 0,
                                            cfg.label, args.task_timeout)
             cpu1 = {n: cpu_s(pid) for n, pid in pids.items()}
@@ -522,6 +575,12 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             busy1 = machine_busy_s()
             msgs1 = server_msgs(server.monitor_port)
             stored1 = await stream_seqs(client)
+            if sniffer is not None:
+                await sniffer.unsubscribe()
+                total = sum(census.values())
+                progress(f"  census: {total / cfg.tasks:.1f} messages per task seen on '>'")
+                for k, v in sorted(census.items(), key=lambda kv: -kv[1]):
+                    progress(f"    {v / cfg.tasks:6.2f}  {k}")
             await comp.stop()
             progress(f"  verifying {len(ids)} tasks in the ledger")
             await verify(client, ids, 0,
@@ -685,6 +744,9 @@ def main() -> None:
     p.add_argument("--durability", choices=["strict", "balanced"], default="balanced",
                    help="JETMESH_DURABILITY of the stack: balanced (the steps' logs "
                         "acked before their fsync) or strict (everything fsync'd)")
+    p.add_argument("--census", action="store_true",
+                   help="count every message through nats-server by kind (a '>' "
+                        "subscriber in the load generator; adds its own deliveries)")
     p.add_argument("--sync-interval", default="always",
                    help="nats-server JetStream sync_interval (always: fsync every append)")
     p.add_argument("--warmup", type=int, default=3, help="uncounted warm-up tasks per run")

@@ -86,6 +86,14 @@ def is_log_seq(seq: int) -> bool:
     return seq >= LOG_SEQ_BASE
 
 
+def _not_a_log(subject: str) -> bool:
+    return not subjects.is_step_log(subject)
+
+
+def _and_not_a_log(keep: Callable[[str], bool]) -> Callable[[str], bool]:
+    return lambda subject: keep(subject) and not subjects.is_step_log(subject)
+
+
 def _logs_only(filt: str) -> bool:
     """Whether a subject filter matches steps' logs only (`jm.task.<t|*>.step.<s|*>.log`)."""
     parts = filt.split(".")
@@ -146,6 +154,16 @@ class Entries(list[LedgerEntry]):
         (all without it); 0 if none."""
         return max((x.seq for x in (*self, *self.skipped) if keep is None or keep(x.subject)),
                    default=0)
+
+
+def through(entries: Sequence[LedgerEntry], seq: int) -> list[LedgerEntry]:
+    """The entries read up to and including ledger sequence `seq` (with the log records
+    merged in before it: their own sequences are JM_LOG's, see LOG_SEQ_BASE); none if
+    `seq` is not among them."""
+    for i, e in enumerate(entries):
+        if e.seq == seq:
+            return list(entries[:i + 1])
+    return []
 
 
 def decode_entry(seq: int, subject: str, data: bytes) -> LedgerEntry | Skipped:
@@ -298,6 +316,7 @@ class Ledger:
         self._acks: dict[str, tuple[str, int, asyncio.Future[Appended]]] = {}
         """Fenced pipelined appends waiting for their ack: token -> (the fence's subject,
         its expected sequence, future)."""
+        self._has_legacy_logs: bool | None = None
         self._reported: OrderedDict[tuple[str, int], None] = OrderedDict()
         """(stream, seq) of the bad messages already logged (bounded): a warning once."""
 
@@ -450,12 +469,16 @@ class Ledger:
         streams the matching messages back and ends with an end-of-batch status.
         """
         if subject is not None and subjects.is_step_log(subject):
-            filters = [subject]
+            filters = [subject] if await self._legacy_logs() else []
             logs: str | None = subject
         elif subject is not None:
             filters, logs = [subject], None
         elif without_logs:
-            filters, logs = subjects.task_decisions(task_id), None
+            # The steps' logs are in JM_LOG: the task's wildcard on the ledger has only
+            # its decisions (and the logs of a ledger written before the split, which
+            # `keep` leaves undecoded). One request, where two filters took two.
+            filters, logs = [subjects.task_all(task_id)], None
+            keep = _not_a_log if keep is None else _and_not_a_log(keep)
         else:
             filters, logs = [subjects.task_all(task_id)], subjects.task_logs(task_id)
         want = self._known.get(task_id, 0) if subject is None else 0
@@ -474,7 +497,7 @@ class Ledger:
                 parts = await asyncio.gather(*reads)
                 out = _merge([p for p, _ in parts[:len(filters)]],
                              [p for p, _ in parts[len(filters):]])
-                top = max(t for _, t in parts[:len(filters)])
+                top = max((t for _, t in parts[:len(filters)]), default=0)
             if want < from_seq or top >= want or len(out) + len(out.skipped) >= limit:
                 return out
             # A replica behind what this process knows is in the ledger answered: ask
@@ -491,12 +514,20 @@ class Ledger:
         does not decode is in `skipped`, as for `read`)."""
         line = subjects.step_events(task_id, step_id)
         log = subjects.step_log(task_id, step_id)
-        (line_part, _), (legacy, _), (log_part, _) = await asyncio.gather(
-            self._read_once(line, from_seq, 100_000),
-            # A ledger written before the logs had a stream of their own holds them.
-            self._read_once(log, from_seq, 100_000),
-            self._read_once(log, 1, 100_000, stream=subjects.STREAM_LOG))
-        return _merge([line_part, legacy], [log_part])
+        reads = [self._read_once(line, from_seq, 100_000),
+                 self._read_once(log, 1, 100_000, stream=subjects.STREAM_LOG)]
+        if await self._legacy_logs():
+            reads.append(self._read_once(log, from_seq, 100_000))
+        (line_part, _), (log_part, _), *legacy = await asyncio.gather(*reads)
+        return _merge([line_part, *(p for p, _ in legacy)], [log_part])
+
+    async def _legacy_logs(self) -> bool:
+        """Whether the ledger holds steps' logs written before they had a stream of their
+        own (asked once per Ledger: no new ones are ever written there)."""
+        if self._has_legacy_logs is None:
+            found = await self._direct_batch(subjects.ALL_STEP_LOGS, 1, 1)
+            self._has_legacy_logs = bool(found)
+        return self._has_legacy_logs
 
     async def _read_once(self, filt: str, from_seq: int, limit: int,
                          keep: Callable[[str], bool] | None = None,

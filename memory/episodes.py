@@ -15,7 +15,7 @@ from typing import Any
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.bus.ledger import LedgerEntry, through
 from jetmesh.memory.models import EpisodeRecord, tenant_scoped
 
 EPISODE_EVENTS = (ev.StepCompleted, ev.StepFailed, ev.TaskCompleted, ev.TaskFailed,
@@ -53,7 +53,7 @@ def build_episode(entries: Sequence[LedgerEntry], seq: int) -> EpisodeRecord | N
     `entries` are the task's events in order (later ones are ignored). Returns None
     when the event at `seq` is not in `entries` or does not finish anything.
     """
-    upto = [e for e in entries if e.seq <= seq]
+    upto = through(entries, seq)
     last = next((e for e in reversed(upto) if e.seq == seq), None)
     if last is None:
         return None

@@ -170,10 +170,11 @@ class Client:
     async def result(self, task_id: str, *, timeout: float | None = None) -> TaskState:
         """Wait until the task is terminal; returns its final state."""
         async def wait() -> TaskState:
-            state = TaskState(task_id=task_id)
-            async for entry in self.follow(task_id):
-                fold(task_id, [entry], state)
-            return state
+            async for _entry in self.follow(task_id):
+                pass
+            # The fold of everything, the steps' logs (JM_LOG: usage, cost) included,
+            # which a follow of the task's decisions does not deliver.
+            return await self.state(task_id)
         return await asyncio.wait_for(wait(), timeout)
 
     async def cancel(self, task_id: str, reason: str = "canceled by request",

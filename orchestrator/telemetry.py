@@ -72,7 +72,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.consumer import PullRunner, Reject
-from jetmesh.bus.ledger import Ledger, LedgerEntry
+from jetmesh.bus.ledger import Ledger, LedgerEntry, is_log_seq
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import pull_consumer_config
@@ -249,7 +249,7 @@ class _Builder:
         plan: _Span | None = None
         for entry in self.entries:
             e = entry.event
-            if entry.seq > end.seq:
+            if not is_log_seq(entry.seq) and entry.seq > end.seq:  # log records: JM_LOG's
                 break
             match e:
                 case ev.TaskPlanned():
