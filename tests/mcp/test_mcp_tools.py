@@ -100,6 +100,10 @@ async def test_killed_server_breaker_opens_then_half_open_probe_closes(
             assert not died.ok and died.kind == "exception"
             assert "connection lost" in (died.error or "")
         assert server.breaker.current == "open"
+        # What `jetmesh agents` shows for it (the presence value carries these states).
+        from jetmesh.agents.models import describe_breakers
+
+        assert describe_breakers(toolset.breaker_states()) == "mcp:fx open (2/2)"
         refused = await tools["fx__lookup"].invoke({"key": "alpha"}, CTX)
         assert refused.kind == "denied" and "circuit open" in (refused.error or "")
         assert fixture_dir.calls("lookup") == []  # the open breaker made no call
@@ -262,3 +266,14 @@ async def test_tool_list_drift_accepted_and_cache_hints_honoured(fixture_dir: Fi
         assert (await toolset.check_drift()) == ([], False)  # pinned anew
     finally:
         await toolset.aclose()
+
+
+async def test_a_server_that_cannot_start_is_a_clear_error(fixture_dir: Fixture) -> None:
+    import pytest
+
+    from jetmesh.agents.mcp import McpServerConfig, StdioServer
+    from jetmesh.agents.mcp.errors import McpUnavailable
+
+    bad = McpServerConfig(name="gone", transport=StdioServer(command="/nonexistent/mcp-server"))
+    with pytest.raises(McpUnavailable, match="MCP server 'gone': cannot connect"):
+        await McpToolset.open(spec_with(bad))
