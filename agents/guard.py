@@ -125,10 +125,10 @@ class RuntimeGuard:
         usd, tokens = estimate(request, model)
         task_res: Reservation | None = None
         if budget is not None and task_limited:
-            if self.cmd.slice_usd is not None \
-                    and self.step_spent_usd + usd > self.cmd.slice_usd:
-                raise await self._exceeded("usd (step slice)", self.cmd.slice_usd,
-                                           self.step_spent_usd + usd)
+            # Only the task's own counter refuses: the step's slice (its fair share of
+            # what is left) is no limit, since an upper-bound estimate of one call can be
+            # larger than a share the step's real calls fit in easily. The slice steers
+            # `headroom_usd` (model routing takes a cheaper tier when it is tight).
             try:
                 task_res = await self.book.reserve(self.cmd.task_id, budget, usd=usd,
                                                    tokens=tokens)
@@ -145,16 +145,14 @@ class RuntimeGuard:
         return _Reserved(task_res, period)
 
     async def headroom_usd(self) -> float | None:
-        """What the task's dollar budget has left after spent and reserved, and the
-        step's slice after what the step spent (the lower); None: no dollar limit."""
+        """What the task's dollar budget has left after spent and reserved; None: no
+        dollar limit. The step's slice is not counted: like `before_model_call`, a tier
+        is ruled out only when one call on it could overrun the task."""
         budget = self.cmd.budget
-        left: list[float] = []
-        if budget is not None and budget.max_usd is not None:
-            usage = await self.book.usage(self.cmd.task_id)
-            left.append(budget.max_usd - usage.spent_usd - usage.reserved_usd)
-        if self.cmd.slice_usd is not None and left:
-            left.append(self.cmd.slice_usd - self.step_spent_usd)
-        return max(0.0, min(left)) if left else None
+        if budget is None or budget.max_usd is None:
+            return None
+        usage = await self.book.usage(self.cmd.task_id)
+        return max(0.0, budget.max_usd - usage.spent_usd - usage.reserved_usd)
 
     async def after_model_call(self, token: object, response: ModelResponse,
                                cost: float) -> None:

@@ -415,6 +415,10 @@ def submit_cmd(
                     fold(tid, [entry], state)
                     console.print(f"  [dim]{entry.event.time:%H:%M:%S}[/] "
                                   f"{escape(describe(entry.event))}", highlight=False)
+                    if isinstance(entry.event, ev.ApprovalRequested):
+                        console.print(f"  [yellow]waiting for approval[/]: jetmesh approve "
+                                      f"{tid}  (or: jetmesh deny {tid} --reason ...)",
+                                      highlight=False, soft_wrap=True)
 
             try:
                 await asyncio.wait_for(follow(), timeout)
@@ -777,8 +781,10 @@ def up_cmd(
         from jetmesh.bus.server import free_port
 
         port = free_port()
-    console.print(f"model: {describe_default_model()}")
     live_view = console.is_terminal if live is None else live
+    if not live_view:
+        console.soft_wrap = True  # plain lines are never wrapped: commands copy-paste whole
+    console.print(f"model: {describe_default_model()}")
     gw: int | None = None
     if gateway_port:
         gw = gateway_port if _port_free(gateway_port) else _free_port()

@@ -210,7 +210,8 @@ async def plan_with_model(
     """Ask for a plan; an invalid one is asked for again once, then PlanError."""
     if not skills:
         raise PlanError("no live agent offers any skill to plan with")
-    catalogue = [{"skill": s.id, "description": s.description, "tags": s.tags}
+    catalogue = [{"skill": s.id, "name": s.name, "description": s.description,
+                  "tags": s.tags, **({"examples": s.examples} if s.examples else {})}
                  for s in skills]
     messages = [Message(role="user", content=json.dumps(
         {"goal": goal, "input": task_input, "skills": catalogue}, ensure_ascii=False))]

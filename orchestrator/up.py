@@ -315,6 +315,9 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
     view: PresenceView | None = None
     view_started = False
     nc = None
+    if not live_view:
+        console.soft_wrap = True  # plain output: one line per message, never wrapped at
+        # the console's width (80 off a terminal), so the commands shown copy-paste whole
     await asyncio.to_thread(nats.start)
     try:
         console.print(f"nats-server ready at {server.url} (data in {server.data_dir}"
@@ -341,7 +344,10 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
         console.print("submit a task from another terminal:\n"
                       "  jetmesh submit \"where is my order?\" --workflow support "
                       "--input '{\"order_id\": \"A1001\"}' --wait\n"
-                      "Ctrl-C stops everything.")
+                      "  jetmesh submit \"refund my damaged order\" --workflow refund "
+                      "--input '{\"order_id\": \"A1023\", \"amount_usd\": 218, "
+                      "\"reason\": \"arrived damaged\"}' --wait\n"
+                      "Ctrl-C stops everything.", markup=False, highlight=False)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

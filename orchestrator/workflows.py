@@ -156,6 +156,21 @@ BUILTIN_WORKFLOWS = [
         ],
     ),
     Workflow(
+        name="refund",
+        description="Refund an order (the support agent checks it first; over the policy's "
+                    "threshold, $200 by default, the refund waits for a human's approval: "
+                    "jetmesh approve TASK), then draft the reply to the customer.",
+        steps=[
+            PlanStep(id="refund", skill="refund",
+                     input={"order_id": _ref("task.input.order_id"),
+                            "amount_usd": _ref("task.input.amount_usd"),
+                            "reason": _ref("task.input.reason")}),
+            PlanStep(id="reply", skill="write",
+                     input={"brief": _ref("steps.refund.output.answer"),
+                            "audience": "customer"}, depends_on=["refund"]),
+        ],
+    ),
+    Workflow(
         name="research",
         description="Research a question, write it up, review the draft.",
         steps=[

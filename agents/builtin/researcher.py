@@ -136,11 +136,12 @@ def make_researcher(extra_tools: Sequence[Tool] = ()) -> AgentSpec:
             SkillSpec.from_models(
                 "research",
                 "Research a question",
-                "Answer a question from the knowledge base (and memory), listing the facts "
-                "used and their sources.",
+                "Answer or summarise a question about the shop's policies (returns, "
+                "refunds, shipping, warranty) or products from the knowledge base (and "
+                "memory), listing the facts used and their sources.",
                 input_model=ResearchInput,
                 output_model=ResearchOutput,
-                tags=["research", "knowledge-base", "rag"],
+                tags=["research", "policy", "knowledge-base", "rag"],
                 examples=["How long do refunds take after I send a return?"],
             )
         ],

@@ -144,10 +144,7 @@ async def test_sim_dry_run_calls_each_tool_once_then_answers() -> None:
     ]
     second = await model.complete(ModelRequest(messages=history, tools=TOOLS))
     assert second.tool_calls == []
-    assert second.text == "[sim] " + json.dumps(
-        [{"result": {"hits": 3}, "tool": "search"}, {"result": "pong", "tool": "ping"}],
-        sort_keys=True,
-    )
+    assert second.text == "[simulated model] hits 3. pong."  # each result, in words
     assert second.usage.input_tokens > first.usage.input_tokens > 0
     assert second == await model.complete(ModelRequest(messages=history, tools=TOOLS))
 
@@ -155,7 +152,7 @@ async def test_sim_dry_run_calls_each_tool_once_then_answers() -> None:
 async def test_sim_without_tools_echoes_the_whole_last_user_message() -> None:
     long_text = "x" * 5000 + " end"
     response = await SimModel().complete(req(long_text))
-    assert response.text == "[sim] " + long_text
+    assert response.text == "[simulated model] " + long_text
     assert response.usage.input_tokens == -(-len(long_text) // 4)
     assert response.usage.output_tokens == -(-len(response.text) // 4)
 
@@ -166,10 +163,10 @@ async def test_sim_output_schema_answer_is_valid_and_carries_the_digest() -> Non
     data = json.loads(response.text)
     jsonschema.validate(data, schema)
     report = Report.model_validate(data)
-    assert report.summary == "[sim] summarise"
-    assert report.sources == ["[sim] summarise"]
+    assert report.summary == "[simulated model] summarise"
+    assert report.sources == ["[simulated model] summarise"]
 
 
 async def test_sim_latency_is_configurable() -> None:
     model = SimModel(latency_s=0.001)
-    assert (await model.complete(req())).text == "[sim] hello"
+    assert (await model.complete(req())).text == "[simulated model] hello"

@@ -1,5 +1,5 @@
 """A scripted model for forks (`sim:replay_fork_models:loud`): the dry-run sim's answers
-with `[sim]` turned into `[loud]`, counting its calls."""
+with `[simulated model]` turned into `[loud]`, counting its calls."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ class LoudModel(SimModel):
     async def complete(self, request: ModelRequest) -> ModelResponse:
         CALLS.append(request)
         response = await super().complete(request)
-        return response.model_copy(update={"text": response.text.replace("[sim]", "[loud]"),
-                                           "model": "loud"})
+        text = response.text.replace("[simulated model]", "[loud]")
+        return response.model_copy(update={"text": text, "model": "loud"})
 
 
 def loud() -> LoudModel:
