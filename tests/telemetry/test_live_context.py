@@ -173,3 +173,25 @@ async def test_fallbacks_and_breaker_trips_are_events_on_the_chat_spans(make_mes
     assert all("jetmesh.model.fallback" in s["events"] for s in chats)
     assert sum("jetmesh.breaker.tripped" in s["events"] for s in chats) == 1
     assert sum("jetmesh.breaker.open" in s["events"] for s in chats) == 5
+
+
+async def test_without_live_spans_requests_still_carry_the_context(monkeypatch) -> None:
+    """Live spans off (no OTLP endpoint): nothing is recorded, and a traced client's
+    requests carry the current context unchanged; outside any context, none."""
+    import httpx2
+
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    tracing.shutdown_live_spans()
+    assert not tracing.live_spans_wanted()
+    tp = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+    with serve_fake() as fake:
+        fake.enqueue(200, completion(), times=2)
+        async with tracing.traced(httpx2.AsyncClient()) as client:
+            with tracing.attached(tp):
+                assert tracing.current_traceparent() == tp
+                await client.post(fake.url + "/v1/x", json={})
+            await client.post(fake.url + "/v1/x", json={})
+        sent = [r.headers.get("traceparent") for r in fake.requests]
+    assert sent == [tp, None]
+    tracing.shutdown_live_spans()
