@@ -123,9 +123,9 @@ async def _stats_over_a_mix(make_mesh, bus, n: int, tmp_path: Path) -> None:  # 
             elif kind == "budget":
                 await mesh.client.submit("orders", task_id=tid, budget=ev.Budget(max_usd=1e-9),
                                          **fan)
-            elif kind == "deadline":
-                await mesh.client.submit("orders", task_id=tid, budget=ev.Budget(deadline_s=0.05),
-                                         workflow="assist-stats")
+            elif kind == "deadline":  # ends long before a fan-out could (no approval)
+                await mesh.client.submit("orders", task_id=tid,
+                                         budget=ev.Budget(deadline_s=0.001), **fan)
             elif kind in ("approve", "deny"):
                 await mesh.client.submit("refund please", task_id=tid, workflow="assist-stats")
             else:
@@ -207,7 +207,7 @@ async def _stats_over_a_mix(make_mesh, bus, n: int, tmp_path: Path) -> None:  # 
     assert a["failure_reasons"] == reasons, reasons
     by_wf = aggregate(records, by="workflow")["by_workflow"]
     assert by_wf["assist-stats"]["approvals"] == approvals
-    assert by_wf["fanout"]["tasks"] == mix["ok"] + mix["budget"]
+    assert by_wf["fanout"]["tasks"] == mix["ok"] + mix["budget"] + mix["deadline"]
     assert by_wf["no-such-workflow"]["tasks"] == mix["reject"]
     by_agent = aggregate(records, by="agent")["by_agent"]
     assert by_agent["support"]["tool_calls"] + by_agent[REFUNDER.name]["tool_calls"] == tools
