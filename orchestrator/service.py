@@ -51,6 +51,7 @@ from jetmesh.bus.streams import (
 )
 from jetmesh.bus.sweep import sweep_unconsumed
 from jetmesh.bus.tasks import cancel_and_wait
+from jetmesh.bus.tracecontext import parse_traceparent, task_traceparent
 from jetmesh.bus.wire import WireError, decode_json
 from jetmesh.orchestrator import decide as d
 from jetmesh.orchestrator.errors import PlanError
@@ -373,9 +374,13 @@ class Orchestrator:
             except AppendConflict:
                 await self._refuse(msg, task_id, errors)
             return
+        # The submitter's trace context (a valid one) is the task's parent; without one the
+        # submission carries the task's own root context, like every later event.
+        caller = (msg.headers or {}).get("traceparent")
         submitted = ev.TaskSubmitted(
             id=f"{sub.task_id}-submitted", subject=sub.task_id, source=SOURCE,
-            traceparent=(msg.headers or {}).get("traceparent"),
+            traceparent=caller if parse_traceparent(caller) else task_traceparent(
+                sub.task_id, None),
             data=ev.TaskSubmittedData(**{
                 **sub.model_dump(exclude={"task_id", "budget"}),
                 "budget": with_defaults(sub.budget, self.settings.default_budget())}))

@@ -82,6 +82,7 @@ from jetmesh.bus.tracecontext import (
     parse_traceparent,
     span_id_for,
     task_trace_id,
+    task_traceparent,
 )
 from jetmesh.orchestrator.state import ORCHESTRATOR, fold
 from jetmesh.orchestrator.stats import STATS_TTL_S, put_summary, task_summary
@@ -537,6 +538,8 @@ def build_spans(task_id: str, entries: Sequence[LedgerEntry], *,
     first = next((e.event for e in entries if isinstance(e.event, ev.TaskSubmitted)), None)
     tp = first.traceparent if first is not None else None
     parsed = parse_traceparent(tp)
+    if parsed is not None and tp == task_traceparent(task_id, tp):
+        parsed = None  # the task's own root context (no submitter's): the root has no parent
     trace_id = task_trace_id(task_id, tp)
     flags = TraceFlags(parsed[2] & 1 if parsed else TraceFlags.SAMPLED)
     remote = SpanContext(trace_id, parsed[1], is_remote=True, trace_flags=flags) \
