@@ -374,6 +374,8 @@ def submit_cmd(
     wait: Annotated[bool, typer.Option("--wait", help="Follow progress and print the "
                                                       "result.")] = False,
     user: Annotated[str | None, typer.Option(help="Whom the task is for.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="The tenant the task belongs to.")]
+    = None,
     max_usd: Annotated[float | None, typer.Option(help="Dollar budget.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Token budget.")] = None,
     max_tool_calls: Annotated[int | None, typer.Option(help="Tool-call budget.")] = None,
@@ -400,7 +402,8 @@ def submit_cmd(
         async with Client(target) as c:
             try:
                 tid = await c.submit(goal, input=task_input, workflow=workflow, user_id=user,
-                                     budget=budget, task_id=task_id)
+                                     budget=budget, task_id=task_id, tenant=tenant,
+                                     submitted_by=cli_identity())
             except TaskExists as e:
                 err.print(f"[red]{escape(str(e))}[/]")
                 return 1
@@ -522,12 +525,22 @@ def cancel_cmd(
 
         async with Client(target) as c:
             try:
-                await c.cancel(task_id, reason)
+                await c.cancel(task_id, reason, by=cli_identity())
             except ControlRefused as e:
                 _refused(e)
         console.print(f"cancel requested for {task_id}")
 
     run(main)
+
+
+def cli_identity() -> str:
+    """How the ledger names a CLI user: `cli:<login>` (who ran the command)."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name (a container without a passwd entry)
+        return "cli:unknown"
 
 
 def _refused(e: Exception) -> None:
