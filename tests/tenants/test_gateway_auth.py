@@ -31,10 +31,30 @@ from jetmesh.a2a.auth import (
 )
 from jetmesh.a2a.gateway import GatewaySettings
 from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.builtin.support import issue_refund
+from jetmesh.agents.models.sim import FunctionModel, tool_call
+from jetmesh.agents.models.types import ModelRequest, ToolCall
+from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.bus import events as ev
 
 KEYS = {"alice": ("t-a", "submitter"), "bob": ("t-b", "submitter"),
-        "rita": ("t-a", "reader"), "root": (None, "admin")}
+        "rita": ("t-a", "reader"), "root": (None, "admin"),
+        "carol": ("t-a", "approver"), "bert": ("t-b", "approver")}
+TOKEN = "approver-secret"
+
+
+def refund_then_answer(request: ModelRequest) -> list[ToolCall] | str:
+    """A $230 refund (over the approval threshold), then the outcome."""
+    told = [m for m in request.messages if m.role == "tool"]
+    if not told:
+        return [tool_call("issue_refund", order_id="A1029", amount_usd=230,
+                          reason="damaged on arrival")]
+    return "outcome: " + told[-1].content[:200]
+
+
+REFUNDER = AgentSpec(name="auth-refunder", description="Refunds A1029.",
+                     instructions="Refund.", tools=[issue_refund],
+                     skills=[SkillSpec(id="auth_refund", name="Refund", description="r")])
 ISSUER, AUDIENCE = "https://issuer.test", "jetmesh"
 H = {"A2A-Version": "1.0"}
 
@@ -85,13 +105,16 @@ async def gateway(bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     path = tmp_path / "auth.json"
     path.write_text(settings.model_dump_json())
     monkeypatch.setenv("JETMESH_GATEWAY_AUTH_FILE", str(path))
-    mesh = Mesh(bus.url, [get_agent("orders")],
-                gateway_settings=GatewaySettings(port=0, agent_ttl_s=3, send_wait_s=15))
+    monkeypatch.setenv("JETMESH_DATA_DIR", str(tmp_path))
+    mesh = Mesh(bus.url, [get_agent("orders"), REFUNDER],
+                models={"auth-refunder": FunctionModel(refund_then_answer)},
+                gateway_settings=GatewaySettings(port=0, agent_ttl_s=3, send_wait_s=15,
+                                                 approver_token=TOKEN))
     await mesh.start()
     reg = mesh.gateway.registry
     assert reg is not None
     for _ in range(100):
-        if "lookup_order" in reg.skills():
+        if {"lookup_order", "auth_refund"} <= set(reg.skills()):
             break
         await asyncio.sleep(0.05)  # the registry's watch: polled for a fact, bounded
     try:
@@ -207,3 +230,35 @@ async def test_gateway_authentication_tenants_and_identity(gateway, bus) -> None
         follow["params"]["message"]["taskId"] = task_a
         r = await http.post(f"{base}/", json=follow, headers=api("alice"))
         assert r.status_code == 403 and "approval" in r.text
+
+
+async def test_only_the_tasks_tenants_approver_approves_and_is_recorded(gateway, bus) -> None:
+    mesh, _ = gateway
+    base = mesh.base
+    body = {"jsonrpc": "2.0", "id": 3, "method": "SendMessage", "params": {
+        "message": {"messageId": uuid.uuid4().hex, "role": "ROLE_USER",
+                    "parts": [{"text": "refund my teapot"}],
+                    "metadata": {"skill": "auth_refund"}},
+        "configuration": {"returnImmediately": False}}}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{base}/", json=body, headers=api("alice"))
+        task = r.json()["result"]["task"]
+        assert task["status"]["state"] == "TASK_STATE_INPUT_REQUIRED", task
+
+        def answer(who: str) -> Any:
+            follow = {"jsonrpc": "2.0", "id": 4, "method": "SendMessage", "params": {
+                "message": {"messageId": uuid.uuid4().hex, "role": "ROLE_USER",
+                            "taskId": task["id"], "parts": [{"text": "approve"}]},
+                "configuration": {"returnImmediately": False}}}
+            return http.post(f"{base}/", json=follow,
+                             headers={**api(who), "Jetmesh-Approver-Token": TOKEN})
+
+        # Tenant B's approver: the task does not exist for it. A's submitter: 403.
+        r = await answer("bert")
+        assert r.json()["error"]["code"] == -32001, r.text
+        assert (await answer("alice")).status_code == 403
+        r = await answer("carol")
+        assert r.json()["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED", r.text
+    granted = [e.event for e in await bus.ledger.read(task["id"])
+               if isinstance(e.event, ev.ApprovalGranted)]
+    assert [g.data.by for g in granted] == ["api-key:carol"]
