@@ -71,7 +71,9 @@ class EmbeddedNats:
     sync_interval: str = "always"
     """How often JetStream fsyncs. `always` (the default): every acknowledged append is on
     disk before its ack. A duration such as `2m` (nats-server's own default) is faster
-    and still loses nothing when nats-server crashes, only on power loss."""
+    and still loses nothing when nats-server crashes, only on power loss. The steps'
+    log stream (JM_LOG) overrides it under `JETMESH_DURABILITY=balanced` (its
+    `persist_mode: async`, bus.streams): README "Durability classes"."""
     extra_config: str = ""
     """Appended verbatim to the generated configuration (accounts, authorization)."""
     ready_timeout_s: float = 20.0
