@@ -27,13 +27,15 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from a2a.types import Role, TaskState
+from opentelemetry.trace import SpanKind
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jetmesh.bus import tracing
 from jetmesh.bus.wire import MAX_MESSAGE_BYTES, WireError, check_json
 
 from .tasks import plain
 
-__all__ = ["BodyCheck", "quiet_sdk_logs", "sse_event_id"]
+__all__ = ["BodyCheck", "TraceContext", "quiet_sdk_logs", "sse_event_id"]
 
 log = logging.getLogger("jetmesh.gateway")
 
@@ -190,6 +192,42 @@ def quiet_sdk_logs() -> None:
         lg = logging.getLogger(name)
         if _QUIET not in lg.filters:
             lg.addFilter(_QUIET)
+
+
+class TraceContext:
+    """ASGI middleware: each request runs in the caller's trace context (its W3C
+    `traceparent` header), so a task it submits continues the caller's trace; an A2A call
+    (a POST) is also a live SERVER span of the gateway there when live spans are on
+    (`jetmesh.bus.tracing`), and the task's trace then hangs under that span."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers") or []}
+        caller = headers.get("traceparent")
+        if scope.get("method") != "POST":
+            with tracing.attached(caller):
+                await self.app(scope, receive, send)
+            return
+        path = str(scope.get("path") or "/")
+        status: dict[str, int] = {}
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        with tracing.live_span(f"POST {path}", parent=caller, kind=SpanKind.SERVER,
+                               attributes={"http.request.method": "POST", "url.path": path,
+                                           "jetmesh.component": "gateway"}) as span:
+            await self.app(scope, receive, send_status)
+            if "code" in status:
+                span.set_attribute("http.response.status_code", status["code"])
 
 
 class BodyCheck:

@@ -77,8 +77,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from jetmesh.a2a import auth
-from jetmesh.a2a.edge import BodyCheck, quiet_sdk_logs
+from jetmesh.a2a.edge import BodyCheck, TraceContext, quiet_sdk_logs
 from jetmesh.bus import events as ev
+from jetmesh.bus import tracing
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.subjects import InvalidIdError, check_id
 from jetmesh.bus.tracecontext import parse_traceparent
@@ -160,7 +161,11 @@ class _Sent:
 
 
 def _traceparent(context: ServerCallContext) -> str | None:
-    """The caller's W3C traceparent header: the task's trace continues the caller's."""
+    """The task's parent context: the gateway's own span of this call (`TraceContext`,
+    under the caller's), else the caller's W3C traceparent header."""
+    current = tracing.current_traceparent()
+    if current and parse_traceparent(current):
+        return current
     headers = context.state.get("headers") or {}
     value = headers.get("traceparent")
     return str(value) if value and parse_traceparent(str(value)) else None
@@ -697,7 +702,7 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
         *create_jsonrpc_routes(handler, "/"),
         *create_rest_routes(handler),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(BodyCheck),
+    return Starlette(routes=routes, middleware=[Middleware(TraceContext), Middleware(BodyCheck),
                                                 *auth.middleware(auth_settings)])
 
 

@@ -195,3 +195,46 @@ async def test_without_live_spans_requests_still_carry_the_context(monkeypatch) 
         sent = [r.headers.get("traceparent") for r in fake.requests]
     assert sent == [tp, None]
     tracing.shutdown_live_spans()
+
+
+async def test_an_a2a_call_is_a_gateway_span_and_its_task_hangs_under_it(
+        bus, telemetry, receiver, live_spans) -> None:
+    """The caller's traceparent -> the gateway's live SERVER span of the call -> the
+    task's ledger-derived trace (its root a child of the gateway's span)."""
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "a2a"))
+    from a2a_mesh import Mesh
+
+    from jetmesh.agents.builtin import get_agent
+
+    mesh = Mesh(bus.url, [get_agent("orders")])
+    base = await mesh.start()
+    try:
+        trace_id, caller = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+        body = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {
+            "message": {"messageId": uuid.uuid4().hex, "role": "ROLE_USER",
+                        "parts": [{"data": {"order_id": "A1001"}}],
+                        "metadata": {"skill": "lookup_order"}},
+            "configuration": {"returnImmediately": False}}}
+        async with httpx.AsyncClient(timeout=60) as http:
+            r = await http.post(f"{base}/", json=body, headers={
+                "A2A-Version": "1.0", "traceparent": f"00-{trace_id}-{caller}-01"})
+        assert r.status_code == 200, r.text
+        task = r.json()["result"]["task"]
+        assert task["status"]["state"] == "TASK_STATE_COMPLETED", task["status"]
+        await receiver.wait_for(lambda spans: any(
+            s["trace_id"] == trace_id and s["name"].startswith("invoke_workflow")
+            for s in spans), what="the task's root in the caller's trace")
+        tracing.shutdown_live_spans()  # flush the gateway's span
+        gateway = await receiver.wait_for(lambda spans: [
+            s for s in spans if s["trace_id"] == trace_id and s["scope"] == tracing.SCOPE
+            and s["name"] == "POST /"], what="the gateway's span")
+        assert len(gateway) == 1 and gateway[0]["kind"] == SERVER
+        assert gateway[0]["parent_span_id"] == caller
+        assert gateway[0]["attributes"]["http.response.status_code"] == 200
+        (root,) = [s for s in receiver.trace(trace_id) if s["name"].startswith("invoke_workflow")]
+        assert root["parent_span_id"] == gateway[0]["span_id"]
+        assert root["attributes"]["jetmesh.task.id"] == task["id"]
+    finally:
+        await mesh.stop()
