@@ -78,6 +78,7 @@ from starlette.types import Receive, Scope, Send
 
 from jetmesh.a2a import auth
 from jetmesh.a2a.edge import BodyCheck, TraceContext, quiet_sdk_logs
+from jetmesh.agents.mcp.serve import MeshMcpServer
 from jetmesh.bus import events as ev
 from jetmesh.bus import tracing
 from jetmesh.bus.settings import BusSettings
@@ -85,7 +86,9 @@ from jetmesh.bus.subjects import InvalidIdError, check_id
 from jetmesh.bus.tracecontext import parse_traceparent
 from jetmesh.orchestrator.client import AmbiguousApproval, Client, ControlRefused, TaskExists
 from jetmesh.orchestrator.projection import all_tasks
+from jetmesh.orchestrator.service import OrchestratorSettings
 from jetmesh.orchestrator.state import TaskState, fold
+from jetmesh.orchestrator.workflows import builtin_registry
 
 from .asyncapi import asyncapi_document, asyncapi_html
 from .cards import agent_http_base, card_to_dict, http_interfaces, mesh_card
@@ -113,6 +116,10 @@ __all__ = ["GatewayServer", "GatewaySettings", "MeshRequestHandler", "build_app"
 
 log = logging.getLogger("jetmesh.gateway")
 RESUME_HEADER = "last-event-id"
+
+
+MCP_PATH = "/mcp"
+"""Where the gateway serves the mesh as an MCP server (streamable HTTP)."""
 
 
 class GatewaySettings(BaseSettings):
@@ -660,9 +667,10 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
               settings: GatewaySettings | None = None, nats_url: str | None = None,
               signer: CardSigner | None = None, approver: Client | None = None,
               push: PushNotifications | None = None,
-              auth_settings: auth.AuthSettings | None = None) -> Starlette:
-    """The gateway's Starlette app (the caller owns `client`, `registry`, `approver` and
-    `push`)."""
+              auth_settings: auth.AuthSettings | None = None,
+              mcp: MeshMcpServer | None = None) -> Starlette:
+    """The gateway's Starlette app (the caller owns `client`, `registry`, `approver`,
+    `push`, and `mcp`, whose session manager it runs: served at /mcp)."""
     settings = settings or GatewaySettings()
     quiet_sdk_logs()
     cards = _Cards(registry, base_url.rstrip("/"), nats_url, signer, push is not None)
@@ -699,6 +707,8 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
         Mount("/agents/{name}", app=_AgentApps(agent_app)),
         *_contract_routes(nats_url),
         ui_mount(client, registry),  # the dashboard at /ui (a2a/ui)
+        # The mesh as an MCP server (streamable HTTP), behind the same authentication.
+        *(mcp.http_app(path=MCP_PATH, host=settings.host).routes if mcp is not None else []),
         *create_jsonrpc_routes(handler, "/"),
         *create_rest_routes(handler),
     ]
@@ -736,6 +746,9 @@ class GatewayServer:
         self.verifier = verifier
         self._task: asyncio.Task[None] | None = None
         self._server: Any = None
+        self.mcp: MeshMcpServer | None = None
+        self._mcp_task: asyncio.Task[None] | None = None
+        self._mcp_stop = asyncio.Event()
         self.client: Client | None = None
         self.approver: Client | None = None
         self.push: PushNotifications | None = None
@@ -769,9 +782,15 @@ class GatewayServer:
         sock.bind((self.settings.host, self.settings.port))
         port = sock.getsockname()[1]
         self.url = self.settings.public_url or f"http://{self.settings.host}:{port}"
+        token = s.approver_token.get_secret_value() if s.approver_token else None
+        self.mcp = MeshMcpServer(self.client, self.registry,
+                                 builtin_registry(OrchestratorSettings().workflows_dir),
+                                 approver=self.approver, approver_token=token)
         app = build_app(self.client, self.registry, base_url=self.url, settings=self.settings,
                         nats_url=self.nats_url, signer=self.signer, approver=self.approver,
-                        push=self.push, auth_settings=auth.AuthSettings.from_env())
+                        push=self.push, auth_settings=auth.AuthSettings.from_env(),
+                        mcp=self.mcp)
+        self._mcp_task = asyncio.create_task(self._run_mcp(), name="gateway-mcp")
         config = uvicorn.Config(app, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=1)
         self._server = _quiet_server(config)
@@ -783,7 +802,17 @@ class GatewayServer:
         log.info("A2A gateway at %s", self.url)
         return self.url
 
+    async def _run_mcp(self) -> None:
+        """The MCP endpoint's session manager, for as long as the gateway serves."""
+        assert self.mcp is not None
+        async with self.mcp.server.session_manager.run():
+            await self._mcp_stop.wait()
+
     async def stop(self) -> None:
+        self._mcp_stop.set()
+        if self._mcp_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._mcp_task, 5)
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:

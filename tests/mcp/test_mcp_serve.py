@@ -125,3 +125,23 @@ async def test_mcp_serve_over_streamable_http_needs_the_approver_token(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_the_gateway_serves_the_mesh_over_mcp(make_mesh, bus) -> None:
+    """Streamable HTTP through the gateway at /mcp: the SDK client lists the tools and
+    runs a skill; an approval without the gateway's approver token is refused."""
+    from jetmesh.a2a.gateway import MCP_PATH, GatewayServer, GatewaySettings
+
+    await make_mesh(["support"])
+    gateway = GatewayServer(bus.url, settings=GatewaySettings(port=0, agent_ttl_s=3))
+    base = await gateway.start()
+    try:
+        async with Client(base + MCP_PATH, read_timeout_seconds=60) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"skill_order_status", "workflow_fanout", "approve"} <= tools
+            out = await client.call_tool("approve", {"task_id": "nope", "approve": True})
+            assert out.is_error and "approver's token" in out.content[0].text  # type: ignore[union-attr]
+            status = await client.call_tool("skill_order_status", {"order_id": "A1001"})
+            assert (status.structured_content or {})["status"] == "completed"
+    finally:
+        await gateway.stop()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import APPROVER_TOKEN, READER_TOKEN, TRACE_URL, UiMesh, wait_event
+from ui_support import APPROVER_TOKEN, READER_TOKEN, TRACE_URL, UiMesh, wait_event
 
 from jetmesh.agents.builtin.support import refunds_file
 from jetmesh.bus import events as ev

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import APPROVER_TOKEN, READER_TOKEN, UiMesh, wait_event
+from ui_support import APPROVER_TOKEN, READER_TOKEN, UiMesh, wait_event
 
 from jetmesh.agents.builtin.support import refunds_file
 from jetmesh.bus import events as ev
