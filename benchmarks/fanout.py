@@ -470,6 +470,8 @@ def census_class(msg: Any) -> str:
     if subj.startswith("$JS.FC."):
         return "flow control reply"
     if subj.startswith("$JS.API."):
+        if os.environ.get("JETMESH_CENSUS_DEBUG"):
+            progress(f"API {subj} reply={msg.reply}")
         return "other JetStream API: " + ".".join(subj.split(".")[2:4])
     if subj.startswith("$KV."):
         return "KV put: " + subj.split(".")[1]
@@ -580,6 +582,13 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
             stored1 = await stream_seqs(client)
             if sniffer is not None:
                 await sniffer.unsubscribe()
+                if os.environ.get("JETMESH_CENSUS_DEBUG") and server.monitor_port:
+                    import urllib.request
+                    url = f"http://127.0.0.1:{server.monitor_port}/connz?subs=1"
+                    with urllib.request.urlopen(url) as r:  # noqa: ASYNC210 (debug only)
+                        for c in json.loads(r.read())["connections"]:
+                            progress(f"conn {c.get('name')} pid? subs "
+                                     f"{[x for x in c.get('subscriptions_list', [])][:6]}")
                 total = sum(census.values())
                 progress(f"  census: {total / cfg.tasks:.1f} messages per task seen on '>'")
                 for k, v in sorted(census.items(), key=lambda kv: -kv[1]):

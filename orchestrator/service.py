@@ -277,6 +277,8 @@ class Orchestrator:
         self.presence = (PresenceView(js, subjects.BUCKET_AGENTS, self.settings.agent_ttl_s,
                                       self.bus_settings.replicas) if use_registry else None)
         self.registry = None
+        self._planner_fresh: tuple[float, dict[str, SkillSpec]] | None = None
+        """When the planner last read the registry itself, and the skills it found."""
         if self.presence is not None:
             from jetmesh.a2a.registry import Registry
             from jetmesh.a2a.signing import verifier_from_env
@@ -445,6 +447,21 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ driving
 
+    @staticmethod
+    def _fold_read(cached: _Cached, task_id: str, new: list[LedgerEntry]) -> None:
+        """Fold what a read returned into the cache, moving its cursors."""
+        control = subjects.task_control(task_id)
+        for entry in new:
+            if is_log_seq(entry.seq):
+                apply(cached.state, entry, check_seq=False)
+                cached.log_cursor = max(cached.log_cursor, entry.seq)
+                continue
+            if entry.seq not in cached.local:
+                apply(cached.state, entry, check_seq=False)
+            if entry.subject == control:
+                cached.control_seq = max(cached.control_seq, entry.seq)
+            cached.cursor = entry.seq
+
     async def load(self, task_id: str, delivered: list[_Delivered] | None = None
                    ) -> TaskState:
         """The task's state: the cached fold plus whatever the ledger has that is newer.
@@ -467,21 +484,20 @@ class Orchestrator:
                 cached.unread = True
                 _report_ignored(cached.state, before)
                 return cached.state
-        new = await self.ledger.read(task_id, from_seq=cached.cursor + 1,
-                                     without_logs=_logs_unused(cached.state),
-                                     after_log=cached.log_cursor)
-        control = subjects.task_control(task_id)
+        # Before its submission is folded a task's logs are not read (a new task has
+        # none: one request, not two). If the fold then shows they count (a dollar
+        # budget: an orchestrator restarted mid-task), it is folded again from the
+        # start with them, in the merged order.
+        skip_logs = _logs_unused(cached.state) or cached.state.submitted is None
         ignored = cached.state.ignored_count
-        for entry in new:
-            if is_log_seq(entry.seq):
-                apply(cached.state, entry, check_seq=False)
-                cached.log_cursor = max(cached.log_cursor, entry.seq)
-                continue
-            if entry.seq not in cached.local:
-                apply(cached.state, entry, check_seq=False)
-            if entry.subject == control:
-                cached.control_seq = max(cached.control_seq, entry.seq)
-            cached.cursor = entry.seq
+        self._fold_read(cached, task_id, await self.ledger.read(
+            task_id, from_seq=cached.cursor + 1, without_logs=skip_logs,
+            after_log=cached.log_cursor))
+        if skip_logs and cached.state.submitted is not None \
+                and not _logs_unused(cached.state):
+            cached.state, cached.cursor, cached.log_cursor = TaskState(task_id=task_id), 0, 0
+            cached.control_seq, cached.local, ignored = 0, set(), 0
+            self._fold_read(cached, task_id, await self.ledger.read(task_id))
         cached.unread = False
         cached.local = {s for s in cached.local if s > cached.cursor}
         _report_ignored(cached.state, ignored)
@@ -907,9 +923,15 @@ class Orchestrator:
                     planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge))]
         live = self.live_skills()
         if live is not None:
-            # A model call follows: one read of the registry itself is cheap beside it,
+            # A model call follows: a read of the registry itself is cheap beside it,
             # and a stale view (a saturated loop) must not leave skills out of the plan.
-            live = {**(await self._fresh_skills() or {}), **live}
+            # One read serves the plans of the next second (it costs an ordered consumer
+            # on the bucket: 11 messages; once per task it was a tenth of a fan-out
+            # task's messages).
+            now = time.monotonic()
+            if self._planner_fresh is None or now - self._planner_fresh[0] > 1.0:
+                self._planner_fresh = (now, await self._fresh_skills() or {})
+            live = {**self._planner_fresh[1], **live}
         skills = sorted((live or {}).values(), key=lambda s: (s.id != "triage", s.id))
         recorder = Recorder("plan", [c for c in state.orchestrator_calls if c.purpose == "plan"],
                             self._guard(state))

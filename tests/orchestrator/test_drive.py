@@ -97,6 +97,13 @@ async def test_a_dollar_budget_is_split_with_what_the_workers_spent(orch: Orches
     cmd = ev.StepCommand.model_validate_json(last.data)
     assert cmd.step_id == "b"
     assert cmd.slice_usd == pytest.approx(0.6)
+    # An orchestrator that first sees the task now (a restart: nothing cached) reads
+    # its steps' logs too once it knows the budget counts dollars (issue 21: its first
+    # read leaves them out), so it has the same fold.
+    orch._cache.clear()
+    again = await orch.drive(tid)
+    assert again.cost_usd == pytest.approx(state.cost_usd) and again.cost_usd >= 0.4
+    assert again.steps["a"].cost_usd == pytest.approx(0.4)
 
 
 async def test_a_restarted_orchestrator_resends_unstarted_steps_marked_as_resent(
