@@ -26,8 +26,10 @@ from jetmesh.bus.ledger import LedgerEntry
 from jetmesh.orchestrator.state import fold
 
 STATS_TTL_S = 30 * 86400.0
+NO_TENANT = "(none)"
+"""The tenant group of tasks submitted without one (and of records written before tenants)."""
 """How long a task's record is kept in the projection."""
-BY = ("workflow", "agent", "model")
+BY = ("workflow", "tenant", "agent", "model")
 
 
 _COUNTS = ("cost_usd", "model_calls", "tool_calls", "tokens", "input_tokens",
@@ -103,6 +105,7 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry]) -> dict[str, Any]
     return {
         "task_id": task_id,
         "workflow": (submitted.workflow if submitted else None) or "(planned)",
+        "tenant": (submitted.tenant if submitted else None) or NO_TENANT,
         "user_id": submitted.user_id if submitted else None,
         "status": state.status.value,
         "code": state.code,
@@ -195,16 +198,16 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def aggregate(records: Iterable[dict[str, Any]], *, since: datetime | None = None,
               by: str | None = None) -> dict[str, Any]:
     """The figures over the records that ended at or after `since`; with `by`
-    (workflow, agent, model) also per group (a task counts in every agent's or model's
+    (workflow, tenant, agent, model) also per group (a task counts in every agent's or model's
     group it used; cost and calls there are that agent's or model's own)."""
     rows = [r for r in records
             if since is None or datetime.fromisoformat(r["ended_at"]) >= since]
     out: dict[str, Any] = {"all": _figures(rows)}
-    if by == "workflow":
+    if by in ("workflow", "tenant"):  # whole tasks, grouped
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            groups.setdefault(r["workflow"], []).append(r)
-        out["by_workflow"] = {k: _figures(v) for k, v in sorted(groups.items())}
+            groups.setdefault(r.get(by) or NO_TENANT, []).append(r)
+        out[f"by_{by}"] = {k: _figures(v) for k, v in sorted(groups.items())}
     elif by in ("agent", "model"):
         table = "agents" if by == "agent" else "models"
         per: dict[str, dict[str, Any]] = {}

@@ -170,7 +170,7 @@ def stats_cmd(
     url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
     since: Annotated[str | None, typer.Option(help="Window: tasks ended within it "
                                                    "(e.g. 24h, 7d; default all).")] = None,
-    by: Annotated[str | None, typer.Option(help="Also per workflow, agent or model.")
+    by: Annotated[str | None, typer.Option(help="Also per workflow, tenant, agent or model.")
                   ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
@@ -227,7 +227,7 @@ def stats_cmd(
             continue
         g = Table(title=key.replace("_", " "))
         g.add_column(key.removeprefix("by_"))
-        if key == "by_workflow":
+        if key in ("by_workflow", "by_tenant"):
             for col in ("tasks", "completed", "cost/completed", "p95 s"):
                 g.add_column(col, justify="right")
             for name, f in groups.items():

@@ -118,8 +118,9 @@ async def _stats_over_a_mix(make_mesh, bus, n: int, tmp_path: Path) -> None:  # 
     for kind, count in mix.items():
         for i in range(count):
             tid = f"{kind}-{run}-{i}"
-            if kind == "ok":
-                await mesh.client.submit("orders", task_id=tid, **fan)
+            if kind == "ok":  # of two tenants, alternately
+                await mesh.client.submit("orders", task_id=tid, tenant=f"t{i % 2}-{run}",
+                                         **fan)
             elif kind == "budget":
                 await mesh.client.submit("orders", task_id=tid, budget=ev.Budget(max_usd=1e-9),
                                          **fan)
@@ -209,18 +210,24 @@ async def _stats_over_a_mix(make_mesh, bus, n: int, tmp_path: Path) -> None:  # 
     assert by_wf["assist-stats"]["approvals"] == approvals
     assert by_wf["fanout"]["tasks"] == mix["ok"] + mix["budget"] + mix["deadline"]
     assert by_wf["no-such-workflow"]["tasks"] == mix["reject"]
+    by_tenant = aggregate(records, by="tenant")["by_tenant"]
+    assert {k: v["tasks"] for k, v in by_tenant.items()} == {
+        f"t0-{run}": (mix["ok"] + 1) // 2, f"t1-{run}": mix["ok"] // 2,
+        "(none)": len(every) - mix["ok"]}
+    assert by_tenant[f"t0-{run}"]["by_outcome"] == {"completed": (mix["ok"] + 1) // 2}
     by_agent = aggregate(records, by="agent")["by_agent"]
     assert by_agent["support"]["tool_calls"] + by_agent[REFUNDER.name]["tool_calls"] == tools
 
     # The CLI answers from the projection (JSON).
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "jetmesh"), "stats", "--json", "--since", "1h",
+        str(Path(sys.executable).parent / "jetmesh"), "stats", "--json", "--since", "1h", "--by", "tenant",
         "--url", bus.url, "--data-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
     out, errs = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, errs.decode()
     cli = json.loads(out)
     assert cli["all"]["tasks"] >= len(every)  # the bucket also holds other tests' tasks
+    assert cli["by_tenant"][f"t1-{run}"]["tasks"] == mix["ok"] // 2
     assert subjects.BUCKET_STATS == "jm-stats"
 
 
