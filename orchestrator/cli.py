@@ -429,6 +429,9 @@ def submit_cmd(
                 err.print(f"[yellow]still {state.status.value} after {timeout:g}s[/]; "
                           f"jetmesh tail {tid}")
                 return 3
+            # The follow shows the task's decisions; its usage, cost and tool calls are in
+            # the steps' logs (JM_LOG), which the full fold reads.
+            state = await c.state(tid)
             console.print(f"[bold]{state.status.value}[/] in "
                           f"{_elapsed(state)} · {state.model_calls} model calls · "
                           f"{state.tool_calls} tool calls · ${state.cost_usd:.5f}")

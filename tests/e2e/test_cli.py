@@ -46,6 +46,9 @@ def test_up_then_submit_wait_then_ctrl_c(tmp_path: Path) -> None:
                       "--input", json.dumps({"order_id": "A1001"}), "--wait", cwd=tmp_path)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "completed" in res.stdout
+        # The summary counts the steps' logs too (model and tool calls live in JM_LOG).
+        summary = next(x for x in res.stdout.splitlines() if " model calls · " in x)
+        assert " 0 model calls" not in summary and " 0 tool calls" not in summary, summary
         assert "step review" in res.stdout
         tid = res.stdout.split("task ", 1)[1].split()[0]
         show = jetmesh("show", tid, cwd=tmp_path)
