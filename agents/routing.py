@@ -32,6 +32,7 @@ __all__ = [
     "Routing",
     "Tier",
     "Validator",
+    "as_text",
     "estimate_call",
     "lookup",
     "validator_errors",
@@ -55,7 +56,8 @@ def lookup(value: Any, path: str) -> tuple[bool, Any]:
     return True, cur
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A value as text for a check: a string as is, anything else as sorted JSON."""
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
@@ -98,7 +100,7 @@ class RouteRule(BaseModel):
         found, value = lookup(step_input, self.path)
         if not found:
             return False
-        text = _text(value)
+        text = as_text(value)
         if self.regex is not None and re.search(self.regex, text, re.IGNORECASE) is None:
             return False
         if self.min_chars is not None and len(text) < self.min_chars:
@@ -159,7 +161,7 @@ class Validator(BaseModel):
         if not found and (self.regex or self.min is not None or self.max is not None
                           or self.one_of is not None or self.equals_path or self.contains_path):
             return [f"{self.name}: {where} is missing"]
-        if self.regex is not None and re.search(self.regex, _text(value)) is None:
+        if self.regex is not None and re.search(self.regex, as_text(value)) is None:
             out.append(f"{self.name}: {where} does not match /{self.regex}/")
         number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
         if self.min is not None and (number is None or number < self.min):
@@ -174,7 +176,7 @@ class Validator(BaseModel):
                 out.append(f"{self.name}: {where} must equal {self.equals_path}")
         if self.contains_path is not None:
             other_found, other = lookup(output, self.contains_path)
-            if not other_found or _text(other) not in _text(value):
+            if not other_found or as_text(other) not in as_text(value):
                 out.append(f"{self.name}: {where} must contain {self.contains_path}")
         if self.check is not None:
             problem = self.check(output)

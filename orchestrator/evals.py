@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jetmesh.agents.models.types import Model
+from jetmesh.agents.routing import as_text, lookup
 from jetmesh.agents.spec import schema_errors
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -183,25 +184,9 @@ class CaseResult(BaseModel):
     runs: list[RunResult]
 
 
-def _lookup(value: Any, path: str) -> tuple[bool, Any]:
-    cur = value
-    for part in [p for p in path.split(".") if p]:
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            return False, None
-    return True, cur
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-
-
 def _result_checks(rc: ResultCheck, result: dict[str, Any] | None) -> list[Check]:
     name = f"result.{rc.path}" if rc.path else "result"
-    found, value = _lookup(result, rc.path) if result is not None else (False, None)
+    found, value = lookup(result, rc.path) if result is not None else (False, None)
     out: list[Check] = []
     if rc.exists is not None:
         out.append(Check(name=f"{name} exists", ok=found == rc.exists))
@@ -214,12 +199,12 @@ def _result_checks(rc: ResultCheck, result: dict[str, Any] | None) -> list[Check
         return out
     if rc.equals is not None:
         out.append(Check(name=f"{name} equals", ok=value == rc.equals,
-                         detail="" if value == rc.equals else _text(value)[:80]))
+                         detail="" if value == rc.equals else as_text(value)[:80]))
     if rc.contains is not None:
-        out.append(Check(name=f"{name} contains {rc.contains!r}", ok=rc.contains in _text(value)))
+        out.append(Check(name=f"{name} contains {rc.contains!r}", ok=rc.contains in as_text(value)))
     if rc.regex is not None:
         out.append(Check(name=f"{name} matches /{rc.regex}/",
-                         ok=re.search(rc.regex, _text(value)) is not None))
+                         ok=re.search(rc.regex, as_text(value)) is not None))
     if rc.schema_ is not None:
         errors = schema_errors(rc.schema_, value)
         out.append(Check(name=f"{name} schema", ok=not errors, detail="; ".join(errors[:3])))
@@ -364,7 +349,7 @@ async def judge_checks(client: Client, case: Case, task_id: str,
                 .orchestrator_calls if c.purpose.startswith("judge:")}
     for jc in case.checks.judge:
         name = f"judge {jc.rubric[:40]}"
-        found, value = _lookup(result, jc.path) if result is not None else (False, None)
+        found, value = lookup(result, jc.path) if result is not None else (False, None)
         if not found:
             out.append(Check(name=name, ok=False, detail="no such path", value=0.0))
             continue
