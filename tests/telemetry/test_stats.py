@@ -221,8 +221,9 @@ async def _stats_over_a_mix(make_mesh, bus, n: int, tmp_path: Path) -> None:  # 
     # The CLI answers from the projection (JSON).
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "jetmesh"), "stats", "--json", "--since", "1h",
-        "--by", "tenant", "--url", bus.url, "--data-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+        "--by", "tenant", "--url", bus.url, "--data-dir", str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
     out, errs = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, errs.decode()
     cli = json.loads(out)
