@@ -30,6 +30,7 @@ import logging
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,8 @@ from jetmesh.bus.tracecontext import parse_traceparent
 from jetmesh.orchestrator.client import AmbiguousApproval, Client, ControlRefused, TaskExists
 from jetmesh.orchestrator.projection import all_tasks
 from jetmesh.orchestrator.service import OrchestratorSettings
-from jetmesh.orchestrator.state import TaskState, fold
+from jetmesh.orchestrator.state import TaskState, TaskStatus, fold
+from jetmesh.orchestrator.tasks_kv import current_summaries
 from jetmesh.orchestrator.workflows import builtin_registry
 
 from .asyncapi import asyncapi_document, asyncapi_html
@@ -165,6 +167,17 @@ class _Sent:
 
     task_id: str
     after: int
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """What ListTasks filters and orders a task by (before it folds the page's tasks)."""
+
+    task_id: str
+    status: TaskStatus
+    updated_at: datetime | None
+    tenant: str | None
+    context_id: str | None
 
 
 def _traceparent(context: ServerCallContext) -> str | None:
@@ -475,14 +488,22 @@ class MeshRequestHandler(RequestHandler):
 
     async def on_list_tasks(self, params: ListTasksRequest, context: ServerCallContext
                             ) -> ListTasksResponse:
-        states = [s for s in await all_tasks(self.client.ledger) if s.submitted is not None
-                  and auth.may_see(s.submitted.tenant)]
+        # Filter, order and page the task listing projection (jm-tasks, kept by the
+        # dashboard's projector, plus the ledger's tail past it); only the page's tasks are
+        # folded. Without a projection, or one too far behind: the whole ledger, folded.
+        current = await current_summaries(self.client.js, self.client.ledger)
+        if current is not None and current[1] == 0:
+            rows: list[_Listed] = [_Listed(x.task_id, x.status, x.updated_at, x.tenant,
+                                           x.context_id) for x in current[0]]
+        else:
+            rows = [_Listed(s.task_id, s.status, s.updated_at, s.submitted.tenant,
+                            s.submitted.metadata.get(META_CONTEXT))
+                    for s in await all_tasks(self.client.ledger) if s.submitted is not None]
+        states = [r for r in rows if auth.may_see(r.tenant)]
         states.sort(key=lambda s: (s.updated_at.timestamp() if s.updated_at else 0.0,
                                    s.task_id), reverse=True)  # latest update first
         if params.context_id:
-            states = [s for s in states
-                      if s.submitted and s.submitted.metadata.get(META_CONTEXT)
-                      == params.context_id]
+            states = [s for s in states if s.context_id == params.context_id]
         if params.status != A2AState.TASK_STATE_UNSPECIFIED:
             wanted = jetmesh_status(params.status)  # None: a state jetmesh tasks never take
             states = [s for s in states if wanted is not None and s.status == wanted]
@@ -502,7 +523,7 @@ class MeshRequestHandler(RequestHandler):
             raise InvalidParamsError(message="invalid pageToken") from e
         if start < 0 or (start and start >= len(states)):
             raise InvalidParamsError(message="invalid pageToken")
-        page = states[start:start + size]
+        page = [await self.client.state(r.task_id) for r in states[start:start + size]]
         history = params.history_length if params.HasField("history_length") else 0
         tasks = [task_from_state(s, history=history != 0,
                                  artifacts=params.include_artifacts) for s in page]

@@ -32,6 +32,7 @@ from jetmesh.bus import events as ev
 from jetmesh.bus.ledger import LedgerEntry, is_log_seq
 from jetmesh.orchestrator.state import StepStatus, TaskState
 from jetmesh.orchestrator.state import TaskStatus as JmStatus
+from jetmesh.orchestrator.tasks_kv import A2A_CONTEXT_KEY
 from jetmesh.orchestrator.timeline import describe
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
     "upto",
 ]
 
-META_CONTEXT = "a2a.context_id"
+META_CONTEXT = A2A_CONTEXT_KEY  # one name, kept in the task listing projection too
 """Submission metadata key holding the A2A context id."""
 META_MESSAGE = "a2a.message_id"
 SKILL_WORKFLOW_PREFIX = "skill:"

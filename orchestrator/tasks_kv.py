@@ -54,6 +54,11 @@ LOG_BASE: int | None = getattr(_ledger, "LOG_SEQ_BASE", None)
 with sequences from here up; None: they are on the ledger stream itself."""
 
 
+A2A_CONTEXT_KEY = "a2a.context_id"
+"""The submission metadata key where the A2A gateway keeps a task's contextId
+(`jetmesh.a2a.tasks.META_CONTEXT` is this)."""
+
+
 def is_log(seq: int) -> bool:
     return LOG_BASE is not None and seq >= LOG_BASE
 
@@ -113,6 +118,9 @@ class TaskSummary(BaseModel):
     forked_from: str | None = None
     pending: list[PendingApproval] = Field(default_factory=list)
     last_seq: int = 0
+    tenant: str | None = None
+    context_id: str | None = None
+    """The A2A context the task belongs to (its submission's metadata), for ListTasks."""
 
 
 def summarize(state: TaskState, rules: dict[str, str] | None = None) -> TaskSummary:
@@ -139,7 +147,9 @@ def summarize(state: TaskState, rules: dict[str, str] | None = None) -> TaskSumm
         code=state.code, reason=state.reason,
         replay_of=sub.replay_of if sub else None,
         forked_from=sub.replay_of if sub and sub.fork else None,
-        pending=pending, last_seq=state.last_seq)
+        pending=pending, last_seq=state.last_seq,
+        tenant=sub.tenant if sub else None,
+        context_id=sub.metadata.get(A2A_CONTEXT_KEY) if sub else None)
 
 
 class _Open:

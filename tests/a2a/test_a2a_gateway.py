@@ -176,3 +176,43 @@ async def test_cancel_and_resubscribe_after_a_dropped_stream_lose_and_repeat_not
     ledger = ledger_seqs(await a2a_bus.ledger.read(task_id))
     assert before + after == ledger  # no gap, no repeat
     assert resumed[-1].status_update.status.state == TaskState.TASK_STATE_CANCELED
+
+
+async def test_list_tasks_filters_and_orders_from_the_task_projection(gateway: Mesh) -> None:
+    """ListTasks reads the task listing projection (jm-tasks), not the whole ledger: a
+    summary planted only in the projection is what it filters by; only the page's tasks
+    are folded from the ledger."""
+    import uuid
+
+    from jetmesh.bus.connection import jetstream
+    from jetmesh.bus.ledger import Ledger
+    from jetmesh.orchestrator.tasks_kv import TaskProjector, open_bucket, task_key
+
+    client = await _client(gateway.base, streaming=False)
+    async with client:
+        (resp,) = [r async for r in client.send_message(_message(
+            data={"order_id": "A1003"}, skill="lookup_order"))]
+        task = resp.task
+        assert task.status.state == TaskState.TASK_STATE_COMPLETED
+        js = jetstream(gateway.nc)
+        ledger = Ledger(gateway.nc, js)
+        projector = TaskProjector(js, ledger)
+        await projector.start()
+        try:
+            last = max(e.seq for e in await ledger.read(task.id) if e.seq < 1 << 40)
+            await projector.wait_for_seq(last, timeout=30)
+        finally:
+            await projector.stop()
+        kv = await open_bucket(js, create=False)
+        assert kv is not None
+        from jetmesh.orchestrator.tasks_kv import TaskSummary
+
+        entry = await kv.get(task_key(task.id))
+        planted = TaskSummary.model_validate_json(entry.value).model_copy(
+            update={"context_id": f"ctx-planted-{uuid.uuid4().hex[:8]}"})
+        await kv.put(task_key(task.id), planted.model_dump_json().encode())
+        listed = await client.list_tasks(ListTasksRequest(context_id=planted.context_id))
+        assert [t.id for t in listed.tasks] == [task.id]  # the projection's context id
+        assert listed.tasks[0].status.state == TaskState.TASK_STATE_COMPLETED  # folded
+        gone = await client.list_tasks(ListTasksRequest(context_id=task.context_id))
+        assert task.id not in [t.id for t in gone.tasks]
