@@ -326,10 +326,23 @@ async function viewApprovals(view) {
     put(box, data.approvals.length ? approvalsTable(data.approvals, data.may_decide, load)
       : h("p", { class: "muted", "data-testid": "inbox-empty" }, "Nothing waits for a decision."),
     data.may_decide ? null : h("p", { class: "muted" }, "Read-only login: you see the inbox but cannot decide."));
+    shown = signature(data.approvals);
+    // Also look again every few seconds, and redraw only if the pending set changed (a
+    // reason being typed stays): a change that landed between this read and the live
+    // stream's start is never missed for long. Cleared when the view is left.
+    state.timers.push(setTimeout(check, 3000));
   }
-  await load();
+  let shown = "";
+  const signature = (rows) => JSON.stringify(rows.map((r) => [r.task_id, r.key]));
+  async function check() {
+    try {
+      if (signature((await api("approvals")).approvals) !== shown) return reload();
+    } catch (_) { /* tried again below */ }
+    state.timers.push(setTimeout(check, 3000));
+  }
   const reload = debounce(load, 150);
-  live("/ui/api/tasks/live", { tasks: reload, reload });
+  live("/ui/api/tasks/live", { tasks: reload, reload });  // subscribed before the first read
+  await load();
 }
 
 // ----------------------------------------------------------------------- agents
