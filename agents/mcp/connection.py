@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
 import sys
 import time
 from collections.abc import AsyncGenerator
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx2
@@ -29,6 +27,7 @@ from mcp.types import Tool as McpToolInfo
 from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
 from jetmesh.agents.models.breaker import CircuitBreaker
+from jetmesh.agents.models.retry import parse_retry_after
 
 from .config import HttpServer, McpServerConfig, StdioServer
 from .errors import (
@@ -46,19 +45,10 @@ log = logging.getLogger("jetmesh.mcp")
 
 
 def retry_after_s(value: str | None, default: float) -> float:
-    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date)."""
-    if not value:
-        return default
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return default
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date; the model
+    layer's parser), else `default`."""
+    wait = parse_retry_after({"retry-after": value} if value else None)
+    return default if wait is None else wait
 
 
 class HttpGate(httpx2.Auth):
