@@ -41,6 +41,7 @@ from jetmesh.agents.spec import AgentSpec
 from jetmesh.agents.toolcache import KVToolCache
 from jetmesh.agents.tools import Tool, ToolContext
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects, tracing
 from jetmesh.bus.budgets import BudgetBook
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
@@ -584,7 +585,7 @@ class Worker:
                 known.reading = None
 
     async def _on_control(self, msg: Msg) -> None:
-        if (msg.headers or {}).get("Ce-Type") != "jetmesh.task.cancel_requested.v1":
+        if (msg.headers or {}).get(hn.CE_TYPE) != "jetmesh.task.cancel_requested.v1":
             return
         try:
             event = ev.decode_event(msg.data)

@@ -39,6 +39,7 @@ from nats.errors import MsgAlreadyAckdError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.dlq import dead_letter
 from jetmesh.bus.errors import LedgerReadError, LedgerWriteError
@@ -181,13 +182,13 @@ class PullRunner:
     async def _on_msg(self, msg: Msg) -> None:
         if not msg.reply:  # the server's status for one pull request, sent to its inbox
             token = msg.subject.rsplit(".", 1)[-1]
-            status = (msg.headers or {}).get("Status", "")
+            status = (msg.headers or {}).get(hn.STATUS, "")
             if status == "100":  # heartbeat
                 return
             if self._open.pop(token, None) is not None:
                 if status not in ("404", "408"):  # 409 and the like: not in a tight loop
                     log.debug("pull request on %s ended: %s %s", self.durable, status,
-                              (msg.headers or {}).get("Description", ""))
+                              (msg.headers or {}).get(hn.DESCRIPTION, ""))
                     self._pause_until = asyncio.get_running_loop().time() + 0.2
                 self._wake.set()
             return

@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel, Field
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.errors import BusError
 from jetmesh.bus.events import RESENT_HEADER, utcnow
@@ -199,7 +200,7 @@ async def dead_letter(
         try:
             await js.publish(
                 subjects.dlq(stream, consumer), dl.model_dump_json().encode(),
-                headers={"Nats-Msg-Id": msg_id} if msg_id else None,
+                headers={hn.MSG_ID: msg_id} if msg_id else None,
             )
             stored = True
             break
@@ -265,8 +266,8 @@ async def redrive(js: JetStreamContext, reader: object, seq: int) -> DeadLetter:
     if dl.data_truncated:
         raise BusError(f"dead letter {seq} holds only the first {len(dl.data)} of "
                        f"{dl.data_bytes} bytes: it cannot be redriven")
-    headers = {k: v for k, v in dl.headers.items() if not k.startswith("Nats-")}
-    headers["Nats-Msg-Id"] = f"redrive-{subjects.STREAM_DLQ}-{seq}"
+    headers = {k: v for k, v in dl.headers.items() if not k.startswith(hn.NATS_PREFIX)}
+    headers[hn.MSG_ID] = f"redrive-{subjects.STREAM_DLQ}-{seq}"
     headers[RESENT_HEADER] = "redrive"  # a step command: read the step's line first
     await js.publish(dl.subject, dl.data, headers=headers)
     await js.delete_msg(subjects.STREAM_DLQ, seq)

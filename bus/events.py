@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticSerializationError
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus.errors import InvalidEventError
 from jetmesh.bus.subjects import check_id
 from jetmesh.bus.wire import MAX_JSON_DEPTH as MAX_JSON_DEPTH
@@ -632,7 +633,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
 TERMINAL_TASK_EVENTS = (TaskCompleted, TaskFailed, TaskCanceled, TaskRejected)
 
 
-RESENT_HEADER = "Jm-Resent"
+RESENT_HEADER = hn.RESENT
 """Header of a step command sent again (a dead letter redriven, a dispatch re-published
 by an orchestrator that restarted): the step may have run before, so the worker reads
 its line and claims it before running it, even on the message's first delivery."""

@@ -32,6 +32,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 from pydantic import ValidationError
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.errors import (
     AppendConflict,
@@ -67,10 +68,10 @@ log = logging.getLogger("jetmesh.bus")
 
 WRONG_LAST_SEQUENCE = 10071
 """JetStream API error code: Nats-Expected-Last-Subject-Sequence did not match."""
-EXPECTED_LAST_SEQ = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SEQ = hn.EXPECTED_LAST_SUBJECT_SEQUENCE
 """The fence header: stored only if the subject's last sequence is this one. It is
 stored with the message, so a delivered event tells what came before it on its subject."""
-EXPECTED_LAST_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+EXPECTED_LAST_SEQ_SUBJECT = hn.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT
 """With EXPECTED_LAST_SEQ: the subject whose last sequence is checked, if not the
 message's own."""
 LOG_SEQ_BASE = 1 << 40
@@ -236,9 +237,9 @@ def event_headers(event: Event, expected: int | None,
                   on_subject: str | None = None) -> dict[str, str]:
     """An append's headers: the event id (dedup), its type, trace context, the fence
     (the last sequence of the event's own subject, or of `on_subject`)."""
-    h = {"Nats-Msg-Id": event.id, "Ce-Type": event.type}
+    h = {hn.MSG_ID: event.id, hn.CE_TYPE: event.type}
     if event.traceparent:
-        h["traceparent"] = event.traceparent
+        h[hn.TRACEPARENT] = event.traceparent
     if expected is not None:
         h[EXPECTED_LAST_SEQ] = str(expected)
         if on_subject is not None:
@@ -621,7 +622,7 @@ class Ledger:
         try:
             resp = json.loads(msg.data)
         except ValueError:
-            status = (msg.headers or {}).get("Status", "")
+            status = (msg.headers or {}).get(hn.STATUS, "")
             fut.set_exception(LedgerWriteError(f"append to {subject}: no ack ({status})"))
             return
         err = resp.get("error")
@@ -645,17 +646,17 @@ class Ledger:
         if done.done():
             return
         hdrs = msg.headers or {}
-        status = hdrs.get("Status")
+        status = hdrs.get(hn.STATUS)
         if status in ("204", "404"):  # end of batch / nothing found
             done.set_result(out)
         elif status:
             done.set_exception(LedgerReadError(
-                f"direct get: {status} {hdrs.get('Description', '')}"))
+                f"direct get: {status} {hdrs.get(hn.DESCRIPTION, '')}"))
         else:
             try:
-                out.append((int(hdrs["Nats-Sequence"]), hdrs["Nats-Subject"], msg.data))
+                out.append((int(hdrs[hn.SEQUENCE]), hdrs[hn.SUBJECT], msg.data))
                 if stamps is not None:
-                    stamps.append(hdrs.get("Nats-Time-Stamp", ""))
+                    stamps.append(hdrs.get(hn.TIME_STAMP, ""))
             except (KeyError, ValueError):  # not a direct-get reply: not ours to read
                 log.warning("direct get reply without sequence or subject on %s, ignored",
                             safe_text(msg.subject, 200))

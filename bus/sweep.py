@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.dlq import DeadLetter
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
@@ -100,7 +101,7 @@ async def sweep_unconsumed(js: JetStreamContext, *, older_than_s: float = 60.0,
                 data_bytes=len(data) if len(kept) < len(data) else None)
             await js.publish(subjects.dlq(stream, UNCONSUMED),
                              letter.model_dump_json().encode(),
-                             headers={"Nats-Msg-Id": f"dlq-{stream}-{seq}"})
+                             headers={hn.MSG_ID: f"dlq-{stream}-{seq}"})
             try:
                 await js.delete_msg(stream, seq)
             except NotFoundError:

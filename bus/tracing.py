@@ -33,6 +33,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus.tracecontext import parse_traceparent
 
 __all__ = [
@@ -119,7 +120,7 @@ def attached(traceparent: str | None) -> Iterator[None]:
     if parse_traceparent(traceparent) is None:
         yield
         return
-    token = otel_context.attach(propagate.extract({"traceparent": str(traceparent)}))
+    token = otel_context.attach(propagate.extract({hn.TRACEPARENT: str(traceparent)}))
     try:
         yield
     finally:
@@ -130,7 +131,7 @@ def current_traceparent() -> str | None:
     """The current context as a W3C traceparent, if there is one."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    return carrier.get("traceparent")
+    return carrier.get(hn.TRACEPARENT)
 
 
 def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:

@@ -10,6 +10,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.ledger import Ledger, LedgerEntry
@@ -131,8 +132,8 @@ class Client:
             **({"task_id": task_id} if task_id else {}))
         ack = await self.js.publish(subjects.SUBMIT,
                                     sub.model_dump_json(exclude_none=True).encode(),
-                                    headers={"Nats-Msg-Id": sub.task_id,
-                                             **({"traceparent": traceparent}
+                                    headers={hn.MSG_ID: sub.task_id,
+                                             **({hn.TRACEPARENT: traceparent}
                                                 if traceparent else {})})
         if ack.duplicate:
             await self._same_as_stored(sub, int(ack.seq))

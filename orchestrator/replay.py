@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from jetmesh.agents.models.errors import ModelError
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.ledger import Ledger, LedgerEntry
 from jetmesh.orchestrator.state import TaskState, fold
@@ -326,7 +327,7 @@ def compare(a_id: str, a_entries: list[LedgerEntry], b_id: str,
 async def submit(client: Client, sub: ev.TaskSubmission) -> str:
     """Publish a replay's or fork's submission (as `Client.submit` does)."""
     await client.js.publish(subjects.SUBMIT, sub.model_dump_json(exclude_none=True).encode(),
-                            headers={"Nats-Msg-Id": sub.task_id})
+                            headers={hn.MSG_ID: sub.task_id})
     return sub.task_id
 
 

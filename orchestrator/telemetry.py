@@ -70,6 +70,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.ledger import Ledger, LedgerEntry, is_log_seq
@@ -804,7 +805,7 @@ class TelemetryService:
     async def _on_event(self, msg: Msg) -> None:
         # Deliveries carry headers only: the ledger's appends name their type there, and
         # a task's end is read back with the rest of the task.
-        kind = (msg.headers or {}).get("Ce-Type")
+        kind = (msg.headers or {}).get(hn.CE_TYPE)
         if kind is not None and kind not in _TERMINAL_TYPES:
             return  # not a task's end: acked, unread
         task_id = subjects.task_id_of(msg.subject)
