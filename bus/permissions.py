@@ -30,6 +30,9 @@ Roles:
 - **gateway**: submits tasks, cancels them, reads and follows the ledger, reads the
   registry; for the dashboard it keeps the `jm-tasks` projection, reads `jm-stats` and
   lists dead letters. It cannot approve.
+- **tenants**: the tenant service (bus.tenancy): answers tenant accounts' task reads
+  (`jm.tenant.*.tasks.*`) from the ledger and copies their tasks' events to
+  `jm.tenant.<T>.task.>` (the only role that may publish there).
 - **telemetry**: reads the ledger and pulls its own `telemetry` durable on the task
   events (traces derived from the ledger); writes only its `jm-stats` projection.
 
@@ -69,8 +72,9 @@ ROLE_BRIDGE = "bridge"
 ROLE_MEMORY = "memory"
 ROLE_GATEWAY = "gateway"
 ROLE_TELEMETRY = "telemetry"
+ROLE_TENANTS = "tenants"
 ROLES = (ROLE_ADMIN, ROLE_APPROVER, ROLE_ORCHESTRATOR, ROLE_AGENT, ROLE_BRIDGE, ROLE_MEMORY,
-         ROLE_GATEWAY, ROLE_TELEMETRY)
+         ROLE_GATEWAY, ROLE_TELEMETRY, ROLE_TENANTS)
 
 JM_STREAMS = (subjects.STREAM_TASKS, subjects.STREAM_LEDGER, subjects.STREAM_LOG,
               subjects.STREAM_WORK, subjects.STREAM_DLQ)
@@ -106,11 +110,15 @@ LIMITS = (
     "The orchestrator answers a refused submission on the submitter's inbox (its "
     "Jm-Reply-To header), so it may publish to the gateway's and the admin's inboxes; "
     "it could send them forged replies. Trusted: it writes the task's events anyway.",
-    "Tenants are not NATS subjects: task, step and ledger subjects carry no tenant token and "
-    "every service role serves every tenant, so NATS cannot keep one tenant's reader from "
-    "another tenant's tasks. Tenants hold no NATS credentials: they reach the mesh through "
-    "the gateway (a2a/auth), which answers another tenant's task as not found and lists "
-    "only the caller's. Kill switch rules (jm-killswitch) are written by the admin alone; "
+    "Task, step and ledger subjects carry no tenant token and every service role serves "
+    "every tenant: inside the mesh account NATS cannot keep one tenant's tasks from a "
+    "service. Tenants that connect to NATS directly get an account each (`nats-config "
+    "--tenants`, bus.tenancy): NATS stamps their tenant on the subject of what they send "
+    "(jm.tenant.<T>.…, which no mesh role may publish) and they see only what the mesh "
+    "exports to them; the services that answer (orchestrator intake, memory, the tenant "
+    "service) scope by that subject's tenant. Tenants behind the gateway are scoped by "
+    "a2a/auth (another tenant's task is not found, listings are the caller's). Kill "
+    "switch rules (jm-killswitch) are written by the admin alone; "
     "spend counters (jm-spend, <tenant|user>.<who>.<period>) are written by every agent, "
     "like the budget counters: an agent could change another tenant's counter.",
     "Legacy consumer creation ($JS.API.CONSUMER.DURABLE.CREATE.<stream>.<durable>) carries "
@@ -383,6 +391,8 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     pub += stream_declare([*JM_STREAMS, *(kv_stream(b) for b in BUCKETS)])
     pub += pull_consumer(subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT,
                          subjects.SUBMIT, opts)
+    pub += pull_consumer(subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_TENANT_SUBMIT,
+                         subjects.ALL_TENANT_SUBMITS, opts)
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS,
                          subjects.ALL_STEP_EVENTS, opts)
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL,
@@ -421,7 +431,19 @@ def memory_permissions(options: Options | None = None) -> Permissions:
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_MEMORY_EPISODES, None, opts)
     pub += ledger_reads()
     pub.append(subjects.MEMORY_ALL)  # its own health probe
-    sub.append(subjects.MEMORY_ALL)
+    sub += [subjects.MEMORY_ALL, subjects.ALL_TENANT_MEMORY]  # tenant accounts' requests
+    return Permissions(_dedupe(pub), _dedupe(sub), allow_responses=True)
+
+
+def tenants_permissions(options: Options | None = None) -> Permissions:
+    """The tenant service (bus.tenancy.TenantService): reads and follows the ledger,
+    answers tenant accounts' task reads and writes the copies of their tasks' events."""
+    opts = options or Options()
+    pub, sub = _common(ROLE_TENANTS, opts)
+    pub += stream_info(JM_STREAMS)
+    pub += ledger_reads() + ordered_reader(subjects.STREAM_LEDGER)
+    pub.append(subjects.ALL_TENANT_TASK_EVENTS)
+    sub.append(subjects.ALL_TENANT_TASK_OPS)
     return Permissions(_dedupe(pub), _dedupe(sub), allow_responses=True)
 
 
@@ -461,7 +483,7 @@ def gateway_permissions(options: Options | None = None) -> Permissions:
     # A2A push notifications (a2a/push): the configs and delivery cursors it keeps.
     push_kv = kv_stream(subjects.BUCKET_A2A_PUSH)
     pub += stream_declare([push_kv]) + kv_read(subjects.BUCKET_A2A_PUSH)
-    pub += kv_write(subjects.BUCKET_A2A_PUSH)
+    pub += kv_write(subjects.BUCKET_A2A_PUSH) + ordered_reader(push_kv)  # watch: lease, configs
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 
@@ -482,6 +504,7 @@ def plan(agents: Mapping[str, Sequence[str]], options: Options | None = None
         fixed(ROLE_GATEWAY, gateway_permissions(opts)),
         fixed(ROLE_BRIDGE, bridge_permissions(opts)),
         fixed(ROLE_TELEMETRY, telemetry_permissions(opts)),
+        fixed(ROLE_TENANTS, tenants_permissions(opts)),
     ]
     for agent in sorted(agents):
         skills = tuple(agents[agent])
@@ -505,14 +528,22 @@ class AuthConfig:
 
     users: tuple[RoleUser, ...]
     passwords: Mapping[str, str] = field(default_factory=dict)
+    tenants: tuple[str, ...] = ()
+    """Tenants with a NATS account of their own (bus.tenancy); their users' passwords are
+    in `passwords` too. None: one account, the mesh's users only (`authorization`)."""
 
     @classmethod
     def create(cls, agents: Mapping[str, Sequence[str]], options: Options | None = None,
-               passwords: Mapping[str, str] | None = None) -> AuthConfig:
+               passwords: Mapping[str, str] | None = None,
+               tenants: Iterable[str] = ()) -> AuthConfig:
+        from jetmesh.bus import tenancy
+
         users = tuple(plan(agents, options))
         given = dict(passwords or {})
         fresh = generate_passwords(u for u in users if u.user not in given)
-        return cls(users, {**fresh, **given})
+        names = tenancy.check_tenants(tenants)
+        return cls(users, {**fresh, **given, **tenancy.tenant_passwords(names, given)},
+                   names)
 
     def user(self, user: str) -> RoleUser:
         for u in self.users:
@@ -524,7 +555,13 @@ class AuthConfig:
         return self.user(user_name(ROLE_AGENT, name))
 
     def server_config(self) -> str:
-        """The nats-server `authorization` section (append it to the server config)."""
+        """The nats-server `authorization` section (append it to the server config); with
+        tenants, an `accounts` section: the mesh's users in one account, one per tenant."""
+        if self.tenants:
+            from jetmesh.bus import tenancy
+
+            return tenancy.render_accounts(render_users(self.users, self.passwords),
+                                           self.tenants, self.passwords)
         return render_authorization(self.users, self.passwords)
 
     def env(self, user: str, url: str | None = None) -> str:
@@ -536,6 +573,11 @@ class AuthConfig:
         for u in self.users:
             head = f"# --- {u.role}" + (f" {u.agent} ({', '.join(u.skills)})" if u.agent else "")
             blocks.append(head + "\n" + self.env(u.user, url))
+        if self.tenants:
+            from jetmesh.bus import tenancy
+
+            blocks += [tenancy.render_tenant_env(t, self.passwords[tenancy.tenant_user(t)],
+                                                 url) for t in self.tenants]
         return "\n\n".join(blocks) + "\n"
 
 
@@ -547,9 +589,17 @@ def _q(s: str) -> str:
 def render_authorization(users: Sequence[RoleUser], passwords: Mapping[str, str]) -> str:
     lines = ["# jetmesh: one user per role, each allowed only its own subjects.",
              "# Generated by `jetmesh nats-config`; regenerate when agents or skills change.",
-             "authorization {", "  users = ["]
+             "authorization {"]
+    lines += ["  " + line for line in render_users(users, passwords).rstrip().splitlines()]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_users(users: Sequence[RoleUser], passwords: Mapping[str, str]) -> str:
+    """The `users = [...]` list of the roles (inside `authorization` or an account)."""
+    lines = ["users = ["]
     for u in users:
-        lines.append("    {")
+        lines.append("  {")
         lines.append(f"      # {u.role}" + (f": agent {u.agent}, skills "
                                               f"{', '.join(u.skills)}" if u.agent else ""))
         lines.append(f"      user: {_q(u.user)}")
