@@ -38,10 +38,12 @@ from a2a.types.a2a_pb2 import AgentCard
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jetmesh.bus import headers as hn
+
 Role = Literal["reader", "submitter", "approver", "admin"]
 ROLES: tuple[Role, ...] = ("reader", "submitter", "approver", "admin")
 AUTH_FILE_ENV = "JETMESH_GATEWAY_AUTH_FILE"
-API_KEY_HEADER = "x-api-key"
+API_KEY_HEADER = hn.API_KEY
 PUBLIC_PATHS = ("/.well-known/agent-card.json", "/asyncapi.json", "/asyncapi")
 """Paths (and `/agents/<name>/.well-known/agent-card.json`) anyone may read."""
 
@@ -217,7 +219,7 @@ class Authenticator:
         key = headers.get(API_KEY_HEADER)
         if key:
             return self.api_key(key)
-        auth = headers.get("authorization", "")
+        auth = headers.get(hn.AUTHORIZATION, "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return await self.bearer(token.strip())
@@ -332,7 +334,8 @@ class GatewayAuth:
         raw = json.dumps(payload).encode()
         challenge = f'Bearer error="{e.error}", error_description="{e.message}"'
         await send({"type": "http.response.start", "status": e.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+            (hn.CONTENT_TYPE.encode(), b"application/json"),
+            (hn.CONTENT_LENGTH.encode(), str(len(raw)).encode()),
             (b"www-authenticate", challenge.encode("latin-1", "replace"))]})
         await send({"type": "http.response.body", "body": raw})
 
@@ -346,7 +349,7 @@ def declare(card: AgentCard, settings: AuthSettings | None) -> AgentCard:
     names: list[str] = []
     if settings.api_keys:
         out.security_schemes["apiKey"].api_key_security_scheme.CopyFrom(
-            pb.APIKeySecurityScheme(location="header", name="X-API-Key",
+            pb.APIKeySecurityScheme(location="header", name=hn.API_KEY_DISPLAY,
                                     description="A jetmesh API key (tenant and role)"))
         names.append("apiKey")
     j = settings.jwt

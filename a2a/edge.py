@@ -30,10 +30,14 @@ from a2a.types import Role, TaskState
 from opentelemetry.trace import SpanKind
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import tracing
 from jetmesh.bus.wire import MAX_MESSAGE_BYTES, WireError, check_json
 
 from .tasks import plain
+
+_CONTENT_TYPE = hn.CONTENT_TYPE.encode()
+_CONTENT_LENGTH = hn.CONTENT_LENGTH.encode()
 
 __all__ = ["BodyCheck", "TraceContext", "quiet_sdk_logs", "sse_event_id"]
 
@@ -116,7 +120,7 @@ class Outbound:
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            ctype = dict(message.get("headers", [])).get(b"content-type", b"")
+            ctype = dict(message.get("headers", [])).get(_CONTENT_TYPE, b"")
             if ctype.startswith(b"text/event-stream"):
                 self.kind = "sse"
             elif ctype.startswith(b"application/json"):
@@ -147,7 +151,7 @@ class Outbound:
         assert self.start is not None
         body = self.buffer
         headers = [(k, v) for k, v in self.start.get("headers", [])
-                   if k not in (b"content-length", b"content-type")]
+                   if k not in (_CONTENT_LENGTH, _CONTENT_TYPE)]
         ctype = b"application/json"
         try:
             obj = plain(json.loads(body)) if body else None
@@ -158,8 +162,8 @@ class Outbound:
             if self.wants_stream and isinstance(obj, dict) and "error" in obj:
                 body = b"event: error\r\ndata: " + body + b"\r\n\r\n"
                 ctype = b"text/event-stream"
-        start = {**self.start, "headers": [*headers, (b"content-type", ctype),
-                                           (b"content-length", str(len(body)).encode())]}
+        start = {**self.start, "headers": [*headers, (_CONTENT_TYPE, ctype),
+                                           (_CONTENT_LENGTH, str(len(body)).encode())]}
         await self.send(start)
         await self.send({"type": "http.response.body", "body": body})
 
@@ -209,7 +213,7 @@ class TraceContext:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers") or []}
-        caller = headers.get("traceparent")
+        caller = headers.get(hn.TRACEPARENT)
         if scope.get("method") != "POST":
             with tracing.attached(caller):
                 await self.app(scope, receive, send)
@@ -324,6 +328,6 @@ class BodyCheck:
         if stream:
             body, ctype = b"event: error\r\ndata: " + body + b"\r\n\r\n", b"text/event-stream"
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", ctype),
-                                (b"content-length", str(len(body)).encode())]})
+                    "headers": [(_CONTENT_TYPE, ctype),
+                                (_CONTENT_LENGTH, str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

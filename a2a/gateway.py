@@ -81,6 +81,7 @@ from jetmesh.a2a import auth
 from jetmesh.a2a.edge import BodyCheck, TraceContext, quiet_sdk_logs
 from jetmesh.agents.mcp.serve import MeshMcpServer
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import tracing
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.subjects import InvalidIdError, check_id
@@ -117,7 +118,7 @@ from .ui import mount as ui_mount
 __all__ = ["GatewayServer", "GatewaySettings", "MeshRequestHandler", "build_app"]
 
 log = logging.getLogger("jetmesh.gateway")
-RESUME_HEADER = "last-event-id"
+RESUME_HEADER = hn.LAST_EVENT_ID
 
 
 MCP_PATH = "/mcp"
@@ -145,8 +146,15 @@ class GatewaySettings(BaseSettings):
     gateway's own user may not write approvals. Unset: the gateway's own settings."""
     approver_password: SecretStr | None = None
     approver_creds: Path | None = None
+    id: str | None = None
+    """This gateway's id (unique per live gateway; default: host, pid and a random
+    part). A gateway restarted with the same id takes its push lease back at once."""
     push_delivery: bool = True
-    """Deliver push notifications from this gateway (one gateway of several should)."""
+    """Take part in push delivery: the gateways that do share one lease (a2a/push), and
+    its holder delivers. Off: this gateway stores configs only."""
+    push_lease_s: float = 5.0
+    """The push delivery lease: renewed every third of it; another gateway takes over
+    when its holder went that long without renewing (a gateway killed with kill -9)."""
     push_private_urls: bool = False
     """Allow webhooks on loopback and private addresses (tests, one host). Off: the
     SDK's URL check refuses them (no requests into the gateway's own network)."""
@@ -187,7 +195,7 @@ def _traceparent(context: ServerCallContext) -> str | None:
     if current and parse_traceparent(current):
         return current
     headers = context.state.get("headers") or {}
-    value = headers.get("traceparent")
+    value = headers.get(hn.TRACEPARENT)
     return str(value) if value and parse_traceparent(str(value)) else None
 
 
@@ -709,8 +717,8 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
             if card is None:
                 return JSONResponse({"error": f"agent {name!r} is not live"}, status_code=404)
             body = card_to_dict(card)
-            headers = {"ETag": _etag(body), "Cache-Control": cache}
-            if request.headers.get("if-none-match") == headers["ETag"]:
+            headers = {hn.ETAG: _etag(body), hn.CACHE_CONTROL: cache}
+            if request.headers.get(hn.IF_NONE_MATCH) == headers[hn.ETAG]:
                 return Response(status_code=304, headers=headers)
             return JSONResponse(body, headers=headers)
 
@@ -796,7 +804,8 @@ class GatewayServer:
             self.approver = Client(self.nats_url, settings=bus)
             await self.approver.connect()
         self.push = await PushNotifications.open(
-            self.client.js, self.client.ledger, deliver=s.push_delivery,
+            self.client.js, self.client.ledger, deliver=s.push_delivery, holder=s.id,
+            lease_s=s.push_lease_s,
             url_validator=None if s.push_private_urls else validate_push_notification_url)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -29,6 +29,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus.ledger import LedgerEntry, is_log_seq
 from jetmesh.orchestrator.state import StepStatus, TaskState
 from jetmesh.orchestrator.state import TaskStatus as JmStatus
@@ -295,7 +296,7 @@ def _status_text(state: TaskState) -> str:
 
 
 def _meta(seq: int, traceparent: str | None = None, **extra: Any) -> dict[str, Any]:
-    trace = {"traceparent": traceparent} if traceparent else {}
+    trace = {hn.TRACEPARENT: traceparent} if traceparent else {}
     return {"jetmesh": {"seq": seq, **trace, **extra}}
 
 

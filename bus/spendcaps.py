@@ -35,6 +35,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetRefused
 from jetmesh.bus.presence import ensure_bucket
@@ -284,7 +285,7 @@ async def post_alert(url: str, alert: SpendAlert, *, attempts: int = 3,
         for attempt in range(attempts):
             try:
                 r = await client.post(url, content=alert.model_dump_json(),
-                                      headers={"content-type": "application/json"})
+                                      headers={hn.CONTENT_TYPE: "application/json"})
                 if r.status_code < 300:
                     return True
                 why = f"HTTP {r.status_code}"

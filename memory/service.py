@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects, tracing
 from jetmesh.bus.consumer import PullRunner, Reject
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
@@ -44,13 +45,14 @@ from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import pull_consumer_config
 from jetmesh.bus.tasks import cancel_and_wait
+from jetmesh.bus.tenancy import TaskTenants
 from jetmesh.memory.episodes import build_episode, is_episode_event
 from jetmesh.memory.errors import (
     MemoryInferenceDisabled,
     MemoryNotFound,
     MemoryStoreError,
 )
-from jetmesh.memory.models import EpisodeRecord
+from jetmesh.memory.models import EpisodeRecord, MemoryItem, tenant_scoped
 from jetmesh.memory.protocol import (
     OPERATIONS,
     AddEpisode,
@@ -112,6 +114,8 @@ class MemoryService:
         self.nc, self.js, self.store = nc, js, store
         self.bus_settings = bus_settings or BusSettings()
         self.ledger = Ledger(nc, js, timeout_s=self.bus_settings.request_timeout_s)
+        self._tenants = TaskTenants(self.ledger)
+        """Task -> tenant, for tenant accounts' requests that name a task."""
         self.episodes = episodes
         self.durable = durable
         self.concurrency = concurrency
@@ -136,6 +140,9 @@ class MemoryService:
         # One wildcard subscription: an unknown operation gets an error reply, not silence.
         self._subs.append(await self.nc.subscribe(
             subjects.MEMORY_ALL, queue=subjects.MEMORY_QUEUE, cb=self._on_request))
+        # Tenant accounts' requests (bus.tenancy): NATS put the tenant in the subject.
+        self._subs.append(await self.nc.subscribe(
+            subjects.ALL_TENANT_MEMORY, queue=subjects.MEMORY_QUEUE, cb=self._on_request))
         if self.episodes:
             self._runner = PullRunner(
                 self.js, subjects.STREAM_LEDGER,
@@ -182,10 +189,10 @@ class MemoryService:
     async def _respond(self, msg: Msg) -> None:
         op = msg.subject.rsplit(".", 1)[-1]
         # A live span of the request under the caller's context (see bus.tracing).
-        with tracing.live_span(f"memory {op}", parent=(msg.headers or {}).get("traceparent"),
+        with tracing.live_span(f"memory {op}", parent=(msg.headers or {}).get(hn.TRACEPARENT),
                                kind=SpanKind.SERVER,
                                attributes={"jetmesh.memory.operation": op}):
-            reply = await self.handle(op, msg.data)
+            reply = await self.handle(op, msg.data, tenant=subjects.tenant_of(msg.subject))
         data = reply.model_dump_json(exclude_none=True).encode()
         if len(data) > MAX_MESSAGE_BYTES:
             data = error_reply("invalid_request", f"the reply would be {len(data)} bytes, "
@@ -197,8 +204,11 @@ class MemoryService:
             except Exception as e:  # the requester's connection may be gone
                 log.debug("memory: could not reply on %s: %s", msg.subject, e)
 
-    async def handle(self, op: str, data: bytes) -> Reply:
-        """Decode, run and answer one request. Never raises (except cancellation)."""
+    async def handle(self, op: str, data: bytes, tenant: str | None = None) -> Reply:
+        """Decode, run and answer one request. Never raises (except cancellation).
+
+        `tenant`: the request came from that tenant's NATS account (`jm.tenant.<T>.memory.
+        <op>`): it is scoped to the tenant (`_scope`), whatever it names."""
         operation = OPERATIONS.get(op)
         if operation is None:
             return error_reply("invalid_request", f"unknown memory operation {op!r}; known: "
@@ -210,7 +220,15 @@ class MemoryService:
                                f"invalid {op} request: {e.error_count()} error(s)",
                                _validation_details(e))
         try:
+            if tenant is not None:
+                refused = await self._scope(tenant, request)
+                if isinstance(refused, Reply):
+                    return refused
+                request = refused
             result = await self._handlers[op](request)
+            if tenant is not None and isinstance(result, ItemResult) \
+                    and not await self._owned(tenant, result.item):
+                raise MemoryNotFound(f"no memory {result.item.id!r} of tenant {tenant!r}")
         except MemoryNotFound as e:
             return error_reply("not_found", str(e))
         except MemoryInferenceDisabled as e:
@@ -223,6 +241,36 @@ class MemoryService:
             log.exception("memory: %s failed", op)
             return error_reply("internal", f"{type(e).__name__}: {e}")
         return Reply(ok=True, result=result.model_dump(mode="json"))
+
+    async def _scope(self, tenant: str, request: Any) -> Any:
+        """A tenant account's request within its tenant, or the refusal to send: user and
+        agent ids become `<tenant>/<id>` (as the tenant's tasks store them), a task id
+        must be one of the tenant's tasks (another's is not found), episodes are the
+        mesh's to add, and a search or list must name a scope (an unscoped one would
+        reach every tenant's memories)."""
+        if isinstance(request, AddEpisode):
+            return error_reply("invalid_request", "episodes are recorded by the mesh, not "
+                                                  "added by a tenant")
+        update: dict[str, Any] = {}
+        for name in ("user_id", "agent_id"):
+            value = getattr(request, name, None)
+            if value is not None:
+                update[name] = tenant_scoped(value, tenant)
+        task_id = getattr(request, "task_id", None)
+        if task_id is not None and not await self._tenants.owns(tenant, task_id):
+            return error_reply("not_found", f"no task {task_id!r} of tenant {tenant!r}")
+        if isinstance(request, SearchRequest | ListRequest) and not (
+                update or task_id is not None):
+            return error_reply("invalid_request", "a tenant's search or list must name "
+                                                  "user_id, agent_id or task_id")
+        return request.model_copy(update=update) if update else request
+
+    async def _owned(self, tenant: str, item: MemoryItem) -> bool:
+        """Whether a stored memory is the tenant's (its scope ids or its task)."""
+        prefix = f"{tenant}/"
+        if any(v is not None and v.startswith(prefix) for v in (item.user_id, item.agent_id)):
+            return True
+        return item.task_id is not None and await self._tenants.owns(tenant, item.task_id)
 
     async def _add(self, request: AddEpisode | AddNote) -> ItemResult:
         if isinstance(request, AddEpisode):

@@ -36,6 +36,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.dlq import DeadLetter, list_dead_letters, redrive
@@ -371,7 +372,7 @@ class Dashboard:
     async def page(self, request: Request) -> Response:
         html = (STATIC / "index.html").read_text()
         return Response(html, media_type="text/html", headers={
-            "Cache-Control": "no-store", "X-Frame-Options": "DENY",
+            hn.CACHE_CONTROL: "no-store", hn.X_FRAME_OPTIONS: "DENY",
             "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'"})
 
     async def login(self, request: Request) -> Response:
@@ -474,7 +475,7 @@ class Dashboard:
         from Last-Event-ID with nothing lost or repeated."""
         task_id = subjects.check_id(request.path_params["task_id"], "task id")
         q = request.query_params
-        raw = request.headers.get("last-event-id") or \
+        raw = request.headers.get(hn.LAST_EVENT_ID) or \
             f"{q.get('after', '0')}:{q.get('after_log', '0')}"
         try:
             after, _, after_log = (int(x or 0) for x in (raw + "::").split(":")[:3])
@@ -682,7 +683,7 @@ def _letter(seq: int, dl: DeadLetter) -> dict[str, Any]:
 
 
 def _is_json(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+    return request.headers.get(hn.CONTENT_TYPE, "").split(";")[0].strip() == "application/json"
 
 
 def _cross_origin(request: Request) -> bool:
@@ -717,4 +718,4 @@ async def _body(request: Request, model: type[B]) -> B:
 
 def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+                             headers={hn.CACHE_CONTROL: "no-store", hn.X_ACCEL_BUFFERING: "no"})

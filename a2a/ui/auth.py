@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from jetmesh.bus import headers as hn
+
 Role = Literal["approver", "read-only"]
 ROLES: tuple[Role, ...] = ("approver", "read-only")
 SESSION_COOKIE = "jm_session"
 CSRF_COOKIE = "jm_csrf"
-CSRF_HEADER = "x-csrf-token"
+CSRF_HEADER = hn.CSRF_TOKEN
 TOKENS_FILE = "ui-tokens.json"
 
 

@@ -28,6 +28,7 @@ from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
 from jetmesh.agents.models.breaker import CircuitBreaker
 from jetmesh.agents.models.retry import parse_retry_after
+from jetmesh.bus import headers as hn
 
 from .config import HttpServer, McpServerConfig, StdioServer
 from .errors import (
@@ -47,7 +48,7 @@ log = logging.getLogger("jetmesh.mcp")
 def retry_after_s(value: str | None, default: float) -> float:
     """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date; the model
     layer's parser), else `default`."""
-    wait = parse_retry_after({"retry-after": value} if value else None)
+    wait = parse_retry_after({hn.RETRY_AFTER: value} if value else None)
     return default if wait is None else wait
 
 
@@ -111,7 +112,7 @@ class HttpGate(httpx2.Auth):
                           McpAuthFailed(name, f"cannot get a token: {e}"))
             token = None
         if token:
-            request.headers["Authorization"] = f"Bearer {token}"
+            request.headers[hn.AUTHORIZATION] = f"Bearer {token}"
         refreshed = False
         waited = 0
         while True:
@@ -131,10 +132,10 @@ class HttpGate(httpx2.Auth):
                     self._give_up(McpAuthFailed(name, f"401, and the refresh failed: {e}"))
                     return
                 if token:
-                    request.headers["Authorization"] = f"Bearer {token}"
+                    request.headers[hn.AUTHORIZATION] = f"Bearer {token}"
                 continue
             if response.status_code == 429:
-                wait = retry_after_s(response.headers.get("retry-after"),
+                wait = retry_after_s(response.headers.get(hn.RETRY_AFTER),
                                      self.config.backoff_s * 2 ** waited)
                 if wait > self.config.max_retry_after_s or \
                         waited >= self.config.rate_limit_retries:

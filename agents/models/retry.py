@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from jetmesh.agents.models.errors import ModelRetriesExhausted, ModelTransientError
+from jetmesh.bus import headers as hn
 
 __all__ = ["RetryPolicy", "call_with_retries", "parse_retry_after"]
 
@@ -89,13 +90,13 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     if not headers:
         return None
     lowered = {k.lower(): v for k, v in headers.items()}
-    ms = lowered.get("retry-after-ms")
+    ms = lowered.get(hn.RETRY_AFTER_MS)
     if ms is not None:
         try:
             return max(0.0, float(ms) / 1000)
         except ValueError:
             pass
-    value = lowered.get("retry-after")
+    value = lowered.get(hn.RETRY_AFTER)
     if value is None:
         return None
     try:
