@@ -60,6 +60,7 @@ from typing import Any
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.server import EmbeddedNats, find_nats_server, free_port
 from jetmesh.orchestrator.client import Client
@@ -330,7 +331,7 @@ class Completions:
 
     async def start(self, client: Client) -> None:
         async def on_msg(msg: Any) -> None:
-            etype = (msg.headers or {}).get("Ce-Type")
+            etype = (msg.headers or {}).get(hn.CE_TYPE)
             if etype not in TERMINAL_TYPES:
                 return
             now = time.perf_counter()
@@ -483,14 +484,14 @@ def census_class(msg: Any) -> str:
         kind = ("step log" if subjects.is_step_log(subj) else
                 "step line" if subjects.step_id_of(subj) else subj.rsplit(".", 1)[-1])
         return f"append: {kind}"
-    if "Nats-Sequence" in h or h.get("Status") in ("204", "404"):
+    if hn.SEQUENCE in h or h.get(hn.STATUS) in ("204", "404"):
         return "direct-get reply (incl. end of batch)"
-    if h.get("Status") == "100":
+    if h.get(hn.STATUS) == "100":
         return "heartbeat / flow control"
     if msg.data[:8] == b'{"stream':
         return "publish ack"
-    if h.get("Status"):
-        return f"status {h.get('Status')}"
+    if h.get(hn.STATUS):
+        return f"status {h.get(hn.STATUS)}"
     if not msg.data:
         return "empty reply (to a synchronous consumer ack)"
     if os.environ.get("JETMESH_CENSUS_DEBUG"):

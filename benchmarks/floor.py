@@ -59,6 +59,7 @@ from fanout import (  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects  # noqa: E402
 from jetmesh.bus.connection import connect  # noqa: E402
 from jetmesh.bus.consumer import PullRunner  # noqa: E402
@@ -85,7 +86,7 @@ def pad(kind: str) -> bytes:
 
 
 def hdr(event_id: str, etype: str) -> dict[str, str]:
-    return {"Nats-Msg-Id": event_id, "Ce-Type": etype}
+    return {hn.MSG_ID: event_id, hn.CE_TYPE: etype}
 
 
 # --------------------------------------------------------------------------- roles
@@ -111,7 +112,7 @@ async def orchestrator(url: str, skip: set[str], add: set[str], ready: str) -> N
         futs += [await js.publish_async(subjects.work(SKILL),
                                         json.dumps({"task_id": tid, "step_id": st}).encode()
                                         + pad("command"),
-                                        headers={"Nats-Msg-Id": f"{tid}-{st}-1"})
+                                        headers={hn.MSG_ID: f"{tid}-{st}-1"})
                  for st in STEPS]
         acks = await asyncio.gather(*futs)
         first_seq[tid] = int(acks[0].seq)
@@ -213,7 +214,7 @@ async def run_once(tasks: int, warmup: int, skip: set[str], add: set[str],
         done: dict[str, asyncio.Future[float]] = {}
 
         async def on_event(msg: Any) -> None:
-            if (msg.headers or {}).get("Ce-Type") == "jetmesh.task.completed.v1":
+            if (msg.headers or {}).get(hn.CE_TYPE) == "jetmesh.task.completed.v1":
                 fut = done.get(subjects.task_id_of(msg.subject) or "")
                 if fut is not None and not fut.done():
                     fut.set_result(time.perf_counter())
@@ -229,7 +230,7 @@ async def run_once(tasks: int, warmup: int, skip: set[str], add: set[str],
             await js.publish(subjects.SUBMIT, json.dumps({"task_id": tid,
                                                           "goal": "x" * SIZE["submit"]}
                                                          ).encode(),
-                             headers={"Nats-Msg-Id": tid})
+                             headers={hn.MSG_ID: tid})
             t1 = await asyncio.wait_for(done[tid], 30)
             return (t1 - t0) * 1000
 

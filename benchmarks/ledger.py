@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.ledger import Ledger, subject_for
 from jetmesh.bus.server import EmbeddedNats, find_nats_server
@@ -112,7 +113,7 @@ def raw_payloads(n: int) -> list[tuple[str, bytes, dict[str, str]]]:
     out = []
     for e in events_for(n, one_task=False):
         out.append((subject_for(e), ev.encode_event(e),
-                    {"Nats-Msg-Id": e.id, "Ce-Type": e.type}))
+                    {hn.MSG_ID: e.id, hn.CE_TYPE: e.type}))
     return out
 
 

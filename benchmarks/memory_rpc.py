@@ -39,6 +39,7 @@ from pathlib import Path
 from faststream.nats import NatsBroker, NatsMessage
 from opentelemetry.trace import SpanKind
 
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects, tracing
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
@@ -69,7 +70,7 @@ async def faststream_endpoint(url: str, store: MemoryStore, workers: int, *, lea
 
     async def on_request(msg: NatsMessage) -> bytes:
         op = msg.raw_message.subject.rsplit(".", 1)[-1]
-        with tracing.live_span(f"memory {op}", parent=msg.headers.get("traceparent"),
+        with tracing.live_span(f"memory {op}", parent=msg.headers.get(hn.TRACEPARENT),
                                kind=SpanKind.SERVER,
                                attributes={"jetmesh.memory.operation": op}):
             reply = await service.handle(op, msg.body)
