@@ -59,7 +59,7 @@ from fanout import (  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
 
-from jetmesh.bus import headers as hn
+from jetmesh.bus import headers as hn  # noqa: E402
 from jetmesh.bus import subjects  # noqa: E402
 from jetmesh.bus.connection import connect  # noqa: E402
 from jetmesh.bus.consumer import PullRunner  # noqa: E402
