@@ -597,9 +597,9 @@ def render_authorization(users: Sequence[RoleUser], passwords: Mapping[str, str]
 
 def render_users(users: Sequence[RoleUser], passwords: Mapping[str, str]) -> str:
     """The `users = [...]` list of the roles (inside `authorization` or an account)."""
-    lines = ["users = ["]
+    lines = ["  users = ["]
     for u in users:
-        lines.append("  {")
+        lines.append("    {")
         lines.append(f"      # {u.role}" + (f": agent {u.agent}, skills "
                                               f"{', '.join(u.skills)}" if u.agent else ""))
         lines.append(f"      user: {_q(u.user)}")
@@ -622,8 +622,8 @@ def render_users(users: Sequence[RoleUser], passwords: Mapping[str, str]) -> str
             lines.append("        allow_responses: true")
         lines.append("      }")
         lines.append("    }")
-    lines += ["  ]", "}"]
-    return "\n".join(lines) + "\n"
+    lines.append("  ]")
+    return "\n".join(line[2:] for line in lines) + "\n"
 
 
 def render_env(user: RoleUser, password: str, url: str | None = None) -> str:

@@ -27,7 +27,12 @@ ledger (bus.ledger)."""
 
 # Subjects
 SUBMIT = f"{PREFIX}.task.submit"
-TASKS_SUBJECTS = [SUBMIT]
+TENANT_PREFIX = f"{PREFIX}.tenant"
+"""Subjects a tenant's NATS account reaches through the mesh account's exports, each with
+the tenant's id as its third token (bus.tenancy): NATS stamps the tenant, not the sender."""
+ALL_TENANT_SUBMITS = f"{TENANT_PREFIX}.*.submit"
+"""Submissions of tenants connected to NATS directly (`tenant_submit`)."""
+TASKS_SUBJECTS = [SUBMIT, ALL_TENANT_SUBMITS]
 LEDGER_SUBJECTS = [f"{PREFIX}.task.*.events", f"{PREFIX}.task.*.step.*",
                    f"{PREFIX}.task.*.control", f"{PREFIX}.task.*.approval"]
 WORK_SUBJECTS = [f"{PREFIX}.work.>"]
@@ -56,6 +61,8 @@ CONSUMER_ORCH_SUBMIT = "orchestrator-submit"
 CONSUMER_ORCH_STEPS = "orchestrator-steps"
 CONSUMER_ORCH_CONTROL = "orchestrator-control"
 CONSUMER_ORCH_APPROVALS = "orchestrator-approvals"
+CONSUMER_ORCH_TENANT_SUBMIT = "orchestrator-tenant-submit"
+"""The orchestrator's durable over tenants' own submissions (`ALL_TENANT_SUBMITS`)."""
 
 # Memory service (core request/reply)
 MEMORY_PREFIX = f"{PREFIX}.memory"
@@ -260,3 +267,59 @@ def step_id_of(subject: str) -> str | None:
 def is_step_log(subject: str) -> bool:
     """Whether `subject` is a step's log (not its fenced line)."""
     return subject.endswith(".log") and step_id_of(subject) is not None
+
+
+# ----------------------------------------------------------------------------- tenants
+# A tenant connected to NATS directly has an account of its own (bus.tenancy). It sees the
+# mesh's usual names (`jm.task.submit`, `jm.memory.<op>`, `jm.task.<task>.>`, `jm.tasks.<op>`)
+# and its imports map them to the mesh account's per-tenant subjects below.
+
+ALL_TENANT_MEMORY = f"{TENANT_PREFIX}.*.memory.*"
+"""Memory requests of every tenant account (the memory service scopes them by tenant)."""
+ALL_TENANT_TASK_OPS = f"{TENANT_PREFIX}.*.tasks.*"
+"""Task reads of every tenant account (bus.tenancy.TenantService answers)."""
+ALL_TENANT_TASK_EVENTS = f"{TENANT_PREFIX}.*.task.>"
+"""The live copy of tenant tasks' ledger events (bus.tenancy.TenantService writes)."""
+TENANT_QUEUE = "tenant-service"
+"""Queue group of the tenant service's request subscription."""
+TASK_OPS = f"{PREFIX}.tasks"
+"""A tenant account's name for its task reads (`jm.tasks.<op>`, imported)."""
+
+
+def tenant_submit(tenant: str) -> str:
+    """Where tenant `tenant`'s account's `jm.task.submit` lands in the mesh account."""
+    return f"{TENANT_PREFIX}.{check_id(tenant, 'tenant')}.submit"
+
+
+def tenant_memory(tenant: str, op: str = "*") -> str:
+    """Where a tenant account's `jm.memory.<op>` lands in the mesh account."""
+    op_token = op if op == "*" else check_id(op, "memory op")
+    return f"{TENANT_PREFIX}.{check_id(tenant, 'tenant')}.memory.{op_token}"
+
+
+def tenant_task_ops(tenant: str, op: str = "*") -> str:
+    """Where a tenant account's `jm.tasks.<op>` (get) lands in the mesh account."""
+    op_token = op if op == "*" else check_id(op, "task op")
+    return f"{TENANT_PREFIX}.{check_id(tenant, 'tenant')}.tasks.{op_token}"
+
+
+def tenant_task_events(tenant: str, ledger_subject: str | None = None) -> str:
+    """The mesh account's copy, for tenant `tenant`, of a ledger subject of one of its
+    tasks (`jm.task.<task>....` -> `jm.tenant.<tenant>.task.<task>....`); without a
+    subject the wildcard over all of them (the tenant account's import)."""
+    t = check_id(tenant, "tenant")
+    if ledger_subject is None:
+        return f"{TENANT_PREFIX}.{t}.task.>"
+    if task_id_of(ledger_subject) is None:
+        raise InvalidIdError(f"{ascii(ledger_subject)[:40]} is not a task's ledger subject")
+    return f"{TENANT_PREFIX}.{t}.{ledger_subject[len(PREFIX) + 1:]}"
+
+
+def tenant_of(subject: str) -> str | None:
+    """The tenant token of a `jm.tenant.<tenant>.…` subject, or None (also when it is not
+    a valid id)."""
+    parts = subject.split(".")
+    if len(parts) >= 4 and f"{parts[0]}.{parts[1]}" == TENANT_PREFIX \
+            and _ID.fullmatch(parts[2]):
+        return parts[2]
+    return None
