@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "__version__"]
+__all__ = ["Client", "JetmeshError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from jetmesh.bus.errors import JetmeshError
     from jetmesh.orchestrator.client import Client
 
 
@@ -18,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from jetmesh.orchestrator.client import Client
 
         return Client
+    if name == "JetmeshError":  # the root of every jetmesh exception (bus.errors)
+        from jetmesh.bus.errors import JetmeshError
+
+        return JetmeshError
     raise AttributeError(name)

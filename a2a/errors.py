@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from jetmesh.bus.errors import JetmeshError
+
 __all__ = [
     "CardSignatureError",
     "ExternalAgentError",
@@ -18,7 +20,7 @@ __all__ = [
 ]
 
 
-class MeshA2AError(Exception):
+class MeshA2AError(JetmeshError):
     """Base of every error raised by `jetmesh.a2a`."""
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from jetmesh.bus.errors import JetmeshError
+
 __all__ = [
     "AgentError",
     "ClaimLost",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class AgentError(Exception):
+class AgentError(JetmeshError):
     """Base of every error raised by `jetmesh.agents` (outside the model layer)."""
 
     def __init__(self, message: str) -> None:

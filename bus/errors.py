@@ -1,4 +1,19 @@
-"""Bus errors.
+"""Bus errors, and `JetmeshError`: the one root of every jetmesh exception.
+
+Each package keeps its own tree in its ``errors.py``; every tree's root derives from
+`JetmeshError`, so a program (and the CLI) can catch everything jetmesh raises at once::
+
+    JetmeshError
+    ├── BusError                jetmesh.bus.errors (below)
+    ├── AgentError              jetmesh.agents.errors: specs, tools, step controls
+    ├── ModelError              jetmesh.agents.models.errors: model calls
+    ├── McpError                jetmesh.agents.mcp.errors: MCP servers
+    ├── OrchestratorError       jetmesh.orchestrator.errors: workflows, plans, inputs
+    ├── MeshA2AError            jetmesh.a2a.errors: cards, keys, external agents
+    └── MemoryStoreError        jetmesh.memory.errors: the memory store and service
+
+Classes that were also a builtin error (``KeyError``, ``ValueError``) still are, so
+existing ``except`` clauses keep catching them.
 
     BusError
     ├── NotConnectedError       no server reachable at the configured URL
@@ -15,7 +30,11 @@ from __future__ import annotations
 from typing import Any
 
 
-class BusError(Exception):
+class JetmeshError(Exception):
+    """Base of every exception jetmesh raises on purpose (see the tree above)."""
+
+
+class BusError(JetmeshError):
     """Base of every bus error."""
 
 

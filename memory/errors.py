@@ -20,8 +20,10 @@ reply without parsing the message.
 
 from __future__ import annotations
 
+from jetmesh.bus.errors import JetmeshError
 
-class MemoryStoreError(Exception):
+
+class MemoryStoreError(JetmeshError):
     """Base class of every error raised by `jetmesh.memory`."""
 
 

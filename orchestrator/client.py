@@ -16,10 +16,11 @@ from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.ledger import Ledger, LedgerEntry
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams
+from jetmesh.orchestrator.errors import OrchestratorError
 from jetmesh.orchestrator.state import TaskState, fold
 
 
-class TaskExists(ValueError):
+class TaskExists(OrchestratorError, ValueError):
     """A submission for an existing task id, different from the one it was created by:
     refused, the task is not touched."""
 
@@ -28,7 +29,7 @@ class TaskExists(ValueError):
         super().__init__(f"task {task_id} exists with another submission: nothing changed")
 
 
-class ControlRefused(Exception):
+class ControlRefused(OrchestratorError):
     """A control (cancel, approve, deny) was not sent: nothing changed."""
 
     def __init__(self, task_id: str, message: str) -> None:

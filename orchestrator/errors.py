@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from jetmesh.bus.errors import JetmeshError
 
-class OrchestratorError(Exception):
+
+class OrchestratorError(JetmeshError):
     pass
 
 

@@ -13,6 +13,8 @@ tool results by `McpTool.invoke`; none leaves a step)::
 
 from __future__ import annotations
 
+from jetmesh.bus.errors import JetmeshError
+
 __all__ = [
     "McpAuthFailed",
     "McpError",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 
-class McpError(Exception):
+class McpError(JetmeshError):
     """Base of every MCP client failure."""
 
     transient = False

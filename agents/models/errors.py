@@ -17,8 +17,10 @@ Every provider maps its SDK's errors into this tree, so callers handle one set::
 
 from __future__ import annotations
 
+from jetmesh.bus.errors import JetmeshError
 
-class ModelError(Exception):
+
+class ModelError(JetmeshError):
     """Base of every model-layer error."""
 
     def __init__(
