@@ -6,15 +6,28 @@ POSTed by the SDK's `BasePushNotificationSender` (the config's ``token`` as
 ``X-A2A-Notification-Token``, its ``authentication`` as ``Authorization: <scheme>
 <credentials>``, the body a `StreamResponse`).
 
-Delivery is jetmesh's: one deliverer per config follows the task's ledger from a cursor
-kept in the same bucket (``cur.<task>.<config>``: the last sequence the webhook accepted
-with a 2xx). An event that fails is retried with backoff until it is accepted or the
-config is deleted; the cursor moves only after a 2xx, so a gateway killed and started
-again goes on from the first event not yet accepted. Every event carries its ledger
-sequence (``metadata.jetmesh.seq``): the only repeat possible is the one event in flight
-when a gateway died after the webhook answered and before the cursor was written; a
-receiver that keeps the last sequence per task drops it. Run delivery in one gateway
-(``JETMESH_GATEWAY_PUSH_DELIVERY=false`` on the others): replicas do not share the work.
+Delivery is jetmesh's, and safe with any number of gateways. One gateway at a time
+delivers: the holder of the lease (key ``lease`` in the same bucket, value = the holder's
+id and lease time). The holder renews it every third of the lease time with a
+compare-and-set on its revision; every other gateway watches the key and takes it over
+(compare-and-set again: one of them wins) when no renewal came for a whole lease time,
+timed on its own clock (no clock comparison between hosts). A gateway stopped cleanly
+deletes the lease, so another takes it at once; one restarted with the same
+``JETMESH_GATEWAY_ID`` takes back its own lease at once (ids must be unique per live
+gateway).
+
+The holder watches the configs (``cfg.<task>.<config>``, whichever gateway stored them)
+and runs one deliverer per config: it follows the task's ledger from a cursor kept in the
+bucket (``cur.<task>.<config>``: the last sequence the webhook accepted with a 2xx; each
+write is a compare-and-set, so a deliverer that lost the lease cannot move a cursor its
+successor moved). An event that fails is retried with backoff until it is accepted or
+the config is deleted; the cursor moves right after each 2xx, before the next event.
+
+The contract: every event reaches the webhook, in ledger order, and each carries its
+ledger sequence (``metadata.jetmesh.seq``). The one repeat possible is the event in
+flight (POSTed, its 2xx not yet recorded in the cursor) when the delivering gateway dies
+or loses its lease: its successor sends that one event again. A receiver that keeps the
+last sequence per task (and config) drops it; nothing else is ever sent twice.
 """
 
 from __future__ import annotations
@@ -22,19 +35,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import nats.errors
 from a2a.server.context import ServerCallContext
 from a2a.server.tasks import BasePushNotificationSender, PushNotificationConfigStore
 from a2a.server.tasks.push_notification_config_store import normalize_push_notification_config
 from a2a.types import TaskPushNotificationConfig
 from a2a.utils.errors import InvalidParamsError
 from google.protobuf.json_format import MessageToJson, Parse
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from pydantic import BaseModel
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
@@ -45,12 +66,15 @@ from jetmesh.orchestrator.state import TaskState, fold
 
 from .tasks import entry_event, upto
 
-__all__ = ["KvPushConfigStore", "PushNotifications", "check_push_config"]
+__all__ = ["Cursor", "KvPushConfigStore", "Lease", "PushNotifications", "check_push_config"]
 
 log = logging.getLogger("jetmesh.gateway.push")
 
 _CONFIG = "cfg"
 _CURSOR = "cur"
+_LEASE = "lease"
+_END = "end"
+_DEL, _PURGE = KV_DEL, KV_PURGE
 
 
 def check_push_config(config: TaskPushNotificationConfig) -> None:
@@ -131,24 +155,65 @@ class KvPushConfigStore(PushNotificationConfigStore):
             with contextlib.suppress(KeyNotFoundError):
                 await self.kv.delete(_key(_CONFIG, task_id, cid))
 
-    async def cursor(self, task_id: str, config_id: str) -> int | None:
+    async def cursor(self, task_id: str, config_id: str) -> Cursor | None:
+        """Where delivery to a config stands (None: no cursor yet)."""
         try:
             entry = await self.kv.get(_key(_CURSOR, task_id, config_id))
         except KeyNotFoundError:
             return None
-        return int(entry.value or b"0")
+        seq, _, end = (entry.value or b"0").decode().partition(" ")
+        return Cursor(int(seq), entry.revision or 0, end == _END)
 
-    async def set_cursor(self, task_id: str, config_id: str, seq: int) -> None:
-        await self.kv.put(_key(_CURSOR, task_id, config_id), str(seq).encode())
+    async def init_cursor(self, task_id: str, config_id: str, seq: int) -> None:
+        """A cursor at `seq` unless the config has one already (it keeps it)."""
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await self.kv.create(_key(_CURSOR, task_id, config_id), str(seq).encode())
+
+    async def set_cursor(self, task_id: str, config_id: str, seq: int, *, last: int,
+                         end: bool = False) -> int:
+        """Move the cursor if it is still at revision `last` (KeyWrongLastSequenceError
+        when another deliverer moved it); returns the new revision."""
+        value = f"{seq} {_END}" if end else str(seq)
+        return await self.kv.update(_key(_CURSOR, task_id, config_id), value.encode(),
+                                    last=last)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    seq: int
+    """The last ledger sequence the webhook accepted."""
+    revision: int
+    ended: bool
+    """The task's terminal event was accepted: nothing more to deliver."""
+
+
+class Lease(BaseModel):
+    """The value of the delivery lease: who holds it, for how long after each renewal."""
+
+    holder: str
+    lease_s: float
+
+
+def default_holder() -> str:
+    """A gateway id unique to this process."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class _LeaseLost(Exception):
+    pass
 
 
 class PushNotifications:
-    """The store, the SDK's sender and one deliverer task per config."""
+    """The store, the SDK's sender, the delivery lease and (while this gateway holds it)
+    one deliverer task per config."""
 
     def __init__(self, js: JetStreamContext, ledger: Ledger, store: KvPushConfigStore, *,
                  http: httpx.AsyncClient | None = None,
                  url_validator: Callable[[str], Awaitable[bool]] | None = None,
-                 deliver: bool = True, max_backoff_s: float = 10.0) -> None:
+                 deliver: bool = True, holder: str | None = None, lease_s: float = 5.0,
+                 max_backoff_s: float = 10.0) -> None:
+        if lease_s <= 0:
+            raise ValueError("push lease time must be > 0")
         self.js = js
         self.ledger = ledger
         self.store = store
@@ -156,30 +221,149 @@ class PushNotifications:
         self.sender = BasePushNotificationSender(self.http, store,
                                                  push_url_validator=url_validator)
         self.deliver = deliver
+        self.holder = holder or default_holder()
+        self.lease_s = lease_s
         self.max_backoff_s = max_backoff_s
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._lease_rev: int | None = None
+        self._valid_until = 0.0
+        self._lead_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, js: JetStreamContext, ledger: Ledger, **kw: Any) -> PushNotifications:
         push = cls(js, ledger, await KvPushConfigStore.open(js), **kw)
         if push.deliver:
-            for key in await push.store.keys(f"{_CONFIG}.*.*"):
-                _, task_id, config_id = key.split(".")
-                push._start(task_id, config_id)
+            push._lead_task = asyncio.create_task(push._lead(), name="push-lease")
         return push
+
+    @property
+    def leading(self) -> bool:
+        """Whether this gateway holds the delivery lease (renewed within its time)."""
+        return self._lease_rev is not None and time.monotonic() < self._valid_until
 
     async def register(self, task_id: str, config: TaskPushNotificationConfig,
                        context: ServerCallContext, *, from_seq: int
                        ) -> TaskPushNotificationConfig:
         """Store `config` and deliver the task's events from `from_seq` on (a config
-        set again keeps its cursor)."""
+        set again keeps its cursor). The lease holder, whichever gateway it is, sees the
+        config in the bucket and delivers."""
         check_push_config(config)
-        stored = await self.store.set_info(task_id, config, context)
-        if await self.store.cursor(task_id, stored.id) is None:
-            await self.store.set_cursor(task_id, stored.id, from_seq - 1)
-        if self.deliver:
+        stored = normalize_push_notification_config(task_id, config)
+        await self.store.init_cursor(task_id, stored.id, from_seq - 1)  # before the config
+        await self.store.set_info(task_id, stored, context)
+        if self.leading:
             self._start(task_id, stored.id)
         return stored
+
+    # ------------------------------------------------------------------ the lease
+
+    def _lease_value(self) -> bytes:
+        return Lease(holder=self.holder, lease_s=self.lease_s).model_dump_json().encode()
+
+    async def lease_holder(self) -> str | None:
+        """The id of the gateway holding the delivery lease (None: nobody)."""
+        try:
+            entry = await self.store.kv.get(_LEASE)
+        except KeyNotFoundError:
+            return None
+        held = _parse_lease(entry.value)
+        return held.holder if held else None
+
+    async def _lead(self) -> None:
+        """Take the lease, deliver while holding it, and start over when it is lost."""
+        pause = 0.1
+        while True:
+            try:
+                self._lease_rev, self._valid_until = await self._acquire()
+                log.info("push delivery lease taken by %s", self.holder)
+                pause = 0.1
+                await self._while_leading()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the bus went away: try again
+                log.warning("push delivery lease: %s; trying again in %.1fs", e, pause)
+                await asyncio.sleep(pause)  # backoff before taking the lease again
+                pause = min(pause * 2, self.lease_s)
+            finally:
+                self._lease_rev = None
+                await self._stop_deliverers()
+
+    async def _acquire(self) -> tuple[int, float]:
+        """Take the lease: its revision, and until when (here) it is valid."""
+        kv = self.store.kv
+        while True:
+            began = time.monotonic()
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                return await kv.create(_LEASE, self._lease_value()), began + self.lease_s
+            try:
+                entry = await kv.get(_LEASE)
+            except KeyNotFoundError:
+                continue  # released since: create it
+            held = _parse_lease(entry.value)
+            rev = entry.revision or 0
+            if (held is None or held.holder == self.holder
+                    or not await self._renewed_within(rev, held.lease_s)):
+                began = time.monotonic()
+                with contextlib.suppress(KeyWrongLastSequenceError):
+                    return (await kv.update(_LEASE, self._lease_value(), last=rev),
+                            began + self.lease_s)
+
+    async def _renewed_within(self, revision: int, lease_s: float) -> bool:
+        """Whether the lease at `revision` is renewed (or released) within `lease_s`,
+        timed here."""
+        watcher = await self.store.kv.watch(_LEASE)
+        deadline = time.monotonic() + lease_s
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
+                except NatsTimeoutError:
+                    return False
+                if entry is not None and (entry.revision or 0) > revision:
+                    return True
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _while_leading(self) -> None:
+        """Deliver every config's events; return when the lease is lost."""
+        watcher = await self.store.kv.watch(f"{_CONFIG}.>")
+        feed = asyncio.create_task(self._feed(watcher), name="push-configs")
+        try:
+            while True:
+                await asyncio.sleep(self.lease_s / 3)  # the renewal period
+                began = time.monotonic()
+                try:
+                    self._lease_rev = await self.store.kv.update(
+                        _LEASE, self._lease_value(), last=self._lease_rev)
+                    self._valid_until = began + self.lease_s
+                except KeyWrongLastSequenceError:
+                    log.warning("push delivery lease lost by %s (another gateway took it)",
+                                self.holder)
+                    self._lease_rev = None
+                    return
+                except (NatsTimeoutError, nats.errors.Error) as e:
+                    if not self.leading:
+                        log.warning("push delivery lease not renewed (%s): %s stops "
+                                    "delivering", e, self.holder)
+                        return
+        finally:
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feed
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _feed(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Start a deliverer for every config stored (now and later)."""
+        async for entry in watcher:
+            if entry is None or entry.operation in (_DEL, _PURGE) or not entry.value:
+                continue
+            _, task_id, config_id = entry.key.split(".")
+            self._start(task_id, config_id)
+
+    # ------------------------------------------------------------------ delivery
 
     def _start(self, task_id: str, config_id: str) -> None:
         key = (task_id, config_id)
@@ -190,28 +374,50 @@ class PushNotifications:
 
     async def _deliver(self, task_id: str, config_id: str) -> None:
         try:
-            cursor = await self.store.cursor(task_id, config_id) or 0
-            state: TaskState = fold(task_id, upto(list(await self.ledger.read(task_id)),
-                                                  cursor))
-            if state.terminal:
-                return
-            async for entry in self.ledger.follow(task_id, from_seq=cursor + 1):
-                fold(task_id, [entry], state)
-                if not await self._send_until_accepted(task_id, config_id,
-                                                       entry_event(state, entry)):
-                    return  # the config was deleted
-                await self.store.set_cursor(task_id, config_id, entry.seq)
-                if isinstance(entry.event, ev.TERMINAL_TASK_EVENTS):
+            while self.leading:
+                try:
+                    await self._deliver_from_cursor(task_id, config_id)
                     return
+                except KeyWrongLastSequenceError:
+                    # Another deliverer (a predecessor still finishing its last POST)
+                    # moved the cursor: go on from where it is now.
+                    log.info("push cursor of task %s (config %s) moved elsewhere; "
+                             "reading it again", task_id, config_id)
         except asyncio.CancelledError:
             raise
+        except _LeaseLost:
+            log.info("push delivery for task %s (config %s) handed over", task_id, config_id)
         except Exception:
             log.exception("push delivery for task %s (config %s) stopped", task_id,
                           config_id)
 
+    async def _deliver_from_cursor(self, task_id: str, config_id: str) -> None:
+        cursor = await self.store.cursor(task_id, config_id)
+        if cursor is None:
+            await self.store.init_cursor(task_id, config_id, 0)
+            cursor = await self.store.cursor(task_id, config_id)
+        if cursor is None or cursor.ended:
+            return
+        rev = cursor.revision
+        state: TaskState = fold(task_id, upto(list(await self.ledger.read(task_id)),
+                                              cursor.seq))
+        if state.terminal:
+            return
+        async for entry in self.ledger.follow(task_id, from_seq=cursor.seq + 1):
+            fold(task_id, [entry], state)
+            if not await self._send_until_accepted(task_id, config_id,
+                                                   entry_event(state, entry)):
+                return  # the config was deleted
+            end = isinstance(entry.event, ev.TERMINAL_TASK_EVENTS)
+            rev = await self.store.set_cursor(task_id, config_id, entry.seq, last=rev, end=end)
+            if end:
+                return
+
     async def _send_until_accepted(self, task_id: str, config_id: str, event: Any) -> bool:
         pause = 0.1
         while True:
+            if not self.leading:
+                raise _LeaseLost
             config = await self.store.get_one(task_id, config_id)
             if config is None:
                 return False
@@ -222,11 +428,37 @@ class PushNotifications:
             await asyncio.sleep(pause)  # backoff between retries of a failed delivery
             pause = min(pause * 2, self.max_backoff_s)
 
-    async def close(self) -> None:
+    async def _stop_deliverers(self) -> None:
         tasks = list(self._running.values())
+        self._running.clear()
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+    async def close(self) -> None:
+        """Stop delivering and release the lease (another gateway takes it at once)."""
+        if self._lead_task is not None:
+            self._lead_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._lead_task
+            await self._release()
+        await self._stop_deliverers()
         await self.http.aclose()
+
+    async def _release(self) -> None:
+        with contextlib.suppress(Exception):
+            entry = await self.store.kv.get(_LEASE)
+            held = _parse_lease(entry.value)
+            if held is not None and held.holder == self.holder:
+                await self.store.kv.delete(_LEASE, last=entry.revision)
+
+
+def _parse_lease(value: bytes | None) -> Lease | None:
+    if not value:
+        return None
+    try:
+        return Lease.model_validate_json(value)
+    except ValueError:
+        return None
