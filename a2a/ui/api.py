@@ -282,7 +282,7 @@ class Dashboard:
     def _role_settings(self, user: str) -> BusSettings:
         """The bus settings of NATS user `user` from the data directory of `jetmesh up`
         (none there: the gateway's own, e.g. a server without users)."""
-        from jetmesh.orchestrator.nats_config import credentials_in
+        from jetmesh.bus.credentials import credentials_in
 
         base = self.client.settings
         found = credentials_in(self.settings.data_dir, user)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from jetmesh.a2a.cli import register
+from jetmesh.orchestrator.cli.a2a import register
 
 
 def _app() -> typer.Typer:

@@ -28,7 +28,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from jetmesh.agents.builtin import builtin_names
-from jetmesh.orchestrator import health
+from jetmesh.orchestrator.cli import health
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -230,7 +230,7 @@ def test_every_builtin_agent_has_a_scalable_worker_service() -> None:
 
 def test_healthcheck_command_is_registered() -> None:
     if "health" not in cli().commands:
-        pytest.skip("`jetmesh health` is not registered in orchestrator/cli.py yet "
+        pytest.skip("`jetmesh health` is not registered in orchestrator/cli/ yet "
                     "(add: register_health(app))")
     from typer.testing import CliRunner
 

@@ -20,7 +20,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.server import EmbeddedNats, free_port
 from jetmesh.bus.streams import declare_streams
-from jetmesh.orchestrator import health
+from jetmesh.orchestrator.cli import health
 from jetmesh.orchestrator.service import Orchestrator
 
 

@@ -46,8 +46,8 @@ from jetmesh.bus import subjects
 from jetmesh.bus.consumer import PullRunner
 from jetmesh.bus.permissions import AuthConfig
 from jetmesh.bus.server import EmbeddedNats, find_nats_server, free_port
-from jetmesh.orchestrator import health, nats_config
-from jetmesh.orchestrator.up import role_user
+from jetmesh.orchestrator.cli import health, nats_config
+from jetmesh.orchestrator.cli.up import role_user
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"

@@ -6,7 +6,7 @@ Secrets configure it) and R3 streams and buckets (`JETMESH_REPLICAS=3`); two
 orchestrators, the memory service, telemetry, the A2A gateway and the bridge, two
 replicas of each agent (one in the default run), every one a real `jetmesh <role>`
 process with its own role's credentials and every node's URL, supervised like `jetmesh
-up` supervises its children (`orchestrator.up.Child`; one that dies unexpectedly is
+up` supervises its children (`orchestrator.cli.up.Child`; one that dies unexpectedly is
 restarted and counted).
 
 While tasks are submitted at a steady pace, every role process is replaced one at a
@@ -44,13 +44,14 @@ import yaml
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.credentials import read_env_blocks
 from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.server import EmbeddedNats, free_port
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_buckets, declare_streams
-from jetmesh.orchestrator.nats_config import read_env_blocks, resolve_agents, write_data_dir_auth
+from jetmesh.orchestrator.cli.nats_config import resolve_agents, write_data_dir_auth
+from jetmesh.orchestrator.cli.up import Child, role_user
 from jetmesh.orchestrator.state import TaskStatus, fold
-from jetmesh.orchestrator.up import Child, role_user
 
 KUBE = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 AGENTS = ["support", "orders"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from jetmesh.orchestrator.up import Backoff, Child, stop_children
+from jetmesh.orchestrator.cli.up import Backoff, Child, stop_children
 
 
 def running(pid: int) -> bool:
@@ -262,7 +262,7 @@ def test_cli_commands_find_their_own_roles_credentials_in_the_data_dir(
     commands as admin, approve/deny as the approver, a role's process as that role."""
     import click
 
-    from jetmesh.orchestrator.nats_config import use_data_dir_credentials, write_data_dir_auth
+    from jetmesh.orchestrator.cli.nats_config import use_data_dir_credentials, write_data_dir_auth
 
     auth, conf, env = write_data_dir_auth(tmp_path, {"orders": ["lookup_order"]})
     assert stat.S_IMODE(conf.stat().st_mode) == stat.S_IMODE(env.stat().st_mode) == 0o600

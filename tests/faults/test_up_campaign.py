@@ -25,8 +25,8 @@ import pytest
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.credentials import credentials_in
 from jetmesh.bus.ledger import Ledger
-from jetmesh.orchestrator.nats_config import credentials_in
 from jetmesh.orchestrator.state import TaskStatus, fold
 
 ORDERS = ["A1001", "A1002", "A1003", "A1004"]

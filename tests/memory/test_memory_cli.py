@@ -11,7 +11,7 @@ from memory_helpers import Served
 from typer.testing import CliRunner
 
 from jetmesh.memory import EpisodeRecord, MemorySettings, MemoryStore
-from jetmesh.memory.cli import memory_app
+from jetmesh.orchestrator.cli.memory import memory_app
 
 
 def invoke(args: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]

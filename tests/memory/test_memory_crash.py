@@ -58,7 +58,7 @@ def memory_command() -> list[str]:
 
     if any(g.name == "memory" for g in app.registered_groups):
         return [sys.executable, "-m", "jetmesh.orchestrator.cli", "memory"]
-    return [sys.executable, "-m", "jetmesh.memory.cli"]
+    return [sys.executable, "-m", "jetmesh.orchestrator.cli.memory"]
 
 
 def spawn_memory(url: str, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -13,7 +13,7 @@ import pytest
 
 from jetmesh.a2a.ui.api import redact
 from jetmesh.a2a.ui.auth import TOKENS_FILE, TokenBook, generate_tokens
-from jetmesh.orchestrator.up import dashboard_banner
+from jetmesh.orchestrator.cli.up import dashboard_banner
 
 
 def test_generated_tokens_are_kept_hashed_and_private(tmp_path: Path) -> None:

@@ -13,13 +13,20 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["register"]
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    console,
+    err,
+    open_bus,
+    resolve_url,
+    run,
+    serve_until_signal,
+    setup_logging,
+)
 
-_Url = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                          help="NATS server URL (default: NATS_URL, else the "
-                                               "embedded server in --data-dir).")]
-_DataDir = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                        help="Where jetmesh keeps its data.")]
+__all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +43,6 @@ def register(app: typer.Typer) -> None:
         """Make an EC P-256 card-signing key pair and its JWKS."""
         from jetmesh.a2a.errors import KeyConfigError
         from jetmesh.a2a.signing import generate_keys
-        from jetmesh.orchestrator.cli import console, err
 
         try:
             paths = generate_keys(directory, overwrite=overwrite)
@@ -52,7 +58,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("gateway")
     def gateway_cmd(
-        url: _Url = None, data_dir: _DataDir = Path(".jetmesh"),
+        url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
         host: Annotated[str, typer.Option(envvar="JETMESH_GATEWAY_HOST")] = "127.0.0.1",
         port: Annotated[int, typer.Option(envvar="JETMESH_GATEWAY_PORT")] = 8080,
         public_url: Annotated[str | None, typer.Option(
@@ -60,10 +66,8 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
     ) -> None:
         """Serve the mesh as an A2A 1.0 agent over HTTP (JSON-RPC and HTTP+JSON)."""
-        from jetmesh.orchestrator import cli as jcli
-
-        jcli._setup_logging(verbose)
-        target = jcli.resolve_url(url, data_dir)
+        setup_logging(verbose)
+        target = resolve_url(url, data_dir)
 
         async def main() -> None:
             from jetmesh.a2a.gateway import GatewayServer, GatewaySettings
@@ -74,15 +78,15 @@ def register(app: typer.Typer) -> None:
                                    verifier=verifier_from_env())
 
             async def start() -> Any:
-                jcli.console.print(f"A2A gateway at [bold]{await server.start()}[/]")
+                console.print(f"A2A gateway at [bold]{await server.start()}[/]")
                 return server
 
             async def stop(s: Any) -> None:
                 await s.stop()
 
-            await jcli._serve_until_signal(start, stop)
+            await serve_until_signal(start, stop)
 
-        jcli.run(main)
+        run(main)
 
     @app.command("asyncapi")
     def asyncapi_cmd(
@@ -103,14 +107,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("bridge")
     def bridge_cmd(
-        url: _Url = None, data_dir: _DataDir = Path(".jetmesh"),
+        url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
         verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
     ) -> None:
         """Serve the external A2A agents added with `agents-add` (one worker each)."""
-        from jetmesh.orchestrator import cli as jcli
-
-        jcli._setup_logging(verbose)
-        target = jcli.resolve_url(url, data_dir)
+        setup_logging(verbose)
+        target = resolve_url(url, data_dir)
 
         async def main() -> None:
             from jetmesh.a2a.bridge import start_bridge
@@ -120,7 +122,7 @@ def register(app: typer.Typer) -> None:
                 nc = await connect(target, name="jetmesh-bridge")
                 bridge = await start_bridge(nc, jetstream(nc))
                 names = ", ".join(w.spec.name for w in bridge.workers) or "none yet"
-                jcli.console.print(f"bridging external agents: {names}")
+                console.print(f"bridging external agents: {names}")
                 return (nc, bridge)
 
             async def stop(handle: Any) -> None:
@@ -128,37 +130,35 @@ def register(app: typer.Typer) -> None:
                 await bridge.stop()
                 await nc.close()
 
-            await jcli._serve_until_signal(start, stop)
+            await serve_until_signal(start, stop)
 
-        jcli.run(main)
+        run(main)
 
     @app.command("agents-add")
     def agents_add_cmd(
         agent_url: Annotated[str, typer.Argument(help="The external agent's base URL (its "
                                                       "card is at /.well-known/agent-card.json).")],
-        url: _Url = None, data_dir: _DataDir = Path(".jetmesh"),
+        url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
     ) -> None:
         """Add an external A2A agent: its skills become routable through the bridge."""
-        from jetmesh.orchestrator import cli as jcli
-
-        target = jcli.resolve_url(url, data_dir)
+        target = resolve_url(url, data_dir)
 
         async def main() -> None:
             from jetmesh.a2a.bridge import add_external
             from jetmesh.a2a.errors import MeshA2AError
             from jetmesh.a2a.signing import verifier_from_env
 
-            nc, js, _ = await jcli._open(target)
+            nc, js, _ = await open_bus(target)
             try:
                 agent = await add_external(js, agent_url, verifier=verifier_from_env())
             except MeshA2AError as e:
-                jcli.err.print(f"[red]{e}[/]")
+                err.print(f"[red]{e}[/]")
                 raise typer.Exit(1) from None
             finally:
                 await nc.close()
-            jcli.console.print(
+            console.print(
                 f"added [bold]{agent.name}[/] ({agent.card.name} {agent.card.version}): "
                 + ", ".join(s.id for s in agent.card.skills)
                 + "\nRun `jetmesh bridge` (or restart it) to serve these skills.")
 
-        jcli.run(main)
+        run(main)

@@ -4,20 +4,46 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
-import signal
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from jetmesh.bus import events as ev
-from jetmesh.bus.errors import BusError
+from jetmesh.orchestrator.cli import (
+    a2a,
+    audit,
+    evals,
+    health,
+    killswitch,
+    mcp,
+    memory,
+    nats_config,
+    replay,
+    telemetry,
+)
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    cli_identity,
+    console,
+    err,
+    free_port,
+    load_agent,
+    open_bus,
+    parse_json_opt,
+    port_free,
+    refused,
+    resolve_url,
+    run,
+    serve_until_signal,
+    setup_logging,
+    wait_for_signal,
+)
 from jetmesh.orchestrator.timeline import describe
 
 app = typer.Typer(
@@ -32,79 +58,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err = Console(stderr=True)
-T = TypeVar("T")
-
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
-
-
-def _setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=True)],
-        force=True,
-    )
-    logging.getLogger("nats").setLevel(logging.WARNING)
-
-
-def resolve_url(url: str | None, data_dir: Path, user: str | None = None) -> str:
-    """--url / NATS_URL, else the embedded server running from `data_dir`. With no
-    credentials in the environment, `user`'s from `data_dir` (a `jetmesh up` mesh;
-    default: the running command's role, see nats_config.user_for_command)."""
-    from jetmesh.bus.server import discover_url
-    from jetmesh.orchestrator.nats_config import use_data_dir_credentials
-
-    use_data_dir_credentials(data_dir, user)
-    if url:
-        return url
-    found = discover_url(data_dir)
-    if found:
-        return found
-    err.print("[red]No NATS server found.[/] Start one with [bold]jetmesh up[/] (everything) "
-              "or [bold]jetmesh nats[/] (the server alone), or set NATS_URL.")
-    raise typer.Exit(2)
-
-
-def _loop_run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where it is installed (it halves the event loop's own cost on the
-    bus's many small messages), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Run an async command; bus errors become one clear line and exit code 1."""
-    try:
-        return _loop_run(coro_fn())  # type: ignore[arg-type]
-    except BusError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-async def _open(url: str) -> Any:
-    from jetmesh.bus.connection import connect, jetstream
-    from jetmesh.bus.ledger import Ledger
-    from jetmesh.bus.streams import declare_streams
-
-    nc = await connect(url, name="jetmesh-cli")
-    js = jetstream(nc)
-    await declare_streams(js)
-    return nc, js, Ledger(nc, js)
-
-
 # ----------------------------------------------------------------------------- nats
 
 
@@ -117,10 +70,10 @@ def nats_cmd(
         help="An authorization block from `jetmesh nats-config` (one user per role).")] = None,
 ) -> None:
     """Run the embedded nats-server (JetStream, fsync on every write) until Ctrl-C."""
-    from jetmesh.bus.server import EmbeddedNats, free_port
+    from jetmesh.bus.server import EmbeddedNats
 
-    _setup_logging()
-    if port and not _port_free(port):
+    setup_logging()
+    if port and not port_free(port):
         err.print(f"port {port} is busy; using a free one")
         port = free_port()
     extra = auth_config.read_text() if auth_config else ""
@@ -133,29 +86,10 @@ def nats_cmd(
         console.print(f"  with the users of {auth_config}: give each process its role's "
                       "NATS_USER, NATS_PASSWORD and NATS_INBOX_PREFIX")
     try:
-        _wait_for_signal()
+        wait_for_signal()
     finally:
         server.stop()
         console.print("nats-server stopped")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _wait_for_signal() -> None:
-    got = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: got.append(s))
-    while not got:
-        signal.pause()
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -174,7 +108,7 @@ def tasks_cmd(
         from jetmesh.orchestrator.projection import all_tasks
         from jetmesh.orchestrator.tasks_kv import current_summaries, summarize
 
-        nc, js, ledger = await _open(target)
+        nc, js, ledger = await open_bus(target)
         try:  # the KV projection (the gateway keeps it); no projection: fold the ledger
             got = await current_summaries(js, ledger)
             rows, lag = got if got is not None else (
@@ -217,7 +151,7 @@ def tail_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> None:
-        nc, _, ledger = await _open(target)
+        nc, _, ledger = await open_bus(target)
         try:
             if not forever and from_seq > 1:
                 # A task that ended before `from_seq` has nothing more to show: say so
@@ -248,26 +182,13 @@ def tail_cmd(
 # ----------------------------------------------------------------------------- roles
 
 
-async def _serve_until_signal(start: Callable[[], Awaitable[Any]],
-                              stop: Callable[[Any], Awaitable[None]]) -> None:
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
-    handle = await start()
-    try:
-        await done.wait()
-    finally:
-        await stop(handle)
-
-
 @app.command("orchestrator")
 def orchestrator_cmd(
     url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
     verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the orchestrator role against NATS_URL (as a container would)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     target = resolve_url(url, data_dir)
 
     async def main() -> None:
@@ -289,7 +210,7 @@ def orchestrator_cmd(
             await orch.nc.close()
             await model.aclose()
 
-        await _serve_until_signal(start, stop)
+        await serve_until_signal(start, stop)
 
     run(main)
 
@@ -302,7 +223,7 @@ def worker_cmd(
     verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
 ) -> None:
     """Run one agent replica: pull its skills' steps from NATS and run them."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     spec = load_agent(agent)  # an unknown agent is named before any server is looked for
     target = resolve_url(url, data_dir)
 
@@ -327,41 +248,12 @@ def worker_cmd(
             if model is not None:
                 await model.aclose()
 
-        await _serve_until_signal(start, stop)
+        await serve_until_signal(start, stop)
 
     run(main)
 
 
-def load_agent(name: str) -> Any:
-    """A built-in spec by name, or `package.module:attr` for your own."""
-    from jetmesh.agents.builtin import builtin_names, get_agent
-
-    if ":" in name:
-        import importlib
-
-        mod, _, attr = name.partition(":")
-        return getattr(importlib.import_module(mod), attr)
-    if name not in builtin_names():
-        err.print(f"[red]unknown agent '{name}'.[/] Built-in: {', '.join(builtin_names())}")
-        raise typer.Exit(2)
-    return get_agent(name)
-
-
 # ----------------------------------------------------------------------------- tasks
-
-
-def _parse_json_opt(value: str | None, what: str) -> dict[str, Any]:
-    if not value:
-        return {}
-    try:
-        data = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
-    except (ValueError, OSError) as e:
-        err.print(f"[red]{what} is not valid JSON:[/] {e}")
-        raise typer.Exit(2) from None
-    if not isinstance(data, dict):
-        err.print(f"[red]{what} must be a JSON object[/]")
-        raise typer.Exit(2)
-    return data
 
 
 @app.command("submit")
@@ -386,7 +278,7 @@ def submit_cmd(
 ) -> None:
     """Submit a task; with --wait, show each step as it happens and print the result."""
     target = resolve_url(url, data_dir)
-    task_input = _parse_json_opt(input_json, "--input")
+    task_input = parse_json_opt(input_json, "--input")
     if not goal and not workflow:
         err.print("[red]give a goal, a --workflow, or both[/]")
         raise typer.Exit(2)
@@ -530,33 +422,10 @@ def cancel_cmd(
             try:
                 await c.cancel(task_id, reason, by=cli_identity())
             except ControlRefused as e:
-                _refused(e)
+                refused(e)
         console.print(f"cancel requested for {task_id}")
 
     run(main)
-
-
-def cli_identity() -> str:
-    """How the ledger names a CLI user: `cli:<login>` (who ran the command)."""
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no login name (a container without a passwd entry)
-        return "cli:unknown"
-
-
-def _refused(e: Exception) -> None:
-    """A control the client refused (the task is unknown or over, nothing pending)."""
-    from jetmesh.orchestrator.client import AmbiguousApproval
-
-    err.print(f"[red]{escape(str(e))}[/]", soft_wrap=True)
-    if isinstance(e, AmbiguousApproval):
-        for p in e.pending:
-            err.print(f"  step {p.step_id} tool {p.tool} args {json.dumps(p.arguments)}",
-                      soft_wrap=True)
-        raise typer.Exit(2)
-    raise typer.Exit(1)
 
 
 @app.command("agents")
@@ -583,7 +452,7 @@ def agents_cmd(
     async def main() -> None:
         from jetmesh.orchestrator.registry import live_agents
 
-        nc, js, _ = await _open(target)
+        nc, js, _ = await open_bus(target)
         try:
             agents = await live_agents(js)
         finally:
@@ -637,12 +506,10 @@ def _decide_approval(task_id: str, granted: bool, step: str | None, tool: str | 
 
         async with Client(target) as c:
             try:
-                if granted:
-                    p = await c.approve(task_id, step=step, tool=tool, by=by)
-                else:
-                    p = await c.deny(task_id, reason=reason, step=step, tool=tool, by=by)
+                p, _ = await c.decide(task_id, granted, step=step, tool=tool, by=by,
+                                      reason=reason)
             except ControlRefused as e:
-                _refused(e)
+                refused(e)
         verb = "approved" if granted else "denied"
         console.print(f"{verb}: step {p.step_id} {p.tool}({json.dumps(p.arguments)})")
 
@@ -692,7 +559,7 @@ def dlq_list_cmd(
     async def main() -> None:
         from jetmesh.bus.dlq import list_dead_letters
 
-        nc, _, ledger = await _open(target)
+        nc, _, ledger = await open_bus(target)
         try:
             letters = await list_dead_letters(ledger, stream=stream, task_id=task)
         finally:
@@ -718,7 +585,7 @@ def dlq_show_cmd(
         from jetmesh.bus import subjects
         from jetmesh.bus.dlq import DeadLetter
 
-        nc, js, _ = await _open(target)
+        nc, js, _ = await open_bus(target)
         try:
             msg = await js.get_msg(subjects.STREAM_DLQ, seq, direct=True)
         finally:
@@ -751,7 +618,7 @@ def dlq_redrive_cmd(
     async def main() -> None:
         from jetmesh.bus.dlq import list_dead_letters, redrive
 
-        nc, js, ledger = await _open(target)
+        nc, js, ledger = await open_bus(target)
         try:
             todo = list(seqs or [])
             if all_:
@@ -785,17 +652,15 @@ def up_cmd(
     their credentials there)."""
     from jetmesh.agents.builtin import builtin_names
     from jetmesh.agents.models.factory import describe_default_model
-    from jetmesh.orchestrator.up import run_up
+    from jetmesh.orchestrator.cli.up import run_up
 
-    _setup_logging()
+    setup_logging()
     names = [a.strip() for a in agents.split(",")] if agents else builtin_names()
     unknown = sorted(set(names) - set(builtin_names()))
     if unknown:
         err.print(f"[red]unknown agents {unknown}[/]; built-in: {', '.join(builtin_names())}")
         raise typer.Exit(2)
-    if port and not _port_free(port):
-        from jetmesh.bus.server import free_port
-
+    if port and not port_free(port):
         port = free_port()
     live_view = console.is_terminal if live is None else live
     if not live_view:
@@ -803,41 +668,13 @@ def up_cmd(
     console.print(f"model: {describe_default_model()}")
     gw: int | None = None
     if gateway_port:
-        gw = gateway_port if _port_free(gateway_port) else _free_port()
+        gw = gateway_port if port_free(gateway_port) else free_port()
     asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw))
 
 
-def _free_port() -> int:
-    from jetmesh.bus.server import free_port
-
-    return free_port()
-
-
-def _register_extensions() -> None:
-    from jetmesh.a2a.cli import register as register_a2a
-    from jetmesh.agents.mcp.cli import register as register_mcp
-    from jetmesh.memory.cli import register as register_memory
-    from jetmesh.orchestrator.audit_cli import register as register_audit
-    from jetmesh.orchestrator.evals_cli import register as register_evals
-    from jetmesh.orchestrator.health import register as register_health
-    from jetmesh.orchestrator.killswitch_cli import register as register_killswitch
-    from jetmesh.orchestrator.nats_config import register as register_nats_config
-    from jetmesh.orchestrator.replay_cli import register as register_replay
-    from jetmesh.orchestrator.telemetry_cli import register as register_telemetry
-
-    register_a2a(app)
-    register_mcp(app)
-    register_memory(app)
-    register_health(app)
-    register_nats_config(app)
-    register_replay(app)
-    register_evals(app)
-    register_telemetry(app)
-    register_killswitch(app)
-    register_audit(app)
-
-
-_register_extensions()
+for _module in (a2a, mcp, memory, health, nats_config, replay, evals, telemetry,
+                killswitch, audit):
+    _module.register(app)
 
 
 if __name__ == "__main__":

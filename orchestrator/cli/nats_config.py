@@ -29,21 +29,19 @@ import typer
 import yaml
 from rich.console import Console
 
+from jetmesh.bus.credentials import (
+    AUTH_CONF,
+    AUTH_ENV,
+    AUTH_ENV_VAR,
+    CREDENTIAL_VARS,
+    credentials_in,
+    read_env_blocks,
+)
 from jetmesh.bus.permissions import ROLE_ADMIN, AuthConfig, Options
 
 err = Console(stderr=True)
 
 _ENV_LINE = re.compile(r"^(NATS_USER|NATS_PASSWORD)=(.*)$")
-_ANY_ENV_LINE = re.compile(r"^(NATS_[A-Z_]+)=(.*)$")
-
-AUTH_CONF = "nats-auth.conf"
-"""In a data directory: the server's `authorization` section (`jetmesh up`)."""
-AUTH_ENV = "nats-auth.env"
-"""In a data directory: every role's NATS_USER / NATS_PASSWORD / NATS_INBOX_PREFIX."""
-CREDENTIAL_VARS = ("NATS_USER", "NATS_PASSWORD", "NATS_INBOX_PREFIX")
-AUTH_ENV_VAR = "JETMESH_NATS_AUTH_ENV"
-"""Path of a `nats-auth.env` to take the running role's credentials from (default: the
-one in the data directory)."""
 
 FORMATS = ("nats", "kubernetes")
 K8S_SERVER_SECRET = "jetmesh-nats-server-auth"
@@ -104,24 +102,6 @@ def read_passwords(env_file: Path) -> dict[str, str]:
     return found
 
 
-def read_env_blocks(env_file: Path) -> dict[str, dict[str, str]]:
-    """User -> its block's NATS_* variables, from an env file this module wrote."""
-    blocks: dict[str, dict[str, str]] = {}
-    current: dict[str, str] = {}
-    if not env_file.exists():
-        return blocks
-    for line in env_file.read_text().splitlines():
-        m = _ANY_ENV_LINE.match(line.strip())
-        if not m:
-            continue
-        name, value = m.group(1), m.group(2)
-        if name == "NATS_USER":
-            current = {}
-            blocks[value] = current
-        current[name] = value
-    return blocks
-
-
 def write_data_dir_auth(data_dir: Path, agents: dict[str, list[str]],
                         options: Options | None = None) -> tuple[AuthConfig, Path, Path]:
     """The users of a `jetmesh up` mesh in `data_dir` (passwords kept from an earlier run,
@@ -132,11 +112,6 @@ def write_data_dir_auth(data_dir: Path, agents: dict[str, list[str]],
     _write_secret(conf, auth.server_config())
     _write_secret(env, auth.env_file())
     return auth, conf, env
-
-
-def credentials_in(data_dir: Path, user: str) -> dict[str, str] | None:
-    """The NATS_* variables of `user` from a `jetmesh up` data directory, if it has them."""
-    return read_env_blocks(data_dir / AUTH_ENV).get(user)
 
 
 ROLE_COMMANDS = {"orchestrator": "orchestrator", "memory": "memory", "gateway": "gateway",

@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -15,15 +14,18 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    open_bus,
+    resolve_url,
+    run,
+    setup_logging,
+)
+
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
-
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
 
 
 def register(app: typer.Typer) -> None:
@@ -43,10 +45,9 @@ def telemetry_cmd(
     verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the telemetry role: one OTLP trace per finished task (OTEL_* variables)."""
-    from jetmesh.orchestrator.cli import _setup_logging, resolve_url, run
     from jetmesh.orchestrator.telemetry import run_telemetry
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     target = resolve_url(url, data_dir)
 
     async def main() -> None:
@@ -113,13 +114,12 @@ def trace_cmd(
     ] = False,
 ) -> None:
     """Draw a finished task's trace (the spans the telemetry role exports)."""
-    from jetmesh.orchestrator.cli import _open, resolve_url, run
     from jetmesh.orchestrator.telemetry import build_spans, make_exporter
 
     target = resolve_url(url, data_dir)
 
     async def main() -> int:
-        nc, _js, ledger = await _open(target)
+        nc, _js, ledger = await open_bus(target)
         try:
             entries = await ledger.read(task_id)
         finally:
@@ -176,7 +176,6 @@ def stats_cmd(
 ) -> None:
     """Outcomes, cost per completed task, tokens, tool calls, approvals, latency: from
     the telemetry role's projection of finished tasks (KV jm-stats)."""
-    from jetmesh.orchestrator.cli import _open, resolve_url, run
     from jetmesh.orchestrator.stats import BY, aggregate, read_summaries
 
     if by is not None and by not in BY:
@@ -185,7 +184,7 @@ def stats_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> dict[str, Any]:
-        nc, js, _ = await _open(target)
+        nc, js, _ = await open_bus(target)
         try:
             records = await read_summaries(js)
         finally:

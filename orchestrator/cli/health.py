@@ -311,7 +311,7 @@ def register(app: typer.Typer) -> None:
         except UsageError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(USAGE) from None
-        from jetmesh.orchestrator.nats_config import use_data_dir_credentials
+        from jetmesh.orchestrator.cli.nats_config import use_data_dir_credentials
 
         # Against a `jetmesh up` mesh with no credentials set: the admin's (read only).
         use_data_dir_credentials(data_dir)

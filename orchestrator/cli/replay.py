@@ -11,20 +11,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from jetmesh.bus import events as ev
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    console,
+    err,
+    parse_json_opt,
+    resolve_url,
+    run,
+)
 
 if TYPE_CHECKING:
     from jetmesh.orchestrator.replay import Comparison
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
-
 
 def print_comparison(cmp: Comparison, *, as_json: bool, title: str) -> None:
-    from jetmesh.orchestrator.cli import console
 
     if as_json:
         console.print_json(json.dumps(cmp.as_json(), default=str))
@@ -59,7 +61,6 @@ def print_comparison(cmp: Comparison, *, as_json: bool, title: str) -> None:
 
 
 def _models(values: list[str] | None) -> dict[str, str]:
-    from jetmesh.orchestrator.cli import err
 
     out: dict[str, str] = {}
     for v in values or []:
@@ -110,14 +111,13 @@ def register(app: typer.Typer) -> None:
         """Fork a finished task: the steps upstream of --from are served from the
         recording (no calls), --from and its downstream run again with the changes. The
         original is not changed. Prints the diff; exit 0 if the fork completed."""
-        from jetmesh.orchestrator.cli import _parse_json_opt, err
 
         if effects not in ("dry-run", "real"):
             err.print("[red]--effects is dry-run or real[/]")
             raise typer.Exit(2)
         fork = ev.ForkSpec(from_step=from_step, models=_models(model),
                            effects="real" if effects == "real" else "dry-run")
-        patch = _parse_json_opt(patch_input, "--patch-input") if patch_input else None
+        patch = parse_json_opt(patch_input, "--patch-input") if patch_input else None
         cmp = _run(url, data_dir, task_id, fork, patch, timeout)
         print_comparison(cmp, as_json=as_json, title=f"fork of {task_id} from {from_step}")
         raise typer.Exit(0 if cmp.b_status == "completed" else 1)
@@ -131,7 +131,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Step by step what changed between two tasks: outputs, tool calls, tokens,
         cost, latency. Exit 0 either way."""
-        from jetmesh.orchestrator.cli import resolve_url, run
         from jetmesh.orchestrator.client import Client
         from jetmesh.orchestrator.replay import diff_tasks
 
@@ -146,7 +145,6 @@ def register(app: typer.Typer) -> None:
 
 def _run(url: str | None, data_dir: Path, task_id: str, fork: ev.ForkSpec | None,
          patch: dict[str, Any] | None, timeout: float) -> Comparison:
-    from jetmesh.orchestrator.cli import err, resolve_url, run
     from jetmesh.orchestrator.client import Client
     from jetmesh.orchestrator.replay import run_replay
 

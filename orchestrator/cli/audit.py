@@ -7,12 +7,7 @@ from typing import Annotated
 
 import typer
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
+from jetmesh.orchestrator.cli.kit import DEFAULT_DATA, DataDirOpt, UrlOpt, err, resolve_url, run
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +27,6 @@ def register(app: typer.Typer) -> None:
         ledger has nothing for TASK."""
         from jetmesh.bus.subjects import InvalidIdError, check_id
         from jetmesh.orchestrator.audit import AuditReport, build_audit, render_markdown
-        from jetmesh.orchestrator.cli import err, resolve_url, run
         from jetmesh.orchestrator.client import Client
 
         if fmt not in ("json", "md"):

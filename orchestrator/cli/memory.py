@@ -1,18 +1,16 @@
 """`jetmesh memory`: run the memory service, search and forget from the command line.
 
 `register(app)` adds the ``memory`` command group to the main `jetmesh` app.
-``python -m jetmesh.memory.cli`` runs the same group on its own.
+``python -m jetmesh.orchestrator.cli.memory`` runs the same group on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +19,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    console,
+    resolve_url,
+    setup_logging,
+)
+
 err = Console(stderr=True, soft_wrap=True)
 
 memory_app = typer.Typer(
@@ -36,13 +42,6 @@ memory_app = typer.Typer(
     add_completion=False,
 )
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
-
 
 def register(app: typer.Typer) -> None:
     """Add the ``memory`` command group to `app`."""
@@ -50,25 +49,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _resolve(url: str | None, data_dir: Path) -> str:
-    from jetmesh.orchestrator.cli import resolve_url
-
-    resolved: str = resolve_url(url, data_dir)
-    return resolved
+    return resolve_url(url, data_dir)
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)], force=True,
-    )
-    logging.getLogger("nats").setLevel(logging.WARNING)
-    for noisy in ("httpx", "qdrant_client"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # mem0 warns about optional extras (spaCy, BM25) jetmesh does not use.
-    logging.getLogger("mem0").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+    setup_logging(verbose, console=err, tracebacks=False, quiet_memory=True)
 
 
 async def _with_client(url: str, fn: Any, timeout_s: float) -> Any:

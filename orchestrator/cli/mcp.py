@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    load_agent,
+    resolve_url,
+    run,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +40,6 @@ def register(app: typer.Typer) -> None:
         # stdout is the protocol channel over stdio: logs go to stderr only.
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from jetmesh.orchestrator.cli import resolve_url, run
 
         target = resolve_url(url, data_dir)
 
@@ -47,11 +47,10 @@ def register(app: typer.Typer) -> None:
             from jetmesh.a2a.gateway import GatewaySettings
             from jetmesh.a2a.registry import Registry
             from jetmesh.a2a.signing import verifier_from_env
+            from jetmesh.agents.mcp.serve import MeshMcpServer
             from jetmesh.orchestrator.client import Client
             from jetmesh.orchestrator.service import OrchestratorSettings
             from jetmesh.orchestrator.workflows import builtin_registry
-
-            from .serve import MeshMcpServer
 
             gw = GatewaySettings()
             client = Client(target)
@@ -89,12 +88,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from jetmesh.orchestrator.cli import load_agent, run
 
         spec = load_agent(agent)
 
         async def main() -> None:
-            from .toolset import McpTool, McpToolset
+            from jetmesh.agents.mcp.toolset import McpTool, McpToolset
 
             toolset = await McpToolset.open(spec)
             try:

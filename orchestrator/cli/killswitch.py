@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,13 +10,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from jetmesh.bus.killswitch import MCP_SEPARATOR, KillRule, Kind
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    console,
+    err,
+    resolve_url,
+    run,
+)
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
 ToolArg = Annotated[str | None, typer.Argument(
     help="The tool (an MCP tool: <server>__<tool>, or the tool's name with --server). "
          "Without it: the whole --agent or --server.")]
@@ -57,7 +59,6 @@ def register(app: typer.Typer) -> None:
         """Refuse every call of TOOL (or of a whole agent / MCP server) from the next
         call on, in every replica; each refusal is a policy decision on the ledger."""
         from jetmesh.bus.killswitch import KillSwitchBoard
-        from jetmesh.orchestrator.cli import console, err, resolve_url, run
         from jetmesh.orchestrator.client import Client
 
         kind, name, qualifier = target_of(tool, agent, server)
@@ -82,7 +83,6 @@ def register(app: typer.Typer) -> None:
                    data_dir: DataDirOpt = DEFAULT_DATA) -> None:
         """Remove the rule `disable` wrote with the same arguments. Exit 1 if none."""
         from jetmesh.bus.killswitch import KillSwitchBoard
-        from jetmesh.orchestrator.cli import console, err, resolve_url, run
         from jetmesh.orchestrator.client import Client
 
         kind, name, qualifier = target_of(tool, agent, server)
@@ -103,7 +103,6 @@ def register(app: typer.Typer) -> None:
                  url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA) -> None:
         """The rules in force."""
         from jetmesh.bus.killswitch import KillSwitchBoard
-        from jetmesh.orchestrator.cli import console, resolve_url, run
         from jetmesh.orchestrator.client import Client
 
         target = resolve_url(url, data_dir)

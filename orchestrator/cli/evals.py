@@ -10,12 +10,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
-                                            help="NATS server URL (default: NATS_URL, "
-                                                 "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
-                                          help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
+from jetmesh.orchestrator.cli.kit import (
+    DEFAULT_DATA,
+    DataDirOpt,
+    UrlOpt,
+    console,
+    err,
+    resolve_url,
+    run,
+)
 
 
 def parse_models(values: list[str] | None) -> dict[str, str]:
@@ -44,7 +47,6 @@ def cost_change(base: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def print_report(rep: dict[str, Any]) -> None:
-    from jetmesh.orchestrator.cli import console
 
     table = Table(title=f"eval {rep['suite']} · models {json.dumps(rep['models'])}")
     for col in ("case", "tier", "score", "runs", "cost/run", "tokens/run", "latency p50",
@@ -101,7 +103,6 @@ def register(app: typer.Typer) -> None:
         """Run a suite against the running mesh: a table per case, JSON (stdout unless
         --json) and Markdown reports. Exit 1 if any case fails."""
         from jetmesh.bus.events import new_id
-        from jetmesh.orchestrator.cli import console, err, resolve_url, run
         from jetmesh.orchestrator.client import Client
         from jetmesh.orchestrator.evals import load_suite, markdown, report, run_suite
 
@@ -147,7 +148,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Turn recorded tasks into a suite whose references are their outcomes (status,
         the tools that ran, the result)."""
-        from jetmesh.orchestrator.cli import console, err, resolve_url, run
         from jetmesh.orchestrator.client import Client
         from jetmesh.orchestrator.evals import Suite, parse_since, suite_from_ledger, suite_yaml
 
@@ -182,7 +182,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """A CI gate: exit 1 if NEW regresses against BASE (a lower pass rate beyond the
         threshold, or a case in a worse tier), else 0."""
-        from jetmesh.orchestrator.cli import console
         from jetmesh.orchestrator.evals import compare_reports
 
         b, n = json.loads(base.read_text()), json.loads(new.read_text())

@@ -287,15 +287,11 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
                  *, auth: bool = True, backoff: Backoff | None = None,
                  stop_grace_s: float = STOP_GRACE_S) -> None:
     from jetmesh.bus.connection import connect, jetstream
+    from jetmesh.bus.credentials import AUTH_CONF, read_env_blocks
     from jetmesh.bus.ledger import Ledger
     from jetmesh.bus.presence import PresenceView
     from jetmesh.bus.streams import declare_buckets, declare_streams
-    from jetmesh.orchestrator.nats_config import (
-        AUTH_CONF,
-        read_env_blocks,
-        resolve_agents,
-        write_data_dir_auth,
-    )
+    from jetmesh.orchestrator.cli.nats_config import resolve_agents, write_data_dir_auth
     from jetmesh.orchestrator.registry import LiveAgent
 
     policy = backoff or Backoff()
