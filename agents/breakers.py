@@ -1,43 +1,402 @@
-"""Circuit breakers around external tools (A2A agents, side-effecting integrations).
+"""Circuit breakers for model providers and external tools: the one breaker module.
 
-One breaker per tool, named ``tool:<name>``, in the process-wide registry shared with
-the model breakers (`jetmesh.agents.models.breaker.BREAKERS`). A tool call that times
-out or raises counts as a failure; N in a row open the breaker and further calls are
-refused with a denial the model (or the step) sees, without touching the tool, until a
-single probe call succeeds.
+A `CircuitBreaker` is a small, synchronous state machine with an injectable clock::
 
-Two ways to use it:
+    closed ──N consecutive failures──▶ open ──reset_timeout_s──▶ half_open
+      ▲                                 ▲                          │
+      └──────── probe succeeds ─────────┼──── probe fails ─────────┘
 
-* From a `StepGuard`: `ToolBreakers.before_call` in ``before_tool_call`` (returns the
-  denial text while the breaker is open) and `ToolBreakers.after_call` once the tool
-  returned (records success or failure).
-* Without any loop hook: `guard_spec` / `guard_tool` wrap the tools themselves, so
-  `Tool.invoke` checks and records the breaker.
+* closed: every call goes through; a success resets the failure count.
+* open: every call is rejected at once (no call is made) until ``reset_timeout_s``
+  has passed since it opened.
+* half_open: exactly one call (the probe) goes through; other callers are rejected while
+  it runs. Its success closes the breaker, its failure re-opens it for another
+  ``reset_timeout_s``.
+
+Only transient failures count (`is_transient`: 5xx, 429, timeouts, lost connections,
+retries exhausted). Errors that say the request or the key is wrong are not the
+provider's fault: they neither count nor reset the count. Results of calls that started
+before the breaker last changed state are ignored (they say nothing about the present).
+
+`BreakerModel` applies a breaker around a `Model`; `guard_tool` / `guard_spec` put one in
+front of a tool (`BreakerTool`: its `invoke` checks and records the breaker). Breakers
+live in a `BreakerRegistry` keyed by name (``anthropic``, ``openai``, ``tool:<name>``);
+`BREAKERS` is the one shared by the whole process and `breaker_states()` reports it (for
+presence / `jetmesh agents`).
+
+Tools: one breaker per tool, named ``tool:<name>``. A tool call that times out or raises
+counts as a failure; N in a row open the breaker and further calls are refused with a
+denial the model (or the step) sees, without touching the tool, until a single probe
+call succeeds. Invalid arguments (the model's fault), invalid output and policy denials
+count for nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
-from .models.breaker import BREAKERS, BreakerRegistry, CircuitBreaker, Ticket
-from .models.types import Model
-from .spec import AgentSpec
-from .tools import Tool, ToolContext, ToolResult
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jetmesh.agents.models.errors import (
+    ModelCircuitOpen,
+    ModelRetriesExhausted,
+    ModelTransientError,
+)
+from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
+from jetmesh.agents.tools import Tool, ToolContext, ToolResult
+
+if TYPE_CHECKING:
+    from jetmesh.agents.spec import AgentSpec
 
 __all__ = [
+    "BREAKERS",
     "BREAKER_DENIAL_PREFIX",
+    "BreakerModel",
+    "BreakerRegistry",
+    "BreakerSettings",
+    "BreakerState",
     "BreakerTool",
-    "ToolBreakers",
+    "CircuitBreaker",
+    "Ticket",
+    "breaker_states",
+    "describe_breakers",
     "guard_spec",
     "guard_tool",
     "guard_tools",
     "is_external_tool",
+    "is_transient",
     "tool_breaker_name",
     "worker_breaker_states",
 ]
+
+log = logging.getLogger(__name__)
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that say the provider is unwell: transient model errors (5xx,
+    429, timeouts, connection), exhausted retries, and bare timeouts/connection errors.
+
+    `ModelCircuitOpen` is transient for callers (try later, or another model) but
+    `CircuitBreaker` never counts it as a failure of its own.
+    """
+    return isinstance(
+        exc, ModelTransientError | ModelRetriesExhausted | TimeoutError | ConnectionError
+    )
+
+
+class BreakerSettings(BaseSettings):
+    """Breaker defaults, read from the environment."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    failure_threshold: int = Field(
+        5, ge=1, validation_alias=AliasChoices("JETMESH_BREAKER_FAILURES", "failure_threshold")
+    )
+    """Consecutive transient failures that open a breaker."""
+    reset_timeout_s: float = Field(
+        30.0, gt=0, validation_alias=AliasChoices("JETMESH_BREAKER_RESET_S", "reset_timeout_s")
+    )
+    """How long an open breaker rejects calls before letting one probe through."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Permission for one call, from `CircuitBreaker.acquire`; hand it back with exactly
+    one of `success` / `failure` / `ignore`."""
+
+    generation: int
+    """The breaker's state generation when the call started."""
+    probe: bool
+    """This call is the half-open probe."""
+
+
+class CircuitBreaker:
+    """One breaker. Thread-safe; never blocks (no I/O, no awaits)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        reset_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be at least 1")
+        if reset_timeout_s <= 0:
+            raise ValueError("reset_timeout_s must be positive")
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_timeout_s = reset_timeout_s
+        self._clock = clock
+        """Drives the timing (monotonic by default)."""
+        self._wall = wall_clock
+        """Only for the timestamps `state()` reports."""
+        self._lock = threading.Lock()
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._generation = 0
+        self._probe_running = False
+        self.rejected = 0
+        """Calls rejected since the process started (for display)."""
+
+    # --- state machine --------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        if (self._state == "open" and self._opened_at is not None
+                and self._clock() >= self._opened_at + self.reset_timeout_s):
+            self._transition("half_open")
+
+    def _transition(self, state: BreakerState) -> None:
+        previous = self._state
+        self._state = state
+        self._generation += 1
+        self._probe_running = False
+        if state == "open":
+            self._opened_at = self._clock()
+        elif state == "closed":
+            self._opened_at = None
+            self._failures = 0
+        if previous != state:
+            log.log(logging.WARNING if state == "open" else logging.INFO,
+                    "circuit breaker %s: %s -> %s (%d consecutive failures)",
+                    self.name, previous, state, self._failures)
+
+    def acquire(self) -> Ticket | None:
+        """A ticket when a call may go ahead now; None when it must be rejected."""
+        with self._lock:
+            self._refresh()
+            if self._state == "closed":
+                return Ticket(self._generation, probe=False)
+            if self._state == "half_open" and not self._probe_running:
+                self._probe_running = True
+                return Ticket(self._generation, probe=True)
+            self.rejected += 1
+            return None
+
+    def success(self, ticket: Ticket) -> None:
+        """The call went through and the other side answered."""
+        with self._lock:
+            if ticket.generation != self._generation:
+                return
+            if self._state == "closed":
+                self._failures = 0
+            elif ticket.probe:
+                self._transition("closed")
+
+    def failure(self, ticket: Ticket) -> None:
+        """The call failed transiently (see `is_transient`)."""
+        with self._lock:
+            if ticket.generation != self._generation:
+                return
+            self._failures += 1
+            if self._state == "closed":
+                if self._failures >= self.failure_threshold:
+                    self._transition("open")
+            elif ticket.probe:
+                self._transition("open")
+
+    def ignore(self, ticket: Ticket) -> None:
+        """The call ended in a way that says nothing about the other side's health (an
+        invalid request, a bad key, cancellation). A probe's slot is freed for the next
+        caller; the failure count is unchanged."""
+        with self._lock:
+            if ticket.generation == self._generation and ticket.probe:
+                self._probe_running = False
+
+    def reset(self) -> None:
+        """Close the breaker and forget its failures (operators, tests)."""
+        with self._lock:
+            self._transition("closed")
+
+    # --- reporting ------------------------------------------------------------------
+
+    @property
+    def current(self) -> BreakerState:
+        """The state now (an open breaker past its timeout reads as half_open)."""
+        with self._lock:
+            self._refresh()
+            return self._state
+
+    def retry_in_s(self) -> float:
+        """Seconds until a call may be let through: 0 when closed or a probe slot is free;
+        the time to the next probe when open; ``reset_timeout_s`` while a probe runs."""
+        with self._lock:
+            self._refresh()
+            if self._state == "open" and self._opened_at is not None:
+                return max(0.0, self._opened_at + self.reset_timeout_s - self._clock())
+            if self._state == "half_open" and self._probe_running:
+                return self.reset_timeout_s
+            return 0.0
+
+    def _iso(self, t: float | None) -> str | None:
+        if t is None:
+            return None
+        wall = self._wall() - (self._clock() - t)
+        return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds")
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready: state, consecutive_failures, threshold, opened_at and
+        next_probe_at (ISO-8601 UTC, or None when closed), rejected."""
+        with self._lock:
+            self._refresh()
+            opened = self._opened_at
+            return {
+                "state": self._state,
+                "consecutive_failures": self._failures,
+                "threshold": self.failure_threshold,
+                "opened_at": self._iso(opened),
+                "next_probe_at": (self._iso(opened + self.reset_timeout_s)
+                                  if opened is not None and self._state == "open" else None),
+                "rejected": self.rejected,
+            }
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self.current!r})"
+
+
+class BreakerRegistry:
+    """Breakers by name, created on first use with the registry's defaults."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int | None = None,
+        reset_timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._threshold = failure_threshold
+        self._reset = reset_timeout_s
+        self._clock = clock
+        self._wall = wall_clock
+        self._lock = threading.Lock()
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def get(self, name: str) -> CircuitBreaker:
+        """The breaker called ``name`` (``anthropic``, ``openai``, ``tool:<name>``)."""
+        with self._lock:
+            breaker = self._breakers.get(name)
+            if breaker is None:
+                threshold, reset = self._threshold, self._reset
+                if threshold is None or reset is None:
+                    settings = BreakerSettings()
+                    threshold = self._threshold = threshold or settings.failure_threshold
+                    reset = self._reset = reset or settings.reset_timeout_s
+                breaker = CircuitBreaker(
+                    name, failure_threshold=threshold, reset_timeout_s=reset,
+                    clock=self._clock, wall_clock=self._wall)
+                self._breakers[name] = breaker
+            return breaker
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._breakers)
+
+    def states(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """``{name: breaker.state()}`` for every breaker (or just ``names``, if they exist)."""
+        with self._lock:
+            chosen = [b for n, b in sorted(self._breakers.items())
+                      if names is None or n in names]
+        return {b.name: b.state() for b in chosen}
+
+    def clear(self) -> None:
+        """Forget every breaker (tests)."""
+        with self._lock:
+            self._breakers.clear()
+
+
+BREAKERS = BreakerRegistry()
+"""The process-wide registry shared by every worker, model chain and tool guard."""
+
+
+def breaker_states() -> dict[str, dict[str, Any]]:
+    """States of every breaker in this process, for presence and `jetmesh agents`."""
+    return BREAKERS.states()
+
+
+def describe_breakers(states: Mapping[str, Mapping[str, Any]]) -> str:
+    """One short line for a table cell: the breakers that are not closed, e.g.
+    ``anthropic open (5/5), tool:a2a:http://x#y half_open``; ``ok`` when all are closed,
+    ``-`` when there are none."""
+    if not states:
+        return "-"
+    parts = []
+    for name, s in sorted(states.items()):
+        state = s.get("state", "?")
+        if state == "closed":
+            continue
+        part = f"{name} {state}"
+        if state == "open":
+            part += f" ({s.get('consecutive_failures', '?')}/{s.get('threshold', '?')})"
+        parts.append(part)
+    return ", ".join(parts) or "ok"
+
+
+class BreakerModel:
+    """A `Model` behind a circuit breaker.
+
+    While the breaker is open, `complete` raises `ModelCircuitOpen` without calling the
+    model. Transient failures (see `is_transient`) count; successes close a half-open
+    breaker; other errors and cancellation count for nothing.
+    """
+
+    def __init__(self, model: Model, breaker: CircuitBreaker) -> None:
+        self.inner = model
+        self.breaker = breaker
+        self.provider = model.provider
+        self.name = model.name
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        ticket = self.breaker.acquire()
+        if ticket is None:
+            raise self._open_error()
+        try:
+            response = await self.inner.complete(request)
+        except BaseException as exc:
+            if is_transient(exc) and not isinstance(exc, ModelCircuitOpen):
+                self.breaker.failure(ticket)
+            else:
+                self.breaker.ignore(ticket)
+            raise
+        self.breaker.success(ticket)
+        return response
+
+    def _open_error(self) -> ModelCircuitOpen:
+        wait = self.breaker.retry_in_s()
+        if self.breaker.current == "half_open":
+            why = "is half-open and its probe call is still running"
+        else:
+            why = (f"is open after {self.breaker.failure_threshold} consecutive transient "
+                   f"failures; next probe in {wait:.1f}s")
+        return ModelCircuitOpen(
+            self.provider, self.name,
+            f"circuit breaker {self.breaker.name!r} {why}; the model was not called",
+            breaker=self.breaker.name, retry_after=wait)
+
+    def breaker_states(self) -> dict[str, dict[str, Any]]:
+        return {self.breaker.name: self.breaker.state()}
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __repr__(self) -> str:
+        return f"BreakerModel({self.provider}/{self.name}, breaker={self.breaker.name!r})"
+
+
+# --- tools --------------------------------------------------------------------------
 
 BREAKER_DENIAL_PREFIX = "circuit open:"
 """Every denial from a tool breaker starts with this (so runtimes can tell it from a
@@ -78,59 +437,6 @@ def _record(breaker: CircuitBreaker, ticket: Ticket, result: ToolResult) -> None
         breaker.failure(ticket)
     else:
         breaker.ignore(ticket)
-
-
-@dataclass
-class ToolBreakers:
-    """Breaker checks for the tool calls of one step (create one per `StepGuard`).
-
-    ``before_call`` returns None to let the call go ahead (and keeps its ticket under the
-    call's idempotency key) or the denial text; exactly one of ``after_call`` /
-    ``abandon`` must follow an allowed call with the same key.
-    """
-
-    registry: BreakerRegistry = field(default_factory=lambda: BREAKERS)
-    applies: Callable[[Tool], bool] = is_external_tool
-    """Which tools are guarded."""
-    _tickets: dict[str, list[tuple[CircuitBreaker, Ticket]]] = field(
-        default_factory=dict, init=False, repr=False)
-
-    def before_call(self, tool: Tool, key: str = "") -> str | None:
-        if not self.applies(tool):
-            return None
-        breaker = self.registry.get(tool_breaker_name(tool))
-        ticket = breaker.acquire()
-        if ticket is None:
-            return _denial(breaker, tool.name)
-        self._tickets.setdefault(key, []).append((breaker, ticket))
-        return None
-
-    def _pop(self, key: str) -> tuple[CircuitBreaker, Ticket] | None:
-        held = self._tickets.get(key)
-        if not held:
-            return None
-        entry = held.pop()
-        if not held:
-            del self._tickets[key]
-        return entry
-
-    def after_call(self, tool: Tool, result: ToolResult, key: str = "") -> None:
-        """Record the outcome of a call `before_call` allowed (no-op for others)."""
-        entry = self._pop(key)
-        if entry is not None:
-            _record(entry[0], entry[1], result)
-
-    def abandon(self, key: str = "") -> None:
-        """The allowed call never ran or was cancelled: free its ticket, record nothing."""
-        entry = self._pop(key)
-        if entry is not None:
-            entry[0].ignore(entry[1])
-
-    def abandon_all(self) -> None:
-        """Free every ticket still held (call when the step ends, e.g. on cancellation)."""
-        for key in list(self._tickets):
-            while key in self._tickets:
-                self.abandon(key)
 
 
 @dataclass

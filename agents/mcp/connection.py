@@ -26,7 +26,7 @@ from mcp.types import CallToolResult
 from mcp.types import Tool as McpToolInfo
 from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
-from jetmesh.agents.models.breaker import CircuitBreaker
+from jetmesh.agents.breakers import CircuitBreaker
 from jetmesh.agents.models.retry import parse_retry_after
 from jetmesh.bus import headers as hn
 

@@ -28,7 +28,7 @@ from mcp.types import CallToolResult, TextContent
 from mcp.types import Tool as McpToolInfo
 from pydantic import BaseModel, ConfigDict
 
-from jetmesh.agents.models.breaker import CircuitBreaker
+from jetmesh.agents.breakers import CircuitBreaker
 from jetmesh.agents.spec import AgentSpec, schema_errors
 from jetmesh.agents.tools import Risk, Tool, ToolContext, ToolResult, untrusted_block
 from jetmesh.bus.events import McpToolsChangedData

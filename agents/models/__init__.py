@@ -3,7 +3,7 @@
 Provider SDKs (anthropic, openai) load only when a provider model is created.
 """
 
-from jetmesh.agents.models.breaker import (
+from jetmesh.agents.breakers import (
     BREAKERS,
     BreakerModel,
     BreakerRegistry,

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from jetmesh.agents.models.breaker import is_transient
+from jetmesh.agents.breakers import is_transient
 from jetmesh.agents.models.errors import (
     ModelChainExhausted,
     ModelCircuitOpen,

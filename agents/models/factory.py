@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jetmesh.agents.models.breaker import BREAKERS, BreakerModel, BreakerRegistry
+from jetmesh.agents.breakers import BREAKERS, BreakerModel, BreakerRegistry
 from jetmesh.agents.models.chain import FallbackChain
 from jetmesh.agents.models.errors import ModelConfigError, ModelError
 from jetmesh.agents.models.sim import SimModel

@@ -9,8 +9,8 @@ from pydantic import BaseModel
 
 from jetmesh.agents.breakers import (
     BREAKER_DENIAL_PREFIX,
+    BreakerSettings,
     BreakerTool,
-    ToolBreakers,
     guard_spec,
     guard_tool,
     is_external_tool,
@@ -34,9 +34,8 @@ from jetmesh.agents.models import (
     describe_breakers,
     is_transient,
 )
-from jetmesh.agents.models.breaker import BreakerSettings
 from jetmesh.agents.spec import AgentSpec, SkillSpec
-from jetmesh.agents.tools import Tool, ToolContext, ToolResult
+from jetmesh.agents.tools import Tool, ToolContext
 
 
 class Clock:
@@ -360,7 +359,7 @@ def test_is_external_tool() -> None:
     assert not is_external_tool(make_tool(lambda a: {"y": 1}, side_effects=False))
 
 
-async def test_tool_breakers_from_a_step_guard() -> None:
+async def test_tool_breaker_counts_only_the_far_sides_failures() -> None:
     clock = Clock()
     reg = BreakerRegistry(failure_threshold=2, reset_timeout_s=10, clock=clock)
     healthy = False
@@ -370,40 +369,23 @@ async def test_tool_breakers_from_a_step_guard() -> None:
             raise RuntimeError("gateway 502")
         return {"y": args.x}
 
-    tool = make_tool(pay)
-    guards = ToolBreakers(registry=reg)
-    for i in range(2):
-        key = f"k{i}"
-        assert guards.before_call(tool, key) is None
-        result = await tool.invoke({"x": 1}, CTX)
-        assert result.kind == "exception"
-        guards.after_call(tool, result, key)
-    denial = guards.before_call(tool, "k2")
-    assert denial is not None and denial.startswith(BREAKER_DENIAL_PREFIX)
-    assert "'pay'" in denial and "2 times in a row" in denial
+    tool = guard_tool(make_tool(pay), registry=reg)
+    for _ in range(2):
+        assert (await tool.invoke({"x": 1}, CTX)).kind == "exception"
+    denied = await tool.invoke({"x": 1}, CTX)
+    assert denied.kind == "denied" and denied.error is not None
+    assert denied.error.startswith(BREAKER_DENIAL_PREFIX)
+    assert "'pay'" in denied.error and "2 times in a row" in denied.error
     assert reg.states()["tool:pay"]["state"] == "open"
 
-    # Invalid arguments are the model's fault: they do not count.
+    # Invalid arguments are the model's fault: the probe's slot is freed, nothing counts.
     healthy = True
     clock.advance(10)
-    assert guards.before_call(tool, "probe") is None
-    assert guards.before_call(tool, "other") is not None  # one probe at a time
     bad = await tool.invoke({"x": "nope"}, CTX)
     assert bad.kind == "invalid_arguments"
-    guards.after_call(tool, bad, "probe")
     assert reg.get("tool:pay").current == "half_open"
-    assert guards.before_call(tool, "probe2") is None
-    guards.after_call(tool, await tool.invoke({"x": 3}, CTX), "probe2")
+    assert (await tool.invoke({"x": 3}, CTX)).output == {"y": 3}
     assert reg.get("tool:pay").current == "closed"
-
-    # Read-only local tools are not guarded; abandon frees a ticket.
-    local = make_tool(lambda a: {"y": 1}, name="calc", side_effects=False)
-    assert guards.before_call(local, "z") is None
-    guards.after_call(local, ToolResult(ok=True, output={"y": 1}), "z")
-    assert "tool:calc" not in reg.states()
-    assert guards.before_call(tool, "dangling") is None
-    guards.abandon_all()
-    assert guards._tickets == {}
 
 
 async def test_guard_tool_wraps_invoke() -> None:
