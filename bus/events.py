@@ -190,12 +190,41 @@ class TaskRejectedData(_Strict):
     errors: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class ContextTurn(_Strict):
+    """One earlier task of the same conversation context, as its ledger recorded it."""
+
+    task_id: str
+    status: str
+    """Its status when the later task was planned (`completed`, `failed`, `working`...)."""
+    goal: str = ""
+    input: dict[str, Any] | None = None
+    """Its structured input (left out when large)."""
+    answer: str | None = None
+    """Its final answer (the result's `answer`, else the result as JSON), or why it
+    failed; None while it runs."""
+    seq: int = 0
+    """The last ledger sequence of that task read: what this turn reflects."""
+
+
+class PlanContext(_Strict):
+    """The earlier turns a task was planned with (orchestrator.context)."""
+
+    context_id: str
+    turns: list[ContextTurn] = Field(default_factory=list)
+    """Oldest first, bounded in number and size."""
+    omitted: int = 0
+    """Earlier turns left out by the bounds (the oldest)."""
+
+
 class TaskPlannedData(_Strict):
     planner: str
     """`workflow:<name>` or `llm:<provider>/<model>`."""
     steps: list[PlanStep]
     merge: bool = False
     """Whether a final model call merges the step outputs into the result."""
+    context: PlanContext | None = None
+    """The earlier turns of the task's context (its submission's `a2a.context_id`
+    metadata) given to the planner: what the task knew of the conversation."""
 
 
 class StepDispatchedData(_Strict):

@@ -93,7 +93,11 @@ BUCKET_TASKS = "jm-tasks"
 (orchestrator.tasks_kv); listings read these, not the ledger."""
 BUCKET_A2A_PUSH = "jm-a2a-push"
 """The A2A gateway's push-notification configs (`cfg.<task>.<id>`) and their delivery
-cursors (`cur.<task>.<id>`: the last ledger sequence the webhook accepted)."""
+cursors (`cur.<task>.<id>`: the last ledger sequence the webhook accepted), and the
+delivery lease (`lease`: which gateway delivers)."""
+BUCKET_CONTEXTS = "jm-contexts"
+"""The tasks of each conversation context (`<tenant>.<context>`: task ids in planning
+order), so a task can be given the earlier turns of its context (orchestrator.context)."""
 BUCKET_EXTERNAL = "jm-external-agents"
 """External A2A agents added by URL (their fetched cards), served by the bridge worker."""
 BUCKET_SPEND = "jm-spend"
