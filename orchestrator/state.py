@@ -182,6 +182,8 @@ def _by_orchestrator(e: ev.Event) -> bool:
 
 _STEP_EVENTS = (ev.StepStarted, ev.ToolCalled, ev.StepCompleted, ev.StepFailed,
                 ev.PolicyDecided, ev.ApprovalRequested)
+_OTHER_STEP_EVENTS = (ev.EffectStarted, ev.ModelRouted, ev.ContextCompacted, ev.BudgetAlerted)
+"""Step events this fold keeps the line's sequence of but does not otherwise use."""
 
 
 def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> TaskState:
@@ -291,8 +293,8 @@ def _apply_step(state: TaskState, entry: LedgerEntry, step_id: str) -> TaskState
     st = state.steps.get(step_id)
     if st is not None and on_line:
         st.last_seq = entry.seq  # the line's last sequence (fences), whatever counts
-    known = isinstance(e, (*_STEP_EVENTS, ev.ModelCalled, ev.BudgetExceeded)) \
-        or e.type in _OTHER_STEP_TYPES
+    known = isinstance(e, (*_STEP_EVENTS, ev.ModelCalled, ev.BudgetExceeded,
+                           *_OTHER_STEP_EVENTS))
     if not known or getattr(e.data, "step_id", None) != step_id:
         return _ignore(state, entry, step_id, "not an event of this step's subject")
     if st is None:
@@ -368,10 +370,6 @@ def _apply_step(state: TaskState, entry: LedgerEntry, step_id: str) -> TaskState
                 st.holder = worker
     return state
 
-
-_OTHER_STEP_TYPES = frozenset({"jetmesh.tool.effect_started.v1", "jetmesh.model.routed.v1",
-                               "jetmesh.context.compacted.v1", "jetmesh.budget.alerted.v1"})
-"""Step events this fold keeps the line's sequence of but does not otherwise use."""
 
 
 def fold(task_id: str, entries: Iterable[LedgerEntry], state: TaskState | None = None

@@ -100,7 +100,7 @@ async def test_a_dollar_budget_is_split_with_what_the_workers_spent(orch: Orches
     # An orchestrator that first sees the task now (a restart: nothing cached) reads
     # its steps' logs too once it knows the budget counts dollars (issue 21: its first
     # read leaves them out), so it has the same fold.
-    orch._cache.clear()
+    orch.cache.clear()
     again = await orch.drive(tid)
     assert again.cost_usd == pytest.approx(state.cost_usd) and again.cost_usd >= 0.4
     assert again.steps["a"].cost_usd == pytest.approx(0.4)
@@ -170,16 +170,16 @@ async def test_results_that_follow_on_from_the_fold_are_folded_with_no_read(
     reads = count_reads(orch)
     await complete(orch, tid, "a")
     msg_a = await delivered(orch, tid, "a")
-    await orch._on_step_event(msg_a)
-    assert orch._cache[tid].state.steps["a"].status is StepStatus.COMPLETED
+    await orch.intake.on_step_event(msg_a)
+    assert orch.cache[tid].state.steps["a"].status is StepStatus.COMPLETED
     assert reads == []
     before = await orch.js.stream_info(subjects.STREAM_LEDGER)
-    await orch._on_step_event(msg_a)  # redelivered
+    await orch.intake.on_step_event(msg_a)  # redelivered
     assert reads == []
     after = await orch.js.stream_info(subjects.STREAM_LEDGER)
     assert after.state.last_seq == before.state.last_seq
     await complete(orch, tid, "b")
-    await orch._on_step_event(await delivered(orch, tid, "b"))
+    await orch.intake.on_step_event(await delivered(orch, tid, "b"))
     assert reads == []
     final = fold(tid, await orch.ledger.read(tid))
     assert final.status is TaskStatus.COMPLETED
@@ -195,9 +195,9 @@ async def test_a_result_after_a_claim_the_fold_has_not_seen_is_read(
         step_id="a", agent="w", worker="w-2", delivery=2)), expected_last_subject_seq=0)
     await complete(orch, tid, "a", after=claim)
     reads = count_reads(orch)
-    await orch._on_step_event(await delivered(orch, tid, "a"))
+    await orch.intake.on_step_event(await delivered(orch, tid, "a"))
     assert len(reads) == 1
-    state = orch._cache[tid].state
+    state = orch.cache[tid].state
     assert state.status is TaskStatus.COMPLETED and state.steps["a"].worker == "w-2"
 
 
@@ -210,9 +210,9 @@ async def test_results_the_fold_cannot_vouch_for_are_read(orch: Orchestrator,
     tid = await planned_task(orch, ["a"], budget)
     await complete(orch, tid, "a", after=None if case == "unfenced" else 0)
     reads = count_reads(orch)
-    await orch._on_step_event(await delivered(orch, tid, "a"))
+    await orch.intake.on_step_event(await delivered(orch, tid, "a"))
     assert len(reads) == 1
-    assert orch._cache[tid].state.status is TaskStatus.COMPLETED
+    assert orch.cache[tid].state.status is TaskStatus.COMPLETED
 
 
 async def cancel_unseen(orch: Orchestrator, tid: str) -> None:
@@ -230,7 +230,7 @@ async def test_a_step_stopped_by_an_unseen_cancel_cancels_the_task(orch: Orchest
     await orch.ledger.append(ev.StepFailed(subject=tid, data=ev.StepFailedData(
         step_id="a", agent="w", code="canceled", reason="stop", retryable=False)),
         expected_last_subject_seq=0)
-    await orch._on_step_event(await delivered(orch, tid, "a"))
+    await orch.intake.on_step_event(await delivered(orch, tid, "a"))
     final = fold(tid, await orch.ledger.read(tid))
     assert final.status is TaskStatus.CANCELED
 
@@ -242,7 +242,7 @@ async def test_a_task_completed_from_deliveries_is_not_completed_over_an_unseen_
     tid = await planned_task(orch, ["a"])
     await cancel_unseen(orch, tid)
     await complete(orch, tid, "a")
-    await orch._on_step_event(await delivered(orch, tid, "a"))
+    await orch.intake.on_step_event(await delivered(orch, tid, "a"))
     entries = await orch.ledger.read(tid)
     assert fold(tid, entries).status is TaskStatus.CANCELED
     assert not any(isinstance(e.event, ev.TaskCompleted) for e in entries)

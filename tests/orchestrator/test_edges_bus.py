@@ -323,7 +323,7 @@ async def test_a_slow_timer_drive_does_not_hold_up_the_others(bus) -> None:
 
     orch.drive = drive  # type: ignore[method-assign,assignment]
     past = ev.utcnow()
-    orch._waiting = {"slow": past, "quick": past}
+    orch.cache.waiting.update({"slow": past, "quick": past})
     ticking = asyncio.create_task(orch._tick())
     try:
         await asyncio.wait_for(driven.wait(), 5)
@@ -423,11 +423,11 @@ async def test_two_ends_decided_at_once_store_one(bus) -> None:
         await orch.ledger.append(ev.TaskCanceled(
             id=end_id(tid), subject=tid, source="jetmesh/orchestrator",
             data=ev.TaskCanceledData(reason="by the other replica")))
-        await orch._execute(stale, [d.Fail("step_failed", "this replica's view")])
+        await orch.effects.execute(stale, [d.Fail("step_failed", "this replica's view")], [])
         ends = [e.event for e in await orch.ledger.read(tid)
                 if isinstance(e.event, ev.TERMINAL_TASK_EVENTS)]
         assert [e.type for e in ends] == ["jetmesh.task.canceled.v1"]
-        assert orch._cache[tid].state.status is TaskStatus.CANCELED
+        assert orch.cache[tid].state.status is TaskStatus.CANCELED
     finally:
         await orch.stop()
         await nc.close()

@@ -33,8 +33,8 @@ async def test_a_skill_that_appeared_is_seen_at_once_after_the_ticker_took_the_c
     try:
         skills = orch.live_skills()
         assert skills is not None and skill not in skills  # cached before the agent exists
-        frozen = orch._skills_at
-        orch._clock = lambda: frozen  # the cache never ages by time in this test
+        frozen = orch.skills.skills_at
+        orch.skills.clock = lambda: frozen  # the cache never ages by time in this test
         spec = AgentSpec(name=skill, description="Echo.", instructions="Echo.",
                          skills=[SkillSpec.from_models(skill, "Echo", "Echoes.",
                                                        input_model=Question)])
