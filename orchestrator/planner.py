@@ -205,16 +205,19 @@ def check_plan(data: Any, skills: Sequence[SkillSpec]) -> tuple[list[PlanStep], 
 
 async def plan_with_model(
     model: Model, goal: str, task_input: dict[str, Any], skills: Sequence[SkillSpec],
-    recorder: Recorder, *, attempts: int = 2,
+    recorder: Recorder, *, attempts: int = 2, context: list[dict[str, Any]] | None = None,
 ) -> tuple[list[PlanStep], bool]:
-    """Ask for a plan; an invalid one is asked for again once, then PlanError."""
+    """Ask for a plan; an invalid one is asked for again once, then PlanError.
+    `context`: the earlier turns of the task's conversation (orchestrator.context)."""
     if not skills:
         raise PlanError("no live agent offers any skill to plan with")
     catalogue = [{"skill": s.id, "name": s.name, "description": s.description,
                   "tags": s.tags, **({"examples": s.examples} if s.examples else {})}
                  for s in skills]
+    earlier = {"earlier_turns": context} if context else {}
     messages = [Message(role="user", content=json.dumps(
-        {"goal": goal, "input": task_input, "skills": catalogue}, ensure_ascii=False))]
+        {"goal": goal, "input": task_input, **earlier, "skills": catalogue},
+        ensure_ascii=False))]
     last: list[str] = []
     for _ in range(attempts):
         request = ModelRequest(system=PLANNER_SYSTEM, messages=list(messages),
