@@ -408,6 +408,9 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     pub += ledger_reads()
     pub += kv_read(subjects.BUCKET_AGENTS) + ordered_reader(kv_stream(subjects.BUCKET_AGENTS))
     pub += kv_read(subjects.BUCKET_BUDGETS) + kv_write(subjects.BUCKET_BUDGETS)
+    # The tasks of each conversation context (orchestrator.context).
+    pub += stream_declare([kv_stream(subjects.BUCKET_CONTEXTS)]) \
+        + kv_read(subjects.BUCKET_CONTEXTS) + kv_write(subjects.BUCKET_CONTEXTS)
     # Health of the workers' consumers (`jetmesh health`, dashboards).
     pub.append(_api("CONSUMER", "INFO", subjects.STREAM_WORK, "*"))
     # The sweep of work no consumer takes (bus.sweep): list the work stream's consumers,
