@@ -18,6 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -75,8 +76,67 @@ def check(budget: Budget, usage: BudgetUsage, usd: float, tokens: int, tool_call
             raise BudgetRefused("tool_calls", budget.max_tool_calls, total_c)
 
 
-class BudgetBook:
-    """Compare-and-set reservations on the per-task counters."""
+class Budgets(Protocol):
+    """The budget book port: the task counters every call draws from. `BudgetBook` (NATS
+    KV, shared by every process of the mesh) is the real one, `InMemoryBudgetBook` (one
+    process) the stand-in for tests."""
+
+    async def usage(self, task_id: str) -> BudgetUsage: ...
+
+    async def reserve(self, task_id: str, budget: Budget, *, usd: float = 0.0,
+                      tokens: int = 0) -> Reservation: ...
+
+    async def settle(self, res: Reservation, *, usd: float, tokens: int) -> BudgetUsage: ...
+
+    async def release(self, res: Reservation) -> None: ...
+
+    async def count_tool_call(self, task_id: str, budget: Budget) -> None: ...
+
+
+class _Book:
+    """Reserve / settle / release / count on a counter store (`_update`: change one
+    task's counter atomically)."""
+
+    async def _update(self, task_id: str, change: Callable[[BudgetUsage], None]
+                      ) -> BudgetUsage:
+        raise NotImplementedError
+
+    async def reserve(self, task_id: str, budget: Budget, *, usd: float = 0.0, tokens: int = 0
+                      ) -> Reservation:
+        res = Reservation(task_id, uuid.uuid4().hex, usd, tokens)
+
+        def change(u: BudgetUsage) -> None:
+            check(budget, u, usd, tokens, 0)
+            u.reserved[res.id] = (usd, tokens)
+
+        await self._update(task_id, change)
+        return res
+
+    async def settle(self, res: Reservation, *, usd: float, tokens: int) -> BudgetUsage:
+        """Replace the reservation by what the call really cost."""
+        def change(u: BudgetUsage) -> None:
+            u.reserved.pop(res.id, None)
+            u.spent_usd += usd
+            u.spent_tokens += tokens
+
+        return await self._update(res.task_id, change)
+
+    async def release(self, res: Reservation) -> None:
+        def change(u: BudgetUsage) -> None:
+            u.reserved.pop(res.id, None)
+
+        await self._update(res.task_id, change)
+
+    async def count_tool_call(self, task_id: str, budget: Budget) -> None:
+        def change(u: BudgetUsage) -> None:
+            check(budget, u, 0.0, 0, 1)
+            u.tool_calls += 1
+
+        await self._update(task_id, change)
+
+
+class BudgetBook(_Book):
+    """Compare-and-set reservations on the per-task counters in NATS KV."""
 
     def __init__(self, js: JetStreamContext, *, replicas: int = 1, attempts: int = 50) -> None:
         self.js, self.replicas, self.attempts = js, replicas, attempts
@@ -117,37 +177,20 @@ class BudgetBook:
                 continue  # someone else changed it first: read again and re-decide
         raise RuntimeError(f"budget counter of {task_id} too contended")
 
-    async def reserve(self, task_id: str, budget: Budget, *, usd: float = 0.0, tokens: int = 0
-                      ) -> Reservation:
-        res = Reservation(task_id, uuid.uuid4().hex, usd, tokens)
 
-        def change(u: BudgetUsage) -> None:
-            check(budget, u, usd, tokens, 0)
-            u.reserved[res.id] = (usd, tokens)
+class InMemoryBudgetBook(_Book):
+    """The budget book in this process's memory (tests; a one-process mesh)."""
 
-        await self._update(task_id, change)
-        return res
+    def __init__(self) -> None:
+        self._counters: dict[str, BudgetUsage] = {}
 
-    async def settle(self, res: Reservation, *, usd: float, tokens: int) -> BudgetUsage:
-        """Replace the reservation by what the call really cost."""
-        def change(u: BudgetUsage) -> None:
-            u.reserved.pop(res.id, None)
-            u.spent_usd += usd
-            u.spent_tokens += tokens
+    async def usage(self, task_id: str) -> BudgetUsage:
+        return self._counters.get(task_id, BudgetUsage()).model_copy(deep=True)
 
-        return await self._update(res.task_id, change)
-
-    async def release(self, res: Reservation) -> None:
-        def change(u: BudgetUsage) -> None:
-            u.reserved.pop(res.id, None)
-
-        await self._update(res.task_id, change)
-
-    async def count_tool_call(self, task_id: str, budget: Budget) -> None:
-        def change(u: BudgetUsage) -> None:
-            check(budget, u, 0.0, 0, 1)
-            u.tool_calls += 1
-
-        await self._update(task_id, change)
-
-
+    async def _update(self, task_id: str, change: Callable[[BudgetUsage], None]) -> BudgetUsage:
+        # No await between the read and the write: atomic on the event loop. A refused
+        # change (BudgetRefused) leaves the counter as it was.
+        usage = self._counters.get(task_id, BudgetUsage()).model_copy(deep=True)
+        change(usage)
+        self._counters[task_id] = usage
+        return usage.model_copy(deep=True)
