@@ -156,7 +156,8 @@ class TenantMismatch(ValueError):
 def stamp_submission(raw: dict[str, Any], subject: str) -> dict[str, Any]:
     """The submission as the orchestrator takes it from `subject`: on a tenant's subject
     (`jm.tenant.<T>.submit`) its tenant is T whatever the body says; a body naming
-    another tenant (field or `metadata.tenant`) is refused (TenantMismatch), and
+    another tenant (field or `metadata.tenant`) or a replay is refused (TenantMismatch),
+    and
     `submitted_by` becomes `nats:<T>` (the account is the identity NATS proved). On
     the mesh's own subject the body is taken as it is (the gateway and the CLI are
     trusted to set it)."""
@@ -170,6 +171,9 @@ def stamp_submission(raw: dict[str, Any], subject: str) -> dict[str, Any]:
         if value is not None and value != tenant:
             raise TenantMismatch(f"{name} {ascii(value)[:40]} is not this account's tenant "
                                  f"{tenant!r}")
+    if raw.get("replay_of") is not None:
+        # A replay serves the original's recorded calls: that would read any task's.
+        raise TenantMismatch("a tenant account cannot submit replays (replay_of)")
     return {**raw, "tenant": tenant, "submitted_by": f"nats:{tenant_account(tenant)}"}
 
 

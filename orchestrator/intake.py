@@ -18,6 +18,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.consumer import Reject
 from jetmesh.bus.errors import AppendConflict
 from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, Ledger, LedgerEntry
+from jetmesh.bus.tenancy import TenantMismatch, stamp_submission
 from jetmesh.bus.tracecontext import parse_traceparent, task_traceparent
 from jetmesh.orchestrator.cache import Delivered, TaskCache
 from jetmesh.orchestrator.effects import SOURCE, end_id
@@ -91,6 +92,10 @@ class Intake:
             raise Reject(f"submission is not JSON: {e}") from e
         if not isinstance(raw, dict):
             raise Reject("submission must be a JSON object")
+        try:  # a tenant account's (jm.tenant.<T>.submit): the tenant is the subject's
+            raw = stamp_submission(raw, msg.subject)
+        except TenantMismatch as e:
+            raise Reject(str(e)) from e
         try:
             sub = ev.TaskSubmission.model_validate(raw)
         except ValidationError as e:

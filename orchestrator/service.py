@@ -159,6 +159,9 @@ class Orchestrator:
         specs: list[tuple[str, str, str, Callable[[Msg], Awaitable[None]], bool]] = [
             (subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT, subjects.SUBMIT,
              self.intake.on_submit, False),
+            # Tenant accounts' submissions (bus.tenancy): the subject names the tenant.
+            (subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_TENANT_SUBMIT,
+             subjects.ALL_TENANT_SUBMITS, self.intake.on_submit, False),
             (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS, subjects.ALL_STEP_EVENTS,
              self.intake.on_step_event, True),
             (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL, subjects.ALL_CONTROL,
