@@ -95,12 +95,31 @@ def replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _log_send_failure(task: asyncio.Task[None]) -> None:
+    """A held log record sent from the timer could not be: the connection is down (the
+    record is then lost like any unsent message; `finish` still asks for a proof)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a held log record could not be sent: %s", task.exception())
+
+
 @dataclass
 class FencedRecorder:
     """Appends a step's records to the ledger.
 
-    Model calls and read-only tool calls go to the step's log, pipelined (sent without
-    waiting for the ack, so the step does not pay a disk round trip per record).
+    Model calls and read-only tool calls go to the step's log (JM_LOG), sent without an
+    ack request: the step neither waits on a disk round trip per record nor gets an
+    ack message back for each. One record is held back, the latest, so that it can be
+    the one that asks for the ack: at `finish` it is sent with a reply subject, right
+    beside the result, and its ack proves the step's whole log. nats-server takes one
+    connection's messages to one stream in the order they arrive, so the ack of the
+    last record comes only after JM_LOG has taken every record of the step before it
+    (a completed step still proves its records were stored). The held record is sent
+    (without an ack) as soon as anything else happens: the next record, a claim check
+    before a paid model call, a fenced append, `close`, or `hold_s` after it was made,
+    whichever comes first; a worker killed meanwhile loses at most that one record (a
+    model call or a read-only tool call, made again when the step resumes: the steps'
+    logs' class). A first delivery's `StepStarted` is never held.
+
     Everything else, and the step's result, goes to the step's line, fenced on the
     line's last sequence (which the log never moves). A worker that lost the step to a
     redelivery, or whose step the orchestrator timed out, is fenced out there, and its
@@ -126,18 +145,27 @@ class FencedRecorder:
     """Monotonic time the last proof of the claim was *sent* (see `lease_s`)."""
     traceparent: str | None = None
     """The task's trace context, stamped on every record (bus.tracecontext)."""
+    hold_s: float = 0.05
+    """Longest time the latest log record is held back unsent (see the class doc)."""
     _pending: list[asyncio.Future[Any]] = field(default_factory=list)
+    _held: tuple[str, bytes, dict[str, str]] | None = None
+    """The latest log record, not sent yet: (subject, bytes, headers)."""
+    _unproved: tuple[str, bytes, dict[str, str]] | None = None
+    """The last log record sent without an ack request, while no ack covers it yet."""
+    _timer: asyncio.TimerHandle | None = None
 
-    async def _append(self, event: ev.Event) -> None:
-        """A fenced append on the step's line. It does not wait for the pipelined log
+    async def _append(self, event: ev.Event, data: bytes | None = None) -> None:
+        """A fenced append on the step's line (`data`: the event's bytes, if already
+        encoded), after the held log record. It does not wait for the pipelined log
         records (they never move the fence, and the same connection stores them first):
         after a side effect, its record is one disk round trip away, no more."""
+        await self._send_held()
         sent = time.monotonic()
         if self.traceparent and not event.traceparent:
             event = event.model_copy(update={"traceparent": self.traceparent})
         try:
             self.last_seq = await self.ledger.append(
-                event, expected_last_subject_seq=self.last_seq, validate=False)
+                event, expected_last_subject_seq=self.last_seq, validate=False, data=data)
         except AppendConflict as e:
             raise Fenced(str(e)) from e
         self.held_at = sent
@@ -184,6 +212,7 @@ class FencedRecorder:
         """Before a paid model call: within the lease nothing to do; past it, read the
         step's line and raise `ClaimLost` if anyone wrote to it since this replica's last
         append (a zombie does not pay for calls nobody will use)."""
+        await self._send_held()  # the call may take long: its context's record goes now
         if self.lease_left() > 0:
             return
         sent = time.monotonic()
@@ -196,10 +225,18 @@ class FencedRecorder:
         self.held_at = sent
 
     async def finish(self, event: ev.Event) -> None:
-        """The step's result: fenced on the line, sent right behind the pipelined records
-        on the same connection (so stored after them) and awaited together with them, in
-        one round trip. Fenced out (another worker claimed the step, or the orchestrator
-        timed it out) raises Fenced."""
+        """The step's result: fenced on the line, sent right beside the log record that
+        asks for the ack proving the step's log (the held one, or, if none is held,
+        the last one sent again: a duplicate JM_LOG acks without storing it), both
+        awaited together, in one round trip. Fenced out (another worker claimed the
+        step, or the orchestrator timed it out) raises Fenced."""
+        self._cancel_timer()
+        proof = self._held or self._unproved
+        self._held = self._unproved = None
+        if proof is not None:
+            subject, data, headers = proof
+            self._pending.append(await self.ledger.js.publish_async(
+                subject, data, headers=headers))
         pending, self._pending = self._pending, []
         # A task, not publish_async: nats-py leaves a publish_async future unresolved
         # when the server answers with an API error (the fence's "wrong last sequence").
@@ -211,15 +248,51 @@ class FencedRecorder:
             if isinstance(r, BaseException):
                 raise r
 
-    async def _pipeline(self, event: ev.Event) -> None:
+    async def close(self) -> None:
+        """The step ended without `finish` (fenced out, stopped, failed): the held log
+        record is sent (no ack asked), so the audit keeps it."""
+        with contextlib.suppress(Exception):
+            await self._send_held()
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self._unproved = held  # (nats-py queues a publish before it can suspend)
+        subject, data, headers = held
+        await self.ledger.nc.publish(subject, data, headers=headers)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._held is not None:
+            task = asyncio.ensure_future(self._send_held())
+            task.add_done_callback(_log_send_failure)
+
+    async def _pipeline(self, event: ev.Event, data: bytes | None = None, *,
+                        hold: bool = True) -> None:
+        """A log record: held until the next thing happens (see the class doc), or, not
+        `hold`, sent at once (still without an ack request)."""
         if self.traceparent and not event.traceparent:
             event = event.model_copy(update={"traceparent": self.traceparent})
-        self._pending.append(await self.ledger.js.publish_async(
-            subject_for(event), ev.encode_event(event), headers=event_headers(event, None)))
+        record = (subject_for(event), data if data is not None else ev.encode_event(event),
+                  event_headers(event, None))
+        await self._send_held()
+        self._held = record
+        if not hold:
+            await self._send_held()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.hold_s, self._on_timer)
 
     async def record_start(self, event: ev.StepStarted) -> None:
-        """A first delivery's start (not a claim): on the step's log, pipelined."""
-        await self._pipeline(event)
+        """A first delivery's start (not a claim): on the step's log, sent at once (what
+        the step does next may be what kills its process: the start stays on record)."""
+        await self._pipeline(event, hold=False)
 
     async def record_model_call(self, data: ev.ModelCalledData) -> None:
         """A model call, on the step's log. A response the ledger cannot store (nested
@@ -228,7 +301,7 @@ class FencedRecorder:
             data = data.model_copy(update={"worker": self.worker})
         try:
             await self._pipeline(ev.ModelCalled(subject=self.task_id, source=self.source,
-                                                data=data))
+                                                data=data, traceparent=self.traceparent))
         except InvalidEventError as e:
             raise StepStopped("invalid_output",
                               f"the model's response cannot be recorded: {e.reason}") from e
@@ -250,16 +323,19 @@ class FencedRecorder:
         as the tool's error instead, so the step goes on and its replay stays whole."""
         if data.worker != self.worker:
             data = data.model_copy(update={"worker": self.worker})
-        event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data)
+        event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data,
+                              traceparent=self.traceparent)
         try:
-            ev.encode_event(event)
+            raw = ev.encode_event(event)
         except InvalidEventError as e:
             event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data.model_copy(
-                update={"output": None, "error": f"tool output cannot be recorded: {e.reason}"}))
+                update={"output": None, "error": f"tool output cannot be recorded: {e.reason}"}),
+                traceparent=self.traceparent)
+            raw = ev.encode_event(event)
         if data.side_effects:
-            await self._append(event)
+            await self._append(event, raw)
         else:
-            await self._pipeline(event)
+            await self._pipeline(event, raw)
 
 
 def replay_from(entries: list[LedgerEntry]) -> StepReplay:
@@ -653,37 +729,41 @@ class Worker:
                                       deadline=deadline, traceparent=cmd.traceparent)
             await recorder._append(started)  # the claim; Fenced if someone was quicker
 
-        # (run_step checks the input against the skill's schema first.)
-        replay = await self._replay(cmd, entries)
         try:
-            outcome = await self._run(cmd, msg, recorder, replay, started.id)
-        except ClaimLost as e:
-            raise Fenced(str(e)) from e
-        if cmd.replay is not None and not cmd.replay.rerun:
-            from jetmesh.agents.replay import recorded_outcome
+            # (run_step checks the input against the skill's schema first.)
+            replay = await self._replay(cmd, entries)
+            try:
+                outcome = await self._run(cmd, msg, recorder, replay, started.id)
+            except ClaimLost as e:
+                raise Fenced(str(e)) from e
+            if cmd.replay is not None and not cmd.replay.rerun:
+                from jetmesh.agents.replay import recorded_outcome
 
-            outcome = recorded_outcome(outcome, replay, cmd.attempt)
-        if outcome.ok:
-            final: ev.Event = ev.StepCompleted(
-                subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
-                    step_id=cmd.step_id, agent=self.spec.name, output=outcome.output or {},
-                    attempt=cmd.attempt, worker=self.replica))
-        else:
-            final = ev.StepFailed(subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
-                step_id=cmd.step_id, agent=self.spec.name, code=outcome.code or "error",
-                reason=outcome.reason or "failed", retryable=outcome.retryable,
-                attempt=cmd.attempt, worker=self.replica))
-        try:
-            await recorder.finish(final)
-        except InvalidEventError as e:  # an output the ledger cannot store
-            if not isinstance(final, ev.StepCompleted):
-                raise
-            await recorder.finish(ev.StepFailed(
-                subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
-                    step_id=cmd.step_id, agent=self.spec.name, code="invalid_output",
-                    reason=f"the step's output cannot be stored: {e.reason}",
-                    retryable=False, attempt=cmd.attempt, worker=self.replica)))
-        self.steps_done += 1
+                outcome = recorded_outcome(outcome, replay, cmd.attempt)
+            if outcome.ok:
+                final: ev.Event = ev.StepCompleted(
+                    subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
+                        step_id=cmd.step_id, agent=self.spec.name, output=outcome.output or {},
+                        attempt=cmd.attempt, worker=self.replica))
+            else:
+                final = ev.StepFailed(
+                    subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
+                        step_id=cmd.step_id, agent=self.spec.name, code=outcome.code or "error",
+                        reason=outcome.reason or "failed", retryable=outcome.retryable,
+                        attempt=cmd.attempt, worker=self.replica))
+            try:
+                await recorder.finish(final)
+            except InvalidEventError as e:  # an output the ledger cannot store
+                if not isinstance(final, ev.StepCompleted):
+                    raise
+                await recorder.finish(ev.StepFailed(
+                    subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
+                        step_id=cmd.step_id, agent=self.spec.name, code="invalid_output",
+                        reason=f"the step's output cannot be stored: {e.reason}",
+                        retryable=False, attempt=cmd.attempt, worker=self.replica)))
+            self.steps_done += 1
+        finally:
+            await recorder.close()  # a step that did not finish: its held record
 
     async def _replay(self, cmd: ev.StepCommand, entries: list[LedgerEntry]) -> StepReplay:
         """What the step may reuse: its own records, or, a step of a replayed task that

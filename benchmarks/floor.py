@@ -21,8 +21,10 @@ nothing else:
   dispatched) and 3 work commands; on the third step result, the merge's model call
   and the completion (pipelined; the real orchestrator folds results from their
   deliveries, with no read, and conditions the completion on the control subject);
-- worker, on each work command: 4 log records pipelined (start, model, tool, model)
-  and the result fenced on the step's line, awaited together; then the ack.
+- worker, on each work command: 4 log records (start, model, tool, model), the first
+  three with no ack asked, the last with one (as `agents.worker.FencedRecorder` sends
+  them: the last one's ack proves the step's log), and the result fenced on the step's
+  line, awaited together with that ack; then the consumer ack.
 
 Nothing is decoded, validated or folded. So the figure is what an A task costs in this
 design before any of jetmesh's own CPU: the floor under `fanout.py --workloads A`.
@@ -74,7 +76,7 @@ from jetmesh.bus.streams import declare_streams, pull_consumer_config, work_cons
 
 SKILL = "order_status"
 SKIPPABLE = {"log-acks", "fresh"}
-ADDABLE = {"results-read"}
+ADDABLE = {"results-read", "log-acks"}
 STEPS = ("s1", "s2", "s3")
 # Payload sizes (bytes) of the real events of one fan-out task, as stored by fanout.py.
 SIZE = {"submitted": 420, "model": 900, "planned": 950, "dispatched": 480, "command": 430,
@@ -158,13 +160,16 @@ async def worker(url: str, skip: set[str], add: set[str], ready: str) -> None:
         cmd = json.loads(msg.data[:msg.data.index(b"}") + 1])
         tid, st = cmd["task_id"], cmd["step_id"]
         log = subjects.step_log(tid, st)
-        if "log-acks" in skip:
-            for n, k in enumerate(("start", "model", "tool", "model")):
-                await nc.publish(log, pad(k), headers=hdr(f"{tid}-{st}-{n}", k))
-            futs = []
-        else:
+        kinds = ("start", "model", "tool", "model")
+        if "log-acks" in add:  # before issue 21's second pass: every record acked
             futs = [await js.publish_async(log, pad(k), headers=hdr(f"{tid}-{st}-{n}", k))
-                    for n, k in enumerate(("start", "model", "tool", "model"))]
+                    for n, k in enumerate(kinds)]
+        else:
+            acked = len(kinds) if "log-acks" in skip else len(kinds) - 1
+            for n, k in enumerate(kinds[:acked]):
+                await nc.publish(log, pad(k), headers=hdr(f"{tid}-{st}-{n}", k))
+            futs = [await js.publish_async(log, pad(k), headers=hdr(f"{tid}-{st}-{n}", k))
+                    for n, k in enumerate(kinds) if n >= acked]
         final = asyncio.ensure_future(js.publish(
             subjects.step_events(tid, st), pad("result"),
             headers={**hdr(f"{tid}-{st}-done", "jetmesh.step.completed.v1"),
@@ -275,16 +280,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="uncounted tasks per run")
     p.add_argument("--skip", default="", help=(
         "what-if: leave out some of today's messages, comma-separated: 'log-acks' (the "
-        "acks of the worker's log records), 'fresh' (the read of a new task before its "
-        "first batch)"))
+        "one ack of the worker's log records per step), 'fresh' (the read of a new task "
+        "before its first batch)"))
     p.add_argument("--add", default="", help=(
         "what was: add messages today's design no longer sends: 'results-read' (the "
         "orchestrator's read of the task on its step results, before it folded them "
-        "from their deliveries)"))
+        "from their deliveries), 'log-acks' (an ack for each of the worker's log "
+        "records)"))
+    p.add_argument("--durability", choices=["strict", "balanced"], default="balanced",
+                   help="JETMESH_DURABILITY of the streams: balanced (the steps' logs "
+                        "acked before their fsync) or strict (everything fsync'd)")
     p.add_argument("--ready", help=argparse.SUPPRESS)  # roles: where to say they started
     p.add_argument("--sync-interval", default="always",
                    help="nats-server JetStream sync_interval (always: fsync every append)")
     args = p.parse_args()
+    os.environ["JETMESH_DURABILITY"] = args.durability  # BusSettings, here and in the roles
     skip = {x for x in args.skip.split(",") if x}
     add = {x for x in args.add.split(",") if x}
     if skip - SKIPPABLE or add - ADDABLE:
@@ -310,7 +320,8 @@ def main() -> None:
     med = sorted(runs, key=lambda x: x["tasks_s"])[len(runs) // 2]
     print(f"messaging floor of workload A (no jetmesh logic"
           f"{'; without: ' + ', '.join(sorted(skip)) if skip else ''}"
-          f"{'; with: ' + ', '.join(sorted(add)) if add else ''}; sync_interval "
+          f"{'; with: ' + ', '.join(sorted(add)) if add else ''}; durability "
+          f"{args.durability}; sync_interval "
           f"{args.sync_interval}), median of {len(runs)}: "
           f"{med['tasks_s']:.1f} tasks/s, mean {med['mean']:.1f} ms, p99 {med['p99']:.1f} ms, "
           f"CPU {sum(med['cpu'].values()):.1f} ms/task "

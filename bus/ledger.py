@@ -352,17 +352,20 @@ class Ledger:
         *,
         expected_last_subject_seq: int | None = None,
         validate: bool = True,
+        data: bytes | None = None,
     ) -> int:
         """Store `event`; return its stream sequence (the original one for a duplicate).
+        `data`: the event's bytes, if the caller has encoded it already (`encode_event`).
 
         Raises InvalidEventError (nothing written) or AppendConflict (fenced out).
         """
         if validate:
             event = validate_event(event)
+            data = None
         subject = subject_for(event)
         try:
             ack = await self.js.publish(
-                subject, encode_event(event), timeout=self.timeout_s,
+                subject, encode_event(event) if data is None else data, timeout=self.timeout_s,
                 headers=event_headers(event, expected_last_subject_seq),
             )
         except APIError as e:
