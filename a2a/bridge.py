@@ -34,6 +34,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel, ConfigDict
 
+from jetmesh.agents.cards import card_from_dict, card_to_dict, skills_from_card
+from jetmesh.agents.signing import CardVerifier
 from jetmesh.agents.spec import AgentSpec, Limits, schema_errors
 from jetmesh.agents.tools import Tool, ToolContext
 from jetmesh.agents.worker import Worker
@@ -42,9 +44,7 @@ from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.tracing import traced
 
-from .cards import card_from_dict, card_to_dict, skills_from_card
 from .errors import ExternalAgentError
-from .signing import CardVerifier
 from .tasks import plain
 
 __all__ = [

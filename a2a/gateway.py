@@ -79,7 +79,10 @@ from starlette.types import Receive, Scope, Send
 
 from jetmesh.a2a import auth
 from jetmesh.a2a.edge import BodyCheck, TraceContext, quiet_sdk_logs
+from jetmesh.agents.cards import agent_http_base, card_to_dict, http_interfaces, mesh_card
 from jetmesh.agents.mcp.serve import MeshMcpServer
+from jetmesh.agents.registry import Registry
+from jetmesh.agents.signing import CardSigner, CardVerifier
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus import tracing
@@ -94,10 +97,7 @@ from jetmesh.orchestrator.tasks_kv import current_summaries
 from jetmesh.orchestrator.workflows import builtin_registry
 
 from .asyncapi import asyncapi_document, asyncapi_html
-from .cards import agent_http_base, card_to_dict, http_interfaces, mesh_card
 from .push import PushNotifications, check_push_config
-from .registry import Registry
-from .signing import CardSigner, CardVerifier
 from .tasks import (
     META_CONTEXT,
     StreamEvent,

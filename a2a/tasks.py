@@ -28,6 +28,7 @@ from a2a.types import TaskState as A2AState
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict
 
+from jetmesh.agents.cards import plain as plain  # also a2a.tasks.plain, as before
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus.ledger import LedgerEntry, is_log_seq
@@ -114,24 +115,6 @@ def task_id_for_message(message_id: str) -> str:
     if message_id:
         return "a2a-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
     return f"a2a-{uuid.uuid4().hex}"
-
-
-_MAX_EXACT = 2 ** 53
-
-
-def plain(value: Any) -> Any:
-    """`value` with every integral float made an int, recursively.
-
-    protobuf's ``Struct`` (A2A metadata, data parts, the card's extension params) holds
-    every number as a double, so ``MessageToDict`` gives ``32.0`` for ``32``; JSON does
-    not tell them apart, but a JSON Schema ``integer`` and a reader's eye do."""
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 def _struct(value: Any) -> dict[str, Any]:

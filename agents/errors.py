@@ -12,6 +12,11 @@ for programming and configuration mistakes around specs and tools::
     ├── ToolError                   tool
     │   └── ToolDefinitionError     the @tool decorator cannot infer input/output models
     ├── StepStopped                 code, reason, retryable: a runtime control ended the step
+    ├── CardError                   an agent card that cannot be used (jetmesh.agents.cards,
+    │   │                           .signing, .registry; a2a.errors names them too)
+    │   ├── InvalidCardError        reason, missing: not a valid A2A 1.0 card
+    │   ├── CardSignatureError      agent, reason: unsigned, tampered or wrongly signed card
+    │   └── KeyConfigError          a signing or verification key that cannot be loaded
     └── ClaimLost                   reason: the replica no longer holds the step, so a side
                                     effect it was about to run was not run (never caught by
                                     `Tool.invoke`; the worker stands down without acking)
@@ -25,7 +30,11 @@ from jetmesh.bus.errors import JetmeshError
 
 __all__ = [
     "AgentError",
+    "CardError",
+    "CardSignatureError",
     "ClaimLost",
+    "InvalidCardError",
+    "KeyConfigError",
     "SpecError",
     "ToolDefinitionError",
     "ToolError",
@@ -115,3 +124,29 @@ class ClaimLost(AgentError):
         self.reason = reason
         """What the check found."""
         super().__init__(f"claim lost before a side effect: {reason}")
+
+
+class CardError(AgentError):
+    """An agent card (or the key that signs or verifies cards) that cannot be used."""
+
+
+class InvalidCardError(CardError):
+    """A card that does not parse or misses fields A2A 1.0 requires."""
+
+    def __init__(self, reason: str, missing: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.missing = missing or []
+
+
+class CardSignatureError(CardError):
+    """A card refused because signing is on and its signature does not verify."""
+
+    def __init__(self, agent: str, reason: str) -> None:
+        super().__init__(f"card of {agent!r} refused: {reason}")
+        self.agent = agent
+        self.reason = reason
+
+
+class KeyConfigError(CardError):
+    """A key file that is missing, unreadable or of an unsupported kind."""

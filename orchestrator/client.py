@@ -229,8 +229,8 @@ class Client:
 
         if not waiting_for_agents(state, set()):
             return []  # nothing queued: no need to look at the registry
-        from jetmesh.a2a.registry import snapshot
-        from jetmesh.a2a.signing import verifier_from_env
+        from jetmesh.agents.registry import snapshot
+        from jetmesh.agents.signing import verifier_from_env
 
         agents, _ = await snapshot(self.js, verifier=verifier_from_env())
         return waiting_for_agents(state, {s for a in agents for s in a.skill_ids})

@@ -41,8 +41,8 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace existing keys.")] = False,
     ) -> None:
         """Make an EC P-256 card-signing key pair and its JWKS."""
-        from jetmesh.a2a.errors import KeyConfigError
-        from jetmesh.a2a.signing import generate_keys
+        from jetmesh.agents.errors import KeyConfigError
+        from jetmesh.agents.signing import generate_keys
 
         try:
             paths = generate_keys(directory, overwrite=overwrite)
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
 
         async def main() -> None:
             from jetmesh.a2a.gateway import GatewayServer, GatewaySettings
-            from jetmesh.a2a.signing import signer_from_env, verifier_from_env
+            from jetmesh.agents.signing import signer_from_env, verifier_from_env
 
             settings = GatewaySettings(host=host, port=port, public_url=public_url)
             server = GatewayServer(target, settings=settings, signer=signer_from_env(),
@@ -146,12 +146,13 @@ def register(app: typer.Typer) -> None:
         async def main() -> None:
             from jetmesh.a2a.bridge import add_external
             from jetmesh.a2a.errors import MeshA2AError
-            from jetmesh.a2a.signing import verifier_from_env
+            from jetmesh.agents.errors import CardError
+            from jetmesh.agents.signing import verifier_from_env
 
             nc, js, _ = await open_bus(target)
             try:
                 agent = await add_external(js, agent_url, verifier=verifier_from_env())
-            except MeshA2AError as e:
+            except (MeshA2AError, CardError) as e:
                 err.print(f"[red]{e}[/]")
                 raise typer.Exit(1) from None
             finally:

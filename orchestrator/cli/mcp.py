@@ -45,9 +45,9 @@ def register(app: typer.Typer) -> None:
 
         async def main() -> None:
             from jetmesh.a2a.gateway import GatewaySettings
-            from jetmesh.a2a.registry import Registry
-            from jetmesh.a2a.signing import verifier_from_env
             from jetmesh.agents.mcp.serve import MeshMcpServer
+            from jetmesh.agents.registry import Registry
+            from jetmesh.agents.signing import verifier_from_env
             from jetmesh.orchestrator.client import Client
             from jetmesh.orchestrator.service import OrchestratorSettings
             from jetmesh.orchestrator.workflows import builtin_registry

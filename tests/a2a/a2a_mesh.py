@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jetmesh.a2a.gateway import GatewayServer, GatewaySettings
-from jetmesh.a2a.signing import CardSigner, CardVerifier
 from jetmesh.a2a.tasks import SKILL_WORKFLOW_PREFIX
 from jetmesh.agents.models.sim import SimModel
 from jetmesh.agents.models.types import Model
+from jetmesh.agents.signing import CardSigner, CardVerifier
 from jetmesh.agents.spec import AgentSpec
 from jetmesh.agents.worker import Worker
 from jetmesh.bus.connection import connect, jetstream
@@ -51,6 +51,8 @@ class Mesh:
     models: dict[str, Model] = field(default_factory=dict)
     """A model per agent name (default: the agent's own, none for direct skills)."""
     gateway_settings: GatewaySettings | None = None
+    planner: Model | None = None
+    """The orchestrator's planning model (default: SimModel)."""
     base: str = ""
     """The gateway's base URL, once started."""
 
@@ -58,7 +60,7 @@ class Mesh:
         self.nc = await connect(self.url)
         js = jetstream(self.nc)
         self.orch = Orchestrator(
-            self.nc, js, model=SimModel(), workflows=skill_workflows(),
+            self.nc, js, model=self.planner or SimModel(), workflows=skill_workflows(),
             settings=OrchestratorSettings(no_agent_wait_s=60, tick_s=0.1, agent_ttl_s=3))
         await self.orch.start()
         self.workers = [Worker(spec, self.models.get(spec.name), self.nc, js,

@@ -10,7 +10,8 @@ from a2a.utils.constants import TransportProtocol
 from a2a.utils.proto_utils import validate_proto_required_fields
 from google.protobuf.json_format import ParseDict
 
-from jetmesh.a2a.cards import (
+from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.cards import (
     NATS_BINDING,
     SKILL_SCHEMAS_EXTENSION,
     card_for_spec,
@@ -19,9 +20,8 @@ from jetmesh.a2a.cards import (
     mesh_card,
     skills_from_card,
 )
-from jetmesh.a2a.errors import CardSignatureError, InvalidCardError, KeyConfigError
-from jetmesh.a2a.signing import CardSigner, CardVerifier, generate_keys, verifier_from_env
-from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.errors import CardSignatureError, InvalidCardError, KeyConfigError
+from jetmesh.agents.signing import CardSigner, CardVerifier, generate_keys, verifier_from_env
 
 REQUIRED = ["name", "description", "supportedInterfaces", "version", "capabilities",
             "defaultInputModes", "defaultOutputModes", "skills"]

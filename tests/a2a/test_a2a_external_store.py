@@ -6,8 +6,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from jetmesh.a2a.bridge import ExternalAgent, _bucket, list_external, remove_external
-from jetmesh.a2a.cards import card_for_spec
 from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.cards import card_for_spec
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.server import EmbeddedNats
 

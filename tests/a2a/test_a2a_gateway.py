@@ -27,9 +27,9 @@ from a2a_mesh import Mesh
 from a2a_support import Bus, ledger_seqs, until
 from google.protobuf.json_format import MessageToDict
 
-from jetmesh.a2a.cards import NATS_BINDING
 from jetmesh.a2a.tasks import seq_of
 from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.cards import NATS_BINDING
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from a2a_support import Bus, until
 
-from jetmesh.a2a.cards import card_for_spec, card_to_dict
-from jetmesh.a2a.registry import Advertiser, Registry, advertise
-from jetmesh.a2a.signing import CardSigner, CardVerifier, generate_keys
 from jetmesh.agents.builtin import get_agent
+from jetmesh.agents.cards import card_for_spec, card_to_dict
+from jetmesh.agents.registry import Advertiser, Registry, advertise
+from jetmesh.agents.signing import CardSigner, CardVerifier, generate_keys
 from jetmesh.bus import subjects
 from jetmesh.bus.presence import Presence
 from jetmesh.bus.tasks import cancel_and_wait

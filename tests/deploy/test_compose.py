@@ -50,7 +50,7 @@ SETTINGS_CLASSES = [
 ]
 OPTIONAL_SETTINGS_CLASSES = [
     "jetmesh.a2a.gateway:GatewaySettings",
-    "jetmesh.a2a.signing:SigningSettings",
+    "jetmesh.agents.signing:SigningSettings",
     "jetmesh.memory.tools:MemoryToolSettings",
 ]
 # Read by libraries or the runtime, not by jetmesh's own settings.

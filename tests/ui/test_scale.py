@@ -16,8 +16,8 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from jetmesh.a2a.registry import Registry
 from jetmesh.a2a.ui import DashboardSettings, mount
+from jetmesh.agents.registry import Registry
 from jetmesh.bus import events as ev
 from jetmesh.bus.server import EmbeddedNats, free_port
 from jetmesh.orchestrator.client import Client

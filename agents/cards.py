@@ -30,7 +30,6 @@ from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.bus import subjects
 
 from .errors import InvalidCardError
-from .tasks import plain
 
 __all__ = [
     "JSON_MEDIA",
@@ -46,6 +45,7 @@ __all__ = [
     "http_interfaces",
     "mesh_card",
     "nats_interface_url",
+    "plain",
     "skill_schemas",
     "skills_from_card",
     "validate_card",
@@ -60,6 +60,24 @@ TEXT_MEDIA = "text/plain"
 MESH_NAME = "jetmesh"
 WORK_TEMPLATE = f"{subjects.PREFIX}.work.{{skill}}"
 """The subject template in an agent card's NATS interface url."""
+
+
+_MAX_EXACT = 2 ** 53
+
+
+def plain(value: Any) -> Any:
+    """`value` with every integral float made an int, recursively.
+
+    protobuf's ``Struct`` (A2A metadata, data parts, the card's extension params) holds
+    every number as a double, so ``MessageToDict`` gives ``32.0`` for ``32``; JSON does
+    not tell them apart, but a JSON Schema ``integer`` and a reader's eye do."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def _server_part(nats_url: str | None) -> str:
