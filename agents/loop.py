@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from jetmesh.bus.events import (
     ContextCompactedData,
@@ -31,11 +29,11 @@ from jetmesh.bus.events import (
     ToolCalledData,
 )
 
+from .calls import BeforeModelCall, ModelCaller, ModelCallGuard, parse_json_answer
 from .compaction import Compactor, request_tokens
 from .errors import StepStopped, UnknownSkill
 from .models.errors import ModelError, ModelRetriesExhausted, ModelTransientError
-from .models.pricing import cost_usd
-from .models.types import Message, Model, ModelRequest, ModelResponse, ToolCall
+from .models.types import Message, Model, ModelRequest, ToolCall, UsageTotals
 from .policy import args_hash
 from .routing import CLASSIFIER_SCHEMA, Routing, estimate_call, validator_errors
 from .spec import AgentSpec, SkillSpec, schema_errors
@@ -60,29 +58,17 @@ __all__ = [
     "run_step",
 ]
 
-BeforeModelCall = Callable[[ModelRequest], Awaitable[None]]
-"""Awaited before every real (not replayed) model call, e.g. to reserve budget. What it
-raises propagates out of `run_step`."""
-
 MAX_OUTPUT_CORRECTIONS = 1
 """Corrective turns after an invalid structured answer before the step fails."""
 
 
-class StepGuard(Protocol):
+class StepGuard(ModelCallGuard, Protocol):
     """Runtime controls around every real (not replayed) call: budgets and policy.
 
-    `before_model_call` returns a reservation token and may raise `StepStopped`;
-    exactly one of `after_model_call` / `release` follows for each token.
-    `before_tool_call` returns None to allow the call or a denial the model is told
-    (recorded as the tool's error), and may raise `StepStopped`.
+    The model-call part is `ModelCallGuard` (its `before_model_call` may raise
+    `StepStopped`). `before_tool_call` returns None to allow the call or a denial the
+    model is told (recorded as the tool's error), and may raise `StepStopped`.
     """
-
-    async def before_model_call(self, request: ModelRequest, model: Model) -> object: ...
-
-    async def after_model_call(self, token: object, response: ModelResponse,
-                               cost_usd: float) -> None: ...
-
-    async def release(self, token: object) -> None: ...
 
     async def before_tool_call(self, tool: Tool, arguments: dict[str, Any],
                                key: str) -> str | None: ...
@@ -171,8 +157,9 @@ class ListRecorder:
         return StepReplay.from_records(self.model_calls, self.tool_calls)
 
 
-class StepOutcome(BaseModel):
-    """The result of one step. Counters cover this run only: replayed calls cost nothing."""
+class StepOutcome(UsageTotals):
+    """The result of one step. Counters (`UsageTotals`, and those below) cover this run
+    only: replayed calls cost nothing."""
 
     status: Literal["completed", "failed"]
     output: dict[str, Any] | None = None
@@ -183,15 +170,8 @@ class StepOutcome(BaseModel):
     reason: str | None = None
     retryable: bool = False
     """True when running the step again may succeed (transient model error, timeout)."""
-    model_calls: int = 0
-    """Model calls made (replayed ones excluded)."""
-    tool_calls: int = 0
-    """Tools executed (replayed ones excluded)."""
     replayed_model_calls: int = 0
     replayed_tool_calls: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
     tool_cache_hits: int = 0
     """Read-only tool calls served from the tool-result cache."""
     tier: str | None = None
@@ -234,26 +214,6 @@ def _compose_system_prompt(instructions: str, skill: SkillSpec) -> str:
     return "\n\n".join(parts)
 
 
-_FENCE = re.compile(r"```(?:json)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-
-
-def parse_json_answer(text: str) -> tuple[Any, str | None]:
-    """The JSON in ``text`` (the whole text, else its first fenced block) and None, or
-    None and why it could not be parsed."""
-    stripped = text.strip()
-    try:
-        return json.loads(stripped), None
-    except ValueError as exc:
-        whole_error = str(exc)
-    match = _FENCE.search(text)
-    if match is None:
-        return None, f"the answer is not JSON ({whole_error}) and has no ```json block"
-    try:
-        return json.loads(match.group(1)), None
-    except ValueError as exc:
-        return None, f"the ```json block is not valid JSON ({exc})"
-
-
 @dataclass
 class _Run:
     """Mutable state of one `run_step` call."""
@@ -263,6 +223,8 @@ class _Run:
     ctx: ToolContext
     recorder: StepRecorder
     replay: StepReplay
+    models: ModelCaller
+    """The step's model calls: replayed, budgeted, recorded (counts into ``usage``)."""
     guard: StepGuard | None = None
     replay_only: bool = False
     """Every call must come from `replay`: an unrecorded one stops the step
@@ -275,13 +237,11 @@ class _Run:
     tool_cache: ToolCache | None = None
     tool_cache_hits: int = 0
     tier: str | None = None
-    model_calls: int = 0
-    tool_calls: int = 0
-    replayed_model_calls: int = 0
     replayed_tool_calls: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost: float = 0.0
+
+    @property
+    def usage(self) -> UsageTotals:
+        return self.models.usage
 
     def outcome(
         self,
@@ -298,13 +258,9 @@ class _Run:
             code=code,
             reason=reason,
             retryable=retryable,
-            model_calls=self.model_calls,
-            tool_calls=self.tool_calls,
-            replayed_model_calls=self.replayed_model_calls,
+            **self.usage.model_dump(),
+            replayed_model_calls=self.models.replayed,
             replayed_tool_calls=self.replayed_tool_calls,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            cost_usd=self.cost,
             tool_cache_hits=self.tool_cache_hits,
             tier=self.tier,
         )
@@ -315,62 +271,13 @@ class _Run:
     @property
     def calls_so_far(self) -> int:
         """Model calls of the step made or replayed so far (the next one's ordinal)."""
-        return self.model_calls + self.replayed_model_calls
+        return self.models.calls_so_far
 
     @property
     def next_is_replayed(self) -> bool:
         """The step's next model call is served from the recording (its decisions were
         recorded when it was first made)."""
-        return self.calls_so_far < len(self.replay.model_responses)
-
-    async def call_model(
-        self, model: Model, request: ModelRequest, before: BeforeModelCall | None,
-        purpose: str = "step",
-    ) -> ModelResponse:
-        index = self.model_calls + self.replayed_model_calls
-        if index < len(self.replay.model_responses):
-            self.replayed_model_calls += 1
-            return ModelResponse.model_validate(self.replay.model_responses[index].response)
-        if self.replay_only:
-            raise StepStopped("replay_diverged", f"model call #{index + 1} of the step is "
-                              f"not in the recording ({len(self.replay.model_responses)} "
-                              "recorded)")
-        if before is not None:
-            await before(request)
-        token = await self.guard.before_model_call(request, model) if self.guard else None
-        start = time.perf_counter()
-        try:
-            response = await model.complete(request)
-        except BaseException:
-            if self.guard:
-                await self.guard.release(token)
-            raise
-        latency_ms = (time.perf_counter() - start) * 1000
-        cost = cost_usd(response.provider, response.model, response.usage)
-        if self.guard:
-            await self.guard.after_model_call(token, response, cost)
-        self.model_calls += 1
-        self.input_tokens += response.usage.input_tokens
-        self.output_tokens += response.usage.output_tokens
-        self.cost += cost
-        await self.recorder.record_model_call(
-            ModelCalledData(
-                step_id=self.ctx.step_id,
-                agent=self.spec.name,
-                worker=self.ctx.worker,
-                purpose=purpose,
-                provider=response.provider,
-                model=response.model,
-                input_tokens=response.usage.input_tokens,
-                output_tokens=response.usage.output_tokens,
-                cost_usd=cost,
-                latency_ms=latency_ms,
-                response=response.model_dump(mode="json"),
-                cache_read_tokens=response.usage.cache_read_tokens,
-                cache_write_tokens=response.usage.cache_write_tokens,
-            )
-        )
-        return response
+        return self.models.next_is_replayed
 
     async def call_tool(
         self,
@@ -428,7 +335,7 @@ class _Run:
                           or await tool.invoke(arguments, call_ctx))
             else:
                 result, cache_hit = await self._invoke_cached(tool, arguments, call_ctx)
-        self.tool_calls += 1
+        self.usage.tool_calls += 1
         self.tool_cache_hits += cache_hit
         await self.recorder.record_tool_call(
             ToolCalledData(
@@ -547,8 +454,7 @@ class _Router:
             "headroom_usd": headroom, "model_call": run.calls_so_far,
             "from_tier": None if from_tier is None else self.routing.tiers[from_tier].name}))
 
-    async def _classify(self, step_input: dict[str, Any], before: BeforeModelCall | None
-                        ) -> tuple[int, str] | None:
+    async def _classify(self, step_input: dict[str, Any]) -> tuple[int, str] | None:
         """The classifier's pick (tier index, reason), or None when it gives none."""
         spec = self.routing.classifier
         assert spec is not None
@@ -563,7 +469,7 @@ class _Router:
                 sort_keys=True))],
             output_schema=schema, max_tokens=spec.max_tokens)
         try:
-            response = await self.run.call_model(model, request, before, purpose="route")
+            response = await self.run.models.call(model, request, purpose="route")
         except ModelError:
             return None
         data, problem = parse_json_answer(response.text)
@@ -573,14 +479,14 @@ class _Router:
                                                f"{data['tier']}" + (f" ({why})" if why else ""))
         return None
 
-    async def start(self, step_input: dict[str, Any], request: ModelRequest,
-                    before: BeforeModelCall | None) -> StepOutcome | None:
+    async def start(self, step_input: dict[str, Any], request: ModelRequest
+                    ) -> StepOutcome | None:
         """Choose the starting tier; a failed outcome when the budget rules it out."""
         routing = self.routing
         want, started_by, reason = routing.start(step_input, self.run.attempt)
         trigger: str = started_by
         if trigger == "default" and routing.classifier is not None:
-            picked = await self._classify(step_input, before)
+            picked = await self._classify(step_input)
             if picked is not None:
                 want, reason = picked
                 trigger = "classifier"
@@ -635,8 +541,7 @@ class _Router:
 
 
 async def _compacted(run: _Run, compactor: Compactor, messages: list[Message],
-                     request_base: dict[str, Any], model: Model,
-                     before_call: BeforeModelCall | None) -> list[Message]:
+                     request_base: dict[str, Any], model: Model) -> list[Message]:
     """The messages to send: compacted first when the request would pass the limit."""
     view = compactor.view(messages)
     limit = compactor.policy.limit()
@@ -656,8 +561,8 @@ async def _compacted(run: _Run, compactor: Compactor, messages: list[Message],
     if compactor.policy.summarizer == "model":
         summary_call = run.calls_so_far
         try:
-            written = await run.call_model(model, compactor.summary_request(
-                messages[span[0]:span[1]]), before_call, purpose="compact")
+            written = await run.models.call(model, compactor.summary_request(
+                messages[span[0]:span[1]]), purpose="compact")
             compactor.merge_written(written.text)
         except ModelError:
             pass  # the extracted summary stands
@@ -687,7 +592,6 @@ async def _run_model(
     run: _Run,
     step_input: dict[str, Any],
     model: Model,
-    before: BeforeModelCall | None,
 ) -> StepOutcome:
     spec, skill, limits = run.spec, run.skill, run.spec.limits
     offered = spec.tools_for(skill.id)
@@ -712,18 +616,18 @@ async def _run_model(
     router = _Router(run, routing, model) if routing is not None else None
     if router is not None:
         refused = await router.start(
-            step_input, ModelRequest(messages=list(messages), **request_base), before)
+            step_input, ModelRequest(messages=list(messages), **request_base))
         if refused is not None:
             return refused
     corrections = 0
     for _turn in range(limits.max_turns):
         current = router.model if router else model
-        view = (await _compacted(run, compactor, messages, request_base, current, before)
+        view = (await _compacted(run, compactor, messages, request_base, current)
                 if compactor is not None else list(messages))
         request = ModelRequest(messages=view, **request_base)
         ordinal = run.calls_so_far
         try:
-            response = await run.call_model(current, request, before)
+            response = await run.models.call(current, request)
         except ModelError as exc:
             transient = isinstance(exc, ModelTransientError | ModelRetriesExhausted)
             return run.failed("model_error", str(exc), retryable=transient)
@@ -734,7 +638,7 @@ async def _run_model(
         )
         if response.tool_calls:
             for call in response.tool_calls:
-                if run.tool_calls + run.replayed_tool_calls >= limits.max_tool_calls:
+                if run.usage.tool_calls + run.replayed_tool_calls >= limits.max_tool_calls:
                     return run.failed("tool_limit", _tool_limit_reason(run, call))
                 tool = tools.get(call.name)
                 result = await run.call_tool(tool, call.name, call.id, call.arguments, offered)
@@ -837,12 +741,17 @@ async def run_step(
         skill = spec.skill(skill_id)
     except UnknownSkill as exc:  # the placeholder skill only carries the failure
         skill, unknown = SkillSpec(id=skill_id, name=skill_id, description=""), exc
+    replay = replay or StepReplay()
     run = _Run(
         spec=spec,
         skill=skill,
         ctx=ctx,
         recorder=recorder,
-        replay=replay or StepReplay(),
+        replay=replay,
+        models=ModelCaller(
+            record=recorder.record_model_call, agent=spec.name,
+            recorded=replay.model_responses, guard=guard, before=before_model_call,
+            step_id=ctx.step_id, worker=ctx.worker, replay_only=replay_only),
         guard=guard,
         replay_only=replay_only,
         dry_run_effects=dry_run_effects,
@@ -867,7 +776,7 @@ async def run_step(
             direct_tool = spec.tool(spec.direct[skill_id]) if skill_id in spec.direct else None
             if direct_tool is not None:
                 return await _run_direct(run, direct_tool, step_input)
-            return await _run_model(run, step_input, model, before_model_call)
+            return await _run_model(run, step_input, model)
     except StepStopped as stop:
         return run.failed(stop.code, stop.reason, retryable=stop.retryable)
     except TimeoutError:

@@ -66,14 +66,15 @@ class BudgetGuard:
     task_id: str
     budget: ev.Budget
 
-    async def before(self, request: ModelRequest, model: Model) -> object:
+    async def before_model_call(self, request: ModelRequest, model: Model) -> object:
         usd, tokens = estimate(request, model)
         return await self.book.reserve(self.task_id, self.budget, usd=usd, tokens=tokens)
 
-    async def after(self, token: object, response: ModelResponse, cost: float) -> None:
+    async def after_model_call(self, token: object, response: ModelResponse,
+                               cost_usd: float) -> None:
         assert isinstance(token, Reservation)
         u = response.usage
-        await self.book.settle(token, usd=cost, tokens=u.input_tokens + u.output_tokens)
+        await self.book.settle(token, usd=cost_usd, tokens=u.input_tokens + u.output_tokens)
 
     async def release(self, token: object) -> None:
         assert isinstance(token, Reservation)

@@ -1,21 +1,20 @@
 """Planning and merging with a model: the LLM planner over live skills, and the final merge.
 
-Every model call is returned as `ModelCalledData` for the ledger, and earlier recorded
-calls are replayed instead of calling the model again (so a restarted orchestrator, or a
-replay of the ledger, makes no new model call for work already done).
+Model calls go through the one pipeline (`jetmesh.agents.calls.ModelCaller`): every call
+is returned as `ModelCalledData` for the ledger, and earlier recorded calls are replayed
+instead of calling the model again (so a restarted orchestrator, or a replay of the
+ledger, makes no new model call for work already done).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from jetmesh.agents.models.pricing import cost_usd
-from jetmesh.agents.models.types import Message, Model, ModelRequest, ModelResponse
+from jetmesh.agents.calls import ModelCaller, ModelCallGuard, parse_json_answer
+from jetmesh.agents.models.types import Message, Model, ModelRequest
 from jetmesh.agents.spec import SkillSpec, schema_errors
 from jetmesh.bus.events import ModelCalledData, PlanStep
 from jetmesh.orchestrator.errors import PlanError, WorkflowError
@@ -37,51 +36,18 @@ MERGE_SYSTEM = (
 )
 
 
-class CallGuard(Protocol):
-    """Budget control around the orchestrator's own calls (see agents.guard)."""
+class Recorder(ModelCaller):
+    """The orchestrator's calls of one purpose (plan, merge): replays the recorded ones,
+    budgets new ones with ``guard`` and keeps their records in ``new`` for the ledger."""
 
-    async def before(self, request: ModelRequest, model: Model) -> object: ...
+    def __init__(self, purpose: str, recorded: Sequence[ModelCalledData],
+                 guard: ModelCallGuard | None = None) -> None:
+        self.new: list[ModelCalledData] = []
+        super().__init__(record=self._keep, agent="orchestrator", recorded=list(recorded),
+                         guard=guard, purpose=purpose)
 
-    async def after(self, token: object, response: ModelResponse, cost: float) -> None: ...
-
-    async def release(self, token: object) -> None: ...
-
-
-@dataclass
-class Recorder:
-    """Replays recorded orchestrator calls of one purpose, records new ones."""
-
-    purpose: str
-    recorded: list[ModelCalledData]
-    guard: CallGuard | None = None
-    new: list[ModelCalledData] = field(default_factory=list)
-    _i: int = 0
-
-    async def call(self, model: Model, request: ModelRequest) -> ModelResponse:
-        if self._i < len(self.recorded):
-            rec = self.recorded[self._i]
-            self._i += 1
-            return ModelResponse.model_validate(rec.response)
-        token = await self.guard.before(request, model) if self.guard else None
-        t0 = time.perf_counter()
-        try:
-            resp = await model.complete(request)
-        except BaseException:
-            if self.guard:
-                await self.guard.release(token)
-            raise
-        latency = (time.perf_counter() - t0) * 1000
-        if self.guard:
-            await self.guard.after(token, resp, cost_usd(resp.provider, resp.model, resp.usage))
-        self._i += 1
-        self.new.append(ModelCalledData(
-            agent="orchestrator", purpose=self.purpose, provider=resp.provider,
-            model=resp.model, input_tokens=resp.usage.input_tokens,
-            output_tokens=resp.usage.output_tokens,
-            cost_usd=cost_usd(resp.provider, resp.model, resp.usage), latency_ms=latency,
-            response=resp.model_dump(mode="json"),
-        ))
-        return resp
+    async def _keep(self, data: ModelCalledData) -> None:
+        self.new.append(data)
 
 
 def _prefix_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
@@ -172,14 +138,6 @@ def _shape_schema(skills: Sequence[SkillSpec]) -> dict[str, Any]:
     }
 
 
-def _parse_json(text: str) -> Any:
-    t = text.strip()
-    if t.startswith("```"):
-        t = t.split("\n", 1)[1] if "\n" in t else ""
-        t = t.rsplit("```", 1)[0]
-    return json.loads(t)
-
-
 def check_plan(data: Any, skills: Sequence[SkillSpec]) -> tuple[list[PlanStep], bool, list[str]]:
     """Validate a planner answer; returns (steps, merge, errors)."""
     by_id = {s.id: s for s in skills}
@@ -223,10 +181,9 @@ async def plan_with_model(
         request = ModelRequest(system=PLANNER_SYSTEM, messages=list(messages),
                                output_schema=plan_schema(skills), max_tokens=2048)
         resp = await recorder.call(model, request)
-        try:
-            data = _parse_json(resp.text)
-        except ValueError as e:
-            last = [f"answer is not JSON: {e}"]
+        data, problem = parse_json_answer(resp.text)
+        if problem is not None:
+            last = [problem]
         else:
             steps, merge, last = check_plan(data, skills)
             if not last:

@@ -46,6 +46,7 @@ from jetmesh.agents.models.types import (
     ToolCall,
     ToolDefinition,
     Usage,
+    UsageTotals,
 )
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "ToolCall",
     "ToolDefinition",
     "Usage",
+    "UsageTotals",
     "allow_model_requests",
     "breaker_states",
     "cost_usd",

@@ -55,6 +55,26 @@ class Usage(BaseModel):
     """Input tokens written to the provider's prompt cache (its cache-write price)."""
 
 
+class UsageTotals(BaseModel):
+    """What a run used, summed: a step run (`StepOutcome`), a step and a task as folded
+    from the ledger (`orchestrator.state`). The one declaration of these counters."""
+
+    model_calls: int = 0
+    """Model calls made (replayed ones excluded)."""
+    tool_calls: int = 0
+    """Tools executed (replayed ones excluded)."""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add_model_call(self, usage: Usage, cost: float) -> None:
+        """Count one model call's tokens and cost."""
+        self.model_calls += 1
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cost_usd += cost
+
+
 class ModelRequest(BaseModel):
     """Everything a provider needs for one call."""
 
