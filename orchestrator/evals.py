@@ -340,8 +340,13 @@ async def judge_checks(client: Client, case: Case, task_id: str,
                        default_model: str | None) -> list[Check]:
     """Score the case's rubrics. Each judge call is recorded on the task (a ModelCalled,
     purpose `judge:<key>`), and a recorded one is reused: re-scoring makes no call."""
-    from jetmesh.agents.models.pricing import cost_usd
-    from jetmesh.agents.models.types import Message, ModelRequest, ModelResponse
+    from jetmesh.agents.calls import ModelCaller, parse_json_answer
+    from jetmesh.agents.models.types import Message, ModelRequest
+
+    async def record(data: ev.ModelCalledData) -> None:
+        await client.ledger.append(ev.ModelCalled(subject=task_id, source="jetmesh/eval",
+                                                  data=data))
+
     out: list[Check] = []
     if not case.checks.judge:
         return out
@@ -362,23 +367,17 @@ async def judge_checks(client: Client, case: Case, task_id: str,
         label = target or f"{model.provider}:{model.name}"
         purpose = judge_purpose(jc.rubric, value, label)
         rec = recorded.get(purpose)
-        if rec is not None:
-            response = ModelResponse.model_validate(rec.response)
-        else:
-            request = ModelRequest(system=JUDGE_SYSTEM, messages=[Message(
-                role="user", content=json.dumps({"rubric": jc.rubric, "answer": value},
-                                                ensure_ascii=False, default=str))],
-                output_schema=JUDGE_SCHEMA, max_tokens=512)
-            response = await model.complete(request)
-            await client.ledger.append(ev.ModelCalled(
-                subject=task_id, source="jetmesh/eval", data=ev.ModelCalledData(
-                    agent="eval-judge", purpose=purpose, provider=response.provider,
-                    model=response.model, input_tokens=response.usage.input_tokens,
-                    output_tokens=response.usage.output_tokens,
-                    cost_usd=cost_usd(response.provider, response.model, response.usage),
-                    response=response.model_dump(mode="json"))))
+        calls = ModelCaller(record=record, agent="eval-judge", purpose=purpose,
+                            recorded=[rec] if rec is not None else [])
+        request = ModelRequest(system=JUDGE_SYSTEM, messages=[Message(
+            role="user", content=json.dumps({"rubric": jc.rubric, "answer": value},
+                                            ensure_ascii=False, default=str))],
+            output_schema=JUDGE_SCHEMA, max_tokens=512)
+        response = await calls.call(model, request)
+        verdict, problem = parse_json_answer(response.text)
         try:
-            verdict = json.loads(response.text)
+            if problem is not None:
+                raise ValueError(problem)
             score = min(1.0, max(0.0, float(verdict["score"])))
             reason = str(verdict.get("reason", ""))
         except (ValueError, KeyError, TypeError) as e:
