@@ -24,6 +24,7 @@ from jetmesh.orchestrator.cli import (
     nats_config,
     replay,
     telemetry,
+    tenants,
 )
 from jetmesh.orchestrator.cli.kit import (
     DEFAULT_DATA,
@@ -673,7 +674,7 @@ def up_cmd(
 
 
 for _module in (a2a, mcp, memory, health, nats_config, replay, evals, telemetry,
-                killswitch, audit):
+                killswitch, audit, tenants):
     _module.register(app)
 
 
