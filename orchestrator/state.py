@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from jetmesh.agents.models.types import UsageTotals
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.ledger import LedgerEntry, is_log_seq
@@ -48,7 +49,7 @@ class StepStatus(StrEnum):
         return self in (StepStatus.COMPLETED, StepStatus.FAILED)
 
 
-class StepState(BaseModel):
+class StepState(UsageTotals):
     id: str
     skill: str
     status: StepStatus = StepStatus.PENDING
@@ -64,11 +65,6 @@ class StepState(BaseModel):
     dispatched_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    model_calls: int = 0
-    tool_calls: int = 0
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
     last_seq: int = 0
     """Last stream sequence on this step's line (for fenced appends; its log of model
     and read-only tool calls does not count)."""
@@ -97,7 +93,7 @@ ORCHESTRATOR = "orchestrator"
 """The `agent` of the orchestrator's own step failures, and the holder they leave."""
 
 
-class TaskState(BaseModel):
+class TaskState(UsageTotals):
     """Everything known about one task, derived from its events only."""
 
     task_id: str
@@ -116,11 +112,6 @@ class TaskState(BaseModel):
     created_at: datetime | None = None
     planned_at: datetime | None = None
     updated_at: datetime | None = None
-    model_calls: int = 0
-    tool_calls: int = 0
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
     last_seq: int = 0
     """Highest stream sequence folded."""
     pending_approvals: dict[str, ev.ApprovalRequestedData] = Field(default_factory=dict)
