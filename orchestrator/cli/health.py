@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import typer
 
 from jetmesh.bus import subjects
+from jetmesh.orchestrator.cli.kit import load_object, loop_run
 
 ROLES = ("orchestrator", "worker", "memory", "gateway", "nats", "up", "telemetry")
 DEFAULT_GATEWAY_PORT = 8080
@@ -98,11 +99,8 @@ def resolve_role(role: str | None, agent: str | None,
 def _agent_skills(agent: str) -> list[str]:
     """Skill ids of a built-in agent, or of `package.module:attr` naming an AgentSpec."""
     if ":" in agent:
-        import importlib
-
-        mod, _, attr = agent.partition(":")
         try:
-            spec: Any = getattr(importlib.import_module(mod), attr)
+            spec: Any = load_object(agent)
         except (ImportError, AttributeError) as e:
             raise UsageError(f"cannot load agent {agent}: {e}") from e
     else:
@@ -317,7 +315,7 @@ def register(app: typer.Typer) -> None:
         use_data_dir_credentials(data_dir)
         target = url or discover_url(data_dir)
         try:
-            result = asyncio.run(check(r, a, url=target, timeout_s=timeout,
+            result = loop_run(check(r, a, url=target, timeout_s=timeout,
                                        gateway_url=gateway_url, any_host=any_host,
                                        agent_ttl_s=agent_ttl))
         except UsageError as e:

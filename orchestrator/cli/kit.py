@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from jetmesh.bus.errors import BusError
+from jetmesh.bus.errors import JetmeshError
 
 console = Console()
 err = Console(stderr=True)
@@ -80,11 +80,12 @@ def loop_run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Run an async command; bus errors become one clear line and exit code 1."""
+    """Run an async command. Every error jetmesh raises on purpose (`JetmeshError`, the
+    one root of all its exception trees) becomes one clear line and exit code 1."""
     try:
         return loop_run(coro_fn())  # type: ignore[arg-type]
-    except BusError as e:
-        err.print(f"[red]error:[/] {e}")
+    except JetmeshError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -102,13 +103,19 @@ async def open_bus(url: str) -> Any:
     return nc, js, Ledger(nc, js)
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event set on SIGINT / SIGTERM (call it from inside the running loop)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def serve_until_signal(start: Callable[[], Awaitable[Any]],
                              stop: Callable[[Any], Awaitable[None]]) -> None:
     """`start()`, wait for SIGINT / SIGTERM, then `stop(what start returned)`."""
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
+    done = stop_on_signals()
     handle = await start()
     try:
         await done.wait()

@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +23,9 @@ from jetmesh.orchestrator.cli.kit import (
     UrlOpt,
     console,
     resolve_url,
+    run,
     setup_logging,
+    stop_on_signals,
 )
 
 err = Console(stderr=True, soft_wrap=True)
@@ -67,18 +67,6 @@ async def _with_client(url: str, fn: Any, timeout_s: float) -> Any:
         await nc.close()
 
 
-def _run(coro: Any) -> Any:
-    """Run a client coroutine; memory and bus errors become one red line, exit 1."""
-    from jetmesh.bus.errors import BusError
-    from jetmesh.memory.errors import MemoryStoreError
-
-    try:
-        return asyncio.run(coro)
-    except (MemoryStoreError, BusError) as e:
-        err.print(f"[red]error:[/] {escape(str(e))}")
-        raise typer.Exit(1) from None
-
-
 @memory_app.callback()
 def serve(
     ctx: typer.Context,
@@ -99,18 +87,14 @@ def serve(
     settings = MemorySettings(data_dir=data_dir)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_memory_service(target, settings, stop=stop)
+        try:
+            await run_memory_service(target, settings, stop=stop_on_signals())
+        except (EmbeddingDimensionMismatch, RuntimeError) as e:
+            # RuntimeError: embedded Qdrant's folder is locked by another memory service.
+            err.print(f"[red]memory store refused to open:[/] {escape(str(e))}")
+            raise typer.Exit(2) from None
 
-    try:
-        asyncio.run(main())
-    except (EmbeddingDimensionMismatch, RuntimeError) as e:
-        # RuntimeError: embedded Qdrant's folder is locked by another memory service.
-        err.print(f"[red]memory store refused to open:[/] {escape(str(e))}")
-        raise typer.Exit(2) from None
+    run(main)
 
 
 @memory_app.command("search")
@@ -136,7 +120,7 @@ def search_cmd(
         return await client.search(query, user_id=user, agent_id=agent, task_id=task,
                                    kind=kind, limit=limit)
 
-    items = _run(_with_client(target, call, timeout))
+    items = run(lambda: _with_client(target, call, timeout))
     if as_json:
         for item in items:
             print(item.model_dump_json(), flush=True)
@@ -165,7 +149,7 @@ def forget_cmd(
     async def call(client: Any) -> Any:
         return await client.forget(task)
 
-    report = _run(_with_client(target, call, timeout))
+    report = run(lambda: _with_client(target, call, timeout))
     console.print(f"forgot task {task}: {len(report.episodes_deleted)} episodes and "
                   f"{len(report.facts_deleted)} facts deleted, "
                   f"{len(report.facts_updated)} facts kept with trimmed provenance")
@@ -183,7 +167,7 @@ def status_cmd(
     async def call(client: Any) -> Any:
         return await client.status()
 
-    status = _run(_with_client(target, call, timeout))
+    status = run(lambda: _with_client(target, call, timeout))
     console.print_json(json.dumps(status.model_dump(mode="json")))
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -22,6 +20,7 @@ from jetmesh.orchestrator.cli.kit import (
     resolve_url,
     run,
     setup_logging,
+    stop_on_signals,
 )
 
 console = Console()
@@ -51,11 +50,7 @@ def telemetry_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_telemetry(target, stop=stop, durable=durable, deliver_new=new_only)
+        await run_telemetry(target, stop=stop_on_signals(), durable=durable, deliver_new=new_only)
 
     run(main)
 

@@ -42,6 +42,7 @@ from jetmesh.bus.errors import ServerStartError
 from jetmesh.bus.permissions import user_name
 from jetmesh.bus.server import EmbeddedNats
 from jetmesh.bus.tasks import cancel_and_wait
+from jetmesh.orchestrator.cli.kit import stop_on_signals
 
 log = logging.getLogger("jetmesh.up")
 
@@ -345,10 +346,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
                       "\"reason\": \"arrived damaged\"}' --wait\n"
                       "Ctrl-C stops everything.", markup=False, highlight=False)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
 
         board = TaskBoard()
         ledger = Ledger(nc, js)
