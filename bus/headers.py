@@ -46,6 +46,9 @@ orchestrator that restarted): the step may have run before, so the worker reads 
 and claims it before running it, even on the message's first delivery."""
 REPLY_TO = "Jm-Reply-To"
 """A submission's inbox for the orchestrator's answer (accepted / rejected)."""
+SEQ = "Jm-Seq"
+"""On each live event relayed to a tenant: its ledger sequence (to drop what a later
+`get` also returns)."""
 
 # --- HTTP (A2A gateway, dashboard, MCP, model vendors, webhooks) -------------------------
 

@@ -50,6 +50,7 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jetmesh.bus import events as ev
+from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
 from jetmesh.bus.ledger import Ledger, LedgerEntry
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 MESH_ACCOUNT = "jetmesh"
 """The account every mesh role's user is in (with JetStream)."""
-SEQ_HEADER = "Jm-Seq"
+SEQ_HEADER = hn.SEQ
 """On each live event: its ledger sequence (to drop what a later `get` also returns)."""
 
 
