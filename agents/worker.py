@@ -444,8 +444,8 @@ class Worker:
         self.spend = (SpendBook(self.js, caps, replicas=self.bus_settings.replicas)
                       if caps is not None else None)
         self.policy = self.settings.policy()
-        from jetmesh.a2a.registry import Advertiser
-        from jetmesh.a2a.signing import signer_from_env
+        from jetmesh.agents.registry import Advertiser
+        from jetmesh.agents.signing import signer_from_env
 
         url = self.nc.connected_url.geturl() if self.nc.connected_url else None
         self._advertiser = Advertiser(self.spec, nats_url=url, signer=signer_from_env())
