@@ -28,7 +28,7 @@ import hmac
 import json
 import logging
 import socket
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -856,16 +856,3 @@ class GatewayServer:
             await self.approver.close()
         if self.client is not None:
             await self.client.close()
-
-
-async def serve_until(stop: Awaitable[Any], nats_url: str, *,
-                      settings: GatewaySettings | None = None,
-                      signer: CardSigner | None = None,
-                      verifier: CardVerifier | None = None) -> None:
-    """Run a gateway until `stop` completes (``jetmesh gateway`` calls this)."""
-    server = GatewayServer(nats_url, settings=settings, signer=signer, verifier=verifier)
-    await server.start()
-    try:
-        await stop
-    finally:
-        await server.stop()

@@ -19,7 +19,6 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -868,39 +867,3 @@ class Worker:
             for msg in list(self._in_flight.values()):
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
-
-
-SpecHook = Callable[[AgentSpec, NATS], Awaitable[AgentSpec]]
-"""Adjusts a spec once the worker is connected, e.g. `jetmesh.memory.tools.attach_memory`
-adding the memory tools."""
-
-
-async def run_worker(spec: AgentSpec, url: str, *, model: Model | None = None,
-                     stop: asyncio.Event | None = None,
-                     bus_settings: BusSettings | None = None,
-                     prepare: SpecHook | None = None) -> None:
-    """Connect, serve `spec` until `stop` is set, drain. `jetmesh worker` calls this.
-
-    `prepare` (optional) gets the spec and the connection before the worker starts and
-    returns the spec to serve (e.g. with extra tools).
-    """
-    from jetmesh.agents.models.factory import create_model_chain
-    from jetmesh.bus.connection import connect, jetstream
-
-    settings = bus_settings or BusSettings()
-    if model is None and spec.needs_model:
-        model = create_model_chain(spec.model)
-    nc = await connect(url, settings=settings, name=f"jetmesh-agent-{spec.name}")
-    # --- extra-tools hook (memory tools etc.) -----------------------------------------
-    if prepare is not None:
-        spec = await prepare(spec, nc)
-    # ----------------------------------------------------------------------------------
-    worker = Worker(spec, model, nc, jetstream(nc, settings), settings)
-    await worker.start()
-    try:
-        await (stop or asyncio.Event()).wait()
-    finally:
-        await worker.stop()
-        if model is not None:
-            await model.aclose()
-        await nc.close()

@@ -16,7 +16,8 @@ from mcp_support import HttpServer, McpServerConfig, StdioServer, agent_spec
 
 from jetmesh.agents.models.sim import FunctionModel
 from jetmesh.agents.models.types import ModelRequest, ToolCall
-from jetmesh.agents.worker import run_worker
+from jetmesh.agents.worker import Worker
+from jetmesh.bus.connection import connect, jetstream
 
 SERVER = Path(__file__).parent / "servers" / "fixture_server.py"
 
@@ -39,7 +40,10 @@ async def main() -> None:
         env={"FIXTURE_DIR": os.environ["FIXTURE_DIR"]}))
     http = McpServerConfig(name="web", transport=HttpServer(url=os.environ["HTTP_URL"]))
     spec = agent_spec(stdio, http, name="mcp-kill", skill="mcp_kill")
-    await run_worker(spec, os.environ["NATS_URL"], model=FunctionModel(turn))  # type: ignore[arg-type]
+    nc = await connect(os.environ["NATS_URL"], name=f"jetmesh-agent-{spec.name}")
+    worker = Worker(spec, FunctionModel(turn), nc, jetstream(nc))  # type: ignore[arg-type]
+    await worker.start()
+    await asyncio.Event().wait()  # serves until the test kills this process
 
 
 if __name__ == "__main__":
