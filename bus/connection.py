@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -14,7 +13,6 @@ from jetmesh.bus.errors import NotConnectedError
 from jetmesh.bus.settings import BusSettings
 
 log = logging.getLogger("jetmesh.bus")
-natsfast.install()
 
 
 async def connect(
@@ -50,10 +48,12 @@ async def connect(
 
     kwargs["error_cb"] = _error_cb
     kwargs.update(options)
+    nc = natsfast.apply(NATS())  # this connection only: the host's nats-py is untouched
     try:
-        return await nats.connect(**kwargs)
+        await nc.connect(**kwargs)
     except Exception as e:  # nats raises several unrelated types here
         raise NotConnectedError(target, e) from e
+    return nc
 
 
 def jetstream(nc: NATS, settings: BusSettings | None = None) -> JetStreamContext:

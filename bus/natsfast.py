@@ -4,9 +4,10 @@ nats-py 2.16 checks each header name for whitespace one character at a time
 (`any(c.isspace() for c in key)`): about 100 generator steps per message, which profiled
 at 14% of the orchestrator's CPU under load. `parse_header_lines` gives the same
 result (same names kept or skipped, same values) with one regex search per name.
-`install()` puts it in place of `Client._parse_header_lines`; tests compare the two on
-generated header blocks, so a nats-py upgrade that changes the original's behaviour
-shows up there.
+`apply(nc)` makes one connection use it (`bus.connection.connect` applies it to every
+connection jetmesh opens); nats-py itself is never patched, so a host program's own
+connections keep nats-py's parser. Tests compare the two on generated header blocks, so
+a nats-py upgrade that changes the original's behaviour shows up there.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     return out
 
 
-def install() -> None:
-    """Use `parse_header_lines` for every nats-py connection of this process."""
-    Client._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign]
+def apply(nc: Client) -> Client:
+    """Make the connection ``nc`` (not connected yet, or connected) parse headers with
+    `parse_header_lines`; other connections, and the `Client` class, are unchanged."""
+    nc._parse_header_lines = parse_header_lines  # type: ignore[method-assign]
+    return nc
