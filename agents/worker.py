@@ -707,7 +707,8 @@ class Worker:
         fresh = delivery == 1 and cmd.attempt == 1 and not resent
         started = ev.StepStarted(subject=cmd.task_id, source=self.source, data=ev.StepStartedData(
             step_id=cmd.step_id, agent=self.spec.name, worker=self.replica,
-            attempt=cmd.attempt, delivery=delivery, claim=not fresh))
+            attempt=cmd.attempt, delivery=delivery, claim=not fresh),
+            traceparent=cmd.traceparent)
         entries: list[LedgerEntry] = []
         lease = self.bus_settings.ack_wait_s / 3
         deadline = (None if cmd.deadline is None else
@@ -743,13 +744,15 @@ class Worker:
                 final: ev.Event = ev.StepCompleted(
                     subject=cmd.task_id, source=self.source, data=ev.StepCompletedData(
                         step_id=cmd.step_id, agent=self.spec.name, output=outcome.output or {},
-                        attempt=cmd.attempt, worker=self.replica))
+                        attempt=cmd.attempt, worker=self.replica),
+                    traceparent=cmd.traceparent)
             else:
                 final = ev.StepFailed(
                     subject=cmd.task_id, source=self.source, data=ev.StepFailedData(
                         step_id=cmd.step_id, agent=self.spec.name, code=outcome.code or "error",
                         reason=outcome.reason or "failed", retryable=outcome.retryable,
-                        attempt=cmd.attempt, worker=self.replica))
+                        attempt=cmd.attempt, worker=self.replica),
+                    traceparent=cmd.traceparent)
             try:
                 await recorder.finish(final)
             except InvalidEventError as e:  # an output the ledger cannot store

@@ -217,6 +217,10 @@ class RunResult:
     """CPU used by processes outside this benchmark during the window, % of all cores."""
     msgs_per_task: float = 0.0
     """Messages through nats-server per task (in + out, see server_msgs)."""
+    idle_ms_per_s: dict[str, float] = field(default_factory=dict)
+    """CPU ms per second each process used idle, measured right before the run (its
+    timers: presence heartbeats, keep-alives, the planner's registry refresh): the part
+    of `cpu_per_task_ms` that grows with the run's wall time, not with its tasks."""
     stored_per_task: dict[str, float] = field(default_factory=dict)
     """Messages stored per task in each stream (its last sequence's growth): what is
     appended, and where (JM_LEDGER and the KV buckets fsync'd, JM_LOG per durability)."""
@@ -224,6 +228,13 @@ class RunResult:
     @property
     def cpu_total_ms(self) -> float:
         return sum(self.cpu_per_task_ms.values())
+
+    @property
+    def cpu_net_ms(self) -> float:
+        """CPU ms per task less what the stack would have used idle over the run's wall
+        time (`idle_ms_per_s`): the tasks' own cost, steadier on a loaded machine."""
+        idle = sum(self.idle_ms_per_s.values()) * self.wall_s
+        return max(0.0, self.cpu_total_ms - idle / (len(self.latencies_ms) or 1))
 
     @property
     def cpu_ceiling(self) -> float:
@@ -269,6 +280,9 @@ def child_env(url: str, cfg: Config, data_dir: Path) -> dict[str, str]:
 DURABILITY = "balanced"
 """--durability: JETMESH_DURABILITY of every role (bus.settings.BusSettings.durability)."""
 
+PYSPY_RATE = 100
+"""--pyspy-rate: samples per second of `--profile pyspy`."""
+
 WRAPPER: str | None = None
 """--wrapper: a script run as `python SCRIPT OUT ROLE...` instead of the CLI (experiments)."""
 
@@ -284,7 +298,10 @@ def role_cmd(role: list[str], profile: str | None, out: Path | None) -> list[str
 
 def pyspy_attach(pid: int, out: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).parent / "py-spy"
-    return spawn([str(exe), "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+    if not exe.exists():
+        exe = Path(shutil.which("py-spy") or exe)
+    return spawn([str(exe), "record", "--pid", str(pid), "--format", "raw",
+                  "--rate", str(PYSPY_RATE),
                   "--nonblocking", "--output", str(out)], env, log)
 
 
@@ -560,6 +577,12 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
                 await asyncio.sleep(1.0)
             pids = {"nats-server": server.process.pid,
                     **{n: p.pid for n, p in procs.items()}}
+            idle: dict[str, float] = {}
+            if args.idle_s > 0:  # the stack idle: its timers' cost per second
+                idle0 = {n: cpu_s(pid) for n, pid in pids.items()}
+                await asyncio.sleep(args.idle_s)
+                idle = {n: (cpu_s(pid) - idle0[n]) * 1000 / args.idle_s
+                        for n, pid in pids.items()}
             cpu0 = {n: cpu_s(pid) for n, pid in pids.items()}
             cpu0["load generator"] = self_cpu_s()
             busy0 = machine_busy_s()
@@ -622,7 +645,7 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
         stored = {n: (stored1[n] - stored0.get(n, 0)) / cfg.tasks for n in stored1
                   if stored1[n] - stored0.get(n, 0)}
         return RunResult(cfg.tasks / wall, lat, rss, cpu, wall, warnings, foreign,
-                         (msgs1 - msgs0) / cfg.tasks, stored)
+                         (msgs1 - msgs0) / cfg.tasks, idle, stored)
     finally:
         for s in spies:
             stop_child(s)
@@ -696,7 +719,7 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
     print()
     hdr = (f"{'workload':<9} {'repl':>4} {'lat ms':>6} {'in flt':>6} {'tasks':>5} "
            f"{'tasks/s':>8} {'ideal':>6} {'ratio':>6} {'mean ms':>8} {'p50 ms':>7} "
-           f"{'p99 ms':>7} {'CPU ms/task':>11} {'CPU ceil':>8} {'other %':>7} "
+           f"{'p99 ms':>7} {'CPU ms/task':>11} {'net CPU':>7} {'CPU ceil':>8} {'other %':>7} "
            f"{'msgs/task':>9} {'runs (tasks/s)':>22}")
     print(hdr)
     print("-" * len(hdr))
@@ -710,7 +733,8 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
               f"{c.tasks:>5} {tps:>8.1f} {(f'{ideal:.0f}' if ideal else '-'):>6} "
               f"{ratio:>6} {f.med(lambda r: r.mean_ms):>8.1f} "
               f"{f.med(lambda r: r.pct(50)):>7.1f} {f.med(lambda r: r.pct(99)):>7.1f} "
-              f"{f.med(lambda r: r.cpu_total_ms):>11.1f} {f.med(lambda r: r.cpu_ceiling):>8.0f} "
+              f"{f.med(lambda r: r.cpu_total_ms):>11.1f} {f.med(lambda r: r.cpu_net_ms):>7.1f} "
+              f"{f.med(lambda r: r.cpu_ceiling):>8.0f} "
               f"{f.med(lambda r: r.foreign_pct):>7.0f} "
               f"{f.med(lambda r: r.msgs_per_task):>9.1f} {runs:>22}")
     b = next((f for f in figs if f.cfg.workload == "B"), None)
@@ -738,7 +762,9 @@ def report(figs: list[Figure], args: argparse.Namespace) -> None:
                 cells.append(f"{'':>15}")
         print(f"{c.workload:<9} {c.replicas:>4} {c.latency_ms:>6g} " + " ".join(cells))
     print("\nCPU ms/task: all processes of the stack (nats-server, orchestrator, workers, load "
-          "generator) over the measured window, per task.\nCPU ceil: cores x 1000 / CPU "
+          "generator) over the measured window, per task.\nnet CPU: the same less the "
+          "stack's idle CPU per second (measured before the run) times the run's wall "
+          "time.\nCPU ceil: cores x 1000 / CPU "
           "ms/task, the tasks/s this machine could sustain at that cost.\nother %: CPU used "
           "by processes outside the benchmark during the window (a shared machine's noise)."
           "\nmsgs/task: messages through nats-server per task, in and out (its /varz): "
@@ -763,9 +789,14 @@ def main() -> None:
     p.add_argument("--sync-interval", default="always",
                    help="nats-server JetStream sync_interval (always: fsync every append)")
     p.add_argument("--warmup", type=int, default=3, help="uncounted warm-up tasks per run")
+    p.add_argument("--idle-s", type=float, default=0.0,
+                   help="seconds the stack is measured idle before each run (its timers' "
+                        "CPU per second, subtracted in 'net CPU ms/task'; 0: not measured)")
     p.add_argument("--task-timeout", type=float, default=120.0, help="seconds per task")
     p.add_argument("--profile", choices=["cprofile", "pyspy"], default=None,
                    help="profile the orchestrator and first worker (first run of each figure)")
+    p.add_argument("--pyspy-rate", type=int, default=100,
+                   help="samples per second of --profile pyspy (py-spy from the venv or PATH)")
     p.add_argument("--profile-dir", default="benchmarks/profiles",
                    help="where profiles are written")
     p.add_argument("--logs", default=None, help="keep the children's logs in this folder")
@@ -781,8 +812,9 @@ def main() -> None:
     p.add_argument("--child-pythonpath", default=None,
                    help="prepend to the children's PYTHONPATH (a patched scratch copy)")
     args = p.parse_args()
-    global WRAPPER, DURABILITY
+    global WRAPPER, DURABILITY, PYSPY_RATE
     WRAPPER = args.wrapper
+    PYSPY_RATE = args.pyspy_rate
     DURABILITY = args.durability
     os.environ["JETMESH_DURABILITY"] = args.durability  # the load generator's Client
     if args.child_pythonpath:
@@ -809,7 +841,9 @@ def main() -> None:
                 res = asyncio.run(run_once(cfg, args, r + 1, profile_dir))
                 progress(f"  -> {res.tasks_per_s:.1f} tasks/s, mean {res.mean_ms:.1f} ms, "
                          f"p50 {res.pct(50):.1f} ms, p99 {res.pct(99):.1f} ms; other load "
-                         f"{res.foreign_pct:.0f}%; CPU ms/task {res.cpu_total_ms:.1f}: "
+                         f"{res.foreign_pct:.0f}%; idle CPU ms/s "
+                         f"{sum(res.idle_ms_per_s.values()):.1f}, net CPU ms/task "
+                         f"{res.cpu_net_ms:.1f}; CPU ms/task {res.cpu_total_ms:.1f}: "
                          + ", ".join(f"{k} {v:.1f}" for k, v in res.cpu_per_task_ms.items())
                          + f"; {res.msgs_per_task:.1f} msgs/task; stored/task "
                          + ", ".join(f"{k} {v:.1f}" for k, v in
