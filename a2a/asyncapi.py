@@ -50,7 +50,7 @@ Approval = Annotated[ev.ApprovalGranted | ev.ApprovalDenied, Field(discriminator
 
 
 class PresenceValue(BaseModel):
-    """One agent replica in the registry bucket (``a2a.registry.Advertiser.value``)."""
+    """One agent replica in the registry bucket (``agents.registry.Advertiser.value``)."""
 
     agent: str
     replica: str
