@@ -29,6 +29,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.presence import PresenceEntry, PresenceView
 
 from .cards import card_for_spec, card_from_dict, card_to_dict, skills_from_card
+from .directory import LiveAgent, Presence, Replica, parse_presence, select, skills_of
 from .errors import CardSignatureError, InvalidCardError
 from .signing import CardSigner, CardVerifier
 
@@ -85,37 +86,9 @@ def advertise(spec: AgentSpec, replica: str, *, model: str | None = None,
         replica, model=model, started_at=started_at, steps_done=steps_done)
 
 
-@dataclass(frozen=True)
-class Replica:
-    key: str
-    replica: str
-    updated: datetime
-    model: str | None = None
-    steps_done: int = 0
-
-
-@dataclass
-class LiveAgent:
-    """One agent with at least one live replica, and its (verified) card."""
-
-    name: str
-    version: str
-    card: AgentCard
-    skills: list[SkillSpec]
-    replicas: list[Replica] = field(default_factory=list)
-    signed: bool = False
-
-    @property
-    def skill_ids(self) -> list[str]:
-        return [s.id for s in self.skills]
-
-    @property
-    def tags(self) -> set[str]:
-        return {t for s in self.skills for t in s.tags}
-
-
 class Registry:
-    """Live agents from a `PresenceView` of the agents bucket, cards verified when asked."""
+    """Live agents from a `PresenceView` of the agents bucket, cards verified when asked:
+    the real agent directory (`jetmesh.agents.directory.Directory`)."""
 
     def __init__(self, view: PresenceView, *, verifier: CardVerifier | None = None,
                  cache_size: int = 4096) -> None:
@@ -140,15 +113,38 @@ class Registry:
     async def close(self) -> None:
         await self.view.stop()
 
+    # ------------------------------------------------------------------ the Directory port
+
+    @property
+    def changed(self) -> asyncio.Event:
+        return self.view.changed
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def stop(self) -> None:
+        await self.view.stop()
+
+    async def fresh_skills(self) -> dict[str, SkillSpec]:
+        """The live skills read from the bucket now, not from the view (which lags when
+        the loop is saturated)."""
+        reg = await Registry.open(self.view.js, ttl_s=self.view.ttl_s, verifier=self.verifier,
+                                  replicas=self.view.replicas, wait_s=2.0)
+        try:
+            return reg.skills()
+        finally:
+            await reg.close()
+
     # ------------------------------------------------------------------ admission
 
     def _admit(self, entry: PresenceEntry) -> tuple[AgentCard, list[SkillSpec]] | str:
         """The entry's card and skills, or the reason it is refused."""
-        raw = entry.value.get("card")
+        presence = parse_presence(entry.key, entry.value)
+        raw = presence.card
         if raw is None:
             if self.verifier is not None:
                 return "unsigned: the presence value carries no card"
-            return self._legacy(entry.value)
+            return self._legacy(presence)
         digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
         cached = self._checked.get(digest)
         if cached is not None:
@@ -168,13 +164,12 @@ class Registry:
         return result
 
     @staticmethod
-    def _legacy(value: dict[str, Any]) -> tuple[AgentCard, list[SkillSpec]] | str:
+    def _legacy(value: Presence) -> tuple[AgentCard, list[SkillSpec]] | str:
         """A presence value from before cards: build the card from its fields."""
         try:
-            skills = [SkillSpec.model_validate(s) for s in value.get("skills", [])]
-            spec = AgentSpec(name=str(value.get("agent", "?")),
-                             description=str(value.get("description", "")) or "agent",
-                             version=str(value.get("version") or "0.0.0"), skills=skills)
+            skills = [SkillSpec.model_validate(s) for s in value.skills]
+            spec = AgentSpec(name=value.agent, description=value.description or "agent",
+                             version=value.version or "0.0.0", skills=skills)
         except (ValidationError, ValueError) as e:
             return f"unreadable presence value: {e}"
         return card_for_spec(spec), skills
@@ -191,10 +186,9 @@ class Registry:
                 refused[entry.key] = admitted
                 continue
             card, skills = admitted
-            v = entry.value
-            rep = Replica(entry.key, str(v.get("replica", entry.key)), entry.updated,
-                          v.get("model") if isinstance(v.get("model"), str) else None,
-                          int(v.get("steps_done", 0) or 0))
+            p = parse_presence(entry.key, entry.value)
+            rep = Replica(entry.key, p.replica, entry.updated, p.model, p.steps_done,
+                          p.breakers)
             agent = by_name.get(card.name)
             if agent is None or entry.updated > newest[card.name]:
                 # the newest replica's card describes the agent (rolling upgrades)
@@ -211,12 +205,7 @@ class Registry:
 
     def agents(self, *, skill: str | None = None, tag: str | None = None) -> list[LiveAgent]:
         """Live agents (sorted by name), optionally only those offering `skill` / `tag`."""
-        out, _ = self._scan()
-        if skill is not None:
-            out = [a for a in out if skill in a.skill_ids]
-        if tag is not None:
-            out = [a for a in out if tag in a.tags]
-        return out
+        return select(self._scan()[0], skill=skill, tag=tag)
 
     def refused(self) -> dict[str, str]:
         """Live presence keys whose card was refused, with the reason."""
@@ -227,11 +216,7 @@ class Registry:
 
     def skills(self) -> dict[str, SkillSpec]:
         """Live skills by id (first agent by name wins): what the planner may use."""
-        out: dict[str, SkillSpec] = {}
-        for a in self.agents():
-            for s in a.skills:
-                out.setdefault(s.id, s)
-        return out
+        return skills_of(self.agents())
 
     def replicas_per_skill(self) -> dict[str, int]:
         """How many live replicas serve each skill."""

@@ -18,7 +18,8 @@ from enum import Enum
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.ledger import Appended, Ledger, LedgerEntry, is_log_seq, subject_for
+from jetmesh.bus.ledger import Appended, LedgerEntry, is_log_seq, subject_for
+from jetmesh.bus.ledger_port import TaskLedger
 from jetmesh.orchestrator.state import TaskState, apply
 
 log = logging.getLogger("jetmesh.orchestrator")
@@ -171,7 +172,7 @@ class TaskCache:
     """Folds of recently driven tasks (least recently used out), and per task: its
     drive lock, the drive queued on it, delivered results, and when to drive it again."""
 
-    def __init__(self, ledger: Ledger, size: int = 10_000) -> None:
+    def __init__(self, ledger: TaskLedger, size: int = 10_000) -> None:
         self.ledger = ledger
         self.size = size
         self._folds: OrderedDict[str, Fold] = OrderedDict()

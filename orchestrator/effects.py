@@ -8,7 +8,6 @@ decides: a plan is made and folded in, and the next round of `decide` dispatches
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,8 +21,9 @@ from jetmesh.agents.spec import schema_errors
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hdr
 from jetmesh.bus import subjects
-from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
-from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
+from jetmesh.bus.budgets import BudgetRefused, Budgets, Reservation
+from jetmesh.bus.ledger import LedgerEntry, subject_for
+from jetmesh.bus.ledger_port import TaskLedger
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import ensure_consumer, work_consumer_config
 from jetmesh.orchestrator import decide as d
@@ -62,7 +62,7 @@ def failed(task_id: str, code: str, reason: str) -> ev.TaskFailed:
 class BudgetGuard:
     """Reserves the orchestrator's own calls (plan, merge) on the task's budget."""
 
-    book: BudgetBook
+    book: Budgets
     task_id: str
     budget: ev.Budget
 
@@ -92,9 +92,9 @@ class Round:
 class Effects:
     """Turns actions into events and commands, and stores them."""
 
-    def __init__(self, ledger: Ledger, js: JetStreamContext, cache: TaskCache, *,
+    def __init__(self, ledger: TaskLedger, js: JetStreamContext | None, cache: TaskCache, *,
                  model: Model, workflows: WorkflowRegistry, skills: LiveSkills,
-                 book: BudgetBook, bus_settings: BusSettings) -> None:
+                 book: Budgets, bus_settings: BusSettings) -> None:
         self.ledger, self.js, self.cache = ledger, js, cache
         self.model, self.workflows, self.skills = model, workflows, skills
         self.book, self.bus_settings = book, bus_settings
@@ -259,16 +259,17 @@ class Effects:
                 for st in state.steps.values()
                 if st.status is StepStatus.DISPATCHED and st.input is not None]
         if redo:
-            futures = [await self.js.publish_async(
-                c.subject, c.data, headers={**c.headers, hdr.RESENT: "restart"})
-                for c in redo]
-            await asyncio.gather(*futures)
+            await self.ledger.append_pipelined([], validate=False, also=[
+                Command(c.subject, c.data, {**c.headers, hdr.RESENT: "restart"})
+                for c in redo])
 
     async def _ensure_work_consumers(self, commands: list[Command]) -> None:
         """Before a skill's first command from this process: its durable work consumer
         exists (created as its workers create it), so a step for a skill whose agents
         are not up yet waits in the work queue for them rather than being swept as work
         nobody takes (bus.sweep)."""
+        if self.js is None:  # in-memory ports: no work stream
+            return
         for c in commands:
             skill = c.subject.rsplit(".", 1)[-1]
             if skill in self._work_consumers:

@@ -17,7 +17,8 @@ from jetmesh.bus import headers as hdr
 from jetmesh.bus import subjects
 from jetmesh.bus.consumer import Reject
 from jetmesh.bus.errors import AppendConflict
-from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, Ledger, LedgerEntry
+from jetmesh.bus.ledger import EXPECTED_LAST_SEQ, LedgerEntry
+from jetmesh.bus.ledger_port import TaskLedger
 from jetmesh.bus.tenancy import TenantMismatch, stamp_submission
 from jetmesh.bus.tracecontext import parse_traceparent, task_traceparent
 from jetmesh.orchestrator.cache import Delivered, TaskCache
@@ -70,7 +71,7 @@ def reply_subject(msg: Msg) -> str | None:
 class Intake:
     """The handlers of the orchestrator's consumers."""
 
-    def __init__(self, nc: NATS, ledger: Ledger, cache: TaskCache, drive: Drive, *,
+    def __init__(self, nc: NATS | None, ledger: TaskLedger, cache: TaskCache, drive: Drive, *,
                  workflows: WorkflowRegistry,
                  default_budget: Callable[[], ev.Budget | None]) -> None:
         self.nc, self.ledger, self.cache, self.drive = nc, ledger, cache, drive
@@ -140,7 +141,7 @@ class Intake:
         """Refuse a submission for an existing task: not on the task, but a dead letter
         (and an answer on the submission's reply inbox, if it named one)."""
         reply = reply_subject(msg)
-        if reply is not None:
+        if reply is not None and self.nc is not None:
             try:
                 await self.nc.publish(reply, json.dumps(
                     {"task_id": task_id, "error": "task exists"}).encode())

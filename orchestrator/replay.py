@@ -21,7 +21,8 @@ from jetmesh.agents.models.errors import ModelError
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
-from jetmesh.bus.ledger import Ledger, LedgerEntry
+from jetmesh.bus.ledger import LedgerEntry
+from jetmesh.bus.ledger_port import TaskLedger
 from jetmesh.orchestrator.state import TaskState, fold
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ __all__ = [
 SOURCE = "jetmesh/orchestrator"
 
 
-async def original_state(ledger: Ledger, task_id: str) -> TaskState:
+async def original_state(ledger: TaskLedger, task_id: str) -> TaskState:
     return fold(task_id, await ledger.read(task_id))
 
 
@@ -52,7 +53,7 @@ def _fail(task_id: str, code: str, reason: str) -> list[ev.Event]:
                           data=ev.TaskFailedData(code=code, reason=reason))]
 
 
-async def replayed_plan(ledger: Ledger, state: TaskState) -> list[ev.Event]:
+async def replayed_plan(ledger: TaskLedger, state: TaskState) -> list[ev.Event]:
     """The plan of a replayed task: its original's, as recorded (no planner call)."""
     sub = state.submitted
     assert sub is not None and sub.replay_of is not None
@@ -69,7 +70,7 @@ async def replayed_plan(ledger: Ledger, state: TaskState) -> list[ev.Event]:
                                 merge=orig.merge))]
 
 
-async def replayed_merge(ledger: Ledger, state: TaskState,
+async def replayed_merge(ledger: TaskLedger, state: TaskState,
                          outputs: dict[str, dict[str, Any]]) -> list[ev.Event]:
     """The merge of an exact replay: the original's recorded merge call, served only if
     the steps' outputs are the original's (else the merge would have been another call:

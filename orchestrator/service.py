@@ -25,14 +25,18 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jetmesh.agents.directory import Directory
 from jetmesh.agents.models.types import Model
+from jetmesh.agents.registry import Registry
+from jetmesh.agents.signing import verifier_from_env
 from jetmesh.agents.spec import SkillSpec
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.budgets import BudgetBook
+from jetmesh.bus.budgets import BudgetBook, Budgets
 from jetmesh.bus.consumer import PullRunner
 from jetmesh.bus.errors import AppendConflict
 from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
+from jetmesh.bus.ledger_port import TaskLedger
 from jetmesh.bus.presence import PresenceView
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import declare_streams, pull_consumer_config
@@ -108,34 +112,49 @@ def _consume_exception(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+def real_directory(js: JetStreamContext, settings: OrchestratorSettings,
+                   bus_settings: BusSettings) -> Directory:
+    """The mesh's agent directory: presence in NATS KV, cards verified with the key the
+    environment names (JETMESH_CARD_*; unsigned cards accepted without one). Not started."""
+    view = PresenceView(js, subjects.BUCKET_AGENTS, settings.agent_ttl_s, bus_settings.replicas)
+    return Registry(view, verifier=verifier_from_env())
+
+
 class Orchestrator:
     """Drives every task to a terminal state. Run one or several replicas."""
 
     def __init__(
-        self, nc: NATS, js: JetStreamContext, *, model: Model,
+        self, nc: NATS | None, js: JetStreamContext | None, *, model: Model,
         settings: OrchestratorSettings | None = None, bus_settings: BusSettings | None = None,
-        workflows: WorkflowRegistry | None = None, use_registry: bool = True,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        workflows: WorkflowRegistry | None = None, directory: Directory | None = None,
+        use_registry: bool = True, ledger: TaskLedger | None = None,
+        book: Budgets | None = None, now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """The ports (`directory`, `ledger`, `book`) are passed in by the composition root
+        (the CLI, `orchestrator.testing`); each one not given is the real one on `js`
+        (the directory: only with `use_registry`; without one no agent checks are made).
+        A directory passed in is the caller's to start and stop. With in-memory ports
+        `nc` and `js` may be None: `drive` works, `start` needs a server."""
         self.nc, self.js = nc, js
         self.settings = settings or OrchestratorSettings()
         self.bus_settings = bus_settings or BusSettings()
-        self.ledger = Ledger(nc, js, timeout_s=self.bus_settings.request_timeout_s)
         self.model = model
         self.workflows = workflows or builtin_registry(self.settings.workflows_dir)
         self.now = now
-        self.presence = (PresenceView(js, subjects.BUCKET_AGENTS, self.settings.agent_ttl_s,
-                                      self.bus_settings.replicas) if use_registry else None)
-        self.registry = None
-        if self.presence is not None:
-            from jetmesh.a2a.registry import Registry
-            from jetmesh.a2a.signing import verifier_from_env
-
-            self.registry = Registry(self.presence, verifier=verifier_from_env())
-        self.skills = LiveSkills(
-            self.presence, self.registry.skills if self.registry is not None else None,
-            self._fresh_skills if self.registry is not None else None, now)
-        self.book = BudgetBook(js, replicas=self.bus_settings.replicas)
+        self._own_directory = directory is None and use_registry and js is not None
+        if self._own_directory:
+            assert js is not None
+            directory = real_directory(js, self.settings, self.bus_settings)
+        self.directory = directory
+        self.skills = LiveSkills(directory, now)
+        if ledger is None:
+            assert nc is not None and js is not None, "no ledger and no server"
+            ledger = Ledger(nc, js, timeout_s=self.bus_settings.request_timeout_s)
+        self.ledger = ledger
+        if book is None:
+            assert js is not None, "no budget book and no server"
+            book = BudgetBook(js, replicas=self.bus_settings.replicas)
+        self.book = book
         self.cache = TaskCache(self.ledger, self.settings.cache_size)
         self.effects = Effects(self.ledger, js, self.cache, model=model,
                                workflows=self.workflows, skills=self.skills, book=self.book,
@@ -152,9 +171,10 @@ class Orchestrator:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        assert self.js is not None, "an orchestrator with no server cannot start"
         await declare_streams(self.js, self.bus_settings)
-        if self.presence:
-            await self.presence.start()
+        if self.directory is not None and self._own_directory:
+            await self.directory.start()
         s = self.bus_settings
         specs: list[tuple[str, str, str, Callable[[Msg], Awaitable[None]], bool]] = [
             (subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT, subjects.SUBMIT,
@@ -187,8 +207,8 @@ class Orchestrator:
         await cancel_and_wait(*self._tasks, *self._timer_drives)
         for r in self._runners:
             await r.stop()
-        if self.presence:
-            await self.presence.stop()
+        if self.directory is not None and self._own_directory:
+            await self.directory.stop()
 
     def live_skills(self) -> dict[str, SkillSpec] | None:
         """Skills of live agents whose cards verify (None: no registry, no check)."""
@@ -368,23 +388,11 @@ class Orchestrator:
         self.skills.drop()
         return True
 
-    async def _fresh_skills(self) -> dict[str, SkillSpec]:
-        """The live skills read from the registry bucket now, not from the view."""
-        from jetmesh.a2a.registry import Registry
-
-        assert self.registry is not None
-        reg = await Registry.open(self.js, ttl_s=self.settings.agent_ttl_s,
-                                  verifier=self.registry.verifier,
-                                  replicas=self.bus_settings.replicas, wait_s=2.0)
-        try:
-            return reg.skills()
-        finally:
-            await reg.close()
-
     # ------------------------------------------------------------------ timers, recovery
 
     async def _sweeper(self) -> None:
         """Dead-letter work no consumer takes (bus.sweep), so it is seen, not kept."""
+        assert self.js is not None
         while True:
             await asyncio.sleep(self.settings.sweep_s)
             try:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 
+from jetmesh.agents.directory import Directory
 from jetmesh.agents.spec import SkillSpec
-from jetmesh.bus.presence import PresenceView
 
 log = logging.getLogger("jetmesh.orchestrator")
-
-SkillSource = Callable[[], dict[str, SkillSpec]]
-FreshSkills = Callable[[], Awaitable[dict[str, SkillSpec]]]
 
 VIEW_MAX_AGE_S = 0.2
 """The live skills are recomputed at most this often (or when an agent comes or goes)."""
@@ -23,14 +20,11 @@ PLANNER_MAX_AGE_S = 1.0
 
 
 class LiveSkills:
-    """Skills of live agents whose cards verify, from a presence view, cached briefly;
-    with no view (`None` everywhere) nothing is checked."""
+    """Skills of live agents whose cards verify, from the agent directory, cached
+    briefly; with no directory nothing is checked."""
 
-    def __init__(self, presence: PresenceView | None, skills: SkillSource | None,
-                 fresh: FreshSkills | None, now: Callable[[], datetime]) -> None:
-        self.presence = presence
-        self._source = skills
-        self._fresh = fresh
+    def __init__(self, directory: Directory | None, now: Callable[[], datetime]) -> None:
+        self.directory = directory
         self.now = now
         self.clock: Callable[[], float] = time.monotonic
         self._skills: dict[str, SkillSpec] | None = None
@@ -42,19 +36,19 @@ class LiveSkills:
 
     @property
     def checked(self) -> bool:
-        return self._source is not None
+        return self.directory is not None
 
     def current(self) -> dict[str, SkillSpec] | None:
         """Skills of live agents whose cards verify (None: no registry, no check).
 
         Recomputed at most every 0.2 s (or when an agent comes or goes): it is asked on
         every decision, and liveness is judged in seconds anyway."""
-        if self._source is None:
+        if self.directory is None:
             return None
         now = self.clock()
-        changed = self.presence is not None and self.presence.changed.is_set()
+        changed = self.directory.changed.is_set()
         if self._skills is None or now - self.skills_at > VIEW_MAX_AGE_S or changed:
-            self._skills, self.skills_at = self._source(), now
+            self._skills, self.skills_at = self.directory.skills(), now
             wall = self.now()
             for sid in self._skills:
                 # A step's timeout does not count the time it waited for an agent.
@@ -67,9 +61,9 @@ class LiveSkills:
         """Whether an agent came or went since the last call (the ticker asks). The
         cached skills go with the flag, or a drive in the next 0.2 s would still see the
         skills from before the change (and wait for nothing)."""
-        if self.presence is None or not self.presence.changed.is_set():
+        if self.directory is None or not self.directory.changed.is_set():
             return False
-        self.presence.changed.clear()
+        self.directory.changed.clear()
         self._skills = None
         return True
 
@@ -80,10 +74,10 @@ class LiveSkills:
     async def fresh(self) -> dict[str, SkillSpec] | None:
         """The live skills read from the registry bucket now, not from the view (which
         lags when the loop is saturated); None if there is none or the read failed."""
-        if self._fresh is None:
+        if self.directory is None:
             return None
         try:
-            return await self._fresh()
+            return await self.directory.fresh_skills()
         except Exception as e:
             log.warning("registry read failed: %s", e)
             return None

@@ -45,8 +45,9 @@ def unserved_flow(skill: str) -> Workflow:
 async def stale_view(orch: Any, skill: str = "edge_echo") -> None:
     """Freeze the orchestrator's registry view, as a saturated loop does (its KV watch is
     not read): the agent's entries age past their TTL and it looks gone, alive as it is."""
-    await orch.presence.stop()
-    orch.presence.ttl_s = 1.0
+    view = orch.directory.view  # the real directory's presence view
+    await view.stop()
+    view.ttl_s = 1.0
     loop = asyncio.get_running_loop()
     end = loop.time() + 10
     while skill in (orch.live_skills() or {}):

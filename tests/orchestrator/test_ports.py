@@ -8,6 +8,9 @@ import pytest
 
 from jetmesh.bus import events as ev
 from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Budgets, InMemoryBudgetBook
+from jetmesh.bus.errors import AppendConflict
+from jetmesh.bus.ledger import is_log_seq
+from jetmesh.bus.ledger_port import InMemoryLedger, TaskLedger
 
 
 @pytest.fixture(params=["nats", "memory"])
@@ -43,3 +46,44 @@ async def test_concurrent_reservations_never_overrun_the_budget(book: Budgets) -
     assert sum(not isinstance(r, BaseException) for r in results) == 3
     assert all(isinstance(r, BudgetRefused) for r in results if isinstance(r, BaseException))
     assert (await book.usage(tid)).reserved_usd == pytest.approx(0.9)
+
+
+@pytest.fixture(params=["nats", "memory"])
+def ledger(request: pytest.FixtureRequest, bus) -> TaskLedger:
+    return bus.ledger if request.param == "nats" else InMemoryLedger()
+
+
+async def test_a_ledger_stores_in_order_drops_duplicates_and_fences(ledger: TaskLedger) -> None:
+    tid = ev.new_id()
+    submitted = ev.TaskSubmitted(id=f"{tid}-submitted", subject=tid,
+                                 data=ev.TaskSubmittedData(goal="x"))
+    first = await ledger.append(submitted, expected_last_subject_seq=0)
+    assert await ledger.append(submitted) == first  # the same id: a duplicate
+    with pytest.raises(AppendConflict):  # the task's subject is no longer empty
+        await ledger.append(ev.TaskRejected(subject=tid, data=ev.TaskRejectedData(
+            reason="late")), expected_last_subject_seq=0)
+    claim = await ledger.append(ev.StepStarted(subject=tid, data=ev.StepStartedData(
+        step_id="a", agent="w", worker="w-1")), expected_last_subject_seq=0)
+    acks = await ledger.append_pipelined([
+        ev.ModelCalled(subject=tid, data=ev.ModelCalledData(
+            step_id="a", agent="w", worker="w-1", provider="sim", model="m", response={})),
+        ev.StepCompleted(subject=tid, data=ev.StepCompletedData(
+            step_id="a", agent="w", output={"n": 1}))], expect=[None, None])
+    assert [a.duplicate for a in acks] == [False, False] and is_log_seq(acks[0].seq)
+    everything = await ledger.read(tid)  # the log record with them (its order between
+    # the two streams is the server's time stamps': not asserted here)
+    assert [type(e.event) for e in everything if not is_log_seq(e.seq)] == [
+        ev.TaskSubmitted, ev.StepStarted, ev.StepCompleted]
+    assert [e.seq for e in everything if is_log_seq(e.seq)] == [acks[0].seq]
+    decisions = await ledger.read(tid, without_logs=True, from_seq=claim)
+    assert [e.seq for e in decisions] == [claim, acks[1].seq]
+    seen: list[type] = []
+    async with asyncio.timeout(10):
+        async for entry in ledger.follow(tid):
+            seen.append(type(entry.event))
+            if len(seen) == 2:
+                await ledger.append(ev.TaskCompleted(subject=tid, data=ev.TaskCompletedData(
+                    result={})))
+            if isinstance(entry.event, ev.TaskCompleted):
+                break
+    assert seen == [ev.TaskSubmitted, ev.StepStarted, ev.StepCompleted, ev.TaskCompleted]

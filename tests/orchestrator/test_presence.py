@@ -40,9 +40,9 @@ async def test_a_skill_that_appeared_is_seen_at_once_after_the_ticker_took_the_c
                                                        input_model=Question)])
         worker = Worker(spec, SimModel(), wnc, jetstream(wnc), replica=f"{skill}-1")
         await worker.start()
-        assert orch.registry is not None
+        assert orch.directory is not None
         for _ in range(200):  # the orchestrator's presence view has seen the agent
-            if skill in orch.registry.skills():
+            if skill in orch.directory.skills():
                 break
             await asyncio.sleep(0.05)
         else:
