@@ -28,6 +28,7 @@ from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.streams import ensure_consumer, work_consumer_config
 from jetmesh.orchestrator import decide as d
 from jetmesh.orchestrator.cache import Fold, Origin, TaskCache, pending_entry
+from jetmesh.orchestrator.context import Contexts, for_planner
 from jetmesh.orchestrator.errors import PlanError
 from jetmesh.orchestrator.planner import Recorder, merge_with_model, plan_with_model
 from jetmesh.orchestrator.skills import LiveSkills
@@ -98,6 +99,8 @@ class Effects:
         self.ledger, self.js, self.cache = ledger, js, cache
         self.model, self.workflows, self.skills = model, workflows, skills
         self.book, self.bus_settings = book, bus_settings
+        self.contexts = Contexts(js, ledger)
+        """The earlier turns of a task's conversation context (orchestrator.context)."""
         self._work_consumers: set[str] = set()
         """Skills whose work consumer this process made sure of (`_ensure_work_consumers`)."""
 
@@ -303,19 +306,21 @@ class Effects:
             from jetmesh.orchestrator.replay import replayed_plan
 
             return await replayed_plan(self.ledger, state)
+        context = await self.contexts.turns(state)  # None: the task names no context
         if sub.workflow:
             wf = self.workflows.get(sub.workflow)
             if wf is None:  # registry changed since submission
                 return [failed(tid, "unknown_workflow", f"unknown workflow '{sub.workflow}'")]
             return [ev.TaskPlanned(
                 id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
-                    planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge))]
+                    planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge,
+                    context=context))]
         live = await self.skills.for_planner()
         skills = sorted((live or {}).values(), key=lambda s: (s.id != "triage", s.id))
         recorder = self._recorder(state, "plan")
         try:
             steps, merge = await plan_with_model(self.model, sub.goal, sub.input, skills,
-                                                 recorder)
+                                                 recorder, context=for_planner(context))
         except BudgetRefused as e:
             return [*self._calls(state, recorder),
                     failed(tid, "budget_exceeded", f"planning: {e}")]
@@ -326,7 +331,7 @@ class Effects:
         return [*self._calls(state, recorder), ev.TaskPlanned(
             id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
                 planner=f"llm:{self.model.provider}/{self.model.name}", steps=steps,
-                merge=merge))]
+                merge=merge, context=context))]
 
     async def merge(self, state: TaskState) -> list[ev.Event]:
         tid = state.task_id
