@@ -86,7 +86,7 @@ from jetmesh.agents.signing import CardSigner, CardVerifier
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus import tracing
-from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.settings import GATEWAY_PORT, BusSettings
 from jetmesh.bus.subjects import InvalidIdError, check_id
 from jetmesh.bus.tracecontext import parse_traceparent
 from jetmesh.orchestrator.client import AmbiguousApproval, Client, ControlRefused, TaskExists
@@ -129,7 +129,7 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JETMESH_GATEWAY_", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = GATEWAY_PORT
     public_url: str | None = None
     """Base URL put in cards (default: http://host:port)."""
     send_wait_s: float = 60.0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jetmesh.bus.errors import ServerStartError
+from jetmesh.bus.settings import DEFAULT_DATA_DIR
 
 
 def find_nats_server() -> str:
@@ -60,7 +61,7 @@ class EmbeddedNats:
     directory and port, so what was acknowledged before is there after.
     """
 
-    data_dir: Path = field(default_factory=lambda: Path(".jetmesh") / "nats")
+    data_dir: Path = field(default_factory=lambda: DEFAULT_DATA_DIR / "nats")
     port: int = 0
     host: str = "127.0.0.1"
     server_name: str = "jetmesh"

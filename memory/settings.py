@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jetmesh.bus.settings import DATA_DIR_ENV, DEFAULT_DATA_DIR
+
 
 class MemorySettings(BaseSettings):
     """Where memories live and how they are embedded.
@@ -20,7 +22,7 @@ class MemorySettings(BaseSettings):
     model_config = SettingsConfigDict(populate_by_name=True, extra="ignore")
 
     data_dir: Path = Field(
-        default=Path("./.jetmesh"), validation_alias=AliasChoices("data_dir", "JETMESH_DATA_DIR")
+        default=DEFAULT_DATA_DIR, validation_alias=AliasChoices("data_dir", DATA_DIR_ENV)
     )
     """Root of jetmesh's local state; the Qdrant folder and mem0's history DB live here."""
 

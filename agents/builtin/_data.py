@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from jetmesh.bus.settings import DATA_DIR_ENV, data_dir  # where the tools write records
+
 __all__ = ["DATA_DIR_ENV", "data_dir", "kb_articles", "orders_by_id"]
 
 _HERE = Path(__file__).parent
-DATA_DIR_ENV = "JETMESH_DATA_DIR"
-"""Where built-in tools write their records (default ``./.jetmesh``)."""
-
-
-def data_dir() -> Path:
-    """``$JETMESH_DATA_DIR`` or ``./.jetmesh``, read at each call so tests can redirect it."""
-    return Path(os.environ.get(DATA_DIR_ENV) or ".jetmesh")
 
 
 def _load(name: str) -> dict[str, Any]:
