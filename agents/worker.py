@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from jetmesh.agents.errors import ClaimLost, StepStopped
 from jetmesh.agents.guard import RuntimeGuard
@@ -48,7 +48,7 @@ from jetmesh.bus.errors import AppendConflict, InvalidEventError
 from jetmesh.bus.killswitch import KillSwitchWatch
 from jetmesh.bus.ledger import Entries, Ledger, LedgerEntry, event_headers, subject_for
 from jetmesh.bus.presence import Presence
-from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.settings import BusSettings, GroupSettings
 from jetmesh.bus.spendcaps import SpendBook, SpendCaps
 from jetmesh.bus.streams import declare_streams, work_consumer_config
 from jetmesh.bus.tasks import cancel_and_wait
@@ -387,10 +387,11 @@ def finished(entries: list[LedgerEntry], attempt: int) -> bool:
     return False
 
 
-class WorkerSettings(BaseSettings):
-    """Runtime controls of a worker, from the environment."""
+class WorkerSettings(GroupSettings):
+    """Runtime controls of a worker: ``JETMESH_WORKER_<FIELD>``, or the older
+    ``JETMESH_<FIELD>`` (see bus.settings)."""
 
-    model_config = SettingsConfigDict(env_prefix="JETMESH_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="JETMESH_WORKER_", extra="ignore")
 
     policy_file: Path | None = None
     """YAML/JSON tool policy (see jetmesh.agents.policy); the default policy otherwise."""

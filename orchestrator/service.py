@@ -23,7 +23,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from jetmesh.agents.directory import Directory
 from jetmesh.agents.models.types import Model
@@ -38,7 +38,7 @@ from jetmesh.bus.errors import AppendConflict
 from jetmesh.bus.ledger import Ledger, LedgerEntry, subject_for
 from jetmesh.bus.ledger_port import TaskLedger
 from jetmesh.bus.presence import PresenceView
-from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.settings import BusSettings, GroupSettings
 from jetmesh.bus.streams import declare_streams, pull_consumer_config
 from jetmesh.bus.sweep import sweep_unconsumed
 from jetmesh.bus.tasks import cancel_and_wait
@@ -66,8 +66,11 @@ MAX_ROUNDS = 50
 """Decide / act rounds in one drive (a plan and its dispatches take two)."""
 
 
-class OrchestratorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JETMESH_", extra="ignore")
+class OrchestratorSettings(GroupSettings):
+    """The orchestrator's settings: ``JETMESH_ORCHESTRATOR_<FIELD>``, or the older
+    ``JETMESH_<FIELD>`` (see bus.settings)."""
+
+    model_config = SettingsConfigDict(env_prefix="JETMESH_ORCHESTRATOR_", extra="ignore")
 
     no_agent_wait_s: float | None = None
     """How long a dispatched step waits in its work stream for a live agent offering its

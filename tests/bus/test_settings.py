@@ -36,3 +36,17 @@ def test_data_dir_default_and_variable_are_shared(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("JETMESH_DATA_DIR", str(tmp_path))
     assert BusSettings().data_dir == MemorySettings().data_dir == _data.data_dir() == tmp_path
     assert BusSettings(data_dir=Path("elsewhere")).data_dir == Path("elsewhere")
+
+
+def test_orchestrator_and_worker_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jetmesh.agents.worker import WorkerSettings
+    from jetmesh.orchestrator.service import OrchestratorSettings
+
+    monkeypatch.setenv("JETMESH_NO_AGENT_WAIT_S", "7")
+    monkeypatch.setenv("JETMESH_STEP_CONCURRENCY", "9")
+    assert OrchestratorSettings().no_agent_wait_s == 7
+    assert WorkerSettings().step_concurrency == 9
+    monkeypatch.setenv("JETMESH_ORCHESTRATOR_NO_AGENT_WAIT_S", "8")
+    monkeypatch.setenv("JETMESH_WORKER_STEP_CONCURRENCY", "3")
+    assert OrchestratorSettings().no_agent_wait_s == 8
+    assert WorkerSettings().step_concurrency == 3
