@@ -31,7 +31,7 @@ from nats.js.kv import KeyValue
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.ledger import Ledger
+from jetmesh.bus.ledger_port import TaskLedger
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.orchestrator.state import TaskState, TaskStatus, fold
@@ -119,14 +119,17 @@ def for_planner(context: ev.PlanContext | None) -> list[dict[str, Any]] | None:
 class Contexts:
     """The contexts' task lists (jm-contexts) and the turns read from the ledger."""
 
-    def __init__(self, js: JetStreamContext, ledger: Ledger,
+    def __init__(self, js: JetStreamContext | None, ledger: TaskLedger,
                  limits: ContextLimits | None = None) -> None:
         self.js = js
+        """None (an orchestrator on in-memory ports): the lists are kept in this process."""
         self.ledger = ledger
         self.limits = limits or ContextLimits()
         self._kv: KeyValue | None = None
+        self._memory: dict[str, list[str]] = {}
 
     async def _bucket(self) -> KeyValue:
+        assert self.js is not None
         if self._kv is None:
             self._kv = await ensure_bucket(self.js, subjects.BUCKET_CONTEXTS, max_age_s=0.0,
                                            replicas=BusSettings().replicas)
@@ -138,8 +141,14 @@ class Contexts:
 
     async def join(self, context_id: str, tenant: str | None, task_id: str) -> list[str]:
         """Add `task_id` to its context (once); returns the task ids before it."""
-        kv = await self._bucket()
         key = self.key(context_id, tenant)
+        if self.js is None:
+            kept = self._memory.setdefault(key, [])
+            if task_id not in kept:
+                kept.append(task_id)
+                del kept[:-self.limits.keep_tasks]
+            return kept[:kept.index(task_id)]
+        kv = await self._bucket()
         while True:
             try:
                 entry = await kv.get(key)
