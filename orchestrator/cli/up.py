@@ -287,13 +287,14 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
                  console: Console, live_view: bool, gateway_port: int | None = None,
                  *, auth: bool = True, backoff: Backoff | None = None,
                  stop_grace_s: float = STOP_GRACE_S) -> None:
+    from jetmesh.agents.registry import Registry
+    from jetmesh.agents.signing import verifier_from_env
     from jetmesh.bus.connection import connect, jetstream
     from jetmesh.bus.credentials import AUTH_CONF, read_env_blocks
     from jetmesh.bus.ledger import Ledger
     from jetmesh.bus.presence import PresenceView
     from jetmesh.bus.streams import declare_buckets, declare_streams
     from jetmesh.orchestrator.cli.nats_config import resolve_agents, write_data_dir_auth
-    from jetmesh.orchestrator.registry import LiveAgent
 
     policy = backoff or Backoff()
     credentials: dict[str, dict[str, str]] | None = None
@@ -310,6 +311,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
     children: list[Child] = []
     tasks: list[asyncio.Task[None]] = []
     view: PresenceView | None = None
+    directory: Registry | None = None
     view_started = False
     nc = None
     if not live_view:
@@ -365,6 +367,7 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
                     await asyncio.wait_for(stop.wait(), 1.0)
 
         view = PresenceView(js, subjects.BUCKET_AGENTS)
+        directory = Registry(view, verifier=verifier_from_env())
 
         async def show() -> None:
             """The live view's sources, in the background: supervision never waits on
@@ -387,16 +390,10 @@ async def run_up(data_dir: Path, port: int, agents: list[str], replicas: int,
             for c in shown:
                 procs.add_row(c.name, str(c.pid or "-"), c.status(), str(c.restarts))
             agents_t = Table("agent", "replicas", "skills", "model", title="live agents")
-            grouped: dict[str, LiveAgent] = {}
-            for e in view.live() if view is not None and view_started else []:
-                v = e.value
-                a = grouped.setdefault(v.get("agent", "?"), LiveAgent(
-                    v.get("agent", "?"), v.get("version", ""), v.get("model"),
-                    [s.get("id", "?") for s in v.get("skills", [])]))
-                a.replicas.append(v.get("replica", ""))
-            for a in sorted(grouped.values(), key=lambda a: a.name):
-                agents_t.add_row(a.name, str(len(a.replicas)), ", ".join(a.skills),
-                                 a.model or "-")
+            if directory is not None and view_started:  # verified cards only
+                for a in directory.agents():
+                    agents_t.add_row(a.name, str(len(a.replicas)), ", ".join(a.skill_ids),
+                                     a.model or "-")
             tasks_t = Table("task", "status", "goal", "plan", title="recent tasks")
             for tid, t in list(board.tasks.items())[-8:][::-1]:
                 tasks_t.add_row(tid[:12], t["status"], t["goal"][:40], t["plan"][:40])
