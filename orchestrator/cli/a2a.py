@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from jetmesh.bus.settings import GATEWAY_PORT, GATEWAY_PORT_ENV, NATS_PORT
 from jetmesh.orchestrator.cli.kit import (
     DEFAULT_DATA,
     DataDirOpt,
@@ -37,7 +38,7 @@ def register(app: typer.Typer) -> None:
     @keys.command("generate")
     def keys_generate(
         directory: Annotated[Path, typer.Argument(help="Where to write the key files.")] =
-        Path(".jetmesh/keys"),
+        DEFAULT_DATA / "keys",
         overwrite: Annotated[bool, typer.Option(help="Replace existing keys.")] = False,
     ) -> None:
         """Make an EC P-256 card-signing key pair and its JWKS."""
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
     def gateway_cmd(
         url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
         host: Annotated[str, typer.Option(envvar="JETMESH_GATEWAY_HOST")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(envvar="JETMESH_GATEWAY_PORT")] = 8080,
+        port: Annotated[int, typer.Option(envvar=GATEWAY_PORT_ENV)] = GATEWAY_PORT,
         public_url: Annotated[str | None, typer.Option(
             envvar="JETMESH_GATEWAY_PUBLIC_URL", help="Base URL put in cards.")] = None,
         verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False,
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Write it here "
                                                  "(default: stdout).")] = None,
         server: Annotated[str, typer.Option(help="The NATS server named in the document.")]
-        = "nats://localhost:4222",
+        = f"nats://localhost:{NATS_PORT}",
     ) -> None:
         """The mesh's public NATS contract as an AsyncAPI 3.0 document (JSON)."""
         from jetmesh.a2a.asyncapi import asyncapi_json

@@ -31,10 +31,11 @@ from typing import Annotated, Any
 import typer
 
 from jetmesh.bus import subjects
+from jetmesh.bus.settings import DATA_DIR_ENV, DEFAULT_DATA_DIR, GATEWAY_PORT, GATEWAY_PORT_ENV
 from jetmesh.orchestrator.cli.kit import load_object, loop_run
 
 ROLES = ("orchestrator", "worker", "memory", "gateway", "nats", "up", "telemetry")
-DEFAULT_GATEWAY_PORT = 8080
+DEFAULT_GATEWAY_PORT = GATEWAY_PORT
 HEALTHY, UNHEALTHY, USAGE = 0, 1, 2
 
 
@@ -135,7 +136,7 @@ async def check(
 
 
 def default_gateway_url() -> str:
-    port = os.environ.get("JETMESH_GATEWAY_PORT") or str(DEFAULT_GATEWAY_PORT)
+    port = os.environ.get(GATEWAY_PORT_ENV) or str(DEFAULT_GATEWAY_PORT)
     return f"http://127.0.0.1:{port}/.well-known/agent-card.json"
 
 
@@ -287,8 +288,8 @@ def register(app: typer.Typer) -> None:
         url: Annotated[str | None, typer.Option(
             "--url", envvar="NATS_URL", help="NATS server URL(s).")] = None,
         data_dir: Annotated[Path, typer.Option(
-            "--data-dir", envvar="JETMESH_DATA_DIR",
-            help="Find an embedded server here when NATS_URL is unset.")] = Path(".jetmesh"),
+            "--data-dir", envvar=DATA_DIR_ENV,
+            help="Find an embedded server here when NATS_URL is unset.")] = DEFAULT_DATA_DIR,
         timeout: Annotated[float, typer.Option(
             "--timeout", envvar="JETMESH_HEALTH_TIMEOUT_S",
             help="Seconds to wait for NATS / HTTP.")] = 3.0,

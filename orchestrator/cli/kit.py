@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from jetmesh.bus.errors import JetmeshError
+from jetmesh.bus.settings import DATA_DIR_ENV, DEFAULT_DATA_DIR
 
 console = Console()
 err = Console(stderr=True)
@@ -26,9 +27,9 @@ T = TypeVar("T")
 UrlOpt = Annotated[str | None, typer.Option("--url", envvar="NATS_URL",
                                             help="NATS server URL (default: NATS_URL, "
                                                  "else the embedded server in --data-dir).")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="JETMESH_DATA_DIR",
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar=DATA_DIR_ENV,
                                           help="Where jetmesh keeps its data.")]
-DEFAULT_DATA = Path(".jetmesh")
+DEFAULT_DATA = DEFAULT_DATA_DIR
 
 
 def setup_logging(verbose: bool = False, *, console: Console = err,
