@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -59,3 +60,23 @@ async def connect(
 def jetstream(nc: NATS, settings: BusSettings | None = None) -> JetStreamContext:
     settings = settings or BusSettings()
     return nc.jetstream(timeout=settings.request_timeout_s)
+
+
+GC_THRESHOLD = (20_000, 20, 20)
+"""The cyclic collector's thresholds for a serving role (Python's default: 700, 10, 10).
+A role allocates a few hundred short-lived objects per message (pydantic models, dicts,
+futures); at 700 the young generation is collected every few messages and its survivors
+soon make the full collections that walk every live object (tens of ms each)."""
+
+
+def tune_gc(threshold: tuple[int, int, int] = GC_THRESHOLD) -> None:
+    """For a long-running role, once it serves: what is alive now (modules, schemas,
+    specs, connections: what the process holds until it exits) moves out of the
+    collector's sight (`gc.freeze`), and the young generation is collected less often.
+    Measured on the fan-out benchmark (B, 300 tasks): the worker's collections in the
+    timed window took 0.33 s, the orchestrator's 0.26 s (about 1.1 and 0.9 ms of CPU
+    per task); with this 0.02 s and 0.04 s. Reference cycles are still collected, a
+    little later; only objects alive at the call are never collected again."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*threshold)

@@ -115,9 +115,13 @@ def stop_on_signals() -> asyncio.Event:
 
 async def serve_until_signal(start: Callable[[], Awaitable[Any]],
                              stop: Callable[[Any], Awaitable[None]]) -> None:
-    """`start()`, wait for SIGINT / SIGTERM, then `stop(what start returned)`."""
+    """`start()`, wait for SIGINT / SIGTERM, then `stop(what start returned)`. Once the
+    role serves, its garbage collector is tuned for serving (`bus.connection.tune_gc`)."""
+    from jetmesh.bus.connection import tune_gc
+
     done = stop_on_signals()
     handle = await start()
+    tune_gc()
     try:
         await done.wait()
     finally:
