@@ -12,7 +12,8 @@ read), so the ledger shows exactly what the task knew of the conversation.
 
 Bounded: the last `max_turns` turns, each field clipped, the whole at most `max_chars`
 of JSON (the oldest go first; ``omitted`` counts what was left out). Tenants never see
-each other's contexts (the tenant is part of the key).
+each other's contexts (the tenant is part of the key). A context with no new task for
+`idle_s` (30 days) is forgotten.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class ContextLimits:
     """An input larger than this (as JSON) is left out of its turn."""
     keep_tasks: int = 50
     """Task ids kept per context in the bucket (the latest)."""
+    idle_s: float = 30 * 86400.0
+    """A context with no new task for this long is forgotten (the bucket's max age; every
+    A2A task has a context, a new one when its client names none)."""
 
 
 def context_id_of(state: TaskState) -> str | None:
@@ -131,7 +135,8 @@ class Contexts:
     async def _bucket(self) -> KeyValue:
         assert self.js is not None
         if self._kv is None:
-            self._kv = await ensure_bucket(self.js, subjects.BUCKET_CONTEXTS, max_age_s=0.0,
+            self._kv = await ensure_bucket(self.js, subjects.BUCKET_CONTEXTS,
+                                           max_age_s=self.limits.idle_s,
                                            replicas=BusSettings().replicas)
         return self._kv
 
