@@ -7,6 +7,7 @@ are plain pydantic models here too, so each message class is defined exactly onc
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
@@ -214,6 +215,15 @@ class PlanContext(_Strict):
     """Oldest first, bounded in number and size."""
     omitted: int = 0
     """Earlier turns left out by the bounds (the oldest)."""
+
+    def as_prompt(self) -> str:
+        """The turns as a note to add to a model's instructions ("" when none)."""
+        if not self.turns:
+            return ""
+        turns = [t.model_dump(exclude_none=True, exclude={"seq"}) for t in self.turns]
+        return ("\n\nEarlier turns of this conversation (oldest first: what the user asked "
+                "and the answer given), for reference:\n"
+                + json.dumps(turns, ensure_ascii=False, sort_keys=True))
 
 
 class TaskPlannedData(_Strict):
@@ -702,6 +712,9 @@ class StepCommand(_Strict):
     replay: StepReplaySource | None = None
     """A step of a replayed or forked task: where its recording is and whether it runs
     again (the worker derives it from the task's submission and plan in the ledger)."""
+    context: PlanContext | None = None
+    """The earlier turns of the task's conversation (its TaskPlanned's), for the agent's
+    model (added to its instructions)."""
 
     @field_validator("task_id", "step_id", "skill")
     @classmethod
