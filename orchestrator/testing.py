@@ -42,7 +42,7 @@ from jetmesh.bus import events as ev
 from jetmesh.bus.budgets import Budgets, InMemoryBudgetBook
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.events import Event
-from jetmesh.bus.ledger import Appended, Entries, LedgerEntry, Skipped
+from jetmesh.bus.ledger import Appended, Entries, Ledger, LedgerEntry, Skipped
 from jetmesh.bus.ledger_port import InMemoryLedger, Published, TaskLedger
 from jetmesh.bus.settings import BusSettings
 from jetmesh.orchestrator.client import Client
@@ -70,14 +70,21 @@ __all__ = [
 class CountingLedger:
     """A ledger that counts its reads (task ids in `reads`) and can fail one of them.
 
-    Each read first yields to the event loop once, so wake-ups arriving together meet
-    at the orchestrator's coalescing as they would under load."""
+    With `yield_first` each read first yields to the event loop once, so wake-ups
+    arriving together meet at the orchestrator's coalescing as they would under load."""
 
     def __init__(self, inner: TaskLedger, *, fail: Callable[[str, int], bool] | None = None,
-                 error: Callable[[], BaseException] | None = None) -> None:
+                 error: Callable[[], BaseException] | None = None,
+                 yield_first: bool = True) -> None:
         self.inner = inner
+        self.yield_first = yield_first
         self.reads: list[str] = []
         self._fail = fail
+        self._error = error
+
+    def fail_on(self, nth: int, error: Callable[[], BaseException]) -> None:
+        """Make the `nth` read counted in `reads` fail with `error()`."""
+        self._fail = lambda _task, count: count == nth
         self._error = error
 
     def observe(self, task_id: str, seq: int) -> None:
@@ -106,7 +113,8 @@ class CountingLedger:
         without_logs: bool = False, after_log: int = 0,
     ) -> Entries:
         self.reads.append(task_id)
-        await asyncio.sleep(0)  # let other wake-ups arrive meanwhile
+        if self.yield_first:
+            await asyncio.sleep(0)  # let other wake-ups arrive meanwhile
         if self._fail is not None and self._fail(task_id, len(self.reads)):
             raise (self._error or (lambda: RuntimeError("read failed (CountingLedger)")))()
         return await self.inner.read(task_id, from_seq=from_seq, subject=subject,
@@ -154,6 +162,13 @@ class Mesh:
     """`jetmesh.agents.worker.Worker`s, one per agent."""
     _server: Any = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def reads(self) -> list[str]:
+        """The task ids of the orchestrator's ledger reads, in order (`CountingLedger`)."""
+        counted = self.orchestrator.ledger
+        assert isinstance(counted, CountingLedger)
+        return counted.reads
 
     async def submit(self, goal: str, **kwargs: Any) -> str:
         """Submit a task (`Client.submit`'s arguments); its id."""
@@ -215,7 +230,8 @@ async def start_mesh(
     for wf in workflows:
         registry.add(wf)
     orch = Orchestrator(nc, js, model=planner or SimModel(), settings=settings,
-                        workflows=registry, directory=directory)
+                        workflows=registry, directory=directory,
+                        ledger=CountingLedger(Ledger(nc, js), yield_first=False))
     await orch.start()
     client = Client(url)
     await client.connect()

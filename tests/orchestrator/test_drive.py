@@ -16,33 +16,33 @@ from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.errors import LedgerReadError
 from jetmesh.bus.events import PlanStep
+from jetmesh.bus.ledger import Ledger
 from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
 from jetmesh.orchestrator.state import StepStatus, TaskStatus, fold
+from jetmesh.orchestrator.testing import CountingLedger
 from jetmesh.orchestrator.workflows import Workflow
 
 
 @pytest.fixture
 async def orch(bus):
+    """An orchestrator whose ledger (the real one) counts its reads (`counted`)."""
     nc = await connect(bus.url)
-    o = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
-                     settings=OrchestratorSettings(tick_s=3600))
+    js = jetstream(nc)
+    o = Orchestrator(nc, js, model=SimModel(), use_registry=False,
+                     settings=OrchestratorSettings(tick_s=3600),
+                     ledger=CountingLedger(Ledger(nc, js)))
     yield o
     await nc.close()
 
 
-def count_reads(orch: Orchestrator, fail_on: int | None = None) -> list[int]:
-    reads: list[int] = []
-    real = orch.ledger.read
-
-    async def read(*args, **kwargs):
-        reads.append(1)
-        await asyncio.sleep(0)  # let the other wake-ups arrive meanwhile
-        if fail_on is not None and len(reads) == fail_on:
-            raise LedgerReadError("replica behind")
-        return await real(*args, **kwargs)
-
-    orch.ledger.read = read  # type: ignore[method-assign]
-    return reads
+def count_reads(orch: Orchestrator, fail_on: int | None = None) -> list[str]:
+    """The reads from now on (a fresh list), the `fail_on`-th failing."""
+    counted = orch.ledger
+    assert isinstance(counted, CountingLedger)
+    counted.reads = []
+    if fail_on is not None:
+        counted.fail_on(fail_on, lambda: LedgerReadError("replica behind"))
+    return counted.reads
 
 
 async def test_three_wake_ups_at_once_cost_two_reads(orch: Orchestrator) -> None:
@@ -257,19 +257,20 @@ async def test_recovery_drives_again_a_task_whose_first_drive_failed(bus) -> Non
         id=f"{tid}-submitted", subject=tid,
         data=ev.TaskSubmittedData(goal="x", workflow="no-such-workflow-" + tid)))
     nc = await connect(bus.url)
-    o = Orchestrator(nc, jetstream(nc), model=SimModel(), use_registry=False,
-                     settings=OrchestratorSettings(tick_s=3600, sweep_s=0))
+    js = jetstream(nc)
     failures = 0
-    real = o.ledger.read
 
-    async def read(task_id, *args, **kwargs):
+    def fail(task_id: str, _: int) -> bool:
         nonlocal failures
         if task_id == tid and failures < 2:
             failures += 1
-            raise LedgerReadError("the server is restarting")
-        return await real(task_id, *args, **kwargs)
+            return True
+        return False
 
-    o.ledger.read = read  # type: ignore[method-assign]
+    o = Orchestrator(nc, js, model=SimModel(), use_registry=False,
+                     settings=OrchestratorSettings(tick_s=3600, sweep_s=0),
+                     ledger=CountingLedger(Ledger(nc, js), fail=fail,
+                                           error=lambda: LedgerReadError("restarting")))
     await o.start()
     try:
         ended = await wait_for_entry(bus.ledger, tid, lambda e: isinstance(
