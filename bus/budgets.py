@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from jetmesh.bus import subjects
+from jetmesh.bus.errors import BusError
 from jetmesh.bus.events import Budget
 from jetmesh.bus.presence import ensure_bucket
 
@@ -46,7 +47,9 @@ class BudgetUsage(BaseModel):
         return sum(r[1] for r in self.reserved.values())
 
 
-class BudgetRefused(Exception):
+class BudgetRefused(BusError):
+    """A reservation or count would overrun the task's budget: nothing was taken."""
+
     def __init__(self, kind: str, limit: float, would_be: float) -> None:
         self.kind, self.limit, self.would_be = kind, limit, would_be
         super().__init__(f"{kind} budget {limit:g} would be exceeded ({would_be:g})")

@@ -22,7 +22,8 @@ existing ``except`` clauses keep catching them.
     ├── InvalidEventError       an event failed validation and was not appended
     ├── WireError               bytes refused at the edge (bus.wire.check_json), with why
     ├── AppendConflict          expected-sequence append lost the race (stale writer)
-    └── LedgerReadError         reading a task's events failed
+    ├── LedgerReadError         reading a task's events failed
+    └── BudgetRefused           a reservation would overrun a task's budget (bus.budgets)
 """
 
 from __future__ import annotations
