@@ -26,6 +26,7 @@ from jetmesh.bus.events import (
     ContextCompactedData,
     ModelCalledData,
     ModelRoutedData,
+    PlanContext,
     ToolCalledData,
 )
 
@@ -235,6 +236,8 @@ class _Run:
     tiers: Mapping[str, Model] | None = None
     """Models by tier name for routed skills (None: the step's model serves every tier)."""
     tool_cache: ToolCache | None = None
+    conversation: PlanContext | None = None
+    """The earlier turns of the task's conversation (added to the instructions)."""
     tool_cache_hits: int = 0
     tier: str | None = None
     replayed_tool_calls: int = 0
@@ -599,7 +602,8 @@ async def _run_model(
     cost = spec.cost
     validators = cost.validators.get(skill.id, [])
     request_base = {
-        "system": build_system_prompt(spec, skill),
+        "system": build_system_prompt(spec, skill)
+        + (run.conversation.as_prompt() if run.conversation else ""),
         "tools": [t.definition() for t in offered],
         "output_schema": skill.output_schema if skill.structured else None,
         "max_tokens": spec.model.max_tokens,
@@ -717,6 +721,7 @@ async def run_step(
     attempt: int = 1,
     tiers: Mapping[str, Model] | None = None,
     tool_cache: ToolCache | None = None,
+    conversation: PlanContext | None = None,
 ) -> StepOutcome:
     """Run one step of ``spec``'s skill ``skill_id`` on ``step_input``.
 
@@ -735,6 +740,8 @@ async def run_step(
     name; a tier missing there runs on ``model``), starting by its rules, ``attempt`` or
     classifier and escalating as its routing says; ``tool_cache`` serves the read-only
     tools that have a cache rule; compaction and prompt caching as configured.
+    ``conversation``: the earlier turns of the task's context (orchestrator.context),
+    added to the instructions.
     """
     unknown: UnknownSkill | None = None
     try:
@@ -758,6 +765,7 @@ async def run_step(
         attempt=attempt,
         tiers=tiers,
         tool_cache=tool_cache,
+        conversation=conversation,
     )
     if unknown is not None:
         return run.failed("invalid_input", str(unknown))
