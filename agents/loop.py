@@ -1,8 +1,9 @@
 """The step loop: one skill step run as model turns and tool calls, with no bus.
 
 `run_step` records every model call and tool call through a `StepRecorder` (the runtime
-appends them to the ledger) and can replay a step from those records: the i-th model
-call reuses the i-th recorded response, and a tool call whose idempotency key was
+appends them to the ledger) and can replay a step from those records: model calls go
+through the one model-call pipeline (`agents.calls.ModelCaller`: the i-th model call
+reuses the i-th recorded response), and a tool call whose idempotency key was
 recorded reuses its recorded result. A redelivered step therefore never runs a
 side-effecting tool twice, and replaying a finished step makes zero model calls.
 
@@ -75,7 +76,7 @@ class StepGuard(ModelCallGuard, Protocol):
                                key: str) -> str | None: ...
 
     async def headroom_usd(self) -> float | None:
-        """Dollars the task's budget (and the step's slice) still has for new calls;
+        """Dollars the task's budget still has for new calls (spent and reserved taken off);
         None: no dollar limit. Routing asks it before it moves to a dearer tier."""
         ...
 
