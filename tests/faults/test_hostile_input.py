@@ -23,17 +23,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jetmesh.agents.builtin import get_agent
 from jetmesh.agents.models.sim import SimModel
 from jetmesh.agents.worker import Worker
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.dlq import DeadLetter
 from jetmesh.bus.events import MAX_MESSAGE_BYTES
 from jetmesh.orchestrator.client import Client
 from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
 from jetmesh.orchestrator.state import TaskStatus
+from jetmesh.orchestrator.testing import Mesh as HarnessMesh
+from jetmesh.orchestrator.testing import start_mesh
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
@@ -76,35 +76,26 @@ RAW = st.one_of(
 
 
 class Mesh:
-    def __init__(self) -> None:
-        self.orch: Orchestrator
-        self.worker: Worker
-        self.client: Client
-        self.victim = ""
+    """The harness's mesh (jetmesh.orchestrator.testing) and a task that completed on it."""
+
+    def __init__(self, mesh: HarnessMesh, victim: str) -> None:
+        self.orch: Orchestrator = mesh.orchestrator
+        self.worker: Worker = mesh.workers[0]
+        self.client: Client = mesh.client
+        self.victim = victim
 
 
 @pytest.fixture(scope="module")
 async def mesh(bus):
-    m = Mesh()
-    nc = await connect(bus.url)
-    m.orch = Orchestrator(nc, jetstream(nc), model=SimModel(),
-                          settings=OrchestratorSettings(tick_s=0.1))
-    await m.orch.start()
-    wnc = await connect(bus.url)
-    m.worker = Worker(get_agent("support"), SimModel(), wnc, jetstream(wnc),
-                      replica="hostile")
-    await m.worker.start()
-    m.client = Client(bus.url)
-    await m.client.connect()
-    m.victim = await m.client.submit("where is A1002?", workflow="fanout",
-                                     input={"order_ids": ["A1001", "A1002", "A1003"]})
-    assert (await m.client.result(m.victim, timeout=60)).status is TaskStatus.COMPLETED
-    yield m
-    await m.worker.stop()
-    await wnc.close()
-    await m.orch.stop()
-    await nc.close()
-    await m.client.close()
+    h = await start_mesh(["support"], url=bus.url, worker_model=SimModel(),
+                         settings=OrchestratorSettings(tick_s=0.1))
+    try:
+        victim = await h.client.submit("where is A1002?", workflow="fanout",
+                                       input={"order_ids": ["A1001", "A1002", "A1003"]})
+        assert (await h.client.result(victim, timeout=60)).status is TaskStatus.COMPLETED
+        yield Mesh(h, victim)
+    finally:
+        await h.stop()
 
 
 CONSUMERS = [
