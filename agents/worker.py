@@ -833,6 +833,7 @@ class Worker:
                     replay_only=src is not None and not src.rerun,
                     dry_run_effects=src is not None and src.effects == "dry-run",
                     attempt=cmd.attempt, tool_cache=self._tool_cache,
+                    conversation=cmd.context,  # earlier turns of the task's context
                     # A fork's model replaces every tier; a replay calls no model at all.
                     tiers=self._tiers if model is self.model else None)
 
