@@ -670,7 +670,7 @@ def up_cmd(
     gw: int | None = None
     if gateway_port:
         gw = gateway_port if port_free(gateway_port) else free_port()
-    asyncio.run(run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw))
+    run(lambda: run_up(data_dir.resolve(), port, names, replicas, console, live_view, gw))
 
 
 for _module in (a2a, mcp, memory, health, nats_config, replay, evals, telemetry,

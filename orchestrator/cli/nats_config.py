@@ -39,6 +39,7 @@ from jetmesh.bus.credentials import (
 )
 from jetmesh.bus.permissions import ROLE_ADMIN, AuthConfig, Options
 from jetmesh.bus.tenancy import tenant_user
+from jetmesh.orchestrator.cli.kit import load_object
 
 err = Console(stderr=True)
 
@@ -71,10 +72,7 @@ def resolve_agents(items: Sequence[str] | None) -> dict[str, list[str]]:
             name, _, skills = item.partition("=")
             out[name.strip()] = [s.strip() for s in skills.split("+") if s.strip()]
         elif ":" in item:
-            import importlib
-
-            mod, _, attr = item.partition(":")
-            spec = getattr(importlib.import_module(mod), attr)
+            spec = load_object(item)
             out[spec.name] = [s.id for s in spec.skills]
         elif item in BUILTIN_AGENTS:
             out[item] = [s.id for s in BUILTIN_AGENTS[item].skills]
