@@ -81,8 +81,7 @@ def current() -> Identity | None:
 def may_see(tenant: str | None) -> bool:
     """Whether the current caller may see a task (or anything) of `tenant`: always with
     authentication off, for an admin, or when the tenants are the same."""
-    who = current()
-    return who is None or who.role == "admin" or who.tenant == tenant
+    return sees(current(), tenant)
 
 
 def tenant() -> str | None:
@@ -227,11 +226,36 @@ class Authenticator:
                              "token", "invalid_request")
 
 
+MCP_PATH_SUFFIX = "/mcp"
+"""Requests to a path ending so are MCP (the gateway's /mcp): `operation_of` names them
+`mcp:<method>` and `mcp:tools/call:<tool>`."""
+MCP_READ_TOOLS = frozenset({"task_status"})
+MCP_APPROVE_TOOLS = frozenset({"approve"})
+
+
+def _mcp_allowed(role: Role, operation: str, follow_up: bool) -> bool:
+    """MCP over the gateway: listing, reading and the protocol's own requests for every
+    role; `task_status` reads; `approve`, and a resumed call answering input requests
+    (approvals), for approvers; any other tool call submits a task."""
+    prefix = "mcp:tools/call:"
+    if not operation.startswith(prefix):
+        return True
+    tool = operation[len(prefix):]
+    if tool in MCP_READ_TOOLS:
+        return True
+    if tool in MCP_APPROVE_TOOLS or follow_up:
+        return role == "approver"
+    return role == "submitter"
+
+
 def allowed(role: Role, operation: str, follow_up: bool) -> bool:
     """Pure: whether `role` may do the A2A `operation` (a JSON-RPC method name); a
-    follow-up message (one naming a task) answers an approval: approvers only."""
+    follow-up message (one naming a task) answers an approval: approvers only. MCP
+    operations (`mcp:...`): `_mcp_allowed`."""
     if role == "admin":
         return True
+    if operation.startswith("mcp:"):
+        return _mcp_allowed(role, operation, follow_up)
     if operation in _READ_METHODS:
         return True
     if operation in ("SendMessage", "SendStreamingMessage") and follow_up:
@@ -262,6 +286,8 @@ def operation_of(method: str, path: str, body: bytes) -> tuple[str, bool, Any]:
             data = json.loads(body)
         except ValueError:
             data = None
+    if path.rstrip("/").endswith(MCP_PATH_SUFFIX):
+        return _mcp_operation(data)
     if isinstance(data, dict) and "jsonrpc" in data:
         raw = data.get("params")
         params: dict[str, Any] = raw if isinstance(raw, dict) else {}
@@ -273,6 +299,41 @@ def operation_of(method: str, path: str, body: bytes) -> tuple[str, bool, Any]:
             rest = data.get("message") if isinstance(data, dict) else None
             return op, isinstance(rest, dict) and bool(rest.get("taskId")), None
     return f"{method} {path}", False, None
+
+
+def _mcp_operation(data: Any) -> tuple[str, bool, Any]:
+    """(`mcp:<method>` or `mcp:tools/call:<tool>`, answers input requests, id) of an MCP
+    message; a request with no JSON-RPC body (the GET stream, a DELETE) reads; a batch
+    (a list: not in the protocol's current revision) is the admin's."""
+    if data is None:
+        return "mcp:stream", False, None
+    if not isinstance(data, dict):
+        return "mcp-batch", False, None
+    method = str(data.get("method", ""))
+    raw = data.get("params")
+    params: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if method == "tools/call":
+        answers = params.get("inputResponses") or params.get("input_responses")
+        return f"mcp:tools/call:{params.get('name', '')}", bool(answers), data.get("id")
+    return f"mcp:{method}", False, data.get("id")
+
+
+IDENTITY_SCOPE_KEY = "jetmesh.identity"
+"""Where `GatewayAuth` also leaves the caller's identity in the ASGI scope (for handlers
+that run outside the request's context, e.g. the MCP server's tasks)."""
+
+
+def identity_of(request: Any) -> Identity | None:
+    """The identity of a Starlette request (or anything with a `scope`), else the
+    current one."""
+    scope = getattr(request, "scope", None)
+    who = scope.get(IDENTITY_SCOPE_KEY) if isinstance(scope, dict) else None
+    return who if isinstance(who, Identity) else current()
+
+
+def sees(who: Identity | None, tenant: str | None) -> bool:
+    """`may_see` for a given identity (None: authentication off)."""
+    return who is None or who.role == "admin" or who.tenant == tenant
 
 
 class GatewayAuth:
@@ -320,6 +381,7 @@ class GatewayAuth:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        scope[IDENTITY_SCOPE_KEY] = who
         token = _current.set(who)
         try:
             await self.app(scope, replay, send)

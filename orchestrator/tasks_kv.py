@@ -486,12 +486,16 @@ class TaskIndex:
 
     def query(self, *, status: str | None = None, workflow: str | None = None,
               user: str | None = None, q: str | None = None, limit: int = 50,
-              offset: int = 0) -> tuple[list[TaskSummary], int, dict[str, int]]:
-        """(page newest first, rows matching, counts by status over every task)."""
+              offset: int = 0, tenant: str | None = None
+              ) -> tuple[list[TaskSummary], int, dict[str, int]]:
+        """(page newest first, rows matching, counts by status over every task); with
+        `tenant`, only that tenant's tasks, counts included."""
         counts: dict[str, int] = {}
         rows: list[TaskSummary] = []
         needle = (q or "").strip().lower()
         for s in self.tasks.values():
+            if tenant is not None and s.tenant != tenant:
+                continue
             counts[s.status.value] = counts.get(s.status.value, 0) + 1
             if status and s.status.value != status:
                 continue

@@ -58,8 +58,17 @@ from jetmesh.orchestrator.tasks_kv import (
 )
 from jetmesh.orchestrator.timeline import describe
 
+from .. import auth as gateway_auth
 from ..registry import Registry
-from .auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, TOKENS_FILE, Person, TokenBook
+from .auth import (
+    CSRF_COOKIE,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    TOKENS_FILE,
+    Person,
+    Role,
+    TokenBook,
+)
 
 __all__ = ["Dashboard", "DashboardSettings"]
 
@@ -217,6 +226,11 @@ class Dashboard:
         self._admin: tuple[NATS, Ledger] | None = None
         self._lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
+        auth_settings = gateway_auth.AuthSettings.from_env()
+        self.gateway = (gateway_auth.Authenticator(auth_settings)
+                        if auth_settings is not None else None)
+        """The gateway's credentials (a2a/auth) also log in: a tenant's user sees only
+        its tenant's tasks."""
         self.app = Starlette(routes=self._routes())
         self.app.state.dashboard = self
 
@@ -320,12 +334,47 @@ class Dashboard:
             return value
         return redact(value)
 
+    @staticmethod
+    def _sees(person: Person, tenant: str | None) -> bool:
+        return person.tenant is None or person.tenant == tenant
+
+    def _sees_task(self, person: Person, task_id: str, index: TaskIndex | None = None
+                   ) -> bool:
+        index = index or self.index
+        found = index.tasks.get(task_id) if index is not None else None
+        return found is not None and self._sees(person, found.tenant)
+
+    def _check_tenant(self, person: Person, state: TaskState) -> None:
+        """Another tenant's task is not found (as through the gateway)."""
+        tenant = state.submitted.tenant if state.submitted is not None else None
+        if person.tenant is not None and (state.submitted is None or tenant != person.tenant):
+            raise _Refused(404, f"no task {state.task_id}")
+
+    async def _gateway_login(self, token: str) -> Person | None:
+        """A login with the gateway's API key or bearer token: approvers and admins may
+        act, readers and submitters read; an admin is an operator (every tenant)."""
+        if self.gateway is None:
+            return None
+        try:
+            who = (await self.gateway.bearer(token) if token.count(".") == 2
+                   else self.gateway.api_key(token))
+        except gateway_auth.AuthError:
+            return None
+        role: Role = "approver" if who.role in ("approver", "admin") else "read-only"
+        if who.role == "admin":
+            return self.tokens.person(who.label, role)
+        return self.tokens.person(who.label, role, tenant=who.tenant, operator=False)
+
     def _guard(self, handler: Callable[[Request, Person], Awaitable[Response]], *,
-               act: bool = False) -> Callable[[Request], Awaitable[Response]]:
+               act: bool = False, operator: bool = False
+               ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             person = self._person(request)
             if person is None:
                 return JSONResponse({"error": "log in first"}, status_code=401)
+            if operator and not person.operator:
+                return JSONResponse({"error": f"{person.name} is a tenant's login: this "
+                                              "view is the operators'"}, status_code=403)
             if request.method != "GET":
                 problem = _csrf_problem(request, person)
                 if problem:
@@ -361,9 +410,10 @@ class Dashboard:
             Route("/api/tasks/{task_id}/replay", g(self.replay, act=True), methods=["POST"]),
             Route("/api/approvals", g(self.approvals), methods=["GET"]),
             Route("/api/agents", g(self.agents), methods=["GET"]),
-            Route("/api/dlq", g(self.dead_letters), methods=["GET"]),
-            Route("/api/dlq/{seq:int}/redrive", g(self.redrive, act=True), methods=["POST"]),
-            Route("/api/stats", g(self.stats), methods=["GET"]),
+            Route("/api/dlq", g(self.dead_letters, operator=True), methods=["GET"]),
+            Route("/api/dlq/{seq:int}/redrive", g(self.redrive, act=True, operator=True),
+                  methods=["POST"]),
+            Route("/api/stats", g(self.stats, operator=True), methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=str(STATIC))),
         ]
 
@@ -383,7 +433,7 @@ class Dashboard:
             body = LoginBody.model_validate_json(await request.body())
         except ValidationError:
             return JSONResponse({"error": "a token is required"}, status_code=400)
-        person = self.tokens.login(body.token)
+        person = self.tokens.login(body.token) or await self._gateway_login(body.token)
         if person is None:
             return JSONResponse({"error": "unknown token"}, status_code=401)
         resp = JSONResponse(_me(person))
@@ -419,11 +469,12 @@ class Dashboard:
         rows, total, counts = index.query(status=q.get("state") or None,
                                           workflow=q.get("workflow") or None,
                                           user=q.get("user") or None, q=q.get("q") or None,
-                                          limit=limit, offset=offset)
+                                          limit=limit, offset=offset, tenant=person.tenant)
+        mine = [t for t in index.tasks.values() if self._sees(person, t.tenant)]
         return JSONResponse({
             "tasks": [self._shown(person, r.model_dump(mode="json")) for r in rows],
-            "total": total, "counts": counts, "all": len(index.tasks),
-            "workflows": sorted({t.workflow for t in index.tasks.values() if t.workflow}),
+            "total": total, "counts": counts, "all": len(mine),
+            "workflows": sorted({t.workflow for t in mine if t.workflow}),
             "version": index.version})
 
     async def tasks_live(self, request: Request, person: Person) -> Response:
@@ -449,7 +500,8 @@ class Dashboard:
                     yield f"event: reload\ndata: {json.dumps({'version': v})}\n\n"
                     continue
                 rows = [self._shown(person, index.tasks[t].model_dump(mode="json"))
-                        for t in changed if t in index.tasks]
+                        for t in changed if t in index.tasks
+                        and self._sees(person, index.tasks[t].tenant)]
                 yield f"event: tasks\ndata: {json.dumps({'version': v, 'tasks': rows})}\n\n"
 
         return _sse(stream())
@@ -465,6 +517,7 @@ class Dashboard:
 
         task_id = request.path_params["task_id"]
         state, entries = await self._task_state(task_id)
+        self._check_tenant(person, state)
         view = task_view(state, entries, summarize(state), self.settings.trace_url)
         return JSONResponse(self._shown(person, view))
 
@@ -481,6 +534,8 @@ class Dashboard:
             after, _, after_log = (int(x or 0) for x in (raw + "::").split(":")[:3])
         except ValueError:
             raise _Refused(400, "after and after_log are sequences") from None
+        if person.tenant is not None:
+            self._check_tenant(person, await self.client.state(task_id))
 
         async def stream() -> AsyncIterator[str]:
             yield "retry: 1000\n\n"
@@ -523,6 +578,7 @@ class Dashboard:
         body = await _body(request, DecisionBody)
         approver = await self._approver()
         state = await approver.state(subjects.check_id(task_id, "task id"))
+        self._check_tenant(person, state)
         p = pending_one(open_state(state), body.step_id, body.tool)
         if p.args_hash != body.args_hash:
             raise _Refused(409, "the pending call's arguments are not the ones shown "
@@ -545,7 +601,9 @@ class Dashboard:
     async def cancel(self, request: Request, person: Person) -> Response:
         task_id = subjects.check_id(request.path_params["task_id"], "task id")
         body = await _body(request, CancelBody)
-        state = open_state(await self.client.state(task_id))
+        found = await self.client.state(task_id)
+        self._check_tenant(person, found)
+        state = open_state(found)
         await self.client.ledger.append(ev.CancelRequested(
             subject=task_id, source="jetmesh/ui", traceparent=state.traceparent,
             data=ev.CancelRequestedData(reason=body.reason, by=f"ui:{person.name}")))
@@ -555,6 +613,7 @@ class Dashboard:
         task_id = subjects.check_id(request.path_params["task_id"], "task id")
         body = await _body(request, ForkBody)
         orig = await self.client.state(task_id)
+        self._check_tenant(person, orig)
         try:
             sub = (replay_submission(orig) if body.from_step is None else
                    fork_submission(orig, body.from_step, models=body.models,
@@ -587,6 +646,8 @@ class Dashboard:
         now = datetime.now(UTC)
         rows = []
         for p in index.pending():
+            if not self._sees_task(person, p.task_id, index):
+                continue
             row = p.model_dump(mode="json")
             row["seconds_left"] = max(0.0, (p.expires_at - now).total_seconds())
             rows.append(self._shown(person, row))
@@ -671,7 +732,11 @@ class Dashboard:
 
 
 def _me(person: Person) -> dict[str, Any]:
-    return {"name": person.name, "role": person.role, "may_act": person.may_act}
+    me: dict[str, Any] = {"name": person.name, "role": person.role,
+                          "may_act": person.may_act}
+    if not person.operator:  # a tenant's login (the gateway's credentials)
+        me.update(tenant=person.tenant, operator=False)
+    return me
 
 
 def _letter(seq: int, dl: DeadLetter) -> dict[str, Any]:

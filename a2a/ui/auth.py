@@ -45,6 +45,12 @@ class Person:
     role: Role
     csrf: str
     expires: float
+    tenant: str | None = None
+    """A login with the gateway's credentials (a2a/auth) of a tenant's user: they see and
+    act on that tenant's tasks only. None: an operator's login (every tenant)."""
+    operator: bool = True
+    """Operator views (dead letters, redrive, every tenant's stats): dashboard tokens and
+    the gateway's admins; not a tenant's users."""
 
     @property
     def may_act(self) -> bool:
@@ -129,15 +135,21 @@ class TokenBook:
         if found is None:
             return None
         name, role = found
-        return Person(name, role, secrets.token_urlsafe(18), time.time() + self.session_ttl_s)
+        return self.person(name, role)
+
+    def person(self, name: str, role: Role, tenant: str | None = None,
+               operator: bool = True) -> Person:
+        """A new session's person (e.g. one the gateway's credentials identified)."""
+        return Person(name, role, secrets.token_urlsafe(18), time.time() + self.session_ttl_s,
+                      tenant, operator)
 
     def _sign(self, payload: bytes) -> str:
         return hmac.new(self._secret, payload, hashlib.sha256).hexdigest()
 
     def cookie(self, person: Person) -> str:
         payload = base64.urlsafe_b64encode(json.dumps(
-            {"n": person.name, "r": person.role, "c": person.csrf, "e": person.expires}
-        ).encode()).decode()
+            {"n": person.name, "r": person.role, "c": person.csrf, "e": person.expires,
+             "t": person.tenant, "o": person.operator}).encode()).decode()
         return f"{payload}.{self._sign(payload.encode())}"
 
     def session(self, cookie: str | None) -> Person | None:
@@ -150,7 +162,9 @@ class TokenBook:
             return None
         try:
             body = json.loads(base64.urlsafe_b64decode(payload.encode()))
-            person = Person(str(body["n"]), body["r"], str(body["c"]), float(body["e"]))
+            tenant = body.get("t")
+            person = Person(str(body["n"]), body["r"], str(body["c"]), float(body["e"]),
+                            None if tenant is None else str(tenant), bool(body.get("o", True)))
         except (ValueError, KeyError, TypeError):
             return None
         if person.role not in ROLES or person.expires < time.time():

@@ -18,10 +18,18 @@ streamable HTTP:
   keeps waiting until someone approves elsewhere or ``wait_s`` passes.
 * ``resources``: ``jetmesh://tasks/{task_id}`` reads a task's state.
 
-Authentication is the gateway's: anyone who reaches it may submit (as through the
-gateway), and approvals need the approver's token (``JETMESH_GATEWAY_APPROVER_TOKEN``;
-over HTTP in the ``Jetmesh-Approver-Token`` header; over stdio the local user who
-started the server is trusted with the approver role it connects as).
+Authentication is the gateway's. With its credentials configured
+(``JETMESH_GATEWAY_AUTH_FILE``, a2a/auth) every HTTP request carries an API key or a
+bearer token, the gateway's middleware checks the role (a2a.auth `allowed`: listing and
+``task_status`` read, a tool call submits, ``approve`` and answering an input request
+approve) and the server acts as that identity: its tasks are submitted with its tenant
+and recorded as submitted by it, and a task of another tenant is not found (status,
+resource, approval, a resumed call). Over stdio, ``jetmesh mcp serve`` takes the
+identity of the API key in ``JETMESH_API_KEY`` (`identity`). Without credentials
+configured: anyone who reaches it may submit, and approvals need the approver's token
+(``JETMESH_GATEWAY_APPROVER_TOKEN``; over HTTP in the ``Jetmesh-Approver-Token`` header;
+over stdio the local user who started the server is trusted with the approver role it
+connects as).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp_types import ElicitRequestFormParams, InputRequiredResult
 
+from jetmesh.a2a import auth
 from jetmesh.a2a.registry import Registry
 from jetmesh.bus import events as ev
 from jetmesh.orchestrator.client import Client, ControlRefused
@@ -122,6 +131,9 @@ class MeshMcpServer:
     list_ttl_ms: int = 2000
     """The tool list's cache hint (agents come and go)."""
     name: str = "jetmesh"
+    identity: auth.Identity | None = None
+    """Who every request is (stdio with an API key); None: each HTTP request's identity
+    from the gateway's authentication, or none when that is off."""
     server: Server[Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -161,7 +173,30 @@ class MeshMcpServer:
                           params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         return types.ListToolsResult(tools=self._tools())
 
+    def _who(self, ctx: ServerRequestContext[Any]) -> auth.Identity | None:
+        if self.identity is not None:
+            return self.identity
+        return auth.identity_of(ctx.request) if ctx.request is not None else auth.current()
+
+    def _by(self, ctx: ServerRequestContext[Any]) -> str:
+        who = self._who(ctx)
+        return who.label if who is not None else "mcp"
+
+    async def _state(self, ctx: ServerRequestContext[Any], task_id: str) -> TaskState:
+        """The task's state, if the caller may see it (else: no such task)."""
+        state = await self.client.state(task_id)
+        who = self._who(ctx)
+        if who is None:
+            return state
+        tenant = state.submitted.tenant if state.submitted is not None else None
+        if state.submitted is None or not auth.sees(who, tenant):
+            raise ValueError(f"no task {task_id!r}")
+        return state
+
     def _may_approve(self, ctx: ServerRequestContext[Any]) -> bool:
+        who = self._who(ctx)
+        if who is not None:
+            return who.role in ("approver", "admin")
         if self.trust_local and ctx.request is None:
             return True
         request = ctx.request
@@ -176,24 +211,29 @@ class MeshMcpServer:
         name = params.name
         try:
             if name == "task_status":
-                return self._result(await self.client.state(str(args.get("task_id", ""))))
+                return self._result(await self._state(ctx, str(args.get("task_id", ""))))
             if name == "approve":
                 return await self._approve_tool(ctx, args)
             answered: set[str] = set()
             if params.request_state:  # a resumed call: the task it submitted
                 task_id = params.request_state
+                await self._state(ctx, task_id)
                 answered = await self._answer(ctx, task_id, params.input_responses or {})
             else:
-                task_id = await self._submit(name, args)
+                task_id = await self._submit(ctx, name, args)
         except (ControlRefused, ValueError) as e:
             return _error(str(e))
         return await self._follow(ctx, task_id, answered)
 
-    async def _submit(self, name: str, args: dict[str, Any]) -> str:
+    async def _submit(self, ctx: ServerRequestContext[Any], name: str, args: dict[str, Any]
+                      ) -> str:
+        who = self._who(ctx)
+        as_who: dict[str, Any] = {} if who is None else {"tenant": who.tenant,
+                                                         "submitted_by": who.label}
         if name.startswith(SKILL_PREFIX) and name[len(SKILL_PREFIX):] in self.registry.skills():
             return await self.client.submit(f"MCP call of {name}", input=args,
                                             workflow=f"skill:{name[len(SKILL_PREFIX):]}",
-                                            metadata={"via": "mcp"})
+                                            metadata={"via": "mcp"}, **as_who)
         if name.startswith(WORKFLOW_PREFIX) and \
                 self.workflows.get(name[len(WORKFLOW_PREFIX):]) is not None:
             task_input = args.get("input") or {}
@@ -201,7 +241,7 @@ class MeshMcpServer:
                 raise ValueError("'input' must be an object")
             return await self.client.submit(str(args.get("goal", "")), input=task_input,
                                             workflow=name[len(WORKFLOW_PREFIX):],
-                                            metadata={"via": "mcp"})
+                                            metadata={"via": "mcp"}, **as_who)
         raise ValueError(f"unknown tool {name!r} (no live skill or declared workflow by that "
                          "name)")
 
@@ -276,16 +316,18 @@ class MeshMcpServer:
             reason = str(content.get("reason") or ("" if granted else answer.action))
             with contextlib.suppress(ControlRefused):  # already decided, or gone
                 await (self.approver or self.client).decide(
-                    task_id, granted, step=step, args_hash=h, by="mcp", reason=reason)
+                    task_id, granted, step=step, args_hash=h, by=self._by(ctx), reason=reason)
         return set(responses)
 
     async def _approve_tool(self, ctx: ServerRequestContext[Any], args: dict[str, Any]
                             ) -> types.CallToolResult:
         if not self._may_approve(ctx):
-            return _error(f"approvals need the approver's token in {APPROVER_HEADER}")
+            return _error("approvals need the approver role" if self._who(ctx) is not None
+                          else f"approvals need the approver's token in {APPROVER_HEADER}")
         granted = args.get("approve") is True
+        await self._state(ctx, str(args["task_id"]))
         pending, _ = await (self.approver or self.client).decide(
-            str(args["task_id"]), granted, args_hash=args.get("args_hash"), by="mcp",
+            str(args["task_id"]), granted, args_hash=args.get("args_hash"), by=self._by(ctx),
             reason=str(args.get("reason") or ""))
         decided = {"task_id": args["task_id"], "tool": pending.tool, "step": pending.step_id,
                    "args_hash": pending.args_hash,
@@ -313,7 +355,7 @@ class MeshMcpServer:
         prefix = TASK_URI.split("{", 1)[0]
         if not uri.startswith(prefix):
             raise ValueError(f"unknown resource {uri}")
-        state = await self.client.state(uri[len(prefix):])
+        state = await self._state(ctx, uri[len(prefix):])
         return types.ReadResourceResult(contents=[types.TextResourceContents(
             uri=uri, mime_type="application/json",
             text=json.dumps(task_summary(state), sort_keys=True, default=str))])
