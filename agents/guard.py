@@ -23,7 +23,7 @@ from jetmesh.agents.routing import estimate_call
 from jetmesh.agents.tools import Tool
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
-from jetmesh.bus.budgets import BudgetBook, BudgetRefused, Reservation
+from jetmesh.bus.budgets import BudgetRefused, Budgets, Reservation
 from jetmesh.bus.killswitch import KillRule, KillSwitchView
 from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.spendcaps import SpendBook, SpendReservation, post_alert
@@ -65,7 +65,7 @@ class RuntimeGuard:
 
     nc: NATS
     ledger: Ledger
-    book: BudgetBook
+    book: Budgets
     cmd: ev.StepCommand
     agent: str
     source: str

@@ -35,14 +35,16 @@ from jetmesh.agents.guard import RuntimeGuard
 from jetmesh.agents.loop import StepOutcome, StepReplay, run_step
 from jetmesh.agents.models.types import Model
 from jetmesh.agents.policy import DEFAULT_POLICY, Policy, args_hash
+from jetmesh.agents.registry import Advertiser
 from jetmesh.agents.routing import tier_models
+from jetmesh.agents.signing import signer_from_env
 from jetmesh.agents.spec import AgentSpec
 from jetmesh.agents.toolcache import KVToolCache
 from jetmesh.agents.tools import Tool, ToolContext
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects, tracing
-from jetmesh.bus.budgets import BudgetBook
+from jetmesh.bus.budgets import BudgetBook, Budgets
 from jetmesh.bus.consumer import Fenced, PullRunner, Reject
 from jetmesh.bus.errors import AppendConflict, InvalidEventError
 from jetmesh.bus.killswitch import KillSwitchWatch
@@ -411,6 +413,17 @@ class WorkerSettings(GroupSettings):
         return Policy.load(self.policy_file) if self.policy_file else DEFAULT_POLICY
 
 
+@dataclass(frozen=True)
+class WorkerPorts:
+    """What a worker is given rather than builds (issue 22): each one not given is the
+    real one on the worker's connection (the ledger, the budget book in NATS KV, the
+    card advertiser signing with the key the environment names)."""
+
+    ledger: Ledger | None = None
+    book: Budgets | None = None
+    advertiser: Advertiser | None = None
+
+
 @dataclass
 class Worker:
     """One replica of one agent. `start()` binds it; `stop()` drains it."""
@@ -427,6 +440,7 @@ class Worker:
     settings: WorkerSettings = field(default_factory=WorkerSettings)
     spend_caps: SpendCaps | None = None
     """Period caps given directly (else the settings' file)."""
+    ports: WorkerPorts | None = None
     _runners: list[PullRunner] = field(default_factory=list, init=False)
     _presence: Presence | None = field(default=None, init=False)
     _mcp: Any = field(default=None, init=False)
@@ -436,8 +450,11 @@ class Worker:
         from jetmesh.agents.breakers import guard_spec
 
         self.spec = guard_spec(self.spec)  # external tools behind circuit breakers
-        self.ledger = Ledger(self.nc, self.js, timeout_s=self.bus_settings.request_timeout_s)
-        self.book = BudgetBook(self.js, replicas=self.bus_settings.replicas)
+        ports = self.ports or WorkerPorts()
+        self.ledger = ports.ledger or Ledger(self.nc, self.js,
+                                             timeout_s=self.bus_settings.request_timeout_s)
+        self.book: Budgets = ports.book or BudgetBook(self.js,
+                                                     replicas=self.bus_settings.replicas)
         self.killswitch = KillSwitchWatch(self.js, replicas=self.bus_settings.replicas)
         caps = self.spend_caps or (SpendCaps.load(self.settings.spend_caps_file)
                                    if self.settings.spend_caps_file else None)
@@ -445,7 +462,6 @@ class Worker:
                       if caps is not None else None)
         self.policy = self.settings.policy()
         from jetmesh.agents.registry import Advertiser
-        from jetmesh.agents.signing import signer_from_env
 
         url = self.nc.connected_url.geturl() if self.nc.connected_url else None
         self._advertiser = Advertiser(self.spec, nats_url=url, signer=signer_from_env())
