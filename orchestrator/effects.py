@@ -245,7 +245,9 @@ class Effects:
         cmd = ev.StepCommand(task_id=state.task_id, step_id=a.step_id, skill=a.skill,
                              input=a.input, attempt=a.attempt, user_id=sub.user_id,
                              tenant=sub.tenant, budget=budget, slice_usd=slice_usd,
-                             deadline=deadline, traceparent=state.traceparent)
+                             deadline=deadline, traceparent=state.traceparent,
+                             context=state.context if state.context and state.context.turns
+                             else None)
         return Command(subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
                        {hdr.MSG_ID: f"{state.task_id}-{a.step_id}-{a.attempt}",
                         **({hdr.TRACEPARENT: state.traceparent} if state.traceparent else {})})

@@ -104,6 +104,8 @@ class TaskState(UsageTotals):
     planner: str | None = None
     plan: list[ev.PlanStep] = Field(default_factory=list)
     merge: bool = False
+    context: ev.PlanContext | None = None
+    """The earlier turns of its conversation it was planned with (orchestrator.context)."""
     steps: dict[str, StepState] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
     code: str | None = None
@@ -215,6 +217,7 @@ def apply(state: TaskState, entry: LedgerEntry, *, check_seq: bool = True) -> Ta
             if not state.plan:
                 state.planner, state.plan, state.merge = e.data.planner, e.data.steps, \
                     e.data.merge
+                state.context = e.data.context
                 state.planned_at = e.time
                 for p in e.data.steps:
                     if p.id not in state.steps:

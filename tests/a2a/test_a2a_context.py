@@ -20,10 +20,12 @@ from a2a.types import TaskState as A2AState
 from a2a.utils.constants import TransportProtocol
 from a2a_mesh import Mesh
 from a2a_support import Bus
+from pydantic import BaseModel
 
 from jetmesh.agents.builtin import get_agent
 from jetmesh.agents.models.sim import FunctionModel
 from jetmesh.agents.models.types import ModelRequest
+from jetmesh.agents.spec import AgentSpec, SkillSpec
 from jetmesh.bus import events as ev
 from jetmesh.orchestrator.client import Client
 from jetmesh.orchestrator.context import ContextLimits, Contexts, bounded
@@ -31,6 +33,22 @@ from jetmesh.orchestrator.state import fold
 
 PLANS: list[dict[str, Any]] = []
 """Every planning request's user message (goal, input, earlier_turns), in order."""
+SYSTEMS: list[str] = []
+"""The instructions of every model call of the concierge agent."""
+
+
+class Ask(BaseModel):
+    question: str
+
+
+CONCIERGE = AgentSpec(
+    name="concierge", description="Answers follow-up questions.", instructions="Answer.",
+    skills=[SkillSpec.from_models("reply", "Reply", "Answers a question.", input_model=Ask)])
+
+
+def concierge(request: ModelRequest) -> str:
+    SYSTEMS.append(request.system or "")
+    return "It shipped with the carrier named in the earlier answer."
 
 
 def planner(request: ModelRequest) -> str:
@@ -40,6 +58,9 @@ def planner(request: ModelRequest) -> str:
     if "skills" not in body:  # a merge
         return "merged"
     PLANS.append(body)
+    if body["goal"].startswith("Reply:"):
+        return json.dumps({"steps": [{"id": "look", "skill": "reply",
+                                      "input": {"question": body["goal"]}}], "merge": False})
     order = body["input"].get("order_id") or next(
         (t["input"]["order_id"] for t in reversed(body.get("earlier_turns", []))
          if "order_id" in (t.get("input") or {})), "NONE")
@@ -49,7 +70,8 @@ def planner(request: ModelRequest) -> str:
 
 @pytest.fixture(scope="module")
 async def mesh(a2a_bus: Bus) -> AsyncIterator[Mesh]:
-    m = Mesh(a2a_bus.url, [get_agent("orders")], planner=FunctionModel(planner))
+    m = Mesh(a2a_bus.url, [get_agent("orders"), CONCIERGE], planner=FunctionModel(planner),
+             models={"concierge": FunctionModel(concierge)})
     await m.start()
     yield m
     await m.stop()
@@ -106,12 +128,17 @@ async def test_a_task_is_planned_with_the_earlier_turns_of_its_context(mesh: Mes
         assert "earlier_turns" not in [b for b in PLANS if b["goal"] ==
                                        "Where is my order?"][-1]
 
-        # A NATS submitter joins the same context by its metadata entry.
-        third = await client.submit("Has it shipped?", metadata={"a2a.context_id": ctx})
-        assert (await client.result(third, timeout=30)).terminal
+        # A NATS submitter joins the same context by its metadata entry; the agent that
+        # runs its step gets the turns too (in its model's instructions).
+        third = await client.submit("Reply: has it shipped?",
+                                    metadata={"a2a.context_id": ctx})
+        assert (await client.result(third, timeout=30)).status.value == "completed"
         p3 = await _planned(client, third)
         assert p3.context is not None
         assert [t.task_id for t in p3.context.turns] == [first.id, second.id]
+        assert SYSTEMS and "Earlier turns of this conversation" in SYSTEMS[-1]
+        assert "Where is my order?" in SYSTEMS[-1] and first.id in SYSTEMS[-1]
+        assert json.dumps(turn.answer, ensure_ascii=False)[1:-1][:40] in SYSTEMS[-1]
         # Another tenant's task with the same context id sees none of them.
         other = await client.submit("Has it shipped?", tenant="acme",
                                     metadata={"a2a.context_id": ctx})
@@ -163,3 +190,8 @@ async def test_contexts_on_the_in_memory_ports() -> None:
     assert second.context is not None
     assert [t.task_id for t in second.context.turns] == ["m1"]
     assert second.steps[0].input == {"order_id": "A1029"}
+    # The step command carries the turns to the agent; a task with none carries none.
+    (cmd,) = mm.commands("m2")
+    assert cmd.context == second.context
+    (first_cmd,) = mm.commands("m1")
+    assert first_cmd.context is None
