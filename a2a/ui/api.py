@@ -41,7 +41,7 @@ from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.dlq import DeadLetter, list_dead_letters, redrive
 from jetmesh.bus.ledger import Ledger, LedgerEntry
-from jetmesh.bus.settings import BusSettings
+from jetmesh.bus.settings import DATA_DIR_ENV, DEFAULT_DATA_DIR, BusSettings
 from jetmesh.bus.tasks import cancel_and_wait
 from jetmesh.bus.tracecontext import parse_traceparent
 from jetmesh.orchestrator.client import Client, ControlRefused, open_state, pending_one
@@ -85,8 +85,8 @@ class DashboardSettings(BaseSettings):
                                       populate_by_name=True)
 
     enabled: bool = True
-    data_dir: Path = Field(default=Path(".jetmesh"),
-                           validation_alias=AliasChoices("JETMESH_DATA_DIR", "data_dir"))
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR,
+                           validation_alias=AliasChoices(DATA_DIR_ENV, "data_dir"))
     tokens_file: Path | None = None
     """Default: `<data_dir>/ui-tokens.json` (written by `jetmesh up`)."""
     tokens: str | None = None
