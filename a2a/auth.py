@@ -148,6 +148,20 @@ class AuthSettings(BaseModel):
         return cls.load(Path(path)) if path else None
 
 
+API_KEY_ENV = "JETMESH_API_KEY"
+"""A local client's own API key (`jetmesh mcp serve` over stdio acts as its identity)."""
+
+
+def local_identity(settings: AuthSettings | None) -> Identity | None:
+    """The identity of the API key in `JETMESH_API_KEY`, with authentication configured
+    (None: off, or no key: the local operator); AuthError for a key the file does not
+    hold."""
+    key = os.environ.get(API_KEY_ENV)
+    if settings is None or not key:
+        return None
+    return Authenticator(settings).api_key(key)
+
+
 class AuthError(Exception):
     """Refused credentials: `status` 401 (who are you?) or 403 (not allowed)."""
 

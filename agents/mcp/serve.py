@@ -209,6 +209,10 @@ class MeshMcpServer:
                          ) -> types.CallToolResult | InputRequiredResult:
         args = dict(params.arguments or {})
         name = params.name
+        if self.identity is not None and not auth.allowed(
+                self.identity.role, f"mcp:tools/call:{name}", bool(params.input_responses)):
+            # Over HTTP the gateway's middleware refused it already; stdio checks here.
+            return _error(f"role {self.identity.role} may not call {name}")
         try:
             if name == "task_status":
                 return self._result(await self._state(ctx, str(args.get("task_id", ""))))

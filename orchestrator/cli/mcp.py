@@ -13,6 +13,7 @@ from jetmesh.orchestrator.cli.kit import (
     DEFAULT_DATA,
     DataDirOpt,
     UrlOpt,
+    err,
     load_agent,
     resolve_url,
     run,
@@ -44,6 +45,7 @@ def register(app: typer.Typer) -> None:
         target = resolve_url(url, data_dir)
 
         async def main() -> None:
+            from jetmesh.a2a import auth
             from jetmesh.a2a.gateway import GatewaySettings
             from jetmesh.agents.mcp.serve import MeshMcpServer
             from jetmesh.agents.registry import Registry
@@ -58,10 +60,20 @@ def register(app: typer.Typer) -> None:
             registry = await Registry.open(client.js, ttl_s=gw.agent_ttl_s,
                                            verifier=verifier_from_env())
             token = gw.approver_token.get_secret_value() if gw.approver_token else None
+            # The gateway's credentials (JETMESH_GATEWAY_AUTH_FILE): over HTTP every
+            # request is authenticated; over stdio the server is JETMESH_API_KEY's.
+            auth_settings = auth.AuthSettings.from_env()
+            try:
+                identity = auth.local_identity(auth_settings) if http is None else None
+            except auth.AuthError as e:
+                await registry.close()
+                await client.close()
+                err.print(f"[red]{auth.API_KEY_ENV}:[/] {e.message}")
+                raise typer.Exit(2) from None
             mesh = MeshMcpServer(client, registry,
                                  builtin_registry(OrchestratorSettings().workflows_dir),
                                  approver_token=token, trust_local=http is None,
-                                 wait_s=wait_s)
+                                 wait_s=wait_s, identity=identity)
             try:
                 if http is None:
                     await mesh.run_stdio()
@@ -70,9 +82,11 @@ def register(app: typer.Typer) -> None:
 
                     host, _, port = http.rpartition(":")
                     host = host or "127.0.0.1"
+                    asgi = mesh.http_app(path=path, host=host)
+                    if auth_settings is not None:
+                        asgi = auth.GatewayAuth(asgi, auth_settings)
                     server = uvicorn.Server(uvicorn.Config(
-                        mesh.http_app(path=path, host=host), host=host, port=int(port),
-                        log_level="warning"))
+                        asgi, host=host, port=int(port), log_level="warning"))
                     await server.serve()
             finally:
                 await registry.close()

@@ -1,24 +1,30 @@
 """Tenant B's credentials against tenant A's task through the gateway's other doors: MCP
 at /mcp (the official SDK client, with the gateway's API keys) and the dashboard (/ui,
-logged in with the same keys). Generated from a permission table: 0 allowed; the same
-doors serve tenant A's own users (the table's positive side), and what they do is
-recorded with their identity."""
+logged in with the same keys), and `jetmesh mcp serve` over stdio as an API key.
+Generated from a permission table: 0 allowed; the same doors serve tenant A's own users
+(the table's positive side), and what they do is recorded with their identity."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 from mcp import Client as McpClient
+from mcp import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from test_gateway_auth import api, gateway, key_of  # noqa: F401 (the fixture)
 
+from jetmesh.a2a.auth import Identity
 from jetmesh.a2a.gateway import MCP_PATH
+from jetmesh.agents.mcp.serve import MeshMcpServer
 from jetmesh.bus import events as ev
 
 
@@ -193,10 +199,11 @@ TABLE = [
 
 
 async def test_tenant_b_reaches_nothing_of_tenant_a_over_mcp_and_the_dashboard(
-        gateway, bus) -> None:  # noqa: F811
+        gateway, bus, tmp_path: Path) -> None:  # noqa: F811
     mesh, _ = gateway
     try:
         await _doors(mesh, bus)
+        await _stdio(mesh, bus, tmp_path)
     finally:  # its role logins (the approver's) close with it, before the gateway's
         await _dashboard(mesh).stop()
 
@@ -247,3 +254,38 @@ async def _doors(mesh: Any, bus: Any) -> None:
     submitted = [(await doors.client.state(t)).submitted for t in doors.mcp_tasks]
     assert {(s.tenant, s.submitted_by) for s in submitted if s is not None} == {
         ("t-a", "api-key:alice"), ("t-b", "api-key:bob")}
+
+
+async def _stdio(mesh: Any, bus: Any, tmp_path: Path) -> None:
+    """`jetmesh mcp serve` (stdio) with JETMESH_API_KEY: tenant B's submitter does not
+    find A's task, its own calls are B's and recorded as it; a reader may not submit."""
+    client = mesh.gateway.client
+    theirs = await client.submit("A1001", workflow="skill:lookup_order",
+                                 input={"order_id": "A1001"}, tenant="t-a",
+                                 submitted_by="api-key:alice")
+
+    def params(who: str) -> StdioServerParameters:
+        env = {k: v for k, v in os.environ.items() if k.startswith(("JETMESH_", "PATH", "HOME"))}
+        # cwd outside the repository: its a2a/ folder would shadow the A2A SDK.
+        return StdioServerParameters(
+            command=sys.executable, args=["-m", "jetmesh.orchestrator.cli", "mcp", "serve",
+                                          "--url", bus.url],
+            cwd=str(tmp_path), env={**env, "JETMESH_API_KEY": key_of(who)})
+
+    async with McpClient(params("bob"), read_timeout_seconds=60) as c:
+        status = await c.call_tool("task_status", {"task_id": theirs})
+        assert status.is_error and "no task" in status.content[0].text  # type: ignore[union-attr]
+        mine = await c.call_tool("skill_lookup_order", {"order_id": "A1002"})
+    out = mine.structured_content or {}
+    assert out.get("status") == "completed", mine.content
+    sub = (await client.state(out["task_id"])).submitted
+    assert sub is not None and (sub.tenant, sub.submitted_by) == ("t-b", "api-key:bob")
+    # The role check of a fixed identity, in process (the same server, no subprocess).
+    gw_mcp = mesh.gateway.mcp
+    rita = MeshMcpServer(client, gw_mcp.registry, gw_mcp.workflows,
+                         identity=Identity("rita", "t-a", "reader", "api-key"))
+    async with McpClient(rita.server, read_timeout_seconds=60) as c:
+        refused = await c.call_tool("skill_lookup_order", {"order_id": "A1003"})
+        assert refused.is_error and "may not" in refused.content[0].text  # type: ignore[union-attr]
+        seen = await c.call_tool("task_status", {"task_id": theirs})
+        assert not seen.is_error  # rita reads tenant A's tasks
