@@ -300,17 +300,20 @@ class PushNotifications:
             except KeyNotFoundError:
                 continue  # released since: create it
             held = _parse_lease(entry.value)
-            rev = entry.revision or 0
-            if (held is None or held.holder == self.holder
-                    or not await self._renewed_within(rev, held.lease_s)):
-                began = time.monotonic()
-                with contextlib.suppress(KeyWrongLastSequenceError):
-                    return (await kv.update(_LEASE, self._lease_value(), last=rev),
-                            began + self.lease_s)
+            rev: int | None = entry.revision or 0
+            if held is not None and held.holder != self.holder:
+                rev = await self._expired(rev or 0, held.lease_s)
+                if rev is None:
+                    continue  # released: create it
+            began = time.monotonic()
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                return (await kv.update(_LEASE, self._lease_value(), last=rev),
+                        began + self.lease_s)
 
-    async def _renewed_within(self, revision: int, lease_s: float) -> bool:
-        """Whether the lease at `revision` is renewed (or released) within `lease_s`,
-        timed here."""
+    async def _expired(self, revision: int, lease_s: float) -> int | None:
+        """Wait (one watch of the key) until the lease goes a whole lease time without a
+        renewal, timed here: the revision to take it over from; None when it is released
+        (deleted) meanwhile."""
         watcher = await self.store.kv.watch(_LEASE)
         deadline = time.monotonic() + lease_s
         try:
@@ -318,10 +321,17 @@ class PushNotifications:
                 try:
                     entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
                 except NatsTimeoutError:
-                    return False
-                if entry is not None and (entry.revision or 0) > revision:
-                    return True
-            return False
+                    break
+                if entry is None or (entry.revision or 0) <= revision:
+                    continue
+                if entry.operation in (_DEL, _PURGE):
+                    return None
+                revision = entry.revision or revision
+                held = _parse_lease(entry.value)
+                if held is None or held.holder == self.holder:
+                    break
+                deadline = time.monotonic() + held.lease_s  # renewed: wait again
+            return revision
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
