@@ -18,9 +18,9 @@ from jetmesh.orchestrator.cli.kit import (
     DEFAULT_DATA,
     DataDirOpt,
     UrlOpt,
+    bus,
     console,
     err,
-    open_bus,
     resolve_url,
     run,
     serve_until_signal,
@@ -150,14 +150,12 @@ def register(app: typer.Typer) -> None:
             from jetmesh.agents.errors import CardError
             from jetmesh.agents.signing import verifier_from_env
 
-            nc, js, _ = await open_bus(target)
-            try:
-                agent = await add_external(js, agent_url, verifier=verifier_from_env())
-            except (MeshA2AError, CardError) as e:
-                err.print(f"[red]{e}[/]")
-                raise typer.Exit(1) from None
-            finally:
-                await nc.close()
+            async with bus(target) as (_, js, _):
+                try:
+                    agent = await add_external(js, agent_url, verifier=verifier_from_env())
+                except (MeshA2AError, CardError) as e:
+                    err.print(f"[red]{e}[/]")
+                    raise typer.Exit(1) from None
             console.print(
                 f"added [bold]{agent.name}[/] ({agent.card.name} {agent.card.version}): "
                 + ", ".join(s.id for s in agent.card.skills)

@@ -30,12 +30,12 @@ from jetmesh.orchestrator.cli.kit import (
     DEFAULT_DATA,
     DataDirOpt,
     UrlOpt,
+    bus,
     cli_identity,
     console,
     err,
     free_port,
     load_agent,
-    open_bus,
     parse_json_opt,
     port_free,
     refused,
@@ -109,14 +109,12 @@ def tasks_cmd(
         from jetmesh.orchestrator.projection import all_tasks
         from jetmesh.orchestrator.tasks_kv import current_summaries, summarize
 
-        nc, js, ledger = await open_bus(target)
-        try:  # the KV projection (the gateway keeps it); no projection: fold the ledger
+        # The KV projection (the gateway keeps it); no projection: fold the ledger.
+        async with bus(target) as (_, js, ledger):
             got = await current_summaries(js, ledger)
             rows, lag = got if got is not None else (
                 [summarize(s) for s in await all_tasks(ledger, limit=limit)], 0)
             rows = rows[:limit]
-        finally:
-            await nc.close()
         if as_json:
             for s in rows:
                 console.print_json(json.dumps({
@@ -152,8 +150,7 @@ def tail_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> None:
-        nc, _, ledger = await open_bus(target)
-        try:
+        async with bus(target) as (_, _, ledger):
             if not forever and from_seq > 1:
                 # A task that ended before `from_seq` has nothing more to show: say so
                 # instead of waiting for events that will never come.
@@ -174,8 +171,6 @@ def tail_cmd(
                                   + f"  {escape(describe(entry.event))}", highlight=False)
                 if not forever and isinstance(entry.event, ev.TERMINAL_TASK_EVENTS):
                     return
-        finally:
-            await nc.close()
 
     run(main)
 
@@ -453,11 +448,8 @@ def agents_cmd(
     async def main() -> None:
         from jetmesh.orchestrator.registry import live_agents
 
-        nc, js, _ = await open_bus(target)
-        try:
+        async with bus(target) as (_, js, _):
             agents = await live_agents(js)
-        finally:
-            await nc.close()
         from jetmesh.agents.models import describe_breakers
 
         table = Table("agent", "replicas", "skills", "model", "version", "breakers")
@@ -560,11 +552,8 @@ def dlq_list_cmd(
     async def main() -> None:
         from jetmesh.bus.dlq import list_dead_letters
 
-        nc, _, ledger = await open_bus(target)
-        try:
+        async with bus(target) as (_, _, ledger):
             letters = await list_dead_letters(ledger, stream=stream, task_id=task)
-        finally:
-            await nc.close()
         table = Table("seq", "from", "subject", "task", "deliveries", "reason")
         for seq, dl in letters:
             table.add_row(str(seq), f"{dl.stream}/{dl.consumer}", dl.subject,
@@ -586,11 +575,8 @@ def dlq_show_cmd(
         from jetmesh.bus import subjects
         from jetmesh.bus.dlq import DeadLetter
 
-        nc, js, _ = await open_bus(target)
-        try:
+        async with bus(target) as (_, js, _):
             msg = await js.get_msg(subjects.STREAM_DLQ, seq, direct=True)
-        finally:
-            await nc.close()
         try:
             dl = DeadLetter.model_validate_json(msg.data or b"{}")
         except ValueError as e:  # not a letter jetmesh wrote: show its bytes as they are
@@ -619,8 +605,7 @@ def dlq_redrive_cmd(
     async def main() -> None:
         from jetmesh.bus.dlq import list_dead_letters, redrive
 
-        nc, js, ledger = await open_bus(target)
-        try:
+        async with bus(target) as (_, js, ledger):
             todo = list(seqs or [])
             if all_:
                 todo += [s for s, _ in await list_dead_letters(ledger, task_id=task)]
@@ -630,8 +615,6 @@ def dlq_redrive_cmd(
             for s in todo:
                 dl = await redrive(js, ledger, s)
                 console.print(f"redriven {s} -> {dl.subject}")
-        finally:
-            await nc.close()
 
     run(main)
 

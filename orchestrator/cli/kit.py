@@ -5,11 +5,12 @@ logging setup, one runner (event loop, signals, errors), the bus opener and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -92,16 +93,21 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(130) from None
 
 
-async def open_bus(url: str) -> Any:
-    """(nc, js, ledger) on `url`, the streams declared."""
+@contextlib.asynccontextmanager
+async def bus(url: str) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """`async with bus(url) as (nc, js, ledger)`: a connection with the streams declared,
+    closed on the way out."""
     from jetmesh.bus.connection import connect, jetstream
     from jetmesh.bus.ledger import Ledger
     from jetmesh.bus.streams import declare_streams
 
     nc = await connect(url, name="jetmesh-cli")
-    js = jetstream(nc)
-    await declare_streams(js)
-    return nc, js, Ledger(nc, js)
+    try:
+        js = jetstream(nc)
+        await declare_streams(js)
+        yield nc, js, Ledger(nc, js)
+    finally:
+        await nc.close()
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -16,7 +16,7 @@ from jetmesh.orchestrator.cli.kit import (
     DEFAULT_DATA,
     DataDirOpt,
     UrlOpt,
-    open_bus,
+    bus,
     resolve_url,
     run,
     setup_logging,
@@ -114,11 +114,8 @@ def trace_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> int:
-        nc, _js, ledger = await open_bus(target)
-        try:
+        async with bus(target) as (_, _, ledger):
             entries = await ledger.read(task_id)
-        finally:
-            await nc.close()
         if not entries:
             err.print(f"[red]no events for task {escape(task_id)}[/]")
             return 1
@@ -179,11 +176,8 @@ def stats_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> dict[str, Any]:
-        nc, js, _ = await open_bus(target)
-        try:
+        async with bus(target) as (_, js, _):
             records = await read_summaries(js)
-        finally:
-            await nc.close()
         start = datetime.now(UTC) - window if window else None
         return aggregate(records, since=start, by=by)
 
