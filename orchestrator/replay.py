@@ -67,7 +67,7 @@ async def replayed_plan(ledger: TaskLedger, state: TaskState) -> list[ev.Event]:
     return [ev.TaskPlanned(
         id=f"{state.task_id}-planned", subject=state.task_id, source=SOURCE,
         data=ev.TaskPlannedData(planner=orig.planner or "replay", steps=orig.plan,
-                                merge=orig.merge))]
+                                merge=orig.merge, context=orig.context))]
 
 
 async def replayed_merge(ledger: TaskLedger, state: TaskState,
