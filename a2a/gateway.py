@@ -79,8 +79,8 @@ from starlette.types import Receive, Scope, Send
 
 from jetmesh.a2a import auth
 from jetmesh.a2a.edge import BodyCheck, TraceContext, quiet_sdk_logs
+from jetmesh.a2a.mcp_server import MeshMcpServer
 from jetmesh.agents.cards import agent_http_base, card_to_dict, http_interfaces, mesh_card
-from jetmesh.agents.mcp.serve import MeshMcpServer
 from jetmesh.agents.registry import Registry
 from jetmesh.agents.signing import CardSigner, CardVerifier
 from jetmesh.bus import events as ev

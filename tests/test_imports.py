@@ -23,13 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bus", "memory", "agents", "a2a", "orchestrator")
 CLI = "orchestrator.cli"
 
-ALLOWED: dict[tuple[str, str], str] = {
-    ("agents", "a2a"): "agents/mcp/serve.py (the mesh served over MCP: an edge like the "
-                       "A2A gateway) is to move to jetmesh.a2a; it had another helper's "
-                       "uncommitted edits when the cycles were broken",
-    ("agents", "orchestrator"): "agents/mcp/serve.py again (Client, TaskState, "
-                                "WorkflowRegistry): the same move removes it",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 """Package edges (importer, imported) that close a cycle but are tolerated for now, with
 why. Keep this empty: a new entry needs a reason and a plan to remove it."""
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from starlette.routing import Mount
 
+from jetmesh.agents.registry import Registry
 from jetmesh.orchestrator.client import Client
 
-from ..registry import Registry
 from .api import Dashboard, DashboardSettings
 
 __all__ = ["Dashboard", "DashboardSettings", "mount"]

@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from jetmesh.agents.registry import Registry
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
@@ -59,7 +60,6 @@ from jetmesh.orchestrator.tasks_kv import (
 from jetmesh.orchestrator.timeline import describe
 
 from .. import auth as gateway_auth
-from ..registry import Registry
 from .auth import (
     CSRF_COOKIE,
     CSRF_HEADER,

@@ -1,8 +1,9 @@
 """jetmesh.agents.mcp: MCP servers' tools as durable, recorded, policy-gated jetmesh
-tools, and the mesh itself as an MCP server.
+tools. (The mesh itself as an MCP server is an edge like the A2A gateway:
+`jetmesh.a2a.mcp_server`.)
 
 Importing this package loads only the configuration (pure data); the SDK (``mcp`` 2.x,
-MCP revision 2026-07-28) is imported by `toolset`, `connection` and `serve`.
+MCP revision 2026-07-28) is imported by `toolset` and `connection`.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         async def main() -> None:
             from jetmesh.a2a import auth
             from jetmesh.a2a.gateway import GatewaySettings
-            from jetmesh.agents.mcp.serve import MeshMcpServer
+            from jetmesh.a2a.mcp_server import MeshMcpServer
             from jetmesh.agents.registry import Registry
             from jetmesh.agents.signing import verifier_from_env
             from jetmesh.orchestrator.client import Client

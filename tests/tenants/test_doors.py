@@ -24,7 +24,7 @@ from test_gateway_auth import api, gateway, key_of  # noqa: F401 (the fixture)
 
 from jetmesh.a2a.auth import Identity
 from jetmesh.a2a.gateway import MCP_PATH
-from jetmesh.agents.mcp.serve import MeshMcpServer
+from jetmesh.a2a.mcp_server import MeshMcpServer
 from jetmesh.bus import events as ev
 
 

@@ -50,7 +50,7 @@ from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp_types import ElicitRequestFormParams, InputRequiredResult
 
 from jetmesh.a2a import auth
-from jetmesh.a2a.registry import Registry
+from jetmesh.agents.registry import Registry
 from jetmesh.bus import events as ev
 from jetmesh.orchestrator.client import Client, ControlRefused
 from jetmesh.orchestrator.state import TaskState, TaskStatus, apply
