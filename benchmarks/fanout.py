@@ -317,7 +317,7 @@ async def wait_ready(client: Client, replicas: int, timeout_s: float = 60.0) -> 
     while True:
         agents = await live_agents(client.js)
         live = sum(len(a.replicas) for a in agents
-                   if a.name == "support" and "order_status" in a.skills)
+                   if a.name == "support" and "order_status" in a.skill_ids)
         consumers_ok = True
         for stream, durable in ((subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT),
                                 (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS)):

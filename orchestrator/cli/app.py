@@ -446,19 +446,21 @@ def agents_cmd(
     target = resolve_url(url, data_dir)
 
     async def main() -> None:
-        from jetmesh.orchestrator.registry import live_agents
+        from jetmesh.agents.registry import snapshot
+        from jetmesh.agents.signing import verifier_from_env
 
-        async with bus(target) as (_, js, _):
-            agents = await live_agents(js)
+        async with bus(target) as (_, js, _):  # verified cards only (JETMESH_CARD_*)
+            agents, refused = await snapshot(js, verifier=verifier_from_env(), skill=skill,
+                                             tag=tag)
         from jetmesh.agents.models import describe_breakers
 
         table = Table("agent", "replicas", "skills", "model", "version", "breakers")
         for a in agents:
-            if (skill and skill not in a.skills) or (tag and tag not in a.tags):
-                continue
-            table.add_row(a.name, str(len(a.replicas)), ", ".join(a.skills), a.model or "-",
+            table.add_row(a.name, str(len(a.replicas)), ", ".join(a.skill_ids), a.model or "-",
                           a.version, describe_breakers(a.breakers))
         console.print(table if agents else "no live agents")
+        for key, reason in sorted(refused.items()):
+            console.print(f"refused {key}: {reason}", markup=False)
 
     run(main)
 
