@@ -345,6 +345,13 @@ async def _submit_as_a(nc: NATS, mesh: Mesh, v: Victim) -> bool:
     return await _refused_submission(nc, mesh, new_id("spend"), tenant=A)
 
 
+async def _replay_a_task(nc: NATS, mesh: Mesh, v: Victim) -> bool:
+    """A replay would serve A's task's recorded model and tool calls to B's new task."""
+    task = new_id("replay")
+    letter = await _outcome(mesh, task, submit(nc, task, "A1001", replay_of=v.task))
+    return letter is None or bool(await mesh.ledger.read(task))
+
+
 async def _submit_as_a_metadata(nc: NATS, mesh: Mesh, v: Victim) -> bool:
     return await _refused_submission(nc, mesh, new_id("spend"), metadata={"tenant": A})
 
@@ -424,10 +431,24 @@ TABLE = [
     Row("spend", "a submission naming tenant A", _submit_as_a, None),
     Row("spend", "a submission with metadata tenant A", _submit_as_a_metadata, None),
     Row("spend", "a put on A's spend counter ($KV.jm-spend)", _spend_counter, False),
+    Row("read", "a replay of A's task (its recorded calls)", _replay_a_task, False),
     Row("cancel", "CancelRequested on A's control subject", _cancel, False),
     Row("approve", "ApprovalGranted on A's approval subject", _approve, False),
     Row("cancel", "memory forget of A's task", _memory_forget, None),
 ]
+
+
+def test_no_mesh_role_but_its_own_writes_a_tenants_subjects(tmp_path: Path) -> None:
+    """What the readers trust: only an import from T's account lands on T's submit and
+    memory subjects (no mesh role may publish there but the admin), and only the tenant
+    service writes T's copies."""
+    _, auth = nats_config(tmp_path)
+    probes = {subjects.tenant_submit(A): set(), subjects.tenant_memory(A, "search"): set(),
+              subjects.tenant_task_ops(A, "get"): set(),
+              subjects.tenant_task_events(A, subjects.task_events("t1")): {"tenants"}}
+    for subject, writers in probes.items():
+        may = {u.role for u in auth.users if u.permissions.may_publish(subject)}
+        assert may == writers | {"admin"}, (subject, may)
 
 
 async def test_tenant_b_reaches_nothing_of_tenant_a_through_raw_nats(mesh: Mesh) -> None:
