@@ -656,10 +656,6 @@ class Dashboard:
     async def agents(self, request: Request, person: Person) -> Response:
         from google.protobuf.json_format import MessageToDict
 
-        breakers: dict[str, dict[str, Any]] = {}
-        for e in self.registry.view.live():
-            name = str(e.value.get("agent", ""))
-            breakers.setdefault(name, {}).update(e.value.get("breakers") or {})
         out = []
         for a in sorted(self.registry.agents(), key=lambda a: a.name):
             out.append({
@@ -668,7 +664,7 @@ class Dashboard:
                               "updated": r.updated.isoformat(), "steps_done": r.steps_done}
                              for r in a.replicas],
                 "skills": [s.model_dump(mode="json") for s in a.skills],
-                "breakers": breakers.get(a.name, {}),
+                "breakers": a.breakers,  # each breaker's worst state across replicas
                 "card": MessageToDict(a.card)})
         return JSONResponse({"agents": out, "refused": self.registry.refused()})
 
