@@ -38,6 +38,7 @@ from a2a.types.a2a_pb2 import AgentCard
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jetmesh.a2a.errors import MeshA2AError
 from jetmesh.bus import headers as hn
 
 Role = Literal["reader", "submitter", "approver", "admin"]
@@ -162,7 +163,7 @@ def local_identity(settings: AuthSettings | None) -> Identity | None:
     return Authenticator(settings).api_key(key)
 
 
-class AuthError(Exception):
+class AuthError(MeshA2AError):
     """Refused credentials: `status` 401 (who are you?) or 403 (not allowed)."""
 
     def __init__(self, status: int, message: str, error: str = "invalid_token") -> None:

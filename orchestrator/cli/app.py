@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from jetmesh.bus import events as ev
+from jetmesh.bus.settings import GATEWAY_PORT, NATS_PORT
 from jetmesh.orchestrator.cli import (
     a2a,
     audit,
@@ -65,7 +66,7 @@ app = typer.Typer(
 @app.command("nats")
 def nats_cmd(
     data_dir: DataDirOpt = DEFAULT_DATA,
-    port: Annotated[int, typer.Option(help="Client port (0: a free one).")] = 4222,
+    port: Annotated[int, typer.Option(help="Client port (0: a free one).")] = NATS_PORT,
     monitor_port: Annotated[int | None, typer.Option(help="HTTP monitoring port.")] = None,
     auth_config: Annotated[Path | None, typer.Option(
         help="An authorization block from `jetmesh nats-config` (one user per role).")] = None,
@@ -624,13 +625,14 @@ def dlq_redrive_cmd(
 @app.command("up")
 def up_cmd(
     data_dir: DataDirOpt = DEFAULT_DATA,
-    port: Annotated[int, typer.Option(help="NATS client port (0: a free one).")] = 4222,
+    port: Annotated[int, typer.Option(help="NATS client port (0: a free one).")] = NATS_PORT,
     agents: Annotated[str | None, typer.Option(help="Comma-separated built-in agents "
                                                     "(default: all).")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="Replicas per agent.")] = 1,
     live: Annotated[bool | None, typer.Option("--live/--plain", help="Live view (default "
                                                   "when on a terminal).")] = None,
-    gateway_port: Annotated[int, typer.Option(help="A2A HTTP gateway port (0: none).")] = 8080,
+    gateway_port: Annotated[int, typer.Option(
+        help="A2A HTTP gateway port (0: none).")] = GATEWAY_PORT,
 ) -> None:
     """Run the whole mesh here: NATS, the orchestrator and the built-in agents, each role
     as its own NATS user (least privilege; the users and passwords are in
