@@ -33,8 +33,9 @@ Roles:
 - **tenants**: the tenant service (bus.tenancy): answers tenant accounts' task reads
   (`jm.tenant.*.tasks.*`) from the ledger and copies their tasks' events to
   `jm.tenant.<T>.task.>` (the only role that may publish there).
-- **telemetry**: reads the ledger and pulls its own `telemetry` durable on the task
-  events (traces derived from the ledger); writes only its `jm-stats` projection.
+- **telemetry**: reads the ledger and pulls its own `telemetry` durables on the ledger's
+  task subjects and on the steps' logs (traces derived from the ledger); writes only its
+  `jm-stats` projection.
 
 JetStream is spoken over core NATS subjects, so every JetStream operation is a subject
 here: a publish to a stream is a request (the ack comes back on the caller's inbox), a
@@ -451,14 +452,16 @@ def tenants_permissions(options: Options | None = None) -> Permissions:
 
 
 def telemetry_permissions(options: Options | None = None) -> Permissions:
-    """The telemetry role: reads the ledger (direct get) and pulls its own durable over
-    the task events subject. It writes no ledger subject: only its dead letters and
+    """The telemetry role: reads the ledger (direct get) and pulls its own durables over
+    the task subjects and the steps' logs. It writes no ledger subject: only its dead letters and
     the per-task records of the `jm-stats` bucket."""
     opts = options or Options()
     pub, sub = _common(ROLE_TELEMETRY, opts)
     pub += stream_info(JM_STREAMS)
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY,
                          subjects.TELEMETRY_SUBJECT, opts)
+    pub += pull_consumer(subjects.STREAM_LOG, subjects.CONSUMER_TELEMETRY,
+                         subjects.TELEMETRY_LOG_SUBJECT, opts)
     pub += ledger_reads()
     # Its projection of finished tasks (`jetmesh stats`): created when missing, written.
     pub += stream_declare([kv_stream(subjects.BUCKET_STATS)])

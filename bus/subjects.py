@@ -77,9 +77,12 @@ MEMORY_EPISODE_SUBJECTS = [ALL_TASK_EVENTS, ALL_STEP_EVENTS]
 
 # Telemetry (traces derived from the ledger)
 CONSUMER_TELEMETRY = "telemetry"
-"""The telemetry role's durable consumer over every task's own events (their ends)."""
-TELEMETRY_SUBJECT = ALL_TASK_EVENTS
-"""What the telemetry role follows: a task's end is on its own events subject."""
+"""The telemetry role's durable consumers (one name on JM_LEDGER and on JM_LOG)."""
+TELEMETRY_SUBJECT = ALL_LEDGER
+"""What the telemetry role follows on JM_LEDGER: every task's records (it builds each
+task's spans from what it was delivered)."""
+TELEMETRY_LOG_SUBJECT = ALL_STEP_LOGS
+"""What the telemetry role follows on JM_LOG: every step's log."""
 
 # KV buckets
 BUCKET_AGENTS = "jm-agents"

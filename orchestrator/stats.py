@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.ledger import LedgerEntry
-from jetmesh.orchestrator.state import fold
+from jetmesh.orchestrator.state import TaskState, fold
 
 STATS_TTL_S = 30 * 86400.0
 NO_TENANT = "(none)"
@@ -52,9 +52,12 @@ def _key(task_id: str) -> str:
     return f"task.{subjects.check_id(task_id, 'task id')}"
 
 
-def task_summary(task_id: str, entries: Sequence[LedgerEntry]) -> dict[str, Any] | None:
-    """One finished task's figures, from its ledger entries only (None: not finished)."""
-    state = fold(task_id, entries)
+def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
+                 state: TaskState | None = None) -> dict[str, Any] | None:
+    """One finished task's figures, from its ledger entries only (None: not finished).
+    `state`: the entries' fold, when the caller has it (it is not folded again)."""
+    if state is None:
+        state = fold(task_id, entries)
     if not state.terminal:
         return None
     end = next(e for e in entries if isinstance(e.event, ev.TERMINAL_TASK_EVENTS))
@@ -127,12 +130,17 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry]) -> dict[str, Any]
     }
 
 
+def summary_record(summary: dict[str, Any]) -> tuple[str, bytes]:
+    """A task's record as stored: (its key in the bucket, its bytes)."""
+    return _key(summary["task_id"]), json.dumps(summary, sort_keys=True).encode()
+
+
 async def put_summary(js: JetStreamContext, summary: dict[str, Any], *,
                       kv: KeyValue | None = None) -> None:
     """Store one task's record (the same value again for the same task: idempotent).
     `kv`: the bucket, when the caller keeps it (no lookup per record)."""
     bucket = kv or await js.key_value(subjects.BUCKET_STATS)
-    await bucket.put(_key(summary["task_id"]), json.dumps(summary, sort_keys=True).encode())
+    await bucket.put(*summary_record(summary))
 
 
 async def read_summaries(js: JetStreamContext) -> list[dict[str, Any]]:

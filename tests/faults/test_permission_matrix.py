@@ -71,7 +71,8 @@ def durables() -> list[tuple[str, str, str]]:
            (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_CONTROL, subjects.ALL_CONTROL),
            (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_APPROVALS, subjects.ALL_APPROVALS),
            (subjects.STREAM_LEDGER, subjects.CONSUMER_MEMORY_EPISODES, subjects.ALL_LEDGER),
-           (subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY, subjects.TELEMETRY_SUBJECT)]
+           (subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY, subjects.TELEMETRY_SUBJECT),
+           (subjects.STREAM_LOG, subjects.CONSUMER_TELEMETRY, subjects.TELEMETRY_LOG_SUBJECT)]
     out += [(subjects.STREAM_WORK, subjects.work_consumer(s), subjects.work(s))
             for skills in AGENTS.values() for s in skills]
     return out

@@ -80,7 +80,16 @@ async def telemetry(bus, receiver, monkeypatch) -> AsyncIterator[Any]:
     await svc.start()
     yield svc
     await svc.stop()
-    await svc.js.delete_consumer(subjects.STREAM_LEDGER, svc.durable)
+    await delete_durables(svc.js, svc.durable)
     await nc.close()
+
+
+async def delete_durables(js: Any, durable: str) -> None:
+    """The telemetry role's two durables (on the ledger and on the steps' logs)."""
+    for stream in (subjects.STREAM_LEDGER, subjects.STREAM_LOG):
+        try:
+            await js.delete_consumer(stream, durable)
+        except Exception:
+            pass
 
 

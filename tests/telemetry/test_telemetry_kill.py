@@ -19,7 +19,7 @@ import pytest
 
 from jetmesh.bus import subjects
 from jetmesh.orchestrator.state import TaskStatus
-from jetmesh.orchestrator.telemetry import EXPORT_THREADS, build_spans, task_trace_id
+from jetmesh.orchestrator.telemetry import MAX_BATCH_TRACES, build_spans, task_trace_id
 
 ORDERS = ["A1001", "A1002", "A1003"]
 SPANS_PER_FANOUT = 15  # root, plan, 3 x (invoke_agent, 2 chat, execute_tool), merge chat
@@ -133,7 +133,7 @@ async def run_campaign(make_mesh, receiver, bus, tmp_path: Path, tasks: int, kil
             assert all({k: x for k, x in c.items() if k != "received"} == first for c in v)
             assert len(v) <= kills + 1
         # ... and only a trace whose export was in flight at a kill is sent again: its
-        # whole trace, first received within seconds of a kill, at most EXPORT_THREADS
+        # whole trace, first received within seconds of a kill, at most one request's
         # traces per kill (one in flight at two kills is sent three times).
         again = {tr for tr, _ in twice}
         for tr in again:
@@ -143,7 +143,7 @@ async def run_campaign(make_mesh, receiver, bus, tmp_path: Path, tasks: int, kil
             assert any(k - 5.0 <= first_seen <= k + 5.0 for k in kill_times), \
                 (tr, first_seen, kill_times)
         resent = sum(len(v) - 1 for v in twice.values()) // SPANS_PER_FANOUT
-        assert resent <= kills * EXPORT_THREADS, (resent, kills)
+        assert resent <= kills * MAX_BATCH_TRACES, (resent, kills)
         stored = len(copies)  # what a store keyed by span id holds
         assert stored == tasks * SPANS_PER_FANOUT
         return {"tasks": tasks, "kills": kills, "spans_received": len(spans),
@@ -156,10 +156,11 @@ async def run_campaign(make_mesh, receiver, bus, tmp_path: Path, tasks: int, kil
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        try:
-            await bus.js.delete_consumer(subjects.STREAM_LEDGER, durable)
-        except Exception:
-            pass
+        for stream in (subjects.STREAM_LEDGER, subjects.STREAM_LOG):
+            try:
+                await bus.js.delete_consumer(stream, durable)
+            except Exception:
+                pass
 
 
 async def test_kill_9_telemetry_during_tasks_exports_each_span_once(

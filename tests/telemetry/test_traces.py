@@ -278,7 +278,8 @@ async def test_otlp_metrics_of_a_finished_task(make_mesh, bus, receiver, monkeyp
         assert sum(p["count"] for p in durations) == calls
     finally:
         await svc.stop()
-        await svc.js.delete_consumer(subjects.STREAM_LEDGER, svc.durable)
+        for stream in (subjects.STREAM_LEDGER, subjects.STREAM_LOG):
+            await svc.js.delete_consumer(stream, svc.durable)
         await nc.close()
 
 
