@@ -311,8 +311,10 @@ def order_ids_for(i: int) -> list[str]:
     return [ORDER_IDS[(3 * i + k) % n] for k in range(3)]
 
 
-async def wait_ready(client: Client, replicas: int, timeout_s: float = 60.0) -> None:
-    """Until `replicas` support workers are live and the orchestrator's consumers exist."""
+async def wait_ready(client: Client, replicas: int, timeout_s: float = 60.0,
+                     telemetry: bool = False) -> None:
+    """Until `replicas` support workers are live and the orchestrator's consumers exist
+    (and, with `telemetry`, the telemetry role's: its start-up is not measured)."""
     deadline = time.monotonic() + timeout_s
     while True:
         agents = await live_agents(client.js)
@@ -320,7 +322,9 @@ async def wait_ready(client: Client, replicas: int, timeout_s: float = 60.0) -> 
                    if a.name == "support" and "order_status" in a.skill_ids)
         consumers_ok = True
         for stream, durable in ((subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_SUBMIT),
-                                (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS)):
+                                (subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_STEPS),
+                                *([(subjects.STREAM_LEDGER, subjects.CONSUMER_TELEMETRY)]
+                                  if telemetry else [])):
             try:
                 await client.js.consumer_info(stream, durable)
             except Exception:
@@ -555,7 +559,7 @@ async def run_once(cfg: Config, args: argparse.Namespace, run_no: int,
                 **env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT":
                 f"http://127.0.0.1:{rport}/v1/traces"}, tmp / "telemetry.log")
         async with Client(server.url) as client:
-            await wait_ready(client, cfg.replicas)
+            await wait_ready(client, cfg.replicas, telemetry=args.telemetry)
             for name, p in procs.items():
                 if p.poll() is not None:
                     raise RuntimeError(f"{name} exited {p.returncode}: "
