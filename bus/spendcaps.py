@@ -11,8 +11,11 @@ releases what it had reserved.
 
 Alerts: the settlement that first takes a counter's spend to `alert_share` of its cap
 sets the counter's `alerted` flag in the same compare-and-set, so exactly one call,
-in one replica, reports it (a `BudgetAlerted` event on its step, and the webhook when
-one is configured). A crash between the two loses that alert (at most once).
+in one replica, reports it (a `BudgetAlerted` event on its step, the webhook when one is
+configured, and the OTel counter `jetmesh.spend.alerts` with the tenant, or the user's
+key token, and the period as attributes: exported by the process's meter provider, e.g.
+under `opentelemetry-instrument`; a no-op without one). A crash between the two loses
+that alert (at most once).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import yaml
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from opentelemetry import metrics
 from pydantic import BaseModel, ConfigDict, Field
 
 from jetmesh.bus import headers as hn
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 Scope = Literal["tenant", "user"]
 Period = Literal["day", "month"]
 ADJECTIVE = {"day": "daily", "month": "monthly"}
+ALERTS_METRIC = "jetmesh.spend.alerts"
+"""The counter of spend alerts (attributes `jetmesh.spend.scope`, `jetmesh.tenant` or
+`jetmesh.user`, `jetmesh.spend.period`)."""
 
 
 class Cap(BaseModel):
@@ -152,6 +159,8 @@ class SpendBook:
     caps: SpendCaps
     replicas: int = 1
     attempts: int = 400
+    meter: metrics.Meter | None = None
+    """Where `jetmesh.spend.alerts` is counted (None: the global meter provider's)."""
     _kv: KeyValue | None = field(default=None, init=False)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
     _last: dict[str, tuple[SpendCounter, int]] = field(default_factory=dict, init=False)
@@ -161,6 +170,13 @@ class SpendBook:
     here instead of racing each other's compare-and-set (at 1,000 concurrent tasks on
     one counter the races alone took past the steps' time limits); replicas in other
     processes still race, and lose only to each other."""
+
+    def __post_init__(self) -> None:
+        meter = self.meter or metrics.get_meter("jetmesh.spendcaps", "0.1.0")
+        self._alerts = meter.create_counter(
+            ALERTS_METRIC, unit="{alert}",
+            description="Spend alerts: a tenant's or user's spend reached the alert share "
+                        "of a daily or monthly cap")
 
     def applies(self, tenant: str | None, user: str | None) -> bool:
         return bool(self.caps.counters(tenant, user, datetime.now(UTC)))
@@ -270,6 +286,10 @@ class SpendBook:
                 alerts.append(SpendAlert(scope=scope, who=who, period=period, key=key,
                                          cap_usd=cap, share=share, spent_usd=c.spent_usd,
                                          task_id=task_id, step_id=step_id))
+                self._alerts.add(1, {"jetmesh.spend.scope": scope,
+                                     f"jetmesh.{scope}": who if scope == "tenant"
+                                     else who_token(who),
+                                     "jetmesh.spend.period": period})
         return alerts
 
     async def release(self, res: SpendReservation) -> None:

@@ -1,5 +1,6 @@
 """Budgets over time: a tenant's daily cap across many concurrent tasks is never exceeded
-and its alert fires once (event and webhook); user caps; refusals release what they took."""
+and its alert fires once (event and webhook); user caps; refusals release what they took;
+the alert metric (jetmesh.spend.alerts) by tenant and by user."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from tenant_helpers import send_tenant_step
 
 from jetmesh.agents.models.sim import FunctionModel, tool_call
@@ -20,7 +23,14 @@ from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetRefused
 from jetmesh.bus.connection import connect, jetstream
-from jetmesh.bus.spendcaps import Cap, SpendBook, SpendCaps, spend_key
+from jetmesh.bus.spendcaps import (
+    ALERTS_METRIC,
+    Cap,
+    SpendBook,
+    SpendCaps,
+    spend_key,
+    who_token,
+)
 from jetmesh.orchestrator.audit import build_audit
 
 
@@ -167,11 +177,25 @@ async def test_a_tenants_daily_cap_holds_under_concurrency_and_alerts_once(
             await nc.close()
 
 
+def alert_counts(reader: InMemoryMetricReader) -> dict[tuple[tuple[str, Any], ...], int]:
+    """`jetmesh.spend.alerts` by attributes, from what the reader collected."""
+    out: dict[tuple[tuple[str, Any], ...], int] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name == ALERTS_METRIC:
+                    for p in m.data.data_points:
+                        out[tuple(sorted(p.attributes.items()))] = int(p.value)
+    return out
+
+
 async def test_user_caps_and_a_refusal_releases_every_reservation(bus) -> None:
     tenant, user = f"t-u-{ev.new_id()[:8]}", f"ann-{ev.new_id()[:8]}@example.com"
     caps = SpendCaps(tenants={tenant: Cap(daily_usd=1.0, monthly_usd=5.0)},
                      users={user: Cap(monthly_usd=0.25)})
-    book = SpendBook(bus.js, caps)
+    reader = InMemoryMetricReader()
+    book = SpendBook(bus.js, caps, meter=MeterProvider(metric_readers=[reader]).get_meter("t"))
     now = datetime.now(UTC)
     keys = [k for k, *_ in caps.counters(tenant, user, now)]
     assert [k.split(".")[0] for k in keys] == ["tenant", "tenant", "user"]
@@ -187,6 +211,17 @@ async def test_user_caps_and_a_refusal_releases_every_reservation(bus) -> None:
     assert await book.settle(r1, 0.15) == []  # below every alert share (0.8)
     r2 = await book.reserve(tenant, user, 0.1)
     assert r2 is not None
+    assert alert_counts(reader) == {}
     alerts = await book.settle(r2, 0.06)  # the user's spend: 0.21 >= 0.8 * 0.25
     assert [(x.scope, x.period) for x in alerts] == [("user", "month")]
+    # The metric beside the event and the webhook: the user's key token, not the e-mail.
+    assert alert_counts(reader) == {(("jetmesh.spend.period", "month"),
+                                     ("jetmesh.spend.scope", "user"),
+                                     ("jetmesh.user", who_token(user))): 1}
+    r3 = await book.reserve(tenant, None, 0.7)  # the tenant's day: 0.21 + 0.7 >= 0.8
+    assert r3 is not None
+    assert [(x.scope, x.period) for x in await book.settle(r3, 0.7)] == [("tenant", "day")]
+    assert alert_counts(reader)[(("jetmesh.spend.period", "day"),
+                                 ("jetmesh.spend.scope", "tenant"),
+                                 ("jetmesh.tenant", tenant))] == 1
     assert await book.reserve(f"{tenant}-other", None, 10.0) is None  # no cap applies
