@@ -5,7 +5,7 @@ from the task's ledger entries) to the `jm-stats` bucket under `task.<task_id>`,
 it exports the task's trace. The key is the task, so a redelivered end (a restart) puts
 the same value again: every task counts once. `jetmesh stats` reads the records (not
 the ledger) and aggregates them (`aggregate`, pure) over a time window, by workflow,
-agent or model.
+tenant, agent, skill or model.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ STATS_TTL_S = 30 * 86400.0
 NO_TENANT = "(none)"
 """The tenant group of tasks submitted without one (and of records written before tenants)."""
 """How long a task's record is kept in the projection."""
-BY = ("workflow", "tenant", "agent", "model")
+BY = ("workflow", "tenant", "agent", "skill", "model")
 
 
 _COUNTS = ("cost_usd", "model_calls", "tool_calls", "tokens", "input_tokens",
@@ -64,6 +64,13 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
     start = state.created_at or entries[0].event.time
     agents: dict[str, dict[str, float]] = {}
     models: dict[str, dict[str, float]] = {}
+    skills: dict[str, dict[str, float]] = {}
+    """Per skill: what the task's steps of that skill did (the orchestrator's own plan
+    and merge calls belong to no skill)."""
+
+    def skill_row(step_id: str | None) -> dict[str, float] | None:
+        st = state.steps.get(step_id) if step_id else None
+        return skills.setdefault(st.skill, _row()) if st is not None else None
     approvals = {"requested": 0, "granted": 0, "denied": 0}
     budget_refusals = retries = 0
     wait_s = 0.0
@@ -74,8 +81,10 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
         match e:
             case ev.ModelCalled():
                 d = e.data
-                for table, name in ((agents, d.agent), (models, f"{d.provider}/{d.model}")):
-                    row = table.setdefault(name, _row())
+                rows = [agents.setdefault(d.agent, _row()),
+                        models.setdefault(f"{d.provider}/{d.model}", _row())]
+                srow = skill_row(d.step_id)
+                for row in rows if srow is None else [*rows, srow]:
                     row["cost_usd"] += d.cost_usd
                     row["model_calls"] += 1
                     row["tokens"] += d.input_tokens + d.output_tokens
@@ -83,12 +92,15 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
                     row["cache_read_tokens"] += d.cache_read_tokens
                     row["cache_write_tokens"] += d.cache_write_tokens
             case ev.ToolCalled():
-                row = agents.setdefault(e.data.agent, _row())
-                row["tool_calls"] += 1
-                row["tool_cache_hits"] += e.data.cache_hit
+                for row in (agents.setdefault(e.data.agent, _row()), skill_row(e.data.step_id)):
+                    if row is not None:
+                        row["tool_calls"] += 1
+                        row["tool_cache_hits"] += e.data.cache_hit
             case ev.ModelRouted():
-                row = agents.setdefault(e.data.agent, _row())
-                row["escalations"] += e.data.from_tier is not None and e.data.outcome == "chosen"
+                escalated = e.data.from_tier is not None and e.data.outcome == "chosen"
+                for row in (agents.setdefault(e.data.agent, _row()), skill_row(e.data.step_id)):
+                    if row is not None:
+                        row["escalations"] += escalated
                 silent_failures += e.data.trigger == "validator"
             case ev.ApprovalRequested():
                 approvals["requested"] += 1
@@ -126,6 +138,7 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
         "retries": retries,
         "silent_failures_caught": silent_failures,
         "agents": agents,
+        "skills": skills,
         "models": models,
     }
 
@@ -206,8 +219,9 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def aggregate(records: Iterable[dict[str, Any]], *, since: datetime | None = None,
               by: str | None = None) -> dict[str, Any]:
     """The figures over the records that ended at or after `since`; with `by`
-    (workflow, tenant, agent, model) also per group (a task counts in every agent's or model's
-    group it used; cost and calls there are that agent's or model's own)."""
+    (workflow, tenant, agent, skill, model) also per group (a task counts in every agent's,
+    skill's or model's group it used; cost and calls there are that group's own: a skill's
+    are its steps', without the orchestrator's plan and merge calls)."""
     rows = [r for r in records
             if since is None or datetime.fromisoformat(r["ended_at"]) >= since]
     out: dict[str, Any] = {"all": _figures(rows)}
@@ -216,11 +230,11 @@ def aggregate(records: Iterable[dict[str, Any]], *, since: datetime | None = Non
         for r in rows:
             groups.setdefault(r.get(by) or NO_TENANT, []).append(r)
         out[f"by_{by}"] = {k: _figures(v) for k, v in sorted(groups.items())}
-    elif by in ("agent", "model"):
-        table = "agents" if by == "agent" else "models"
+    elif by in ("agent", "skill", "model"):
+        table = {"agent": "agents", "skill": "skills", "model": "models"}[by]
         per: dict[str, dict[str, Any]] = {}
         for r in rows:
-            for name, row in r[table].items():
+            for name, row in r.get(table, {}).items():  # records before skills: none
                 g = per.setdefault(name, {"tasks": 0, "completed": 0, **_row()})
                 g["tasks"] += 1
                 g["completed"] += r["status"] == "completed"

@@ -162,7 +162,8 @@ def stats_cmd(
     url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
     since: Annotated[str | None, typer.Option(help="Window: tasks ended within it "
                                                    "(e.g. 24h, 7d; default all).")] = None,
-    by: Annotated[str | None, typer.Option(help="Also per workflow, tenant, agent or model.")
+    by: Annotated[str | None, typer.Option(
+        help="Also per workflow, tenant, agent, skill or model.")
                   ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
