@@ -191,19 +191,30 @@ def orchestrator_cmd(
     async def main() -> None:
         from jetmesh.agents.models.factory import create_model
         from jetmesh.bus.connection import connect, jetstream
-        from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
+        from jetmesh.bus.settings import BusSettings
+        from jetmesh.orchestrator.service import (
+            Orchestrator,
+            OrchestratorSettings,
+            real_directory,
+        )
 
         settings = OrchestratorSettings()
         model = create_model(settings.planner_provider, settings.planner_model)
 
         async def start() -> Any:
             nc = await connect(target, name="jetmesh-orchestrator")
-            orch = Orchestrator(nc, jetstream(nc), model=model, settings=settings)
+            js = jetstream(nc)
+            bus_settings = BusSettings()
+            directory = real_directory(js, settings, bus_settings)  # the ports, passed in
+            await directory.start()
+            orch = Orchestrator(nc, js, model=model, settings=settings,
+                                bus_settings=bus_settings, directory=directory)
             await orch.start()
             return orch
 
         async def stop(orch: Any) -> None:
             await orch.stop()
+            await orch.directory.stop()
             await orch.nc.close()
             await model.aclose()
 
