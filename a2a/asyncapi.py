@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.dlq import DeadLetter
+from jetmesh.bus.settings import LOCAL_NATS_URL
 from jetmesh.memory.protocol import (
     OPERATIONS,
     AddRequest,
@@ -141,7 +142,7 @@ def _doc_only(name: str) -> Any:
     return handler
 
 
-def contract_broker(url: str = "nats://localhost:4222") -> NatsBroker:
+def contract_broker(url: str = LOCAL_NATS_URL) -> NatsBroker:
     """A FastStream broker (never connected) declaring every channel of `CONTRACT`."""
     broker = NatsBroker(url)
     for ch in CONTRACT:
@@ -155,7 +156,7 @@ def contract_broker(url: str = "nats://localhost:4222") -> NatsBroker:
     return broker
 
 
-def asyncapi_document(url: str = "nats://localhost:4222") -> dict[str, Any]:
+def asyncapi_document(url: str = LOCAL_NATS_URL) -> dict[str, Any]:
     """The AsyncAPI 3.0 document (a JSON object) of the contract, server at `url`."""
     spec = AsyncAPI(contract_broker(url), title="jetmesh NATS contract", version=VERSION,
                     description="The subjects a jetmesh mesh receives and sends, with the "
@@ -178,7 +179,7 @@ def asyncapi_document(url: str = "nats://localhost:4222") -> dict[str, Any]:
     return doc
 
 
-def asyncapi_json(url: str = "nats://localhost:4222") -> str:
+def asyncapi_json(url: str = LOCAL_NATS_URL) -> str:
     """The document as stable, indented JSON (what `docs/asyncapi.json` holds)."""
     return json.dumps(asyncapi_document(url), indent=2, sort_keys=True) + "\n"
 
@@ -194,7 +195,7 @@ class _Rendered:
         return self.text
 
 
-def asyncapi_html(url: str = "nats://localhost:4222") -> str:
+def asyncapi_html(url: str = LOCAL_NATS_URL) -> str:
     """A page rendering the document (FastStream's AsyncAPI React page)."""
     doc = _Rendered("jetmesh NATS contract", json.dumps(asyncapi_document(url)))
     return get_asyncapi_html(doc, try_it_out=False)  # type: ignore[arg-type]

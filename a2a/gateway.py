@@ -86,7 +86,7 @@ from jetmesh.agents.signing import CardSigner, CardVerifier
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus import tracing
-from jetmesh.bus.settings import GATEWAY_PORT, BusSettings
+from jetmesh.bus.settings import GATEWAY_PORT, LOCAL_NATS_URL, BusSettings
 from jetmesh.bus.subjects import InvalidIdError, check_id
 from jetmesh.bus.tracecontext import parse_traceparent
 from jetmesh.orchestrator.client import AmbiguousApproval, Client, ControlRefused, TaskExists
@@ -675,7 +675,7 @@ class _AgentApps:
 
 def _contract_routes(nats_url: str | None) -> list[BaseRoute]:
     """``/asyncapi.json`` (the mesh's NATS contract, AsyncAPI 3.0) and ``/asyncapi``."""
-    server = (nats_url or "nats://localhost:4222").split(",")[0].strip()
+    server = (nats_url or LOCAL_NATS_URL).split(",")[0].strip()
     made: dict[str, Any] = {}
 
     async def document(_: Request) -> Response:

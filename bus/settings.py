@@ -44,6 +44,8 @@ NATS server's data (``nats/``), credentials, card keys (``keys/``), the dashboar
 tokens, embedded Qdrant (``qdrant/``) and the built-in tools' records."""
 NATS_PORT = 4222
 """The NATS client port `jetmesh up` and `jetmesh nats` prefer (a free one if taken)."""
+LOCAL_NATS_URL = f"nats://localhost:{NATS_PORT}"
+"""The server documents name when given none (the AsyncAPI contract, cards)."""
 GATEWAY_PORT_ENV = "JETMESH_GATEWAY_PORT"
 GATEWAY_PORT = 8080
 """The A2A HTTP gateway's (and dashboard's) default port."""

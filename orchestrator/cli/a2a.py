@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from jetmesh.bus.settings import GATEWAY_PORT, GATEWAY_PORT_ENV, NATS_PORT
+from jetmesh.bus.settings import GATEWAY_PORT, GATEWAY_PORT_ENV, LOCAL_NATS_URL
 from jetmesh.orchestrator.cli.kit import (
     DEFAULT_DATA,
     DataDirOpt,
@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Write it here "
                                                  "(default: stdout).")] = None,
         server: Annotated[str, typer.Option(help="The NATS server named in the document.")]
-        = f"nats://localhost:{NATS_PORT}",
+        = LOCAL_NATS_URL,
     ) -> None:
         """The mesh's public NATS contract as an AsyncAPI 3.0 document (JSON)."""
         from jetmesh.a2a.asyncapi import asyncapi_json

@@ -295,7 +295,7 @@ def register(app: typer.Typer) -> None:
             help="Seconds to wait for NATS / HTTP.")] = 3.0,
         gateway_url: Annotated[str | None, typer.Option(
             "--gateway-url", help="Agent card URL (default: 127.0.0.1:"
-                                  "$JETMESH_GATEWAY_PORT, 8080).")] = None,
+                                  f"${GATEWAY_PORT_ENV}, {GATEWAY_PORT}).")] = None,
         any_host: Annotated[bool, typer.Option(
             "--any-host", help="worker: accept a live replica on any host.")] = False,
         agent_ttl: Annotated[float, typer.Option(
