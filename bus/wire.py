@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import re
+from collections import deque
 from typing import Any
 
 from jetmesh.bus.errors import WireError as WireError
@@ -97,6 +98,12 @@ def _as_bytes(raw: bytes | bytearray | memoryview | str) -> bytes:
     return bytes(raw)
 
 
+_PASSED: deque[tuple[bytes, int]] = deque(maxlen=8)
+"""The last bytes objects that passed, with the depth limit they passed: a message is
+checked once at its consumer's edge and again by the decoder its handler calls (the
+same object: bytes never change), so the second check is an identity lookup."""
+
+
 def check_json(raw: bytes | bytearray | memoryview | str, *,
                max_bytes: int = MAX_MESSAGE_BYTES,
                max_depth: int = MAX_JSON_DEPTH) -> bytes:
@@ -107,6 +114,10 @@ def check_json(raw: bytes | bytearray | memoryview | str, *,
     it look closer; strings are set aside (with bytes methods, no regex, no recursion)
     only when the raw bytes hold more brackets than `max_depth`, a `NaN`/`Infinity`, an
     exponent or a long run of digits. A typical event costs a few microseconds."""
+    if type(raw) is bytes:
+        for seen, depth in tuple(_PASSED):  # (a copy: a thread may append meanwhile)
+            if seen is raw and depth <= max_depth and len(raw) <= max_bytes:
+                return raw
     data = _as_bytes(raw)
     if len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds {max_bytes}")
@@ -124,9 +135,9 @@ def check_json(raw: bytes | bytearray | memoryview | str, *,
     numeric = data.translate(_NUMERIC)
     odd = (b"NaN" in data or b"Infinity" in data or _MANY_DIGITS in numeric
            or _BIG_EXPONENT.search(numeric) is not None)
-    brackets = data.translate(None, delete=_NOT_BRACKET)
-    deep = len(brackets) > max_depth
+    deep = data.count(b"{") + data.count(b"[") > max_depth  # no deeper than it opens
     if not deep and not odd:
+        _PASSED.append((data, max_depth))
         return data
     bare = _outside_strings(_unescaped(data) if plain is None else plain)
     if odd:
@@ -135,6 +146,7 @@ def check_json(raw: bytes | bytearray | memoryview | str, *,
         steps = memoryview(bare.translate(_STEPS, delete=_NOT_BRACKET)).cast("b")
         if len(steps) > max_depth and max(itertools.accumulate(steps)) > max_depth:
             raise WireError(f"JSON nested deeper than {max_depth} levels")
+    _PASSED.append((data, max_depth))
     return data
 
 
