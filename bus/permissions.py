@@ -31,7 +31,8 @@ Roles:
   registry; for the dashboard it keeps the `jm-tasks` projection, reads `jm-stats` and
   lists dead letters. It cannot approve.
 - **tenants**: the tenant service (bus.tenancy): answers tenant accounts' task reads
-  (`jm.tenant.*.tasks.*`) from the ledger and copies their tasks' events to
+  (`jm.tenant.*.tasks.*`: get, and cancel on the task's control subject, checked to be
+  the tenant's) from the ledger and copies their tasks' events to
   `jm.tenant.<T>.task.>` (the only role that may publish there).
 - **telemetry**: reads the ledger and pulls its own `telemetry` durables on the ledger's
   task subjects and on the steps' logs (traces derived from the ledger); writes only its
@@ -447,6 +448,7 @@ def tenants_permissions(options: Options | None = None) -> Permissions:
     pub += stream_info(JM_STREAMS)
     pub += ledger_reads() + ordered_reader(subjects.STREAM_LEDGER)
     pub.append(subjects.ALL_TENANT_TASK_EVENTS)
+    pub.append(subjects.ALL_CONTROL)  # a tenant's cancel of its own task (jm.tasks.cancel)
     sub.append(subjects.ALL_TENANT_TASK_OPS)
     return Permissions(_dedupe(pub), _dedupe(sub), allow_responses=True)
 

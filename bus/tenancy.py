@@ -11,7 +11,9 @@ mesh account's per-tenant exports, each granted to that tenant's account alone:
 - `jm.memory.<op>` (request) lands as `jm.tenant.<T>.memory.<op>`; the memory service
   scopes the request by the subject's tenant.
 - `jm.tasks.get` (request) lands as `jm.tenant.<T>.tasks.get`; `TenantService` answers
-  with the task's ledger events if the task is T's (another's is not found).
+  with the task's ledger events if the task is T's (another's is not found);
+  `jm.tasks.cancel` likewise asks for a cancel of one of T's tasks (recorded `by`
+  `nats:tenant-<T>`).
 - a subscription to `jm.task.<task>.>` receives the mesh's stream export
   `jm.tenant.<T>.task.<task>.>`: `TenantService`'s live copy of T's tasks' events.
 
@@ -235,6 +237,15 @@ class GetRequest(BaseModel):
     limit: int = Field(default=500, ge=1, le=5_000)
 
 
+class CancelRequest(BaseModel):
+    """`jm.tasks.cancel`: cancel one of the tenant's tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field(default="canceled by request", max_length=2_000)
+
+
 class EventOut(BaseModel):
     seq: int
     subject: str
@@ -245,7 +256,8 @@ class TaskReply(BaseModel):
     ok: bool
     error: str | None = None
     """`not_found` (no such task of this tenant: another tenant's is not found either),
-    `invalid_request`, `unknown_operation`."""
+    `finished` (a cancel of a task that has ended), `invalid_request`,
+    `unknown_operation`."""
     message: str | None = None
     events: list[EventOut] = Field(default_factory=list)
     more: bool = False
@@ -327,17 +339,21 @@ class TenantService:
         op = subject.rsplit(".", 1)[-1]
         if tenant is None:
             return TaskReply(ok=False, error="invalid_request", message="no tenant")
-        if op != "get":
+        if op not in ("get", "cancel"):
             return TaskReply(ok=False, error="unknown_operation",
-                             message=f"unknown task operation {op!r}; known: get")
+                             message=f"unknown task operation {op!r}; known: get, cancel")
+        req: GetRequest | CancelRequest
         try:
-            req = GetRequest.model_validate_json(data or b"{}")
+            req = (GetRequest if op == "get" else CancelRequest).model_validate_json(
+                data or b"{}")
         except ValidationError as e:
             return TaskReply(ok=False, error="invalid_request",
-                             message=f"invalid get request: {e.error_count()} error(s)")
+                             message=f"invalid {op} request: {e.error_count()} error(s)")
         if not await self.tenants.owns(tenant, req.task_id):
             return TaskReply(ok=False, error="not_found",
                              message=f"no task {req.task_id!r} of tenant {tenant!r}")
+        if isinstance(req, CancelRequest):
+            return await self._cancel(tenant, req)
         entries = await self.ledger.read(req.task_id, from_seq=req.from_seq,
                                          limit=req.limit + 1, without_logs=True)
         out = TaskReply(ok=True)
@@ -352,3 +368,18 @@ class TenantService:
             out.events.append(item)
         out.more = out.more or len(entries) > req.limit
         return out
+
+    async def _cancel(self, tenant: str, req: CancelRequest) -> TaskReply:
+        """Ask for the cancel on the task's control subject (the orchestrator acts on
+        it), unless the task has ended."""
+        own = await self.ledger.read(req.task_id, subject=subjects.task_events(req.task_id))
+        if any(isinstance(e.event, ev.TERMINAL_TASK_EVENTS) for e in own):
+            return TaskReply(ok=False, error="finished",
+                             message=f"task {req.task_id!r} has ended")
+        first = own[0].event if own else None
+        seq = await self.ledger.append(ev.CancelRequested(
+            subject=req.task_id, source="jetmesh/tenants",
+            traceparent=first.traceparent if first is not None else None,
+            data=ev.CancelRequestedData(reason=req.reason,
+                                        by=f"nats:{tenant_account(tenant)}")))
+        return TaskReply(ok=True, message=f"cancel requested (seq {seq})")

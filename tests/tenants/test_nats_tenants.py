@@ -51,7 +51,11 @@ A, B = "acme", "globex"
 AGENTS = {"orders": [s.id for s in get_agent("orders").skills]}
 LOOKUP = Workflow(name="lookup", steps=[PlanStep(id="only", skill="lookup_order",
                                                  input={"order_id": {"$ref": "task.goal"}})])
-END_TYPES = ("jetmesh.task.completed.v1", "jetmesh.task.failed.v1")
+WAITS = Workflow(name="waits", steps=[PlanStep(id="only", skill="nobody_serves_this",
+                                               input={"q": {"$ref": "task.goal"}})])
+"""A task that waits (no agent offers its skill) until it is canceled."""
+END_TYPES = ("jetmesh.task.completed.v1", "jetmesh.task.failed.v1",
+             "jetmesh.task.canceled.v1")
 TENANT_DLQ = subjects.dlq(subjects.STREAM_TASKS, subjects.CONSUMER_ORCH_TENANT_SUBMIT)
 
 
@@ -69,10 +73,15 @@ class Follow:
 
     async def ended(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
         """The task's end event, as soon as the subscription has it."""
+        return await self.seen(task_id, END_TYPES, timeout)
+
+    async def seen(self, task_id: str, types: tuple[str, ...], timeout: float = 30.0
+                   ) -> dict[str, Any]:
+        """The task's first event of one of `types`, as soon as the subscription has it."""
         async def wait() -> dict[str, Any]:
             while True:
                 for subject, _, event in self.got:
-                    if subjects.task_id_of(subject) == task_id and event["type"] in END_TYPES:
+                    if subjects.task_id_of(subject) == task_id and event["type"] in types:
                         return event
                 self._changed.clear()
                 await self._changed.wait()
@@ -138,7 +147,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         orch_nc = await m.role("orchestrator")
         orch = Orchestrator(orch_nc, jetstream(orch_nc), model=SimModel(),
                             settings=OrchestratorSettings(tick_s=0.1),
-                            workflows=WorkflowRegistry([LOOKUP]))
+                            workflows=WorkflowRegistry([LOOKUP, WAITS]))
         await orch.start()
         stack.push_async_callback(orch.stop)
         mem_nc = await m.role("memory")
@@ -235,6 +244,18 @@ async def test_a_tenant_submits_follows_reads_and_remembers_through_its_account(
     assert [i["text"] for i in found["result"]["items"]] == ["Ann likes tea"]
     unscoped = await ask(a, subjects.memory("search"), {"query": "tea"})
     assert unscoped is not None and not unscoped["ok"], unscoped
+    # A cancel of its own waiting task, through the account; recorded as the account.
+    waiting = new_id("t-wait")
+    await submit(a, waiting, "anyone?", workflow="waits")
+    await live.seen(waiting, ("jetmesh.step.dispatched.v1",))
+    canceled = await ask(a, f"{subjects.TASK_OPS}.cancel", {"task_id": waiting})
+    assert canceled is not None and canceled["ok"], canceled
+    assert (await live.ended(waiting))["type"] == "jetmesh.task.canceled.v1"
+    asked = [e.event for e in await mesh.ledger.read(waiting)
+             if isinstance(e.event, ev.CancelRequested)]
+    assert [c.data.by for c in asked] == [f"nats:{tenant_user(A)}"]
+    again = await ask(a, f"{subjects.TASK_OPS}.cancel", {"task_id": waiting})
+    assert again is not None and again["error"] == "finished", again
     assert not any(mesh.errors.values()), mesh.errors
 
 
@@ -288,6 +309,11 @@ async def _ledger_subject(nc: NATS, subject: str, event: ev.Event, mesh: Mesh,
     request): access if it was stored or the task's ledger changed."""
     stored = await _mesh_subject(nc, subject, event.model_dump_json().encode())
     return stored or len(await mesh.ledger.read(v.task)) != v.ledger_size
+
+
+async def _cancel_op(nc: NATS, mesh: Mesh, v: Victim) -> bool:
+    got = await ask(nc, f"{subjects.TASK_OPS}.cancel", {"task_id": v.task})
+    return bool(got and got.get("ok")) or len(await mesh.ledger.read(v.task)) != v.ledger_size
 
 
 async def _cancel(nc: NATS, mesh: Mesh, v: Victim) -> bool:
@@ -433,6 +459,7 @@ TABLE = [
     Row("spend", "a put on A's spend counter ($KV.jm-spend)", _spend_counter, False),
     Row("read", "a replay of A's task (its recorded calls)", _replay_a_task, False),
     Row("cancel", "CancelRequested on A's control subject", _cancel, False),
+    Row("cancel", "jm.tasks.cancel of A's task", _cancel_op, None),
     Row("approve", "ApprovalGranted on A's approval subject", _approve, False),
     Row("cancel", "memory forget of A's task", _memory_forget, None),
 ]
