@@ -43,6 +43,7 @@ INTERNAL = {
     "killswitch_key": "a key of the jm-killswitch bucket (operators' switch), not a subject",
     "spend_key": "a key of a spend-caps bucket, not a subject",
     "direct_get": "JetStream API", "consumer_next": "JetStream API",
+    "stream_info_api": "JetStream API",
     "tenant_of": "parses a subject",
     **dict.fromkeys(("tenant_submit", "tenant_memory", "tenant_task_ops", "tenant_task_events"),
                     "the mesh account's side of a tenant account's import (bus.tenancy): a "
