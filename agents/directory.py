@@ -39,6 +39,8 @@ class Presence:
     card: dict[str, Any] | None = None
     skills: list[dict[str, Any]] = field(default_factory=list)
     """The unsigned skill list beside the card (presence values from before cards)."""
+    tenants: list[str] | None = None
+    """The tenants a private agent serves (AgentSpec.tenants); None: every tenant."""
 
 
 def parse_presence(key: str, value: dict[str, Any]) -> Presence:
@@ -51,6 +53,7 @@ def parse_presence(key: str, value: dict[str, Any]) -> Presence:
     breakers = value.get("breakers")
     card = value.get("card")
     skills = value.get("skills")
+    tenants = value.get("tenants")
     return Presence(
         key=key, agent=text("agent", "?"), replica=text("replica", key),
         version=text("version"), description=text("description"),
@@ -59,7 +62,9 @@ def parse_presence(key: str, value: dict[str, Any]) -> Presence:
         breakers={str(k): v for k, v in breakers.items() if isinstance(v, dict)}
         if isinstance(breakers, dict) else {},
         card=card if isinstance(card, dict) else None,
-        skills=[s for s in skills if isinstance(s, dict)] if isinstance(skills, list) else [])
+        skills=[s for s in skills if isinstance(s, dict)] if isinstance(skills, list) else [],
+        tenants=[t for t in tenants if isinstance(t, str)] if isinstance(tenants, list)
+        else None)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,12 @@ class LiveAgent:
     skills: list[SkillSpec]
     replicas: list[Replica] = field(default_factory=list)
     signed: bool = False
+    tenants: list[str] | None = None
+    """Private to these tenants (their steps go to `subjects.private_work`); None: shared."""
+
+    def private_to(self, tenant: str | None) -> bool:
+        """Whether this is a private agent of `tenant`."""
+        return tenant is not None and self.tenants is not None and tenant in self.tenants
 
     @property
     def skill_ids(self) -> list[str]:
@@ -175,7 +186,7 @@ class InMemoryDirectory:
         agent = LiveAgent(spec.name, spec.version, card or card_for_spec(spec),
                           list(spec.skills),
                           [Replica(f"{spec.name}.{i}", f"{spec.name}-{i}", now)
-                           for i in range(1, replicas + 1)])
+                           for i in range(1, replicas + 1)], tenants=spec.tenants)
         self._agents[spec.name] = agent
         self.changed.set()
         return agent

@@ -198,7 +198,8 @@ class Registry:
                 # the newest replica's card describes the agent (rolling upgrades)
                 reps = agent.replicas if agent else []
                 agent = by_name[card.name] = LiveAgent(card.name, card.version, card, skills,
-                                                       reps, signed=bool(card.signatures))
+                                                       reps, signed=bool(card.signatures),
+                                                       tenants=p.tenants)
                 newest[card.name] = entry.updated
             agent.replicas.append(rep)
         for key, reason in refused.items():

@@ -123,6 +123,12 @@ LIMITS = (
     "switch rules (jm-killswitch) are written by the admin alone; "
     "spend counters (jm-spend, <tenant|user>.<who>.<period>) are written by every agent, "
     "like the budget counters: an agent could change another tenant's counter.",
+    "Private agents (AgentSpec.tenants) take a tenant's steps from the private work subject "
+    "jm.work.<skill>.<tenant>; the users are generated from skills, not specs, so every "
+    "agent may consume its own skills' private work of each tenant given to "
+    "`nats-config --tenants` (and no other tenant's). The worker consumes only its "
+    "spec's tenants' private subjects (a shared agent none) and fails a step of any "
+    "other tenant `forbidden` (the submission's tenant, from the ledger).",
     "Legacy consumer creation ($JS.API.CONSUMER.DURABLE.CREATE.<stream>.<durable>) carries "
     "the filter in the body, so it cannot be bound to the skill's subject: a role holding "
     "it could create its own durable on another skill's subject. It is withheld unless "
@@ -325,8 +331,8 @@ def approver_permissions(options: Options | None = None) -> Permissions:
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 
-def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opts: Options
-                        ) -> tuple[list[str], list[str]]:
+def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opts: Options,
+                        tenants: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """An agent's (or, with agent None and skills ["*"], the bridge's) lists."""
     pub, sub = _common(user, opts)
     if opts.workers_declare:
@@ -339,6 +345,11 @@ def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opt
         durable = "*" if skill == "*" else subjects.work_consumer(skill)
         filt = subjects.ANY_WORK if skill == "*" else subjects.work(skill)
         pub += pull_consumer(subjects.STREAM_WORK, durable, filt, opts)
+        if skill != "*":  # its skills' private work of the tenants with accounts
+            for t in tenants:
+                pub += pull_consumer(subjects.STREAM_WORK,
+                                     subjects.private_work_consumer(skill, t),
+                                     subjects.private_work(skill, t), opts)
     pub += [subjects.ALL_STEP_EVENTS, subjects.ALL_STEP_LOGS]
     if opts.agents_write_control:
         pub.append(subjects.ALL_CONTROL)
@@ -368,13 +379,16 @@ def _worker_permissions(user: str, agent: str | None, skills: Sequence[str], opt
     return pub, sub
 
 
-def agent_permissions(agent: str, skills: Sequence[str], options: Options | None = None
-                      ) -> Permissions:
-    """An agent's replicas: only their own skills' work, step appends, their registry keys."""
+def agent_permissions(agent: str, skills: Sequence[str], options: Options | None = None,
+                      tenants: Sequence[str] = ()) -> Permissions:
+    """An agent's replicas: only their own skills' work (and, for `tenants`, their
+    skills' private work subjects, which a private agent of such a tenant serves), step
+    appends, their registry keys."""
     opts = options or Options()
     for s in skills:
         subjects.check_id(s, "skill")
-    pub, sub = _worker_permissions(user_name(ROLE_AGENT, agent), agent, skills, opts)
+    pub, sub = _worker_permissions(user_name(ROLE_AGENT, agent), agent, skills, opts,
+                                   tenants)
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 
@@ -402,6 +416,7 @@ def orchestrator_permissions(options: Options | None = None) -> Permissions:
     pub += pull_consumer(subjects.STREAM_LEDGER, subjects.CONSUMER_ORCH_APPROVALS,
                          subjects.ALL_APPROVALS, opts)
     pub.append(subjects.ANY_WORK)  # step commands of every skill
+    pub.append(subjects.ANY_PRIVATE_WORK)  # ... and for tenants' private agents
     # A refused submission is answered on the submitter's inbox (its Jm-Reply-To
     # header): the inboxes of the roles that submit (the gateway, the operator's CLI).
     pub += [_inbox_sub(r, opts) for r in (ROLE_GATEWAY, ROLE_ADMIN)]
@@ -495,8 +510,8 @@ def gateway_permissions(options: Options | None = None) -> Permissions:
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 
-def plan(agents: Mapping[str, Sequence[str]], options: Options | None = None
-         ) -> list[RoleUser]:
+def plan(agents: Mapping[str, Sequence[str]], options: Options | None = None,
+         tenants: Sequence[str] = ()) -> list[RoleUser]:
     """Every user of a deployment: admin, approver, orchestrator, memory, gateway, bridge,
     one per agent."""
     opts = options or Options()
@@ -518,7 +533,8 @@ def plan(agents: Mapping[str, Sequence[str]], options: Options | None = None
         skills = tuple(agents[agent])
         user = user_name(ROLE_AGENT, agent)
         users.append(RoleUser(ROLE_AGENT, user, inbox_prefix(user, opts),
-                              agent_permissions(agent, skills, opts), agent, skills))
+                              agent_permissions(agent, skills, opts, tenants), agent,
+                              skills))
     return users
 
 
@@ -546,10 +562,10 @@ class AuthConfig:
                tenants: Iterable[str] = ()) -> AuthConfig:
         from jetmesh.bus import tenancy
 
-        users = tuple(plan(agents, options))
+        names = tenancy.check_tenants(tenants)
+        users = tuple(plan(agents, options, names))
         given = dict(passwords or {})
         fresh = generate_passwords(u for u in users if u.user not in given)
-        names = tenancy.check_tenants(tenants)
         return cls(users, {**fresh, **given, **tenancy.tenant_passwords(names, given)},
                    names)
 

@@ -128,9 +128,14 @@ async def declare_streams(
     return DeclareReport(created, updated, unchanged)
 
 
-def work_consumer_config(skill: str, settings: BusSettings | None = None) -> ConsumerConfig:
-    """The durable pull consumer shared by every replica serving `skill`."""
+def work_consumer_config(skill: str, settings: BusSettings | None = None,
+                         tenant: str | None = None) -> ConsumerConfig:
+    """The durable pull consumer shared by every replica serving `skill` (with `tenant`:
+    by the replicas of that tenant's private agents, on `subjects.private_work`)."""
     s = settings or BusSettings()
+    if tenant is not None:
+        return pull_consumer_config(subjects.private_work_consumer(skill, tenant),
+                                    subjects.private_work(skill, tenant), s)
     return pull_consumer_config(subjects.work_consumer(skill), subjects.work(skill), s)
 
 

@@ -135,6 +135,11 @@ def direct_get(stream: str, last_by_subject: str | None = None) -> str:
     return f"{base}.{last_by_subject}" if last_by_subject else base
 
 
+def stream_info_api(api_prefix: str, stream: str) -> str:
+    """Where a stream's info (its config and state: last sequence) is asked."""
+    return f"{api_prefix}.STREAM.INFO.{stream}"
+
+
 def consumer_next(api_prefix: str, stream: str, durable: str) -> str:
     """Where a pull request for a durable consumer's next messages goes."""
     return f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
@@ -218,6 +223,28 @@ def work(skill: str) -> str:
 def work_consumer(skill: str) -> str:
     """The durable pull consumer every replica serving `skill` shares."""
     return f"work-{check_id(skill, 'skill')}"
+
+
+ANY_PRIVATE_WORK = f"{PREFIX}.work.*.*"
+"""Every private work subject (`private_work`)."""
+
+
+def private_work(skill: str, tenant: str) -> str:
+    """The work subject of `skill` for the agents private to `tenant` (AgentSpec.tenants):
+    the orchestrator dispatches a tenant's step here when such an agent is live, and
+    shared agents never consume it (nor private agents the shared `work(skill)`)."""
+    return f"{PREFIX}.work.{check_id(skill, 'skill')}.{check_id(tenant, 'tenant')}"
+
+
+def is_private_work(subject: str) -> bool:
+    """Whether `subject` is a private work subject (`jm.work.<skill>.<tenant>`)."""
+    parts = subject.split(".")
+    return len(parts) == 4 and parts[0] == PREFIX and parts[1] == "work"
+
+
+def private_work_consumer(skill: str, tenant: str) -> str:
+    """The durable the replicas of `tenant`'s private agents serving `skill` share."""
+    return f"work-{check_id(skill, 'skill')}--{check_id(tenant, 'tenant')}"
 
 
 def memory(op: str) -> str:

@@ -229,8 +229,17 @@ class Effects:
                                        attempt=a.attempt)))
         out.commands.append(self.command(state, a))
 
-    @staticmethod
-    def command(state: TaskState, a: d.Dispatch) -> Command:
+    def _work_subject(self, skill: str, tenant: str | None) -> str:
+        """A tenant's step goes to its private agents' subject when one of them serving
+        the skill is live, else to the skill's shared subject: another tenant's private
+        agent never sees it (bus.subjects.private_work)."""
+        directory = self.skills.directory
+        if tenant is not None and directory is not None and any(
+                a.private_to(tenant) for a in directory.agents(skill=skill)):
+            return subjects.private_work(skill, tenant)
+        return subjects.work(skill)
+
+    def command(self, state: TaskState, a: d.Dispatch) -> Command:
         sub = state.submitted
         assert sub is not None
         budget = sub.budget
@@ -248,7 +257,8 @@ class Effects:
                              deadline=deadline, traceparent=state.traceparent,
                              context=state.context if state.context and state.context.turns
                              else None)
-        return Command(subjects.work(a.skill), cmd.model_dump_json(exclude_none=True).encode(),
+        return Command(self._work_subject(a.skill, sub.tenant),
+                       cmd.model_dump_json(exclude_none=True).encode(),
                        {hdr.MSG_ID: f"{state.task_id}-{a.step_id}-{a.attempt}",
                         **({hdr.TRACEPARENT: state.traceparent} if state.traceparent else {})})
 
@@ -276,6 +286,8 @@ class Effects:
         if self.js is None:  # in-memory ports: no work stream
             return
         for c in commands:
+            if subjects.is_private_work(c.subject):
+                continue  # its live private agents made its consumer
             skill = c.subject.rsplit(".", 1)[-1]
             if skill in self._work_consumers:
                 continue
