@@ -501,10 +501,14 @@ class Worker:
             await self._attach_mcp()
         await declare_streams(self.js, self.bus_settings)
         await self.killswitch.start()  # loaded before the first step is taken
-        for skill in self.spec.skills:
+        # A private agent (spec.tenants) serves its tenants' private work subjects only;
+        # a shared one the skill's own subject.
+        tenants: list[str | None] = list(self.spec.tenants) if self.spec.tenants is not None \
+            else [None]
+        for skill, tenant in ((sk, t) for sk in self.spec.skills for t in tenants):
             runner = PullRunner(
                 self.js, subjects.STREAM_WORK,
-                work_consumer_config(skill.id, self.bus_settings),
+                work_consumer_config(skill.id, self.bus_settings, tenant),
                 self.handle, on_dead_letter=self._dead_lettered,
                 concurrency=self.concurrency or self.settings.step_concurrency,
                 max_deliver=self.bus_settings.max_deliver,
@@ -565,6 +569,14 @@ class Worker:
         if accepted:
             self._set_spec(guard_spec(self._mcp.attach(self.spec)))
 
+    def _work_subject(self, cmd: ev.StepCommand) -> str:
+        """Where this agent takes `cmd` from: a private agent its tenant's private work
+        subject (if the command names one of its tenants), a shared one the skill's."""
+        tenants = self.spec.tenants
+        if tenants is not None and cmd.tenant in tenants and cmd.tenant is not None:
+            return subjects.private_work(cmd.skill, cmd.tenant)
+        return subjects.work(cmd.skill)
+
     async def _dead_lettered(self, msg: Msg, reason: str) -> None:
         """A step command that ran out of deliveries fails its step now, so the
         orchestrator retries or fails the task at once instead of at the step timeout."""
@@ -572,7 +584,7 @@ class Worker:
             cmd = ev.StepCommand.model_validate_json(msg.data)
         except ValidationError:
             return  # not a step: nothing to fail
-        if msg.subject != subjects.work(cmd.skill):
+        if msg.subject != self._work_subject(cmd):
             return
         try:  # only a command the ledger vouches for may fail its step
             if await self._dispatched(cmd, wait_s=0.0) is None:
@@ -605,7 +617,10 @@ class Worker:
         seconds."""
         subject = subjects.task_events(cmd.task_id)
         give_up = time.monotonic() + wait_s
-        pause = 0.02
+        # The command and its dispatch go out together, to two streams: the command is
+        # often delivered while the dispatch waits behind the batch's other fsync'd
+        # events (a few ms). Look again soon, then back off.
+        pause = 0.003
         known = self._vouched.pop(cmd.task_id, None) or _Vouched()
         self._vouched[cmd.task_id] = known  # most recent last
         while len(self._vouched) > 10_000:
@@ -707,7 +722,7 @@ class Worker:
         skill_ids = {s.id for s in self.spec.skills}
         if cmd.skill not in skill_ids:
             raise Reject(f"agent {self.spec.name} has no skill '{cmd.skill}'")
-        if msg.subject != subjects.work(cmd.skill):
+        if msg.subject != self._work_subject(cmd):
             raise Reject(f"a command for skill '{cmd.skill}' arrived on {msg.subject}: a "
                          "step runs only from its own skill's work subject")
         delivery = int(msg.metadata.num_delivered)
