@@ -80,7 +80,7 @@ from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
 from jetmesh.bus.consumer import is_transient
 from jetmesh.bus.dlq import dead_letter
-from jetmesh.bus.errors import LedgerWriteError, StreamConfigConflict
+from jetmesh.bus.errors import LedgerReadError, LedgerWriteError, StreamConfigConflict
 from jetmesh.bus.events import EVENT_ADAPTER
 from jetmesh.bus.ledger import LOG_SEQ_BASE, Ledger, LedgerEntry, decode_entry, is_log_seq
 from jetmesh.bus.presence import ensure_bucket
@@ -892,6 +892,8 @@ class _Pull:
         """Open pull requests: token -> [messages still due, when it lapses]."""
         self.replies: deque[tuple[int, str]] = deque()
         """(stream seq, reply subject) of first deliveries not acknowledged yet."""
+        self.again: list[tuple[int, str]] = []
+        """(-stream seq, reply subject) of redeliveries not acknowledged yet (a heap)."""
         self.paused = False
         self.last = 0
         """Highest stream sequence delivered (first deliveries, in order)."""
@@ -989,14 +991,28 @@ class _Pull:
         self.last = seq
         self.progress.set()
 
+    def keep_again(self, seq: int, reply: str) -> None:
+        """A redelivery (of what a killed predecessor was given): its reply can
+        acknowledge it and all before it, when nothing newer comes to do so."""
+        heapq.heappush(self.again, (-seq, reply))
+        while len(self.again) > 10_000:
+            self.again.pop()
+
     async def ack_through(self, seq: int) -> None:
         """Acknowledge every message up to stream sequence `seq` (AckPolicy all: one
         ack, the latest kept delivery's, stands for all before it)."""
-        reply = None
+        best: tuple[int, str] | None = None
         while self.replies and self.replies[0][0] <= seq:
-            reply = self.replies.popleft()[1]
-        if reply is not None:
-            await self.js._nc.publish(reply, b"+ACK")
+            best = self.replies.popleft()
+        if best is None and self.again:
+            while self.again and -self.again[0][0] > seq:
+                heapq.heappop(self.again)  # newer than what may be acknowledged: later
+            if self.again:
+                best = (-self.again[0][0], self.again[0][1])
+        if best is not None:
+            self.again = [x for x in self.again if -x[0] > best[0]]
+            heapq.heapify(self.again)
+            await self.js._nc.publish(best[1], b"+ACK")
 
 
 def _quiet(task: asyncio.Future[Any]) -> None:
@@ -1040,7 +1056,7 @@ class TelemetryService:
                  durable: str = subjects.CONSUMER_TELEMETRY, deliver_new: bool = False,
                  concurrency: int = 64, capture: bool | None = None,
                  stats: bool = True, metrics: bool | None = None,
-                 flush_s: float = 0.2, batch: int = MAX_BATCH_TRACES,
+                 flush_s: float = 0.5, batch: int = MAX_BATCH_TRACES,
                  max_tracked: int = 20_000) -> None:
         self.nc, self.js = nc, js
         self.bus_settings = bus_settings or BusSettings()
@@ -1219,8 +1235,10 @@ class TelemetryService:
                 acc.fresh = True
             if acc is not None and acc.fresh:
                 acc.ledger.append((seq, ts, msg.subject, msg.data))
-        elif task_id is None:
-            return
+        else:
+            self._led.keep_again(seq, msg.reply)
+            if task_id is None:
+                return
         if kind in _TERMINAL_TYPES and msg.subject == subjects.task_events(task_id) \
                 and task_id not in self._ends and task_id not in self._done:
             self._ends[task_id] = _End(task_id, seq, msg)
@@ -1229,6 +1247,7 @@ class TelemetryService:
     def _on_log(self, msg: Msg, seq: int, ts: int, deliveries: int) -> None:
         assert self._log is not None
         if seq <= self._log.last:
+            self._log.keep_again(seq, msg.reply)
             return  # delivered before: kept already (or not needed)
         self._log.keep(seq, msg.reply)
         if seq <= self._log_start:
@@ -1291,7 +1310,7 @@ class TelemetryService:
 
     async def _reach(self, pull: _Pull, stream: str) -> None:
         """Until `pull` was delivered everything `stream` held when this was called."""
-        target = (await self.js.stream_info(stream)).state.last_seq
+        target = await self._last_seq(stream)
         waited = 0.0
         while pull.last < target:
             pull.progress.clear()
@@ -1304,6 +1323,16 @@ class TelemetryService:
                 if info.num_pending == 0 and info.delivered.stream_seq >= target \
                         and waited >= 2.0:
                     return  # the last ones were deleted, or delivered to another replica
+
+    async def _last_seq(self, stream: str) -> int:
+        """The last sequence `stream` holds (its info, read without the whole config)."""
+        reply = await self.nc.request(subjects.stream_info_api(self.js._prefix, stream), b"",
+                                      timeout=self.bus_settings.request_timeout_s)
+        try:
+            info = json.loads(reply.data)
+            return int(info["state"]["last_seq"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise LedgerReadError(f"info of {stream}: {reply.data[:200]!r}") from e
 
     async def _flush(self) -> None:
         assert self._led is not None and self._log is not None

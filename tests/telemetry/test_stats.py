@@ -156,8 +156,27 @@ async def _stats_over_a_mix(make_mesh, bus, n: int, tmp_path: Path) -> None:  # 
     approvals = {"requested": 0, "granted": 0, "denied": 0}
     cost = 0.0
     tokens = tools = refusals = escalated = 0
+    by_skill: dict[str, dict[str, float]] = {}
     for t in every:
         entries = await mesh.client.events(t)
+        plan = next((e.event.data.steps for e in entries
+                     if isinstance(e.event, ev.TaskPlanned)), [])
+        skill_of = {p.id: p.skill for p in plan}
+        used: set[str] = set()
+        for e in entries:  # a step's calls count for its skill; plan and merge for none
+            if isinstance(e.event, ev.ModelCalled | ev.ToolCalled) \
+                    and e.event.data.step_id in skill_of:
+                skill = skill_of[e.event.data.step_id]
+                g = by_skill.setdefault(skill, {"tasks": 0, "model_calls": 0,
+                                                "tool_calls": 0, "cost_usd": 0.0})
+                used.add(skill)
+                if isinstance(e.event, ev.ModelCalled):
+                    g["model_calls"] += 1
+                    g["cost_usd"] += e.event.data.cost_usd
+                else:
+                    g["tool_calls"] += 1
+        for skill in used:
+            by_skill[skill]["tasks"] += 1
         end = next(e.event for e in entries if isinstance(e.event, ev.TERMINAL_TASK_EVENTS))
         kind = end.type.split(".")[2]
         outcome[kind] = outcome.get(kind, 0) + 1
@@ -217,6 +236,13 @@ async def _stats_over_a_mix(make_mesh, bus, n: int, tmp_path: Path) -> None:  # 
     assert by_tenant[f"t0-{run}"]["by_outcome"] == {"completed": (mix["ok"] + 1) // 2}
     by_agent = aggregate(records, by="agent")["by_agent"]
     assert by_agent["support"]["tool_calls"] + by_agent[REFUNDER.name]["tool_calls"] == tools
+    got_skill = aggregate(records, by="skill")["by_skill"]
+    assert set(got_skill) == set(by_skill) and len(by_skill) >= 2, (got_skill, by_skill)
+    for skill, want in by_skill.items():
+        g = got_skill[skill]
+        assert (g["tasks"], g["model_calls"], g["tool_calls"]) == (
+            want["tasks"], want["model_calls"], want["tool_calls"]), skill
+        assert g["cost_usd"] == pytest.approx(want["cost_usd"])
 
     # The CLI answers from the projection (JSON).
     proc = await asyncio.create_subprocess_exec(

@@ -105,9 +105,16 @@ async def run_campaign(make_mesh, receiver, bus, tmp_path: Path, tasks: int, kil
         for t in ids:
             state = await mesh.client.result(t, timeout=30)
             assert state.status is TaskStatus.COMPLETED, state.reason
+        # What each trace is, from the ledger (a step run twice under load, redelivered,
+        # has one more invoke_agent span than the plain fan-out).
+        expected = {trace_id: {f"{s.context.span_id:016x}" for s in
+                               build_spans(t, await mesh.client.events(t))}
+                    for trace_id, t in traces.items()}
+        assert all(len(v) >= SPANS_PER_FANOUT for v in expected.values())
+        total = sum(len(v) for v in expected.values())
         # Every trace complete, then nothing more arrives: no late duplicates.
         await receiver.wait_for(
-            lambda spans: sum(s["trace_id"] in traces for s in spans) >= tasks * SPANS_PER_FANOUT,
+            lambda spans: sum(s["trace_id"] in traces for s in spans) >= total,
             timeout=30, what="every span")
         info = await bus.js.consumer_info(subjects.STREAM_LEDGER, durable)
         drain = time.monotonic() + 20
@@ -118,11 +125,8 @@ async def run_campaign(make_mesh, receiver, bus, tmp_path: Path, tasks: int, kil
         spans = [s for s in receiver.spans() if s["trace_id"] in traces]
         counts = Counter((s["trace_id"], s["span_id"]) for s in spans)
         for trace_id, t in traces.items():  # nothing lost, nothing foreign
-            expected = {f"{s.context.span_id:016x}" for s in
-                        build_spans(t, await mesh.client.events(t))}
             got = {sid for (tr, sid) in counts if tr == trace_id}
-            assert len(expected) == SPANS_PER_FANOUT
-            assert got == expected, (t, len(got))
+            assert got == expected[trace_id], (t, len(got))
         # A second copy is the same span (ids and content): an id-keyed store holds one.
         copies: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for s in spans:
@@ -137,15 +141,16 @@ async def run_campaign(make_mesh, receiver, bus, tmp_path: Path, tasks: int, kil
         # traces per kill (one in flight at two kills is sent three times).
         again = {tr for tr, _ in twice}
         for tr in again:
-            assert sum(1 for (t2, _) in twice if t2 == tr) == SPANS_PER_FANOUT
+            assert sum(1 for (t2, _) in twice if t2 == tr) == len(expected[tr])
             first_seen = min(c["received"] for (t2, _), v in copies.items() if t2 == tr
                              for c in v)
             assert any(k - 5.0 <= first_seen <= k + 5.0 for k in kill_times), \
                 (tr, first_seen, kill_times)
-        resent = sum(len(v) - 1 for v in twice.values()) // SPANS_PER_FANOUT
+        resent = sum(max(len(v) for (t2, _), v in twice.items() if t2 == tr) - 1
+                     for tr in again)
         assert resent <= kills * MAX_BATCH_TRACES, (resent, kills)
         stored = len(copies)  # what a store keyed by span id holds
-        assert stored == tasks * SPANS_PER_FANOUT
+        assert stored == total
         return {"tasks": tasks, "kills": kills, "spans_received": len(spans),
                 "spans_stored_by_id": stored, "traces_sent_again": len(again), "resends": resent}
     finally:
