@@ -349,6 +349,10 @@ def settings_env() -> dict[str, tuple[str, bool]]:
                 names = [alias]
             elif isinstance(alias, AliasPath) or alias is None:
                 names = [prefix + (field.alias or fname)]
+                # A settings group also reads the older flat name (bus.settings.GroupSettings).
+                legacy = getattr(cls, "legacy_env_prefix", None)
+                if legacy:
+                    names.append(str(legacy) + (field.alias or fname))
             else:
                 names = []
             for n in names:
