@@ -72,7 +72,7 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
         st = state.steps.get(step_id) if step_id else None
         return skills.setdefault(st.skill, _row()) if st is not None else None
     approvals = {"requested": 0, "granted": 0, "denied": 0}
-    budget_refusals = retries = 0
+    budget_refusals = retries = spend_alerts = 0
     wait_s = 0.0
     asked: dict[str, datetime] = {}
     silent_failures = 0
@@ -112,6 +112,8 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
                     wait_s += (e.time - at).total_seconds()
             case ev.BudgetExceeded():
                 budget_refusals += 1
+            case ev.BudgetAlerted():  # a tenant's or user's spend reached its alert share
+                spend_alerts += 1
             case ev.StepDispatched() if e.data.attempt > 1:
                 retries += 1
             case _:
@@ -135,6 +137,7 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
         "approvals": approvals,
         "approval_wait_s": wait_s,
         "budget_refusals": budget_refusals,
+        "spend_alerts": spend_alerts,
         "retries": retries,
         "silent_failures_caught": silent_failures,
         "agents": agents,
@@ -209,6 +212,7 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
                       for k in ("requested", "granted", "denied")},
         "approval_wait_s": sum(r["approval_wait_s"] for r in rows),
         "budget_refusals": sum(r["budget_refusals"] for r in rows),
+        "spend_alerts": sum(r.get("spend_alerts", 0) for r in rows),  # older records: 0
         "retries": sum(r["retries"] for r in rows),
         "silent_failures_caught": sum(r.get("silent_failures_caught", 0) for r in rows),
         "failure_reasons": reasons,

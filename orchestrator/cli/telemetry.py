@@ -203,6 +203,7 @@ def stats_cmd(
     t.add_row("approvals requested/granted/denied",
               f"{ap['requested']}/{ap['granted']}/{ap['denied']}")
     t.add_row("budget refusals", str(a["budget_refusals"]))
+    t.add_row("spend alerts", str(a.get("spend_alerts", 0)))
     t.add_row("retries", str(a["retries"]))
     t.add_row("silent failures caught", str(a.get("silent_failures_caught", 0)))
     for k, v in sorted(a["failure_reasons"].items()):

@@ -23,6 +23,7 @@ from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.budgets import BudgetRefused
 from jetmesh.bus.connection import connect, jetstream
+from jetmesh.bus.ledger import LedgerEntry
 from jetmesh.bus.spendcaps import (
     ALERTS_METRIC,
     Cap,
@@ -32,6 +33,7 @@ from jetmesh.bus.spendcaps import (
     who_token,
 )
 from jetmesh.orchestrator.audit import build_audit
+from jetmesh.orchestrator.stats import aggregate, task_summary
 
 
 @tool(name="tick")
@@ -225,3 +227,25 @@ async def test_user_caps_and_a_refusal_releases_every_reservation(bus) -> None:
                                  ("jetmesh.spend.scope", "tenant"),
                                  ("jetmesh.tenant", tenant))] == 1
     assert await book.reserve(f"{tenant}-other", None, 10.0) is None  # no cap applies
+
+
+def test_the_stats_projection_counts_spend_alerts_by_tenant() -> None:
+    """`jetmesh stats --by tenant`: a task's record counts its BudgetAlerted events."""
+    def task(task_id: str, tenant: str, alerts: int) -> list[LedgerEntry]:
+        events: list[ev.Event] = [ev.TaskSubmitted(subject=task_id, source="t",
+                                                   data=ev.TaskSubmittedData(tenant=tenant))]
+        events += [ev.BudgetAlerted(subject=task_id, source="t", data=ev.BudgetAlertedData(
+            agent="a", scope="tenant", who=tenant, period=period, key=f"tenant.{tenant}.x",
+            cap_usd=1.0, share=0.8, spent_usd=0.8)) for period in ("day", "month")[:alerts]]
+        events.append(ev.TaskCompleted(subject=task_id, source="t",
+                                       data=ev.TaskCompletedData(result={})))
+        return [LedgerEntry(i + 1, subjects.task_events(task_id), e)
+                for i, e in enumerate(events)]
+
+    records = [task_summary(t, task(t, tenant, n)) for t, tenant, n in
+               (("s1", "acme", 2), ("s2", "acme", 0), ("s3", "globex", 1))]
+    assert [r["spend_alerts"] for r in records if r] == [2, 0, 1]
+    figures = aggregate([r for r in records if r], by="tenant")
+    assert figures["all"]["spend_alerts"] == 3
+    assert {k: v["spend_alerts"] for k, v in figures["by_tenant"].items()} == {
+        "acme": 2, "globex": 1}
