@@ -10,6 +10,7 @@ from pathlib import Path
 
 from helpers import kill9, spawn, stop
 
+from jetmesh.bus import events as ev
 from jetmesh.orchestrator.state import TaskStatus
 from jetmesh.orchestrator.telemetry import task_trace_id
 
@@ -51,6 +52,13 @@ async def test_worker_killed_mid_step_one_trace_both_runs_one_effect(
         while not [x for x in lines(effects) if x["task"] == tid]:
             assert w1.poll() is None, (tmp_path / "w1.log").read_text()
             assert asyncio.get_running_loop().time() < deadline, "the effect never ran"
+            await asyncio.sleep(0.02)
+        # ... and recorded (the effect runs before its record: a kill between the two
+        # leaves the record to the next worker, which finds the effect in doubt).
+        while not any(isinstance(e.event, ev.ToolCalled)
+                      for e in await mesh.client.events(tid)):
+            assert w1.poll() is None, (tmp_path / "w1.log").read_text()
+            assert asyncio.get_running_loop().time() < deadline, "the effect never recorded"
             await asyncio.sleep(0.02)
         kill9(w1)  # after its side effect, during its last model call
         w2 = spawn(["worker", "effects_agent:SPEC"], env, tmp_path / "w2.log")
