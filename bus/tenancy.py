@@ -166,6 +166,12 @@ def stamp_submission(raw: dict[str, Any], subject: str) -> dict[str, Any]:
     trusted to set it)."""
     tenant = subjects.tenant_of(subject)
     if tenant is None:
+        if subject.startswith(f"{subjects.TENANT_PREFIX}."):
+            # A tenant subject whose token is no tenant id (NATS allows unicode, '%', '$'
+            # in a token): not the mesh's own subject, so its body is not trusted.
+            token = subject.removeprefix(f"{subjects.TENANT_PREFIX}.").partition(".")[0]
+            raise TenantMismatch(f"tenant token {ascii(token)[:40]} of {ascii(subject)[:80]} "
+                                 "is not a tenant id")
         return raw
     claimed = raw.get("tenant")
     meta = raw.get("metadata")
@@ -233,7 +239,8 @@ class GetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task_id: str = Field(min_length=1, max_length=128)
-    from_seq: int = Field(default=1, ge=1)
+    from_seq: int = Field(default=1, ge=1, le=2**63 - 1)
+    """A ledger sequence (JetStream's are 64-bit: a larger one is an invalid request)."""
     limit: int = Field(default=500, ge=1, le=5_000)
 
 
@@ -257,7 +264,7 @@ class TaskReply(BaseModel):
     error: str | None = None
     """`not_found` (no such task of this tenant: another tenant's is not found either),
     `finished` (a cancel of a task that has ended), `invalid_request`,
-    `unknown_operation`."""
+    `unknown_operation`, `unavailable` (the service failed to answer: ask again)."""
     message: str | None = None
     events: list[EventOut] = Field(default_factory=list)
     more: bool = False
@@ -329,7 +336,12 @@ class TenantService:
     # -------------------------------------------------------------- requests
 
     async def _on_request(self, msg: Msg) -> None:
-        reply = await self.handle(msg.subject, msg.data)
+        try:
+            reply = await self.handle(msg.subject, msg.data)
+        except Exception as e:  # the requester gets a reason, never a timeout
+            log.warning("tenant request on %s failed: %s", msg.subject, e)
+            reply = TaskReply(ok=False, error="unavailable",
+                              message=f"the request failed: {type(e).__name__}")
         if msg.reply:
             with contextlib.suppress(Exception):
                 await msg.respond(reply.model_dump_json(exclude_none=True).encode())
