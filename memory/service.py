@@ -188,11 +188,21 @@ class MemoryService:
 
     async def _respond(self, msg: Msg) -> None:
         op = msg.subject.rsplit(".", 1)[-1]
+        tenant = subjects.tenant_of(msg.subject)
+        if tenant is None and msg.subject.startswith(f"{subjects.TENANT_PREFIX}."):
+            # A tenant subject whose token is no tenant id (NATS allows unicode, '%', '$'
+            # in a token): a tenant's request all the same, never served unscoped.
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(error_reply(
+                        "invalid_request", f"{ascii(msg.subject)[:80]}: the tenant token is "
+                        "not a tenant id").model_dump_json().encode())
+            return
         # A live span of the request under the caller's context (see bus.tracing).
         with tracing.live_span(f"memory {op}", parent=(msg.headers or {}).get(hn.TRACEPARENT),
                                kind=SpanKind.SERVER,
                                attributes={"jetmesh.memory.operation": op}):
-            reply = await self.handle(op, msg.data, tenant=subjects.tenant_of(msg.subject))
+            reply = await self.handle(op, msg.data, tenant=tenant)
         data = reply.model_dump_json(exclude_none=True).encode()
         if len(data) > MAX_MESSAGE_BYTES:
             data = error_reply("invalid_request", f"the reply would be {len(data)} bytes, "
