@@ -98,6 +98,14 @@ class ForkSpec(_Strict):
     never executed) or run for real."""
 
 
+CONTEXT_METADATA_KEY = "a2a.context_id"
+"""The submission metadata entry naming the task's conversation context (the A2A
+contextId, or a NATS client's own; orchestrator.context)."""
+MAX_CONTEXT_ID_CHARS = 1024
+"""A context id longer than this is refused: it is copied into the task's plan and every
+step command, and the bounds on earlier turns (8000 chars of JSON) include it."""
+
+
 class TaskSubmission(_Strict):
     """The command published on the submit subject by any client (plain JSON)."""
 
@@ -152,6 +160,15 @@ class TaskSubmission(_Strict):
     def _input_leaves_room(cls, v: dict[str, Any]) -> dict[str, Any]:
         if depth_of(v, MAX_PAYLOAD_DEPTH) > MAX_PAYLOAD_DEPTH:
             raise ValueError(f"nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _context_id_bounded(cls, v: dict[str, str]) -> dict[str, str]:
+        context_id = v.get(CONTEXT_METADATA_KEY)
+        if context_id is not None and len(context_id) > MAX_CONTEXT_ID_CHARS:
+            raise ValueError(f"{CONTEXT_METADATA_KEY} (the context id) is {len(context_id)} "
+                             f"characters, over the {MAX_CONTEXT_ID_CHARS} allowed")
         return v
 
 

@@ -70,11 +70,44 @@ def context_id_of(state: TaskState) -> str | None:
     return (sub.metadata.get(CONTEXT_KEY) or None) if sub else None
 
 
+_NO_TENANT = "="
+"""The key's tenant part for tasks of no tenant ('=' is no tenant id: a tenant named '_'
+has contexts of its own)."""
+
+
 def _key_part(value: str) -> str:
-    """A KV key token for a client-chosen string (hashed when it is not one)."""
+    """A KV key token for a client-chosen string (hashed when it is not one: '=' and the
+    hash, which no token spells, so an id written like another's hash is not that one)."""
     if _TOKEN.match(value):
         return value
-    return "h" + hashlib.sha256(value.encode()).hexdigest()[:40]
+    return "=" + hashlib.sha256(value.encode()).hexdigest()[:40]
+
+
+def _is_task_id(value: object) -> bool:
+    try:
+        subjects.check_id(value, "task id")  # type: ignore[arg-type]
+    except subjects.InvalidIdError:
+        return False
+    return True
+
+
+def _task_ids(key: str, value: bytes | None) -> list[str]:
+    """A context's task list as stored; a value that is not a list of task ids (corrupt,
+    or written by something else) is logged and read as the ids it does hold, so the
+    context's next task is still planned (with what can be read)."""
+    try:
+        ids = json.loads(value or b"[]")
+    except ValueError:
+        ids = None
+    if not isinstance(ids, list):
+        log.warning("context %s: its task list is not a JSON list (%s); starting it again",
+                    key, ascii(value)[:120])
+        return []
+    good = [i for i in ids if _is_task_id(i)]
+    if len(good) != len(ids):
+        log.warning("context %s: %d entries of its task list are not task ids; left out",
+                    key, len(ids) - len(good))
+    return good
 
 
 def _clip(text: str, limit: int) -> str:
@@ -142,7 +175,7 @@ class Contexts:
 
     @staticmethod
     def key(context_id: str, tenant: str | None) -> str:
-        return f"{_key_part(tenant) if tenant else '_'}.{_key_part(context_id)}"
+        return f"{_key_part(tenant) if tenant else _NO_TENANT}.{_key_part(context_id)}"
 
     async def join(self, context_id: str, tenant: str | None, task_id: str) -> list[str]:
         """Add `task_id` to its context (once); returns the task ids before it."""
@@ -157,7 +190,7 @@ class Contexts:
         while True:
             try:
                 entry = await kv.get(key)
-                ids: list[str] = json.loads(entry.value or b"[]")
+                ids = _task_ids(key, entry.value)
                 rev: int | None = entry.revision
             except KeyNotFoundError:
                 ids, rev = [], None

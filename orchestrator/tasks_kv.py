@@ -54,7 +54,7 @@ LOG_BASE: int | None = getattr(_ledger, "LOG_SEQ_BASE", None)
 with sequences from here up; None: they are on the ledger stream itself."""
 
 
-A2A_CONTEXT_KEY = "a2a.context_id"
+A2A_CONTEXT_KEY = ev.CONTEXT_METADATA_KEY
 """The submission metadata key where the A2A gateway keeps a task's contextId
 (`jetmesh.a2a.tasks.META_CONTEXT` is this)."""
 
