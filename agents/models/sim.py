@@ -209,16 +209,33 @@ class FunctionModel:
         return None
 
 
+_UNTRUSTED_OPEN, _UNTRUSTED_CLOSE = "<untrusted-data", "</untrusted-data>"
+
+
+def _data_of(text: str) -> str:
+    """A tool result's data without its untrusted-data envelope (`tools.untrusted_block`:
+    the tag line and the notice line are the wrapper, not what the tool returned)."""
+    start, end = text.find(_UNTRUSTED_OPEN), text.rfind(_UNTRUSTED_CLOSE)
+    if start < 0 or end < start:
+        return text
+    _, _, rest = text[start:end].partition("\n")
+    _, _, body = rest.partition("\n")
+    body = body.removesuffix("\n").replace("<\\/untrusted-data>", _UNTRUSTED_CLOSE)
+    before, after = text[:start].strip(), text[end + len(_UNTRUSTED_CLOSE):].strip()
+    return " ".join(p for p in (before, body, after) if p) if (before or after) else body
+
+
 def _tool_results(messages: Sequence[Message]) -> list[dict[str, Any]]:
     names = {c.id: c.name for m in messages for c in m.tool_calls}
     results: list[dict[str, Any]] = []
     for m in messages:
         if m.role != "tool":
             continue
+        text = _data_of(m.content)
         try:
-            content: Any = json.loads(m.content)
+            content: Any = json.loads(text)
         except ValueError:
-            content = m.content
+            content = text
         entry: dict[str, Any] = {"tool": names.get(m.tool_call_id or "", ""), "result": content}
         if m.is_error:
             entry["is_error"] = True
@@ -377,6 +394,8 @@ def _render_result(entry: dict[str, Any]) -> str:
     if entry.get("is_error"):
         return f"{tool} was not made: {_render(result)}"
     if isinstance(result, dict):
+        if result.get("hits") == []:  # a search that found nothing
+            return f"{tool}: nothing found"
         return _render_dict(result, tool=tool)
     return _render(result)
 
