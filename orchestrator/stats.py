@@ -92,15 +92,15 @@ def task_summary(task_id: str, entries: Sequence[LedgerEntry], *,
                     row["cache_read_tokens"] += d.cache_read_tokens
                     row["cache_write_tokens"] += d.cache_write_tokens
             case ev.ToolCalled():
-                for row in (agents.setdefault(e.data.agent, _row()), skill_row(e.data.step_id)):
-                    if row is not None:
-                        row["tool_calls"] += 1
-                        row["tool_cache_hits"] += e.data.cache_hit
+                for tr in (agents.setdefault(e.data.agent, _row()), skill_row(e.data.step_id)):
+                    if tr is not None:
+                        tr["tool_calls"] += 1
+                        tr["tool_cache_hits"] += e.data.cache_hit
             case ev.ModelRouted():
                 escalated = e.data.from_tier is not None and e.data.outcome == "chosen"
-                for row in (agents.setdefault(e.data.agent, _row()), skill_row(e.data.step_id)):
-                    if row is not None:
-                        row["escalations"] += escalated
+                for er in (agents.setdefault(e.data.agent, _row()), skill_row(e.data.step_id)):
+                    if er is not None:
+                        er["escalations"] += escalated
                 silent_failures += e.data.trigger == "validator"
             case ev.ApprovalRequested():
                 approvals["requested"] += 1
