@@ -159,7 +159,7 @@ def tail_cmd(
                             if isinstance(x.event, ev.TERMINAL_TASK_EVENTS)), None)
                 if end is not None and end.seq < from_seq:
                     err.print(f"task {task_id} ended at ledger seq {end.seq} "
-                              f"({describe(end.event)}), before --from-seq {from_seq}: "
+                              f"({escape(describe(end.event))}), before --from-seq {from_seq}: "
                               "nothing more will come (sequences are the stream's, shared "
                               "by all tasks)")
                     return
