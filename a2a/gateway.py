@@ -302,6 +302,9 @@ class MeshRequestHandler(RequestHandler):
         msg = params.message
         self._check_message(msg)
         self._check_configuration(params)
+        if params.configuration.HasField("task_push_notification_config") \
+                and self.push is not None:  # its URL policy, before the task is submitted
+            await self.push.check(params.configuration.task_push_notification_config)
         if msg.task_id:
             return await self._follow_up(msg, context)
         req_meta = plain(MessageToDict(params.metadata)) if params.HasField("metadata") else {}

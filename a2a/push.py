@@ -50,7 +50,7 @@ from a2a.server.tasks import BasePushNotificationSender, PushNotificationConfigS
 from a2a.server.tasks.push_notification_config_store import normalize_push_notification_config
 from a2a.types import TaskPushNotificationConfig
 from a2a.utils.errors import InvalidParamsError
-from google.protobuf.json_format import MessageToJson, Parse
+from google.protobuf.json_format import MessageToJson, Parse, ParseError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -88,6 +88,14 @@ def check_push_config(config: TaskPushNotificationConfig) -> None:
             raise InvalidParamsError(message=str(e)) from e
 
 
+def _is_id(value: str) -> bool:
+    try:
+        subjects.check_id(value)
+    except subjects.InvalidIdError:
+        return False
+    return True
+
+
 def _key(kind: str, task_id: str, config_id: str) -> str:
     return f"{kind}.{subjects.check_id(task_id, 'task id')}." \
            f"{subjects.check_id(config_id, 'config id')}"
@@ -122,8 +130,12 @@ class KvPushConfigStore(PushNotificationConfigStore):
             return None
         if not entry.value:
             return None
-        config: TaskPushNotificationConfig = Parse(entry.value.decode(),
-                                                   TaskPushNotificationConfig())
+        try:
+            config: TaskPushNotificationConfig = Parse(entry.value.decode(),
+                                                       TaskPushNotificationConfig())
+        except (ValueError, ParseError) as e:  # corrupt, or not a gateway's: left as it is
+            log.warning("push config %s does not parse (%s): ignored", key, e)
+            return None
         return config
 
     async def set_info(self, task_id: str, notification_config: TaskPushNotificationConfig,
@@ -161,7 +173,11 @@ class KvPushConfigStore(PushNotificationConfigStore):
             entry = await self.kv.get(_key(_CURSOR, task_id, config_id))
         except KeyNotFoundError:
             return None
-        seq, _, end = (entry.value or b"0").decode().partition(" ")
+        seq, _, end = (entry.value or b"0").decode(errors="replace").partition(" ")
+        if not seq.isdigit():  # corrupt: deliver from the task's start (repeats, no loss)
+            log.warning("push cursor of task %s (config %s) is %s: delivering from the "
+                        "start", task_id, config_id, ascii(entry.value)[:60])
+            return Cursor(0, entry.revision or 0, False)
         return Cursor(int(seq), entry.revision or 0, end == _END)
 
     async def init_cursor(self, task_id: str, config_id: str, seq: int) -> None:
@@ -218,6 +234,7 @@ class PushNotifications:
         self.ledger = ledger
         self.store = store
         self.http = http or httpx.AsyncClient(timeout=10.0)
+        self.url_validator = url_validator
         self.sender = BasePushNotificationSender(self.http, store,
                                                  push_url_validator=url_validator)
         self.deliver = deliver
@@ -241,13 +258,23 @@ class PushNotifications:
         """Whether this gateway holds the delivery lease (renewed within its time)."""
         return self._lease_rev is not None and time.monotonic() < self._valid_until
 
+    async def check(self, config: TaskPushNotificationConfig) -> None:
+        """`check_push_config`, and the URL policy (InvalidParamsError): a URL the
+        deliverer would refuse is refused when it is set, not retried for ever."""
+        check_push_config(config)
+        if self.url_validator is not None and not await self.url_validator(config.url):
+            raise InvalidParamsError(message=(
+                f"push notification url {config.url[:200]!r} is not a public http(s) "
+                "address (private, loopback, link-local or unresolvable; a gateway with "
+                "JETMESH_GATEWAY_PUSH_PRIVATE_URLS=true allows them)"))
+
     async def register(self, task_id: str, config: TaskPushNotificationConfig,
                        context: ServerCallContext, *, from_seq: int
                        ) -> TaskPushNotificationConfig:
         """Store `config` and deliver the task's events from `from_seq` on (a config
         set again keeps its cursor). The lease holder, whichever gateway it is, sees the
         config in the bucket and delivers."""
-        check_push_config(config)
+        await self.check(config)
         stored = normalize_push_notification_config(task_id, config)
         await self.store.init_cursor(task_id, stored.id, from_seq - 1)  # before the config
         await self.store.set_info(task_id, stored, context)
@@ -370,8 +397,12 @@ class PushNotifications:
         async for entry in watcher:
             if entry is None or entry.operation in (_DEL, _PURGE) or not entry.value:
                 continue
-            _, task_id, config_id = entry.key.split(".")
-            self._start(task_id, config_id)
+            parts = entry.key.split(".")
+            if len(parts) != 3 or not all(_is_id(p) for p in parts[1:]):
+                log.warning("push config key %s is not cfg.<task>.<config>: ignored",
+                            ascii(entry.key)[:120])
+                continue
+            self._start(parts[1], parts[2])
 
     # ------------------------------------------------------------------ delivery
 
