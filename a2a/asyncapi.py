@@ -116,6 +116,11 @@ CONTRACT: tuple[Channel, ...] = (
     Channel("work", f"{subjects.PREFIX}.work.{{skill}}", ev.StepCommand, "send",
             "Step commands for one skill (stream JM_WORK, work queue): what an agent that "
             "serves the skill pulls (its durable consumer is `work-<skill>`).", "work"),
+    Channel("private-work", f"{subjects.PREFIX}.work.{{skill}}.{{tenant}}", ev.StepCommand,
+            "send", "Step commands for one skill of one tenant's private agents (stream "
+            "JM_WORK, work queue; their durable is `work-<skill>--<tenant>`): a tenant's "
+            "step goes here when such an agent is live; shared agents never take it.",
+            "private_work"),
     Channel("dead-letters", f"{subjects.PREFIX}.dlq.{{stream}}.{{consumer}}", DeadLetter,
             "send", "Dead letters (stream JM_DLQ): what a consumer could not process, "
             "with the reason and the original bytes (`jetmesh dlq`).", "dlq"),
