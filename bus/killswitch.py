@@ -23,11 +23,12 @@ from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jetmesh.bus import subjects
+from jetmesh.bus.kvscan import current_entries
 from jetmesh.bus.presence import ensure_bucket
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,13 @@ class KillSwitchBoard:
             kv = await self.js.key_value(subjects.BUCKET_KILLSWITCH)
         except (BucketNotFoundError, NotFoundError):
             return []
+        del kv
         out: list[KillRule] = []
-        with contextlib.suppress(NoKeysError, NotFoundError):
-            for key in await kv.keys():
-                with contextlib.suppress(KeyNotFoundError):
-                    entry = await kv.get(key)
-                    out.append(KillRule.model_validate_json(entry.value or b"{}"))
+        for entry in await current_entries(self.js, subjects.BUCKET_KILLSWITCH):
+            try:
+                out.append(KillRule.model_validate_json(entry.value))
+            except ValidationError as e:  # listed by no one, refused loudly
+                log.error("kill switch: unreadable rule %s left out: %s", entry.key, e)
         return sorted(out, key=lambda r: r.key)
 
 
@@ -173,18 +175,25 @@ class KillSwitchWatch:
         if entry.operation in (KV_DEL, KV_PURGE):
             self.rules.pop(entry.key, None)
         else:
-            try:
-                rule = KillRule.model_validate_json(entry.value or b"")
-            except ValidationError as e:
-                # A bad rule is refused loudly and does not unblock anything else.
-                log.error("kill switch: unreadable rule %s ignored: %s", entry.key, e)
-                return
-            self.rules[entry.key] = rule
+            self._put(entry.key, entry.value or b"")
         self.changed.set()
 
+    def _put(self, key: str, value: bytes) -> None:
+        try:
+            rule = KillRule.model_validate_json(value)
+        except ValidationError as e:
+            # A bad rule is refused loudly and does not unblock anything else.
+            log.error("kill switch: unreadable rule %s ignored: %s", key, e)
+            return
+        self.rules[key] = rule
+
     async def start(self) -> None:
-        """Load the current rules, then follow changes (returns once loaded)."""
+        """Load the current rules, then follow changes (returns once every current rule
+        is loaded: read completely first, since the watch's own end-of-initial-values
+        marker can come before the values; see bus/kvscan)."""
         kv = await _bucket(self.js, self.replicas)
+        for entry in await current_entries(self.js, subjects.BUCKET_KILLSWITCH):
+            self._put(entry.key, entry.value)
         self._watcher = await kv.watchall()
         while (entry := await self._watcher.updates(  # type: ignore[no-untyped-call]
                 timeout=10.0)) is not None:

@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
+from jetmesh.bus.kvscan import current_entries
 from jetmesh.bus.ledger import LedgerEntry
 from jetmesh.orchestrator.state import TaskState, fold
 
@@ -162,20 +163,10 @@ async def put_summary(js: JetStreamContext, summary: dict[str, Any], *,
 async def read_summaries(js: JetStreamContext) -> list[dict[str, Any]]:
     """Every task record in the projection."""
     try:
-        kv = await js.key_value(subjects.BUCKET_STATS)
+        await js.key_value(subjects.BUCKET_STATS)
     except (BucketNotFoundError, NotFoundError):
         return []
-    out: list[dict[str, Any]] = []
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:  # the initial values are all delivered
-                break
-            if entry.value:
-                out.append(json.loads(entry.value))
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return out
+    return [json.loads(e.value) for e in await current_entries(js, subjects.BUCKET_STATS)]
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from jetmesh.bus import events as ev
 from jetmesh.bus import ledger as _ledger
 from jetmesh.bus import subjects
+from jetmesh.bus.kvscan import current_entries
 from jetmesh.bus.ledger import Ledger, LedgerEntry, decode_entry
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.tasks import cancel_and_wait
@@ -195,18 +196,11 @@ async def open_bucket(js: JetStreamContext, *, create: bool = True) -> KeyValue 
         return None
 
 
-async def _read_all(kv: KeyValue) -> dict[str, TaskSummary]:
+async def _read_all(js: JetStreamContext) -> dict[str, TaskSummary]:
     out: dict[str, TaskSummary] = {}
-    watcher = await kv.watch("task.*", ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.value:
-                s = TaskSummary.model_validate_json(entry.value)
-                out[s.task_id] = s
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+    for entry in await current_entries(js, subjects.BUCKET_TASKS, "task.*"):
+        s = TaskSummary.model_validate_json(entry.value)
+        out[s.task_id] = s
     return out
 
 
@@ -215,7 +209,7 @@ async def read_summaries(js: JetStreamContext) -> list[TaskSummary]:
     kv = await open_bucket(js, create=False)
     if kv is None:
         return []
-    rows = list((await _read_all(kv)).values())
+    rows = list((await _read_all(js)).values())
     rows.sort(key=lambda s: s.last_seq, reverse=True)
     return rows
 
@@ -256,7 +250,7 @@ async def current_summaries(js: JetStreamContext, ledger: Ledger, *, max_tail: i
     cp = await _checkpoint(kv) if kv is not None else None
     if kv is None or cp is None:
         return None
-    rows = await _read_all(kv)
+    rows = await _read_all(js)
     tail = await ledger.read_raw(subjects.ALL_LEDGER, from_seq=cp + 1)
     behind = max(0, len(tail) - max_tail)
     for tid in {t for _, subj, _ in tail[:max_tail] if (t := subjects.task_id_of(subj))}:
@@ -289,7 +283,7 @@ class TaskProjector:
         self.kv = kv
         self.checkpoint, self.checkpoint_log = await _checkpoints(kv) or (0, 0)
         if self.checkpoint:  # fold again only the tasks that were still open
-            for s in (await _read_all(kv)).values():
+            for s in (await _read_all(self.js)).values():
                 if not s.status.terminal:
                     await self._load(s.task_id)
         info = await self.js.stream_info(subjects.STREAM_LEDGER)

@@ -222,25 +222,19 @@ async def _check_presence(js: Any, agent: str, skills: list[str], any_host: bool
     """A replica of `agent` (on this host unless any_host) heartbeated within `ttl_s`."""
     from nats.js.errors import BucketNotFoundError, NotFoundError
 
+    from jetmesh.bus.kvscan import current_entries
+
     try:
-        kv = await js.key_value(subjects.BUCKET_AGENTS)
+        await js.key_value(subjects.BUCKET_AGENTS)
     except (BucketNotFoundError, NotFoundError):
         return Health(False, f"worker {agent}: registry bucket {subjects.BUCKET_AGENTS} "
                              "does not exist")
     prefix = f"{agent}." if any_host else f"{agent}.{socket.gethostname()}-"
-    watcher = await kv.watch(f"{agent}.>", ignore_deletes=True)
     newest: datetime | None = None
-    try:
-        async for entry in watcher:
-            if entry is None:  # all current values delivered
-                break
-            if not entry.key.startswith(prefix) or not entry.value:
-                continue
-            created = entry.created if isinstance(entry.created, datetime) else None
-            if created and (newest is None or created > newest):
-                newest = created
-    finally:
-        await watcher.stop()
+    for entry in await current_entries(js, subjects.BUCKET_AGENTS, f"{agent}.>"):
+        if entry.key.startswith(prefix) and entry.created is not None and (
+                newest is None or entry.created > newest):
+            newest = entry.created
     where = "anywhere" if any_host else f"on {socket.gethostname()}"
     if newest is None:
         return Health(False, f"worker {agent}: no replica registered {where}")
