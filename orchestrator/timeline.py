@@ -35,6 +35,8 @@ def describe(e: ev.Event, *, detail: bool = True) -> str:
                 return f"tool {t.tool}" + (f" failed: {t.error}" if t.error else "")
             res = f"error: {t.error}" if t.error else _clip(t.output, 80)
             return f"tool {t.tool}({_clip(t.arguments, 60)}) -> {res}"
+        case ev.EffectStarted():
+            return f"effect starting: {e.data.tool} by {e.data.agent} on {e.data.worker}"
         case ev.PolicyDecided():
             return f"policy {e.data.decision} {e.data.tool} ({e.data.rule}): {e.data.reason}"
         case ev.ApprovalRequested():
@@ -44,6 +46,10 @@ def describe(e: ev.Event, *, detail: bool = True) -> str:
             return f"approved {e.data.tool} by {e.data.by}"
         case ev.ApprovalDenied():
             return f"denied {e.data.tool} by {e.data.by}: {e.data.reason}"
+        case ev.BudgetAlerted():
+            d = e.data
+            return (f"spend alert: {d.scope} {d.who} at {d.spent_usd:.6g} of "
+                    f"{d.cap_usd:g} USD this {d.period} ({d.share:.0%})")
         case ev.BudgetExceeded():
             return (f"budget exceeded ({e.data.kind}): limit {e.data.limit:g}, "
                     f"would be {e.data.would_be:.6g}")
