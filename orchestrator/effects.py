@@ -13,9 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from jetmesh.agents.guard import estimate
+from jetmesh.agents.models.errors import (
+    ModelError,
+    ModelRetriesExhausted,
+    ModelTransientError,
+)
 from jetmesh.agents.models.types import Model, ModelRequest, ModelResponse
 from jetmesh.agents.spec import schema_errors
 from jetmesh.bus import events as ev
@@ -312,6 +318,26 @@ class Effects:
         return [ev.ModelCalled(subject=state.task_id, source=SOURCE, data=c)
                 for c in recorder.new]
 
+    def _model_failure(self, state: TaskState, recorder: Recorder, what: str,
+                       bug_code: str, e: Exception) -> list[ev.Event]:
+        """The task fails when its planner or merger call does, instead of waiting for
+        a redelivery that fails the same way (and, after the last, for nothing: the task
+        stayed unplanned, its submission dead-lettered). The model layer has already
+        retried and fallen back along its chain by the time a ModelError gets here.
+        A bus error is raised on: the drive is retried, nothing is decided on it."""
+        if isinstance(e, NatsError | OSError | TimeoutError):
+            raise e
+        tid = state.task_id
+        if isinstance(e, ModelError):
+            code = ("model_unavailable" if isinstance(
+                e, ModelTransientError | ModelRetriesExhausted) else "model_error")
+            log.warning("task %s: %s failed: %s", tid, what, e)
+            reason = f"{what}: {e}"
+        else:  # a bug of ours: loud in the log, and the task ends
+            log.exception("task %s: %s raised", tid, what)
+            code, reason = bug_code, f"{what}: internal error {type(e).__name__}: {e}"
+        return [*self._calls(state, recorder), failed(tid, code, reason[:2000])]
+
     async def plan(self, state: TaskState) -> list[ev.Event]:
         tid = state.task_id
         sub = state.submitted
@@ -342,6 +368,8 @@ class Effects:
             detail = ("; ".join(str(x) for x in e.errors[:5])) if e.errors else ""
             return [*self._calls(state, recorder),
                     failed(tid, "plan_failed", f"{e.reason}{': ' + detail if detail else ''}")]
+        except Exception as e:
+            return self._model_failure(state, recorder, "planning", "plan_failed", e)
         return [*self._calls(state, recorder), ev.TaskPlanned(
             id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
                 planner=f"llm:{self.model.provider}/{self.model.name}", steps=steps,
@@ -360,7 +388,10 @@ class Effects:
         try:
             result = await merge_with_model(self.model, sub.goal, outputs, recorder)
         except BudgetRefused as e:
-            return [failed(tid, "budget_exceeded", f"merging: {e}")]
+            return [*self._calls(state, recorder),
+                    failed(tid, "budget_exceeded", f"merging: {e}")]
+        except Exception as e:
+            return self._model_failure(state, recorder, "merging", "merge_failed", e)
         return [*self._calls(state, recorder), ev.TaskCompleted(
             id=end_id(tid), subject=tid, source=SOURCE,
             data=ev.TaskCompletedData(result=result))]
