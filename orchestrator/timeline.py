@@ -47,9 +47,9 @@ def describe(e: ev.Event, *, detail: bool = True) -> str:
         case ev.ApprovalDenied():
             return f"denied {e.data.tool} by {e.data.by}: {e.data.reason}"
         case ev.BudgetAlerted():
-            d = e.data
-            return (f"spend alert: {d.scope} {d.who} at {d.spent_usd:.6g} of "
-                    f"{d.cap_usd:g} USD this {d.period} ({d.share:.0%})")
+            alert = e.data
+            return (f"spend alert: {alert.scope} {alert.who} at {alert.spent_usd:.6g} of "
+                    f"{alert.cap_usd:g} USD this {alert.period} ({alert.share:.0%})")
         case ev.BudgetExceeded():
             return (f"budget exceeded ({e.data.kind}): limit {e.data.limit:g}, "
                     f"would be {e.data.would_be:.6g}")
