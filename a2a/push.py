@@ -64,6 +64,7 @@ from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.orchestrator.state import TaskState, fold
 
+from .pinning import PinnedPublicTransport
 from .tasks import entry_event, upto
 
 __all__ = ["Cursor", "KvPushConfigStore", "Lease", "PushNotifications", "check_push_config"]
@@ -233,7 +234,10 @@ class PushNotifications:
         self.js = js
         self.ledger = ledger
         self.store = store
-        self.http = http or httpx.AsyncClient(timeout=10.0)
+        # With the URL policy on, a connection goes to the very address it was checked
+        # against (a2a/pinning: a DNS answer changed after the check is not followed).
+        self.http = http or httpx.AsyncClient(
+            timeout=10.0, transport=PinnedPublicTransport() if url_validator else None)
         self.url_validator = url_validator
         self.sender = BasePushNotificationSender(self.http, store,
                                                  push_url_validator=url_validator)
