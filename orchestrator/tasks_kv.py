@@ -29,7 +29,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from jetmesh.bus import events as ev
 from jetmesh.bus import ledger as _ledger
@@ -199,7 +199,12 @@ async def open_bucket(js: JetStreamContext, *, create: bool = True) -> KeyValue 
 async def _read_all(js: JetStreamContext) -> dict[str, TaskSummary]:
     out: dict[str, TaskSummary] = {}
     for entry in await current_entries(js, subjects.BUCKET_TASKS, "task.*"):
-        s = TaskSummary.model_validate_json(entry.value)
+        try:
+            s = TaskSummary.model_validate_json(entry.value)
+        except ValidationError as e:  # not the projector's: left out, the rest listed
+            log.warning("jm-tasks: %s is not a task summary, left out: %s", entry.key,
+                        str(e).splitlines()[0])
+            continue
         out[s.task_id] = s
     return out
 
