@@ -18,20 +18,26 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jetmesh.bus import subjects
 from jetmesh.bus.errors import BusError
 from jetmesh.bus.events import Budget
 from jetmesh.bus.presence import ensure_bucket
 
+_C = TypeVar("_C", bound=BaseModel)
+
 
 class BudgetUsage(BaseModel):
+    # Written only as this model dumps it: a value with other fields is not a counter
+    # (parsed leniently it would read as zero spent).
+    model_config = ConfigDict(extra="forbid")
+
     spent_usd: float = 0.0
     spent_tokens: int = 0
     tool_calls: int = 0
@@ -53,6 +59,24 @@ class BudgetRefused(BusError):
     def __init__(self, kind: str, limit: float, would_be: float) -> None:
         self.kind, self.limit, self.would_be = kind, limit, would_be
         super().__init__(f"{kind} budget {limit:g} would be exceeded ({would_be:g})")
+
+
+class CounterUnreadable(BudgetRefused):
+    """A stored counter that does not parse (another writer, a bad upgrade): spending
+    against it is refused, not started again from zero (that would forget the spend)."""
+
+    def __init__(self, key: str, error: Exception) -> None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        BusError.__init__(self, f"spend counter {key} is not readable ({first}): spending "
+                                "is refused until an operator removes or fixes it")
+        self.kind, self.limit, self.would_be = "unreadable_counter", 0.0, 0.0
+
+
+def parse_counter(model: type[_C], key: str, value: bytes | None) -> _C:
+    try:
+        return model.model_validate_json(value or b"{}")
+    except ValidationError as e:
+        raise CounterUnreadable(key, e) from e
 
 
 @dataclass(frozen=True)
@@ -157,14 +181,14 @@ class BudgetBook(_Book):
             entry = await kv.get(task_id)
         except KeyNotFoundError:
             return BudgetUsage()
-        return BudgetUsage.model_validate_json(entry.value or b"{}")
+        return parse_counter(BudgetUsage, task_id, entry.value)
 
     async def _update(self, task_id: str, change: Callable[[BudgetUsage], None]) -> BudgetUsage:
         kv = await self._bucket()
         for _ in range(self.attempts):
             try:
                 entry = await kv.get(task_id)
-                usage = BudgetUsage.model_validate_json(entry.value or b"{}")
+                usage = parse_counter(BudgetUsage, task_id, entry.value)
                 revision = entry.revision
             except KeyNotFoundError:
                 usage, revision = BudgetUsage(), None

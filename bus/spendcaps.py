@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jetmesh.bus import headers as hn
 from jetmesh.bus import subjects
-from jetmesh.bus.budgets import BudgetRefused
+from jetmesh.bus.budgets import BudgetRefused, parse_counter
 from jetmesh.bus.presence import ensure_bucket
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def spend_key(scope: Scope, who: str, period: Period, now: datetime) -> str:
 
 
 class SpendCounter(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # see BudgetUsage
+
     spent_usd: float = 0.0
     reserved: dict[str, float] = Field(default_factory=dict)
     """Reservation id -> dollars of a call in flight."""
@@ -193,7 +195,7 @@ class SpendBook:
             entry = await kv.get(key)
         except KeyNotFoundError:
             return SpendCounter()
-        return SpendCounter.model_validate_json(entry.value or b"{}")
+        return parse_counter(SpendCounter, key, entry.value)
 
     async def _update(self, key: str, change: Callable[[SpendCounter], object]
                       ) -> SpendCounter:
@@ -211,7 +213,7 @@ class SpendBook:
             else:
                 try:
                     entry = await kv.get(key)
-                    c = SpendCounter.model_validate_json(entry.value or b"{}")
+                    c = parse_counter(SpendCounter, key, entry.value)
                     revision = entry.revision
                 except KeyNotFoundError:
                     c, revision = SpendCounter(), None
