@@ -29,7 +29,10 @@ from jetmesh.bus.events import (
     ModelRoutedData,
     PlanContext,
     ToolCalledData,
+    new_id,
 )
+from jetmesh.bus.tracecontext import tool_traceparent
+from jetmesh.bus.tracing import current_traceparent
 
 from .calls import BeforeModelCall, ModelCaller, ModelCallGuard, parse_json_answer
 from .compaction import Compactor, request_tokens
@@ -97,7 +100,10 @@ class StepRecorder(Protocol):
 
     async def record_model_call(self, data: ModelCalledData) -> None: ...
 
-    async def record_tool_call(self, data: ToolCalledData) -> None: ...
+    async def record_tool_call(self, data: ToolCalledData, *, event_id: str | None = None
+                               ) -> None:
+        """`event_id`: the ToolCalled event's id, chosen before the call (its span id
+        derives from it, and the call was given that span as its trace parent)."""
 
     async def record_route(self, data: ModelRoutedData) -> None: ...
 
@@ -145,7 +151,8 @@ class ListRecorder:
     async def record_model_call(self, data: ModelCalledData) -> None:
         self.model_calls.append(data)
 
-    async def record_tool_call(self, data: ToolCalledData) -> None:
+    async def record_tool_call(self, data: ToolCalledData, *, event_id: str | None = None
+                               ) -> None:
         self.tool_calls.append(data)
 
     async def record_route(self, data: ModelRoutedData) -> None:
@@ -307,6 +314,7 @@ class _Run:
         if self.replay_only:
             raise StepStopped("replay_diverged", f"tool call {name!r} with these arguments is "
                               "not in the recording")
+        event_id = new_id()  # the record's id, known before the call: see Recorder
         dry_run = tool is not None and tool.side_effects and self.dry_run_effects
         cache_hit = False
         if dry_run:
@@ -322,7 +330,8 @@ class _Run:
         else:
             denial = (await self.guard.before_tool_call(tool, arguments, key)
                       if self.guard else None)
-            call_ctx = replace(self.ctx, idempotency_key=key)
+            call_ctx = replace(self.ctx, idempotency_key=key,
+                               traceparent=tool_traceparent(current_traceparent(), event_id))
             if denial is None and tool.side_effects and self.guard is not None:
                 # The claim is checked (and the intent recorded) as late as the runtime
                 # can: after the policy and any approval wait, right before the call.
@@ -356,7 +365,8 @@ class _Run:
                 idempotency_key=key,
                 dry_run=dry_run,
                 cache_hit=cache_hit,
-            )
+            ),
+            event_id=event_id,
         )
         return result
 

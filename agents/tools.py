@@ -64,6 +64,11 @@ class ToolContext:
     """The task's tenant (memory is scoped by it; None: the default tenant)."""
     worker: str | None = None
     """The replica running the step, when known; the loop records its calls with it."""
+    traceparent: str | None = None
+    """This call's own span (`execute_tool`, as the telemetry role derives it from the
+    call's ToolCalled event) as a W3C traceparent: what a tool that calls out passes on
+    (an MCP tool sends it in the request's `_meta`), so the remote side's spans nest
+    under the tool call."""
     effect_gate: Callable[[], Awaitable[None]] | None = None
     """Set by the runtime for a side-effecting call: re-checks that this replica still
     holds the step (see `begin_effect`)."""

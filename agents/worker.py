@@ -318,20 +318,22 @@ class FencedRecorder:
             subject=self.task_id, source=self.source,
             data=data.model_copy(update={"worker": self.worker})))
 
-    async def record_tool_call(self, data: ev.ToolCalledData) -> None:
+    async def record_tool_call(self, data: ev.ToolCalledData, *, event_id: str | None = None
+                               ) -> None:
         """A tool call: a side effect on the fenced line (durable before the step goes
         on), a read-only call on the log. An output the ledger cannot store is recorded
         as the tool's error instead, so the step goes on and its replay stays whole."""
         if data.worker != self.worker:
             data = data.model_copy(update={"worker": self.worker})
+        ident = {"id": event_id} if event_id else {}
         event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data,
-                              traceparent=self.traceparent)
+                              traceparent=self.traceparent, **ident)
         try:
             raw = ev.encode_event(event)
         except InvalidEventError as e:
             event = ev.ToolCalled(subject=self.task_id, source=self.source, data=data.model_copy(
                 update={"output": None, "error": f"tool output cannot be recorded: {e.reason}"}),
-                traceparent=self.traceparent)
+                traceparent=self.traceparent, **ident)
             raw = ev.encode_event(event)
         if data.side_effects:
             await self._append(event, raw)

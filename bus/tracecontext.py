@@ -23,6 +23,11 @@ def agent_span_key(started_event_id: str) -> str:
     return f"agent/{started_event_id}"
 
 
+def tool_span_key(tool_called_event_id: str) -> str:
+    """The key of a tool call's `execute_tool` span: its `ToolCalled` event's id."""
+    return f"tool/{tool_called_event_id}"
+
+
 def parse_traceparent(value: str | None) -> tuple[int, int, int] | None:
     """(trace id, parent span id, flags) of a valid W3C traceparent, else None."""
     if not value:
@@ -73,4 +78,14 @@ def agent_traceparent(task_tp: str | None, started_event_id: str) -> str | None:
     if parsed is None:
         return None
     return traceparent_of(parsed[0], span_id_for(parsed[0], agent_span_key(started_event_id)),
+                          bool(parsed[2] & 1))
+
+
+def tool_traceparent(current: str | None, tool_called_event_id: str) -> str | None:
+    """The context of a tool call's `execute_tool` span, in the trace of `current` (the
+    step's context where the call is made); None without a valid one."""
+    parsed = parse_traceparent(current)
+    if parsed is None:
+        return None
+    return traceparent_of(parsed[0], span_id_for(parsed[0], tool_span_key(tool_called_event_id)),
                           bool(parsed[2] & 1))

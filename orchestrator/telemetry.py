@@ -93,6 +93,7 @@ from jetmesh.bus.tracecontext import (
     span_id_for,
     task_trace_id,
     task_traceparent,
+    tool_span_key,
 )
 from jetmesh.orchestrator import otlp
 from jetmesh.orchestrator.state import ORCHESTRATOR, TaskState, fold
@@ -464,7 +465,7 @@ class _Builder:
             root, d.step_id, d.agent, e.time, e.id)
         start = e.time - timedelta(milliseconds=max(0.0, d.latency_ms))
         op = _MEMORY_OPS.get(d.tool)
-        span = run.span.add(_Span(f"tool/{e.id}", f"{op} {d.tool}" if op else
+        span = run.span.add(_Span(tool_span_key(e.id), f"{op} {d.tool}" if op else
                                   f"execute_tool {d.tool}", run.span, start, e.time))
         span.attributes.update({
             "gen_ai.operation.name": op or "execute_tool",

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from jetmesh.agents.breakers import CircuitBreaker
 from jetmesh.agents.spec import AgentSpec, schema_errors
 from jetmesh.agents.tools import Risk, Tool, ToolContext, ToolResult, untrusted_block
+from jetmesh.bus import tracing
 from jetmesh.bus.events import McpToolsChangedData
 
 from .config import McpServerConfig
@@ -177,7 +178,11 @@ class McpTool(Tool):
                     f"attempt is allowed in {breaker.retry_in_s():.0f}s). The call was not "
                     "made; do not retry it now."))
             try:
-                result = await server.connection.call_tool(self.remote_name, args, meta=meta)
+                # The SDK puts the current context in the request's `_meta`
+                # (traceparent): this call's own span, so the server's nest under it.
+                with tracing.attached(ctx.traceparent):
+                    result = await server.connection.call_tool(self.remote_name, args,
+                                                               meta=meta)
             except McpError as e:
                 (breaker.failure if e.transient else breaker.ignore)(ticket)
                 error = e

@@ -271,10 +271,10 @@ async def test_redelivery_after_crash_reuses_the_side_effect() -> None:
 class CrashOnSideEffectRecord(ListRecorder):
     """A worker killed after a side effect ran and before its record was stored."""
 
-    async def record_tool_call(self, data: Any) -> None:
+    async def record_tool_call(self, data: Any, *, event_id: str | None = None) -> None:
         if data.side_effects:
             raise RuntimeError("killed before the record was stored")
-        await super().record_tool_call(data)
+        await super().record_tool_call(data, event_id=event_id)
 
 
 @pytest.mark.parametrize("reconciles", [True, False])
