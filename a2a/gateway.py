@@ -102,6 +102,7 @@ from .tasks import (
     META_CONTEXT,
     StreamEvent,
     Submission,
+    answer_of,
     context_of,
     decision_of,
     entry_event,
@@ -109,7 +110,9 @@ from .tasks import (
     jetmesh_status,
     message_to_submission,
     plain,
+    questions,
     skill_workflow,
+    step_of,
     task_from_state,
     upto,
 )
@@ -367,6 +370,9 @@ class MeshRequestHandler(RequestHandler):
                 message=f"task {msg.task_id} is {state.status.value}: it takes a message "
                         "only while input-required")
         decision = decision_of(msg)
+        asked = questions(state)
+        if asked and (decision is None or len(asked) == len(state.pending_approvals)):
+            return await self._answer(msg, state, asked)
         if decision is None:
             raise InvalidParamsError(message=f"task {msg.task_id} waits for an approval: "
                                              "answer 'approve' or 'deny <reason>'")
@@ -384,6 +390,41 @@ class MeshRequestHandler(RequestHandler):
             raise InvalidParamsError(message=str(e)) from e
         except PermissionError as e:
             raise UnsupportedOperationError(message=f"this gateway may not approve: {e}"
+                                            ) from e
+        return _Sent(msg.task_id, seq)
+
+    async def _answer(self, msg: Message, state: TaskState,
+                      asked: list[ev.ApprovalRequestedData]) -> _Sent:
+        """The answer to the task's question (an `ask_user` call): whoever may see the
+        task may answer it (it authorizes nothing else: the answer is bound to that
+        call); written by the gateway's approver connection, the one that may write a
+        task's approval subject."""
+        answer = answer_of(msg)
+        if not answer:
+            raise InvalidParamsError(message=f"task {msg.task_id} asks: "
+                                             f"{asked[0].arguments.get('question', '')!s:.300}"
+                                             " - answer in a text part")
+        if len(asked) > 1:
+            wanted = step_of(msg)
+            asked = [p for p in asked if p.step_id == wanted]
+            if len(asked) != 1:
+                raise InvalidParamsError(message=f"task {msg.task_id} asks more than one "
+                                                 "question: name the step (data part "
+                                                 "'step')")
+        if self.approver is None:
+            raise UnsupportedOperationError(message=(
+                "this gateway cannot pass answers on (it has no approver connection: "
+                "JETMESH_GATEWAY_APPROVER_TOKEN and the approver's NATS user)"))
+        q = asked[0]
+        by = auth.by("a2a:user")
+        try:
+            _, seq = await self.approver.decide(
+                msg.task_id, True, step=q.step_id, tool=q.tool, args_hash=q.args_hash,
+                reason=answer, by=by)
+        except ControlRefused as e:
+            raise InvalidParamsError(message=str(e)) from e
+        except PermissionError as e:
+            raise UnsupportedOperationError(message=f"this gateway may not answer: {e}"
                                             ) from e
         return _Sent(msg.task_id, seq)
 

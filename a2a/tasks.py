@@ -29,6 +29,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict
 
 from jetmesh.agents.cards import plain as plain  # also a2a.tasks.plain, as before
+from jetmesh.agents.tools import ASK_USER
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
 from jetmesh.bus.ledger import LedgerEntry, is_log_seq
@@ -201,6 +202,36 @@ def decision_of(message: Message) -> Decision | None:
     return None
 
 
+MAX_ANSWER_CHARS = 4000
+
+
+def questions(state: TaskState) -> list[ev.ApprovalRequestedData]:
+    """The task's pending questions to its user (`ask_user` calls), oldest first."""
+    return [p for p in state.pending_approvals.values() if p.tool == ASK_USER]
+
+
+def answer_of(message: Message) -> str:
+    """A follow-up message's answer to a question: a data part's ``answer``, else its
+    text (clipped to MAX_ANSWER_CHARS)."""
+    for p in message.parts:
+        if p.WhichOneof("content") == "data":
+            data = plain(MessageToDict(p.data))
+            if isinstance(data, dict) and isinstance(data.get("answer"), str):
+                return str(data["answer"]).strip()[:MAX_ANSWER_CHARS]
+    return " ".join(p.text for p in message.parts
+                    if p.WhichOneof("content") == "text").strip()[:MAX_ANSWER_CHARS]
+
+
+def step_of(message: Message) -> str | None:
+    """A data part's ``step`` (which question an answer is for)."""
+    for p in message.parts:
+        if p.WhichOneof("content") == "data":
+            data = plain(MessageToDict(p.data))
+            if isinstance(data, dict) and isinstance(data.get("step"), str):
+                return str(data["step"])
+    return None
+
+
 def interrupted(state: TaskState) -> bool:
     """Whether the task waits for its client (A2A's interrupted states)."""
     return state.status is JmStatus.INPUT_REQUIRED and bool(state.pending_approvals)
@@ -266,6 +297,10 @@ def _pending(state: TaskState) -> dict[str, Any] | None:
 def _status_text(state: TaskState) -> str:
     if state.status == JmStatus.COMPLETED:
         return "completed"
+    if interrupted(state) and len(questions(state)) == len(state.pending_approvals):
+        asked = " / ".join(str(p.arguments.get("question", "")) for p in questions(state))
+        return (f"input-required: {asked} (reply in this task with your answer as text, or "
+                "a data part {\"answer\": ...})")
     if interrupted(state):
         calls = "; ".join(f"{p.tool}({json.dumps(p.arguments, sort_keys=True)}) in step "
                           f"{p.step_id}: {p.reason}" for p in state.pending_approvals.values())

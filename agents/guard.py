@@ -48,15 +48,25 @@ class _Reserved:
     period: SpendReservation | None
 
 
-def first_decision(entries: list[Any], step_id: str, tool: str, h: str) -> str | None:
+def decision_event(entries: list[Any], step_id: str, tool: str, h: str
+                   ) -> ev.ApprovalGranted | ev.ApprovalDenied | None:
     """The first granted/denied decision for this exact call, in ledger order."""
     for e in entries:
         event = e.event
         if isinstance(event, ev.ApprovalGranted | ev.ApprovalDenied) and (
                 event.data.step_id, event.data.tool, event.data.args_hash) == (step_id, tool, h):
-            return "granted" if isinstance(event, ev.ApprovalGranted) else \
-                f"denied: {event.data.reason or 'no reason given'} (by {event.data.by})"
+            return event
     return None
+
+
+def first_decision(entries: list[Any], step_id: str, tool: str, h: str) -> str | None:
+    """The first decision for this exact call as the loop reports it: "granted", or
+    "denied: <reason> (by <who>)"."""
+    event = decision_event(entries, step_id, tool, h)
+    if event is None:
+        return None
+    return "granted" if isinstance(event, ev.ApprovalGranted) else \
+        f"denied: {event.data.reason or 'no reason given'} (by {event.data.by})"
 
 
 @dataclass
@@ -73,6 +83,8 @@ class RuntimeGuard:
     """The step's fenced append (FencedRecorder._append)."""
     policy: Policy = field(default_factory=lambda: DEFAULT_POLICY)
     approval_timeout_s: float = 300.0
+    answers: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(tool, args hash) -> the user's answer, for the step's questions answered."""
     step_spent_usd: float = 0.0
     effect_gate: Callable[[Tool, dict[str, Any], str, bool], Awaitable[None]] | None = None
     """The step's claim check before a side effect (FencedRecorder.begin_effect)."""
@@ -195,6 +207,10 @@ class RuntimeGuard:
                 await self.book.count_tool_call(self.cmd.task_id, budget)
             except BudgetRefused as e:
                 raise await self._exceeded(e.kind, e.limit, e.would_be) from e
+        if tool.asks_user:  # always asked: the answer comes as an approval's reason
+            question = str(arguments.get("question", ""))[:2000]
+            return await self._approval(tool, arguments, args_hash(tool.name, arguments),
+                                        f"question for the user: {question}")
         if tool.risk == "read":
             return None
         h = args_hash(tool.name, arguments)
@@ -274,5 +290,16 @@ class RuntimeGuard:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         if found == "granted":
+            if tool.asks_user:
+                granted = decision_event(await self.ledger.read(
+                    self.cmd.task_id, subject=control), self.cmd.step_id, tool.name, h)
+                self.answers[(tool.name, h)] = granted.data.reason if granted else ""
             return None
+        if tool.asks_user:
+            return (f"the user did not answer ({found}). Go on without the answer, or end "
+                    "the step saying what you needed.")
         return f"{tool.name} was not approved ({found}). Do not retry this call."
+
+    def answer(self, tool: str, h: str) -> str | None:
+        """The answer given to this step's question `tool` with arguments hash `h`."""
+        return self.answers.get((tool, h))

@@ -83,6 +83,11 @@ class StepGuard(ModelCallGuard, Protocol):
         None: no dollar limit. Routing asks it before it moves to a dearer tier."""
         ...
 
+    def answer(self, tool: str, args_hash: str) -> str | None:
+        """The user's answer to a question tool's call (`Tool.asks_user`) that
+        `before_tool_call` allowed: the answer it waited for."""
+        ...
+
     async def before_effect(self, tool: Tool, arguments: dict[str, Any], key: str, *,
                             recheck: bool = False) -> None:
         """Right before a side-effecting tool runs (and again when the tool calls
@@ -340,6 +345,9 @@ class _Run:
                     call_ctx, loop=asyncio.get_running_loop(),
                     effect_gate=functools.partial(self.guard.before_effect, tool,
                                                   arguments, key, recheck=True))
+            if denial is None and tool.asks_user and self.guard is not None:
+                call_ctx = replace(call_ctx, answer=self.guard.answer(
+                    name, args_hash(name, arguments)))
             if denial is not None:
                 result = ToolResult(ok=False, error=denial, kind="denied")
             elif tool.side_effects and (name, args_hash(name, arguments)) in \

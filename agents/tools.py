@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import ClaimLost, ToolDefinitionError
 from .models.types import ToolDefinition
@@ -64,6 +64,9 @@ class ToolContext:
     """The task's tenant (memory is scoped by it; None: the default tenant)."""
     worker: str | None = None
     """The replica running the step, when known; the loop records its calls with it."""
+    answer: str | None = None
+    """For a tool that `asks_user`: the user's answer to this call's question (given by
+    the runtime once the answer is on the ledger; None: nobody was asked)."""
     traceparent: str | None = None
     """This call's own span (`execute_tool`, as the telemetry role derives it from the
     call's ToolCalled event) as a W3C traceparent: what a tool that calls out passes on
@@ -194,6 +197,11 @@ class Tool:
     """False: a sync function that returns at once (a lookup in memory, arithmetic) runs
     on the event loop, without the hop to a worker thread; ``timeout_s`` cannot
     interrupt it, so never set it for I/O."""
+    asks_user: bool = False
+    """The call is a question to the task's user: the step waits for the answer as it
+    waits for an approval (always asked, whatever the policy: the approval's reason is
+    the answer, bound to this call's arguments), then the tool runs with
+    `ToolContext.answer`. See `ask_user`."""
     _definition: ToolDefinition | None = field(default=None, init=False, repr=False)
     _model_wants_ctx: bool = field(default=False, init=False, repr=False)
 
@@ -457,3 +465,35 @@ def tool(
         )
 
     return decorate(fn) if fn is not None else decorate
+
+
+# ----------------------------------------------------------------------------- ask_user
+
+
+ASK_USER = "ask_user"
+
+
+class AskUserInput(BaseModel):
+    question: str = Field(min_length=1, max_length=2000,
+                          description="One clear question for the user, with what you "
+                                      "need to know and why.")
+
+
+class AskUserOutput(BaseModel):
+    answer: str
+
+
+def _asked(args: AskUserInput, ctx: ToolContext) -> AskUserOutput:
+    if ctx.answer is None:
+        raise RuntimeError("there is no user to ask in this run; go on without the answer")
+    return AskUserOutput(answer=ctx.answer)
+
+
+ask_user = Tool(
+    name=ASK_USER,
+    description=("Ask the task's user a question and wait for the answer (the task is "
+                 "input-required until they reply). Use it only for what you cannot find "
+                 "out otherwise; the answer is the user's words, shown to you as data."),
+    input_model=AskUserInput, output_model=AskUserOutput, fn=_asked, risk="read",
+    untrusted_output=True, asks_user=True, blocking=False)
+"""The built-in question tool: add it to an agent's tools to let its steps ask."""

@@ -536,6 +536,21 @@ def approve_cmd(
     _decide_approval(task_id, True, step, tool, "", by, url, data_dir)
 
 
+@app.command("answer")
+def answer_cmd(
+    task_id: Annotated[str, typer.Argument(help="The task whose agent asked a question.")],
+    text: Annotated[str, typer.Argument(help="Your answer (the agent reads it as data).")],
+    step: Annotated[str | None, typer.Option(help="The step, when several ask.")] = None,
+    by: Annotated[str, typer.Option(help="Who answers (recorded).")] = os.environ.get(
+        "USER", "user"),
+    url: UrlOpt = None, data_dir: DataDirOpt = DEFAULT_DATA,
+) -> None:
+    """Answer an agent's question (an `ask_user` call; `jetmesh show` shows it)."""
+    from jetmesh.agents.tools import ASK_USER
+
+    _decide_approval(task_id, True, step, ASK_USER, text, by, url, data_dir)
+
+
 @app.command("deny")
 def deny_cmd(
     task_id: Annotated[str, typer.Argument(help="The task waiting for input.")],

@@ -412,3 +412,18 @@ async def test_calls_are_recorded_with_the_contexts_worker() -> None:
     rec = ListRecorder()
     await run(ScriptedModel("plain"), recorder=rec)
     assert rec.model_calls[0].worker is None
+
+
+async def test_ask_user_with_no_one_to_ask_is_an_error_the_model_sees() -> None:
+    """Outside a worker (no guard to wait for an answer) the question tool says so."""
+    from jetmesh.agents.tools import ask_user
+
+    rec = ListRecorder()
+    spec = AgentSpec(name="asker", description="d", tools=[ask_user],
+                     skills=[SkillSpec(id="chat", name="Chat", description="d")])
+    model = ScriptedModel(tool_call("ask_user", question="Which colour?"), "went on")
+    result = await run_step(spec, "chat", {"q": "paint"}, model, recorder=rec,
+                            ctx=ToolContext(task_id="t1", step_id="s1", agent="asker"))
+    assert result.ok
+    [call] = rec.tool_calls
+    assert call.tool == "ask_user" and "no user to ask" in (call.error or "")

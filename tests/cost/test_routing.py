@@ -47,6 +47,9 @@ class Headroom:
                             recheck: bool = False) -> None:
         return None
 
+    def answer(self, tool: str, args_hash: str) -> str | None:
+        return None
+
     async def headroom_usd(self) -> float | None:
         self.asked += 1
         return self.usd
