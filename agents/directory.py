@@ -130,6 +130,12 @@ def select(agents: Iterable[LiveAgent], *, skill: str | None = None,
     return out
 
 
+def visible_to(agents: Iterable[LiveAgent], tenant: str | None) -> list[LiveAgent]:
+    """The agents a task of `tenant` may use: the shared ones and its own private ones
+    (another tenant's private agent is not offered to its planner)."""
+    return [a for a in agents if a.tenants is None or a.private_to(tenant)]
+
+
 def skills_of(agents: Iterable[LiveAgent]) -> dict[str, SkillSpec]:
     """Live skills by id (first agent by name wins): what the planner may use."""
     out: dict[str, SkillSpec] = {}
@@ -162,6 +168,10 @@ class Directory(Protocol):
 
     async def fresh_skills(self) -> dict[str, SkillSpec]:
         """The live skills read from the store now (a view may lag)."""
+        ...
+
+    async def fresh_agents(self) -> list[LiveAgent]:
+        """The live agents read from the store now (a view may lag)."""
         ...
 
 
@@ -207,3 +217,6 @@ class InMemoryDirectory:
 
     async def fresh_skills(self) -> dict[str, SkillSpec]:
         return self.skills()
+
+    async def fresh_agents(self) -> list[LiveAgent]:
+        return self.agents()

@@ -139,6 +139,16 @@ class Registry:
         finally:
             await reg.close()
 
+    async def fresh_agents(self) -> list[LiveAgent]:
+        """The live agents read from the bucket now (see `fresh_skills`)."""
+        reg = await Registry.open(self.view.js, ttl_s=self.view.ttl_s, verifier=self.verifier,
+                                  replicas=self.view.replicas, wait_s=2.0)
+        reg._checked = self._checked
+        try:
+            return reg.agents()
+        finally:
+            await reg.close()
+
     # ------------------------------------------------------------------ admission
 
     def _admit(self, entry: PresenceEntry) -> tuple[AgentCard, list[SkillSpec]] | str:

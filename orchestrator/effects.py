@@ -355,7 +355,7 @@ class Effects:
                 id=f"{tid}-planned", subject=tid, source=SOURCE, data=ev.TaskPlannedData(
                     planner=f"workflow:{wf.name}", steps=wf.steps, merge=wf.merge,
                     context=context))]
-        live = await self.skills.for_planner()
+        live = await self.skills.for_planner(sub.tenant)
         skills = sorted((live or {}).values(), key=lambda s: (s.id != "triage", s.id))
         recorder = self._recorder(state, "plan")
         try:

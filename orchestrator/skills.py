@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from jetmesh.agents.directory import Directory
+from jetmesh.agents.directory import Directory, LiveAgent, skills_of, visible_to
 from jetmesh.agents.spec import SkillSpec
 
 log = logging.getLogger("jetmesh.orchestrator")
@@ -31,7 +31,7 @@ class LiveSkills:
         self.skills_at = 0.0
         self.live_since: dict[str, datetime] = {}
         """When each skill was first seen live by this process (or came back)."""
-        self._planner_fresh: tuple[float, dict[str, SkillSpec]] | None = None
+        self._planner_fresh: tuple[float, list[LiveAgent]] | None = None
         """When the planner last read the registry itself, and the skills it found."""
 
     @property
@@ -82,16 +82,24 @@ class LiveSkills:
             log.warning("registry read failed: %s", e)
             return None
 
-    async def for_planner(self) -> dict[str, SkillSpec] | None:
-        """The skills a plan may use: the view's, and (a model call follows: a read of
-        the registry itself is cheap beside it, and a stale view, a saturated loop, must
-        not leave skills out of the plan) those of a fresh read, at most once a second
-        (it costs an ordered consumer on the bucket: 11 messages; once per task it was a
-        tenth of a fan-out task's messages)."""
-        live = self.current()
-        if live is None:
+    async def for_planner(self, tenant: str | None = None) -> dict[str, SkillSpec] | None:
+        """The skills a plan for a task of `tenant` may use: those of the shared agents
+        and of the tenant's own private ones (another tenant's private agent is not
+        offered: its skills would be planned and then wait on a subject no agent of
+        this tenant serves), from the view and (a model call follows: a read of the
+        registry itself is cheap beside it, and a stale view, a saturated loop, must not
+        leave skills out of the plan) from a fresh read, at most once a second (it costs
+        an ordered consumer on the bucket: 11 messages; once per task it was a tenth of
+        a fan-out task's messages)."""
+        if self.directory is None:
             return None
         now = time.monotonic()
         if self._planner_fresh is None or now - self._planner_fresh[0] > PLANNER_MAX_AGE_S:
-            self._planner_fresh = (now, await self.fresh() or {})
-        return {**self._planner_fresh[1], **live}
+            try:
+                fresh = await self.directory.fresh_agents()
+            except Exception as e:
+                log.warning("registry read failed: %s", e)
+                fresh = []
+            self._planner_fresh = (now, fresh)
+        return {**skills_of(visible_to(self._planner_fresh[1], tenant)),
+                **skills_of(visible_to(self.directory.agents(), tenant))}
