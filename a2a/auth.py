@@ -85,6 +85,16 @@ def may_see(tenant: str | None) -> bool:
     return sees(current(), tenant)
 
 
+def may_use(agent_tenants: list[str] | None) -> bool:
+    """Whether the current caller may see and use an agent private to `agent_tenants`
+    (None: a shared agent, everyone): with authentication off, an admin, or one of its
+    tenants."""
+    if agent_tenants is None:
+        return True
+    who = current()
+    return who is None or who.role == "admin" or who.tenant in agent_tenants
+
+
 def tenant() -> str | None:
     """The caller's tenant (a submission's; None: no tenant or authentication off)."""
     who = current()
@@ -351,6 +361,12 @@ def sees(who: Identity | None, tenant: str | None) -> bool:
     return who is None or who.role == "admin" or who.tenant == tenant
 
 
+CARD_PATH = PUBLIC_PATHS[0]
+
+ANONYMOUS = Identity(subject="anonymous", tenant=None, role="reader", scheme="none")
+"""A caller with no valid credentials where none are required (a card's reader)."""
+
+
 class GatewayAuth:
     """ASGI middleware: authenticate, authorise by role, make the identity current."""
 
@@ -363,7 +379,24 @@ class GatewayAuth:
         return path.endswith(PUBLIC_PATHS) or path == "/ui" or path.startswith("/ui/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.public(str(scope.get("path", ""))):
+        path = str(scope.get("path", ""))
+        if scope["type"] == "http" and path.endswith(CARD_PATH):
+            # Anyone may read a card; who asks decides which agents they see (a tenant's
+            # private agent's card is its tenant's): credentials are optional here, and
+            # without valid ones the caller is nobody's tenant.
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope.get("headers", [])}
+            try:
+                who = await self.auth.identify(headers)
+            except AuthError:
+                who = ANONYMOUS
+            token = _current.set(who)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _current.reset(token)
+            return
+        if scope["type"] != "http" or self.public(path):
             await self.app(scope, receive, send)
             return
         body = b""

@@ -81,6 +81,7 @@ from jetmesh.a2a import auth
 from jetmesh.a2a.edge import BodyCheck, TraceContext, quiet_sdk_logs
 from jetmesh.a2a.mcp_server import MeshMcpServer
 from jetmesh.agents.cards import agent_http_base, card_to_dict, http_interfaces, mesh_card
+from jetmesh.agents.directory import skills_of, visible_to
 from jetmesh.agents.registry import Registry
 from jetmesh.agents.signing import CardSigner, CardVerifier
 from jetmesh.bus import events as ev
@@ -262,7 +263,7 @@ class MeshRequestHandler(RequestHandler):
     def _pick_skill(self, asked: str | None) -> str:
         assert self.agent is not None
         live = self.registry.agent(self.agent)
-        if live is None:
+        if live is None or not auth.may_use(live.tenants):  # another tenant's: not here
             raise InvalidParamsError(message=f"agent {self.agent!r} is not live")
         ids = live.skill_ids
         if asked is None and len(ids) == 1:
@@ -677,8 +678,10 @@ class _Cards:
     """The gateway delivers push notifications (the card says so)."""
 
     def mesh(self) -> AgentCard:
-        card = mesh_card(self.registry.skills().values(), base_url=self.base_url,
-                         nats_url=self.nats_url)
+        # A public card (cached by anyone): the shared agents' skills only; a tenant's
+        # private agents are not announced to everyone.
+        card = mesh_card(skills_of(visible_to(self.registry.agents(), None)).values(),
+                         base_url=self.base_url, nats_url=self.nats_url)
         card.capabilities.push_notifications = self.push
         return self.signer.sign(card) if self.signer else card
 
@@ -689,8 +692,8 @@ class _Cards:
         when it has one (without one, the served card is unsigned).
         """
         live = self.registry.agent(name)
-        if live is None:
-            return None
+        if live is None or not auth.may_use(live.tenants):
+            return None  # another tenant's private agent is not there for this caller
         card = AgentCard()
         card.CopyFrom(live.card)
         base = agent_http_base(self.base_url, name)
@@ -761,7 +764,10 @@ def build_app(client: Client, registry: Registry, *, base_url: str,
             if card is None:
                 return JSONResponse({"error": f"agent {name!r} is not live"}, status_code=404)
             body = card_to_dict(card)
-            headers = {hn.ETAG: _etag(body), hn.CACHE_CONTROL: cache}
+            live = registry.agent(name)
+            private = live is not None and live.tenants is not None
+            headers = {hn.ETAG: _etag(body),
+                       hn.CACHE_CONTROL: "private, no-store" if private else cache}
             if request.headers.get(hn.IF_NONE_MATCH) == headers[hn.ETAG]:
                 return Response(status_code=304, headers=headers)
             return JSONResponse(body, headers=headers)

@@ -50,7 +50,9 @@ from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp_types import ElicitRequestFormParams, InputRequiredResult
 
 from jetmesh.a2a import auth
+from jetmesh.agents.directory import skills_of, visible_to
 from jetmesh.agents.registry import Registry
+from jetmesh.agents.spec import SkillSpec
 from jetmesh.bus import events as ev
 from jetmesh.orchestrator.client import Client, ControlRefused
 from jetmesh.orchestrator.state import TaskState, TaskStatus, apply
@@ -151,10 +153,18 @@ class MeshMcpServer:
 
     # ------------------------------------------------------------------ tools
 
-    def _tools(self) -> list[types.Tool]:
+    def _skills(self, ctx: ServerRequestContext[Any] | None) -> dict[str, SkillSpec]:
+        """The skills this caller may run: the shared agents' and its tenant's private
+        agents' (every one for an admin or with authentication off)."""
+        who = self._who(ctx) if ctx is not None else None
+        if ctx is None or who is None or who.role == "admin":
+            return self.registry.skills()
+        return skills_of(visible_to(self.registry.agents(), who.tenant))
+
+    def _tools(self, ctx: ServerRequestContext[Any] | None = None) -> list[types.Tool]:
         tools = [types.Tool(name=SKILL_PREFIX + sid, description=s.description or s.name,
                             input_schema=s.input_schema, title=s.name)
-                 for sid, s in sorted(self.registry.skills().items())]
+                 for sid, s in sorted(self._skills(ctx).items())]
         for name in self.workflows.names():
             wf = self.workflows.get(name)
             tools.append(types.Tool(
@@ -171,7 +181,7 @@ class MeshMcpServer:
 
     async def _list_tools(self, ctx: ServerRequestContext[Any],
                           params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=self._tools())
+        return types.ListToolsResult(tools=self._tools(ctx))
 
     def _who(self, ctx: ServerRequestContext[Any]) -> auth.Identity | None:
         if self.identity is not None:
@@ -234,7 +244,7 @@ class MeshMcpServer:
         who = self._who(ctx)
         as_who: dict[str, Any] = {} if who is None else {"tenant": who.tenant,
                                                          "submitted_by": who.label}
-        if name.startswith(SKILL_PREFIX) and name[len(SKILL_PREFIX):] in self.registry.skills():
+        if name.startswith(SKILL_PREFIX) and name[len(SKILL_PREFIX):] in self._skills(ctx):
             return await self.client.submit(f"MCP call of {name}", input=args,
                                             workflow=f"skill:{name[len(SKILL_PREFIX):]}",
                                             metadata={"via": "mcp"}, **as_who)

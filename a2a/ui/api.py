@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from jetmesh.agents.directory import visible_to
 from jetmesh.agents.registry import Registry
 from jetmesh.bus import events as ev
 from jetmesh.bus import headers as hn
@@ -657,7 +658,10 @@ class Dashboard:
         from google.protobuf.json_format import MessageToDict
 
         out = []
-        for a in sorted(self.registry.agents(), key=lambda a: a.name):
+        agents = self.registry.agents()
+        if person.tenant is not None:  # a tenant's user: the shared agents and its own
+            agents = visible_to(agents, person.tenant)
+        for a in sorted(agents, key=lambda a: a.name):
             out.append({
                 "name": a.name, "version": a.version, "signed": a.signed,
                 "replicas": [{"replica": r.replica, "model": r.model,
@@ -666,7 +670,8 @@ class Dashboard:
                 "skills": [s.model_dump(mode="json") for s in a.skills],
                 "breakers": a.breakers,  # each breaker's worst state across replicas
                 "card": MessageToDict(a.card)})
-        return JSONResponse({"agents": out, "refused": self.registry.refused()})
+        return JSONResponse({"agents": out, "refused": self.registry.refused()
+                             if person.tenant is None else {}})
 
     async def dead_letters(self, request: Request, person: Person) -> Response:
         letters = await list_dead_letters(self.client.ledger)

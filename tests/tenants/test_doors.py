@@ -289,3 +289,40 @@ async def _stdio(mesh: Any, bus: Any, tmp_path: Path) -> None:
         assert refused.is_error and "may not" in refused.content[0].text  # type: ignore[union-attr]
         seen = await c.call_tool("task_status", {"task_id": theirs})
         assert not seen.is_error  # rita reads tenant A's tasks
+
+
+async def test_a_tenants_private_agent_is_shown_to_it_and_to_no_other_tenant(
+        gateway) -> None:  # noqa: F811
+    """Discovery through every door: the public mesh card, the agent's own card, MCP's
+    tool list (and a call of it), the dashboard's agents. Tenant t-a's user sees its
+    private agent; tenant t-b's does not, nor does the public card."""
+    mesh, _ = gateway
+    base = mesh.base
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            card = (await http.get(f"{base}/.well-known/agent-card.json")).json()
+            assert "ta_books" not in {s["id"] for s in card["skills"]}
+            assert "lookup_order" in {s["id"] for s in card["skills"]}
+            own = await http.get(f"{base}/agents/ta-books/.well-known/agent-card.json",
+                                 headers={"X-API-Key": key_of("alice")})
+            other = await http.get(f"{base}/agents/ta-books/.well-known/agent-card.json",
+                                   headers={"X-API-Key": key_of("bob")})
+        assert own.status_code == 200 and own.json()["name"] == "ta-books"
+        assert own.headers["cache-control"].startswith("private")
+        assert other.status_code == 404
+        seen: dict[str, set[str]] = {}
+        for who in ("alice", "bob"):
+            async with mcp_as(base, who) as c:
+                seen[who] = {t.name for t in (await c.list_tools()).tools}
+        assert "skill_ta_books" in seen["alice"] and "skill_ta_books" not in seen["bob"]
+        assert "skill_lookup_order" in seen["alice"] & seen["bob"]
+        async with mcp_as(base, "bob") as c:
+            out = await c.call_tool("skill_ta_books", {"q": "their books"})
+        assert out.is_error
+        listed: dict[str, set[str]] = {}
+        for who in ("alice", "bob"):
+            async with ui_as(base, who) as c:
+                listed[who] = {a["name"] for a in (await c.get("/api/agents")).json()["agents"]}
+        assert "ta-books" in listed["alice"] and "ta-books" not in listed["bob"]
+    finally:
+        await _dashboard(mesh).stop()

@@ -55,6 +55,10 @@ def refund_then_answer(request: ModelRequest) -> list[ToolCall] | str:
 REFUNDER = AgentSpec(name="auth-refunder", description="Refunds A1029.",
                      instructions="Refund.", tools=[issue_refund],
                      skills=[SkillSpec(id="auth_refund", name="Refund", description="r")])
+PRIVATE = AgentSpec(name="ta-books", description="Tenant t-a's own bookkeeper.",
+                    instructions="Keep books.", tenants=["t-a"],
+                    skills=[SkillSpec(id="ta_books", name="Books", description="b")])
+"""A private agent of tenant t-a: the other tenants' doors do not show it."""
 ISSUER, AUDIENCE = "https://issuer.test", "jetmesh"
 H = {"A2A-Version": "1.0"}
 
@@ -106,7 +110,7 @@ async def gateway(bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     path.write_text(settings.model_dump_json())
     monkeypatch.setenv("JETMESH_GATEWAY_AUTH_FILE", str(path))
     monkeypatch.setenv("JETMESH_DATA_DIR", str(tmp_path))
-    mesh = Mesh(bus.url, [get_agent("orders"), REFUNDER],
+    mesh = Mesh(bus.url, [get_agent("orders"), REFUNDER, PRIVATE],
                 models={"auth-refunder": FunctionModel(refund_then_answer)},
                 gateway_settings=GatewaySettings(port=0, agent_ttl_s=3, send_wait_s=15,
                                                  approver_token=TOKEN))
@@ -114,7 +118,7 @@ async def gateway(bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     reg = mesh.gateway.registry
     assert reg is not None
     for _ in range(100):
-        if {"lookup_order", "auth_refund"} <= set(reg.skills()):
+        if {"lookup_order", "auth_refund", "ta_books"} <= set(reg.skills()):
             break
         await asyncio.sleep(0.05)  # the registry's watch: polled for a fact, bounded
     try:
