@@ -128,21 +128,15 @@ class Registry:
     async def fresh_skills(self) -> dict[str, SkillSpec]:
         """The live skills read from the bucket now, not from the view (which lags when
         the loop is saturated)."""
+        return skills_of(await self.fresh_agents())
+
+    async def fresh_agents(self) -> list[LiveAgent]:
+        """The live agents read from the bucket now (a second registry, closed after)."""
         reg = await Registry.open(self.view.js, ttl_s=self.view.ttl_s, verifier=self.verifier,
                                   replicas=self.view.replicas, wait_s=2.0)
         # The same verifier: the cards this registry checked need no second check (one
         # card's parse and validation took ~40 ms on the fan-out benchmark, once a second
         # for the planner's fresh read).
-        reg._checked = self._checked
-        try:
-            return reg.skills()
-        finally:
-            await reg.close()
-
-    async def fresh_agents(self) -> list[LiveAgent]:
-        """The live agents read from the bucket now (see `fresh_skills`)."""
-        reg = await Registry.open(self.view.js, ttl_s=self.view.ttl_s, verifier=self.verifier,
-                                  replicas=self.view.replicas, wait_s=2.0)
         reg._checked = self._checked
         try:
             return reg.agents()
