@@ -17,6 +17,7 @@ step twice.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ from a2a.types import TaskState as A2AState
 from google.protobuf.json_format import MessageToDict
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel, ConfigDict
 
 from jetmesh.agents.cards import card_from_dict, card_to_dict, skills_from_card
@@ -40,12 +40,15 @@ from jetmesh.agents.spec import AgentSpec, Limits, schema_errors
 from jetmesh.agents.tools import Tool, ToolContext
 from jetmesh.agents.worker import Worker
 from jetmesh.bus import subjects
+from jetmesh.bus.kvscan import current_entries
 from jetmesh.bus.presence import ensure_bucket
 from jetmesh.bus.settings import BusSettings
 from jetmesh.bus.tracing import traced
 
 from .errors import ExternalAgentError
 from .tasks import plain
+
+log = logging.getLogger("jetmesh.bridge")
 
 __all__ = [
     "ExternalAgent",
@@ -114,24 +117,17 @@ async def add_external(js: JetStreamContext, url: str, *,
 
 
 async def list_external(js: JetStreamContext) -> list[ExternalAgent]:
-    """The registered external agents, by name.
-
-    The keys come from the bucket stream's subject list, in one request: nats-py's
-    `kv.keys()` can end its initial replay before the last keys arrive and return too
-    few (nats.py issue 842), which made a just-added agent missing now and then."""
-    kv = await _bucket(js)
-    bucket = subjects.BUCKET_EXTERNAL
-    prefix = subjects.kv_subject(bucket, "")
-    info = await js.stream_info(subjects.kv_stream(bucket),
-                                subjects_filter=subjects.kv_subject(bucket))
+    """The registered external agents, by name (a complete read: bus/kvscan). A value
+    that is not a registration (another writer, a bad upgrade) is left out with a
+    warning: one bad entry does not keep the bridge from serving the others."""
+    await _bucket(js)
     out = []
-    for subject in sorted(info.state.subjects or {}):
+    for entry in await current_entries(js, subjects.BUCKET_EXTERNAL):
         try:
-            entry = await kv.get(subject.removeprefix(prefix))
-        except KeyNotFoundError:  # deleted (a delete marker is a message too)
-            continue
-        if entry.value:
             out.append(ExternalAgent.from_json(entry.value))
+        except Exception as e:
+            log.warning("external agent %s is not readable, left out: %s: %s", entry.key,
+                        type(e).__name__, str(e)[:200])
     return sorted(out, key=lambda a: a.name)
 
 

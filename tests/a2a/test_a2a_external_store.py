@@ -32,5 +32,9 @@ async def test_every_added_agent_is_listed_at_once_and_removed_ones_are_not(
         listed = await list_external(js)
         assert [a.name for a in listed] == [n for n in names if n not in ("ext-03", "ext-17")]
         assert listed[0].card.name == base.card.name
+        # A value that is not a registration is left out; the rest are still listed.
+        for junk in (b"not json", b"{}", b'{"name": "x", "url": "u", "card": 3, "added_at": 1}'):
+            await kv.put(f"junk-{len(junk)}", junk)
+        assert [a.name for a in await list_external(js)] == [a.name for a in listed]
     finally:
         await nc.close()
