@@ -397,7 +397,7 @@ def bridge_permissions(options: Options | None = None) -> Permissions:
     opts = options or Options()
     pub, sub = _worker_permissions(ROLE_BRIDGE, None, ["*"], opts)
     ext = kv_stream(subjects.BUCKET_EXTERNAL)
-    pub += kv_read(subjects.BUCKET_EXTERNAL) + stream_declare([ext])
+    pub += kv_read(subjects.BUCKET_EXTERNAL) + stream_declare([ext]) + ordered_reader(ext)
     return Permissions(_dedupe(pub), _dedupe(sub))
 
 

@@ -545,3 +545,42 @@ async def test_the_orchestrator_sweeps_unconsumed_work_with_its_own_user(
     moved = await sweep_unconsumed(orch.js, older_than_s=0)
     assert [m.seq for m in moved] == [ack.seq]
     assert orch.errors == [] and server_violations(secure.server) == []
+
+
+async def test_each_roles_one_pass_kv_reads_work_with_its_own_user(secure: Secure) -> None:
+    """bus/kvscan reads (a message get for the end, then an ordered consumer) under
+    each role's generated permissions: the bridge's external agents, a worker's kill
+    switch, the gateway's task and stats projections, a worker's heartbeat check."""
+    from datetime import UTC, datetime
+
+    from jetmesh.a2a.bridge import ExternalAgent, _bucket, list_external
+    from jetmesh.agents.cards import card_for_spec
+    from jetmesh.bus.killswitch import KillRule, KillSwitchBoard, KillSwitchWatch
+    from jetmesh.bus.kvscan import current_entries
+    from jetmesh.orchestrator import stats, tasks_kv
+
+    admin = secure.admin.js
+    ext = ExternalAgent("ext-perm", "http://127.0.0.1:1/agents/orders",
+                        card_for_spec(get_agent("orders")), datetime.now(UTC).isoformat())
+    await (await _bucket(admin)).put(ext.name, ext.to_json())
+    await KillSwitchBoard(admin).disable(KillRule(kind="tool", name="issue_refund"))
+    skv = await ensure_bucket(admin, subjects.BUCKET_STATS)
+    await skv.put("task.t-perm", b"{}")
+    await tasks_kv.open_bucket(admin)
+
+    bridge = await secure.connect("bridge")
+    assert [a.name for a in await list_external(bridge.js)] == ["ext-perm"]
+    agent = await secure.connect("agent-orders")
+    watch = KillSwitchWatch(agent.js)
+    await watch.start()
+    try:
+        assert [r.name for r in watch.rules.values()] == ["issue_refund"]
+    finally:
+        await watch.stop()
+    assert [e.key for e in await current_entries(agent.js, subjects.BUCKET_AGENTS)] == []
+    gateway = await secure.connect("gateway")
+    assert await stats.read_summaries(gateway.js) == []  # "{}" is no record: left out
+    assert await tasks_kv.read_summaries(gateway.js) == []
+    for c in (bridge, agent, gateway):
+        assert c.errors == [], c.errors
+    assert server_violations(secure.server) == []
