@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -192,8 +193,12 @@ class KillSwitchWatch:
         is loaded: read completely first, since the watch's own end-of-initial-values
         marker can come before the values; see bus/kvscan)."""
         kv = await _bucket(self.js, self.replicas)
-        for entry in await current_entries(self.js, subjects.BUCKET_KILLSWITCH):
-            self._put(entry.key, entry.value)
+        try:
+            for entry in await current_entries(self.js, subjects.BUCKET_KILLSWITCH):
+                self._put(entry.key, entry.value)
+        except (NatsError, TimeoutError) as e:  # the watch below still loads them
+            log.warning("kill switch: one-pass read of the rules failed (%s); loading "
+                        "them from the watch", e)
         self._watcher = await kv.watchall()
         while (entry := await self._watcher.updates(  # type: ignore[no-untyped-call]
                 timeout=10.0)) is not None:
