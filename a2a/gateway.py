@@ -226,6 +226,24 @@ def _resume_from(context: ServerCallContext) -> int | None:
     return seq
 
 
+async def _decided(approver: Client, task_id: str, granted: bool, verb: str, *,
+                   step: str | None, tool: str | None, args_hash: str | None, reason: str,
+                   by: str) -> _Sent:
+    """A follow-up's decision (an approval, a denial or an answer) written as the
+    approver, its refusals as the A2A errors a client can act on."""
+    try:
+        _, seq = await approver.decide(task_id, granted, step=step, tool=tool,
+                                       args_hash=args_hash, reason=reason, by=by)
+    except AmbiguousApproval as e:
+        raise InvalidParamsError(message=f"{e} (data part 'step', 'tool' or "
+                                         "'argsHash')") from e
+    except ControlRefused as e:
+        raise InvalidParamsError(message=str(e)) from e
+    except PermissionError as e:
+        raise UnsupportedOperationError(message=f"this gateway may not {verb}: {e}") from e
+    return _Sent(task_id, seq)
+
+
 class MeshRequestHandler(RequestHandler):
     """The SDK's request-handler port implemented on the jetmesh ledger.
 
@@ -379,20 +397,10 @@ class MeshRequestHandler(RequestHandler):
                                              "answer 'approve' or 'deny <reason>'")
         approver = await self._approver(context)
         by = plain(MessageToDict(msg.metadata)).get("by") if msg.HasField("metadata") else None
-        try:
-            _, seq = await approver.decide(
-                msg.task_id, decision.granted, step=decision.step, tool=decision.tool,
-                args_hash=decision.args_hash, reason=decision.reason,
-                by=auth.by(f"a2a:{by if isinstance(by, str) and by else 'approver'}"))
-        except AmbiguousApproval as e:
-            raise InvalidParamsError(message=f"{e} (data part 'step', 'tool' or "
-                                             "'argsHash')") from e
-        except ControlRefused as e:
-            raise InvalidParamsError(message=str(e)) from e
-        except PermissionError as e:
-            raise UnsupportedOperationError(message=f"this gateway may not approve: {e}"
-                                            ) from e
-        return _Sent(msg.task_id, seq)
+        return await _decided(approver, msg.task_id, decision.granted, "approve",
+                              step=decision.step, tool=decision.tool,
+                              args_hash=decision.args_hash, reason=decision.reason,
+                              by=auth.by(f"a2a:{by if isinstance(by, str) and by else 'approver'}"))
 
     async def _answer(self, msg: Message, state: TaskState,
                       asked: list[ev.ApprovalRequestedData]) -> _Sent:
@@ -417,17 +425,9 @@ class MeshRequestHandler(RequestHandler):
                 "this gateway cannot pass answers on (it has no approver connection: "
                 "JETMESH_GATEWAY_APPROVER_TOKEN and the approver's NATS user)"))
         q = asked[0]
-        by = auth.by("a2a:user")
-        try:
-            _, seq = await self.approver.decide(
-                msg.task_id, True, step=q.step_id, tool=q.tool, args_hash=q.args_hash,
-                reason=answer, by=by)
-        except ControlRefused as e:
-            raise InvalidParamsError(message=str(e)) from e
-        except PermissionError as e:
-            raise UnsupportedOperationError(message=f"this gateway may not answer: {e}"
-                                            ) from e
-        return _Sent(msg.task_id, seq)
+        return await _decided(self.approver, msg.task_id, True, "answer", step=q.step_id,
+                              tool=q.tool, args_hash=q.args_hash, reason=answer,
+                              by=auth.by("a2a:user"))
 
     async def _approver(self, context: ServerCallContext) -> Client:
         token = self.settings.approver_token

@@ -59,14 +59,13 @@ def decision_event(entries: list[Any], step_id: str, tool: str, h: str
     return None
 
 
-def first_decision(entries: list[Any], step_id: str, tool: str, h: str) -> str | None:
-    """The first decision for this exact call as the loop reports it: "granted", or
-    "denied: <reason> (by <who>)"."""
-    event = decision_event(entries, step_id, tool, h)
+def told(event: ev.ApprovalGranted | ev.ApprovalDenied | None) -> str | None:
+    """A decision as the loop reports it: "granted", or "denied: <reason> (by <who>)"."""
     if event is None:
         return None
     return "granted" if isinstance(event, ev.ApprovalGranted) else \
         f"denied: {event.data.reason or 'no reason given'} (by {event.data.by})"
+
 
 
 @dataclass
@@ -249,17 +248,25 @@ class RuntimeGuard:
             pause, give_up = 0.01, asyncio.get_running_loop().time() + 5.0
             while True:
                 entries = await self.ledger.read(self.cmd.task_id, subject=control)
-                found = first_decision(entries, self.cmd.step_id, tool.name, h)
+                found = decided(entries)
                 if found is not None or not heard \
                         or asyncio.get_running_loop().time() > give_up:
                     return found
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.25)
 
+        answer: list[str] = []  # a granted decision's reason (a question's answer)
+
+        def decided(entries: list[Any]) -> str | None:
+            event = decision_event(entries, self.cmd.step_id, tool.name, h)
+            if isinstance(event, ev.ApprovalGranted):
+                answer.append(event.data.reason)
+            return told(event)
+
         sub = await self.nc.subscribe(control, cb=on_msg)  # before reading: no gap
         try:
             entries = await self.ledger.read(self.cmd.task_id, subject=control)
-            found = first_decision(entries, self.cmd.step_id, tool.name, h)
+            found = decided(entries)
             if found is None:
                 expires = datetime.now(UTC) + timedelta(seconds=self.approval_timeout_s)
                 await self.append(ev.ApprovalRequested(
@@ -291,9 +298,7 @@ class RuntimeGuard:
                 await sub.unsubscribe()
         if found == "granted":
             if tool.asks_user:
-                granted = decision_event(await self.ledger.read(
-                    self.cmd.task_id, subject=control), self.cmd.step_id, tool.name, h)
-                self.answers[(tool.name, h)] = granted.data.reason if granted else ""
+                self.answers[(tool.name, h)] = answer[-1] if answer else ""
             return None
         if tool.asks_user:
             return (f"the user did not answer ({found}). Go on without the answer, or end "

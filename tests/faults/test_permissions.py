@@ -18,6 +18,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,10 @@ from nats.js.api import ConsumerConfig
 from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel
 
+from jetmesh.a2a.bridge import ExternalAgent, _bucket, list_external
 from jetmesh.agents.builtin import get_agent
 from jetmesh.agents.builtin.support import issue_refund, refunds_file
+from jetmesh.agents.cards import card_for_spec
 from jetmesh.agents.models.sim import FunctionModel, SimModel, tool_call
 from jetmesh.agents.models.types import ModelRequest, ToolCall
 from jetmesh.agents.spec import AgentSpec, SkillSpec
@@ -38,6 +41,8 @@ from jetmesh.bus import events as ev
 from jetmesh.bus import subjects
 from jetmesh.bus.connection import connect, jetstream
 from jetmesh.bus.events import PlanStep
+from jetmesh.bus.killswitch import KillRule, KillSwitchBoard, KillSwitchWatch
+from jetmesh.bus.kvscan import current_entries
 from jetmesh.bus.ledger import Ledger
 from jetmesh.bus.permissions import AuthConfig, Options, allowed
 from jetmesh.bus.presence import ensure_bucket
@@ -51,6 +56,7 @@ from jetmesh.bus.streams import (
 from jetmesh.memory import MemorySettings, MemoryStore
 from jetmesh.memory.client import MemoryClient
 from jetmesh.memory.service import MemoryService
+from jetmesh.orchestrator import stats, tasks_kv
 from jetmesh.orchestrator.client import Client
 from jetmesh.orchestrator.service import Orchestrator, OrchestratorSettings
 from jetmesh.orchestrator.state import TaskStatus
@@ -551,14 +557,6 @@ async def test_each_roles_one_pass_kv_reads_work_with_its_own_user(secure: Secur
     """bus/kvscan reads (a message get for the end, then an ordered consumer) under
     each role's generated permissions: the bridge's external agents, a worker's kill
     switch, the gateway's task and stats projections, a worker's heartbeat check."""
-    from datetime import UTC, datetime
-
-    from jetmesh.a2a.bridge import ExternalAgent, _bucket, list_external
-    from jetmesh.agents.cards import card_for_spec
-    from jetmesh.bus.killswitch import KillRule, KillSwitchBoard, KillSwitchWatch
-    from jetmesh.bus.kvscan import current_entries
-    from jetmesh.orchestrator import stats, tasks_kv
-
     admin = secure.admin.js
     ext = ExternalAgent("ext-perm", "http://127.0.0.1:1/agents/orders",
                         card_for_spec(get_agent("orders")), datetime.now(UTC).isoformat())

@@ -21,7 +21,7 @@ def _entries(task_id: str) -> list[LedgerEntry]:
     events: list[ev.Event] = [
         ev.TaskSubmitted(subject=task_id, data=ev.TaskSubmittedData(goal="g")),
         ev.TaskCompleted(subject=task_id, data=ev.TaskCompletedData(result={"ok": True}))]
-    return [LedgerEntry(i + 1, f"jm.task.{task_id}.events", e) for i, e in enumerate(events)]
+    return [LedgerEntry(i + 1, subjects.task_events(task_id), e) for i, e in enumerate(events)]
 
 
 async def test_unreadable_records_are_left_out_and_the_rest_counted(fresh_server,
